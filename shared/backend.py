@@ -1,0 +1,91 @@
+"""Model backends behind one small interface: a KV cache over one token sequence.
+
+`prefill` starts a sequence, `forward` appends tokens and returns their logits, `truncate` rolls the
+cache back (a view slice: O(1), no recompute). `logits_at` is the one call the protocol code needs: it
+reuses the longest cached prefix of the sequence it is given, so a rollback after a rejection costs only
+the truncation plus the forward of the tokens that really are new.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+
+class ModelBackend(Protocol):
+    vocab_size: int
+
+    @property
+    def length(self) -> int: ...
+    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor: ...
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor: ...
+    def truncate(self, length: int) -> None: ...
+
+
+class HFBackend:
+    """A transformers causal LM with a DynamicCache. Not thread-safe: one per session, one caller at a time."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        from transformers import DynamicCache
+
+        self._cache_cls = DynamicCache
+        self.model = model
+        self.device = torch.device(device)
+        self.vocab_size = int(model.config.vocab_size)  # the logits width (may exceed the tokenizer's size)
+        self.tokens: list[int] = []  # what the cache holds, position by position
+        self.cache = None
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.tokens = []
+        self.cache = self._cache_cls(config=self.model.config)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
+        """Append tokens to the cache; return float32 logits [n, V] for the last `num_logits` of them (0 = all)."""
+        if self.cache is None:
+            self.reset()
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        positions = torch.arange(self.length, self.length + n, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            logits_to_keep=num_logits if 0 < num_logits < n else 0,
+        )
+        self.tokens.extend(int(t) for t in token_ids)
+        return out.logits[0].float()
+
+    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Start a new sequence; return the logits after its last token [V]."""
+        self.reset()
+        return self.forward(token_ids, num_logits=1)[-1]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a {self.length}-token cache to {length}")
+        if length < self.length:
+            self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5
+            del self.tokens[length:]
+
+    def logits_at(self, sequence: Sequence[int], first: int) -> torch.Tensor:
+        """Logits [len(sequence) - first, V] at positions first .. len(sequence)-1 of `sequence`.
+
+        Row j predicts the token at position first + j + 1. Reuses the cached prefix shared with
+        `sequence`, truncating any divergent (stale) suffix first."""
+        if not 0 <= first < len(sequence):
+            raise ValueError(f"first={first} outside a {len(sequence)}-token sequence")
+        keep = 0
+        limit = min(self.length, first)
+        while keep < limit and self.tokens[keep] == sequence[keep]:
+            keep += 1
+        self.truncate(keep)
+        return self.forward(sequence[keep:], num_logits=len(sequence) - first)

@@ -1,0 +1,160 @@
+"""Wire codec for vocabulary distributions: pure bytes <-> tensors, no I/O.
+
+Layout (little-endian):
+    header  = version u8 | kind u8 | precision u8 | flags u8 | rows u32 | vocab u32 | body_len u32
+    body    = DENSE:  rows * vocab values
+              SPARSE: nnz u32 * rows | ids u32 * sum(nnz) | values * sum(nnz)
+    ids are per row ascending and delta-coded (first absolute, then gaps >= 1), which zstd packs well.
+    flags bit 0: the body is zstd-compressed; body_len is always the uncompressed length.
+
+The encoder picks SPARSE when it is smaller (greedy one-hot rows, top-k/top-p truncated rows).
+Decoding trusts nothing: every field is range-checked, body_len must match what the header implies,
+and it is bounded *before* any allocation or decompression, so a hostile peer cannot make us allocate
+more than the caller's limits allow (a zstd bomb stops at body_len + 1 bytes).
+"""
+from __future__ import annotations
+
+import io
+import struct
+from enum import IntEnum
+
+import numpy as np
+import torch
+import zstandard
+
+VERSION = 1
+_HEADER = struct.Struct("<BBBBIII")
+HEADER_SIZE = _HEADER.size
+MAX_VOCAB = 1 << 21
+MAX_ROWS = 256
+FLAG_ZSTD = 1
+
+
+class PayloadError(ValueError):
+    """A payload that is malformed, out of range, or over the allowed size."""
+
+
+class Kind(IntEnum):
+    DENSE = 1
+    SPARSE = 2
+
+
+class Precision(IntEnum):
+    F32 = 1  # exact: what the exact modes need
+    F16 = 2  # approximate modes only
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype("<f4") if self is Precision.F32 else np.dtype("<f2")
+
+
+def quantize(probs: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """What the receiver will see after a round trip at `precision` (the sender must use these values)."""
+    return probs.to(torch.float16).to(torch.float32) if precision is Precision.F16 else probs.float()
+
+
+def encode_probs(
+    probs: torch.Tensor, *, precision: Precision = Precision.F32, compress: bool = True, level: int = 3
+) -> bytes:
+    """Encode [rows, V] non-negative values (zeros are free in the sparse form)."""
+    if probs.dim() != 2:
+        raise ValueError(f"expected [rows, vocab], got shape {tuple(probs.shape)}")
+    rows, vocab = probs.shape
+    if not (1 <= rows <= MAX_ROWS and 1 <= vocab <= MAX_VOCAB):
+        raise ValueError(f"{rows} rows x {vocab} vocab is outside the codec's limits")
+    values = probs.detach().cpu().float().numpy()
+    nz_rows = [np.flatnonzero(r) for r in values]
+    nnz = np.array([len(ix) for ix in nz_rows], dtype="<u4")
+    itemsize = precision.dtype.itemsize
+    sparse_len = 4 * rows + int(nnz.sum()) * (4 + itemsize)
+    if sparse_len < rows * vocab * itemsize:
+        kind = Kind.SPARSE
+        ids = np.concatenate([np.diff(ix, prepend=0) for ix in nz_rows]).astype("<u4")
+        vals = np.concatenate([r[ix] for r, ix in zip(values, nz_rows)]).astype(precision.dtype)
+        body = nnz.tobytes() + ids.tobytes() + vals.tobytes()
+    else:
+        kind = Kind.DENSE
+        body = values.astype(precision.dtype).tobytes()
+    flags = 0
+    if compress:
+        body, flags = zstandard.ZstdCompressor(level=level).compress(body), FLAG_ZSTD
+    raw_len = sparse_len if kind is Kind.SPARSE else rows * vocab * itemsize
+    return _HEADER.pack(VERSION, kind, precision, flags, rows, vocab, raw_len) + body
+
+
+def decode_probs(
+    data: bytes, *, vocab_size: int, max_rows: int, max_sum_error: float | None = None
+) -> torch.Tensor:
+    """Decode and validate a payload into a float32 [rows, vocab_size] tensor.
+
+    max_sum_error: when given, every row must sum to 1 within it (full distributions)."""
+    if len(data) < HEADER_SIZE:
+        raise PayloadError(f"payload of {len(data)} bytes is shorter than its {HEADER_SIZE}-byte header")
+    version, kind, precision, flags, rows, vocab, body_len = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise PayloadError(f"unsupported payload version {version} (this side speaks {VERSION})")
+    try:
+        kind, precision = Kind(kind), Precision(precision)
+    except ValueError as e:
+        raise PayloadError(f"unknown payload kind/precision: {e}") from None
+    if flags & ~FLAG_ZSTD:
+        raise PayloadError(f"unknown payload flags {flags:#x}")
+    if vocab != vocab_size:
+        raise PayloadError(f"payload vocabulary {vocab} != expected {vocab_size}")
+    if not 1 <= rows <= min(max_rows, MAX_ROWS):
+        raise PayloadError(f"payload has {rows} rows; allowed 1..{min(max_rows, MAX_ROWS)}")
+    itemsize = precision.dtype.itemsize
+    max_len = rows * vocab * itemsize if kind is Kind.DENSE else rows * (4 + vocab * (4 + itemsize))
+    if kind is Kind.DENSE and body_len != max_len:
+        raise PayloadError(f"dense body length {body_len} != {rows} x {vocab} x {itemsize}")
+    if body_len > max_len:
+        raise PayloadError(f"declared body length {body_len} exceeds the bound {max_len}")
+    body = _body(data[HEADER_SIZE:], body_len, flags & FLAG_ZSTD)
+
+    out = np.zeros((rows, vocab), dtype=np.float32)
+    if kind is Kind.DENSE:
+        out[:] = np.frombuffer(body, dtype=precision.dtype).reshape(rows, vocab)
+    else:
+        if body_len < 4 * rows:
+            raise PayloadError("sparse body too short for its row counts")
+        nnz = np.frombuffer(body, dtype="<u4", count=rows).astype(np.int64)
+        if (nnz > vocab).any():
+            raise PayloadError("a sparse row has more entries than the vocabulary")
+        total = int(nnz.sum())
+        if body_len != 4 * rows + total * (4 + itemsize):
+            raise PayloadError(f"sparse body length {body_len} does not match {total} entries")
+        gaps = np.frombuffer(body, dtype="<u4", count=total, offset=4 * rows).astype(np.int64)
+        vals = np.frombuffer(body, dtype=precision.dtype, count=total, offset=4 * rows + 4 * total)
+        starts = np.concatenate([[0], np.cumsum(nnz)])
+        for r in range(rows):
+            g = gaps[starts[r] : starts[r + 1]]
+            if len(g) > 1 and (g[1:] == 0).any():
+                raise PayloadError(f"row {r}: ids are not strictly increasing")
+            ids = np.cumsum(g)
+            if len(ids) and ids[-1] >= vocab:
+                raise PayloadError(f"row {r}: token id {int(ids[-1])} out of range [0, {vocab})")
+            out[r, ids] = vals[starts[r] : starts[r + 1]]
+    if not np.isfinite(out).all():
+        raise PayloadError("payload holds NaN or infinite values")
+    if (out < 0).any() or (out > 1.0 + 1e-6).any():
+        raise PayloadError("payload probabilities outside [0, 1]")
+    if max_sum_error is not None:
+        sums = out.sum(axis=1, dtype=np.float64)
+        if (np.abs(sums - 1.0) > max_sum_error).any():
+            raise PayloadError(f"payload rows sum to {sums.tolist()}, not 1")
+    return torch.from_numpy(out)
+
+
+def _body(raw: bytes, body_len: int, compressed: int) -> bytes:
+    if not compressed:
+        if len(raw) != body_len:
+            raise PayloadError(f"body is {len(raw)} bytes, header says {body_len}")
+        return raw
+    try:
+        # read at most body_len + 1 bytes: a stream that inflates further is rejected, never buffered
+        body = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read(body_len + 1)
+    except zstandard.ZstdError as e:
+        raise PayloadError(f"corrupt zstd body: {e}") from None
+    if len(body) != body_len:
+        raise PayloadError(f"decompressed body is {'over' if len(body) > body_len else len(body)} bytes, header says {body_len}")
+    return body

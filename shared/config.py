@@ -1,0 +1,107 @@
+"""Configuration: dataclasses are the one source of defaults; CLI flags and environment variables override them.
+
+Each field's metadata gives its help text; its environment variable is PICOSPEC_<FIELD> (upper case).
+Precedence: CLI flag > environment variable > dataclass default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import MISSING, dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+VERIFY_MODES = ("dense",)
+EDGE_MODES = ("cloud", "edge", "sync")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class ServingLimits:
+    """Bounds on what a peer may ask for; every allocation that input controls is bounded by one of these."""
+
+    max_draft_len: int = opt(32, "most draft tokens per batch")
+    max_context: int = opt(8192, "most tokens (prompt + generated) per session")
+    max_new_tokens: int = opt(4096, "most generated tokens per session")
+    max_sessions: int = opt(8, "concurrent sessions; more are refused with RESOURCE_EXHAUSTED")
+    max_message_mb: int = opt(16, "largest gRPC message accepted, MiB")
+
+
+@dataclass
+class CloudConfig(ServingLimits):
+    target: str = opt("qwen2.5-coder-1.5b-instruct", "target model name (see README: models)")
+    host: str = opt("0.0.0.0", "address to listen on")
+    port: int = opt(50051, "port to listen on")
+    device: str = opt("cpu", "torch device", choices=("cpu", "cuda"))
+    dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
+    threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+
+
+@dataclass
+class EdgeConfig:
+    server: str = opt("localhost:50051", "cloud address host:port")
+    draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
+    mode: str = opt("sync", "decoding mode; a comma-separated list runs each and prints a table")
+    verify: str = opt("dense", "verification mode", choices=VERIFY_MODES)
+    draft_len: int = opt(4, "draft tokens per batch")
+    max_new_tokens: int = opt(128, "tokens to generate at most")
+    temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
+    top_k: int = opt(0, "top-k cut before sampling; 0 = off")
+    top_p: float = opt(1.0, "top-p (nucleus) cut before sampling; 1 = off")
+    seed: int = opt(0, "session seed: randomness is a pure function of (seed, position)")
+    device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))
+    threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+    compress: bool = opt(True, "zstd-compress distribution payloads")
+    wait_ready_s: float = opt(600.0, "how long to wait for the cloud to come up")
+    timeout_s: float = opt(3600.0, "deadline for one generation")
+
+
+def env_name(f: dataclasses.Field) -> str:
+    return "PICOSPEC_" + f.name.upper()
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {s!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field, e.g. draft_len -> --draft-len; the default shown is the dataclass default."""
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {env_name(f)}; default {f.default}]"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            conv = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, dest=f.name, type=conv, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(cls: type[T], ns: argparse.Namespace, environ: dict[str, str] | None = None) -> T:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        cli = getattr(ns, f.name, None)
+        if cli is not None:
+            values[f.name] = cli
+        elif env_name(f) in environ:
+            raw = environ[env_name(f)]
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            try:
+                values[f.name] = {"int": int, "float": float, "bool": _parse_bool}.get(kind, str)(raw)
+            except ValueError as e:
+                raise SystemExit(f"{env_name(f)}={raw!r}: {e}") from None
+            choices = f.metadata.get("choices")
+            if choices and values[f.name] not in choices:
+                raise SystemExit(f"{env_name(f)}={raw!r}: choose from {', '.join(choices)}")
+        elif f.default is MISSING:
+            raise SystemExit(f"missing required setting --{f.name.replace('_', '-')}")
+    return cls(**values)

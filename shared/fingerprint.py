@@ -1,0 +1,38 @@
+"""Tokenizer fingerprints: two peers must mean the same thing by every token id before speculating."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    num_tokens: int
+    sha256: str
+
+    def short(self) -> str:
+        return f"{self.num_tokens} tokens, sha256 {self.sha256[:12]}"
+
+
+def tokenizer_fingerprint(tokenizer) -> Fingerprint:  # a transformers PreTrainedTokenizerBase
+    """Hash of the full vocabulary (token -> id, added tokens included) and the special tokens."""
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    for token, idx in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])):
+        h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    h.update(json.dumps(specials, sort_keys=True).encode())
+    return Fingerprint(len(vocab), h.hexdigest())
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """The stop set: the generation config's end-of-sequence ids plus the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for v in gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]:
+        if v is not None:
+            ids.add(int(v))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

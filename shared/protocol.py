@@ -1,0 +1,123 @@
+"""The session state machine shared by both sides: committed tokens, epochs, positions, stopping.
+
+No models, no transport: the cloud and the edge each keep one `SessionState` and feed it the same
+verdicts, so they agree on every committed token. Rollback is bookkeeping only: a rejection bumps the
+epoch, and anything drafted under an older epoch is stale; the KV caches are truncated by their owners
+to `committed_len` (see shared.backend).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Sequence
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """The peer broke the protocol (wrong position, bad ids, out-of-order message)."""
+
+
+class FinishReason(str, Enum):
+    EOS = "eos"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+class BatchStatus(Enum):
+    CURRENT = "current"  # verify it
+    STALE = "stale"      # drafted before a rejection we have already sent: drop it
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The outcome of one verification, as both sides apply it."""
+
+    accepted: int               # leading draft tokens accepted (after stop truncation)
+    token: int | None           # the cloud's token after them, if it survived stop truncation
+    new_tokens: tuple[int, ...]  # what was appended to the committed sequence
+    rejected: bool
+    finished: FinishReason | None
+
+
+@dataclass
+class SessionState:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    vocab_size: int
+    tokens: list[int] = field(default_factory=list)  # committed: prompt + generated
+    epoch: int = 0
+    finished: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ProtocolError("empty prompt")
+        self.check_ids(self.prompt_ids, "prompt")
+        self.tokens = list(self.prompt_ids)
+
+    @property
+    def committed_len(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids) :]
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.generated)
+
+    def check_ids(self, ids: Sequence[int], what: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ProtocolError(f"{what} holds token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+
+    def classify_batch(self, epoch: int, start_pos: int, draft_ids: Sequence[int], max_len: int) -> BatchStatus:
+        """Decide what to do with an incoming draft batch (cloud side)."""
+        if self.finished is not None:
+            raise ProtocolError("draft batch after the session finished")
+        if epoch < self.epoch:
+            return BatchStatus.STALE
+        if epoch > self.epoch:
+            raise ProtocolError(f"batch from future epoch {epoch} (current {self.epoch})")
+        if start_pos != self.committed_len:
+            raise ProtocolError(f"batch starts at position {start_pos}, committed length is {self.committed_len}")
+        if not 1 <= len(draft_ids) <= max_len:
+            raise ProtocolError(f"batch of {len(draft_ids)} tokens; allowed 1..{max_len}")
+        self.check_ids(draft_ids, "draft batch")
+        return BatchStatus.CURRENT
+
+    def commit(self, draft_ids: Sequence[int], accepted: int, token: int | None, rejected: bool) -> Commit:
+        """Append accepted drafts and the cloud's token, stopping at EOS or the token budget."""
+        if self.finished is not None:
+            raise ProtocolError("commit after the session finished")
+        if not 0 <= accepted <= len(draft_ids):
+            raise ProtocolError(f"{accepted} accepted of {len(draft_ids)} drafted")
+        candidate = list(draft_ids[:accepted]) + ([token] if token is not None else [])
+        self.check_ids(candidate, "verdict")
+        new: list[int] = []
+        for t in candidate:
+            if self.remaining - len(new) <= 0:
+                self.finished = FinishReason.LENGTH
+                break
+            new.append(t)
+            if t in self.eos_ids:
+                self.finished = FinishReason.EOS
+                break
+        if self.finished is None and self.remaining - len(new) <= 0:
+            self.finished = FinishReason.LENGTH
+        self.tokens.extend(new)
+        kept_accepted = min(accepted, len(new))
+        kept_token = token if len(new) > accepted else None
+        if rejected:
+            self.epoch += 1
+        return Commit(kept_accepted, kept_token, tuple(new), rejected, self.finished)
+
+    def check_verdict(self, epoch: int, start_pos: int, committed_len: int, commit: Commit) -> None:
+        """Edge side: the cloud's claimed committed length must match what we derived."""
+        if committed_len != self.committed_len:
+            raise ProtocolError(
+                f"cloud says {committed_len} tokens are committed, edge derived {self.committed_len} "
+                f"(verdict for epoch {epoch} at position {start_pos})"
+            )

@@ -1,0 +1,71 @@
+"""Counter-based randomness: every random number is a pure function of (seed, position, stream[, token]).
+
+Why not a stateful RNG: edge and cloud must agree on randomness without exchanging it, results must not
+depend on how tokens were batched or how often a position was re-drafted after a rollback, and the same
+bits must come out on CPU and CUDA. A stateless integer hash gives all three.
+
+The hash is murmur3's 32-bit finaliser chained over the inputs. Multiplication is done on 16-bit halves
+so no intermediate exceeds 2**48: no signed overflow in int64 tensors, identical results for Python ints
+and for torch tensors on any device.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TypeVar
+
+import torch
+
+_M32 = 0xFFFFFFFF
+IntLike = TypeVar("IntLike", int, torch.Tensor)
+
+
+class Stream(IntEnum):
+    """Independent random streams; one draw per (seed, position, stream)."""
+
+    DRAFT = 1      # edge: sampling a draft token
+    ACCEPT = 2     # cloud: the accept/reject coin
+    RESIDUAL = 3   # cloud: sampling the correction from the residual
+    TARGET = 4     # cloud: sampling from p itself (bonus token, cloud-only decoding)
+    GUMBEL = 5     # coupled mode: per-token noise
+
+
+def _mul32(x: IntLike, c: int) -> IntLike:
+    """(x * c) mod 2**32 for 0 <= x, c < 2**32, without intermediate values above 2**48."""
+    lo = (x & 0xFFFF) * c
+    hi = (((x >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def fmix32(x: IntLike) -> IntLike:
+    """murmur3 finaliser: a bijection on 32-bit values with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) -> IntLike:
+    """32 random bits for one (seed, position, stream, token). Inputs are reduced to 32 bits each
+    (positions and token ids are far below 2**32; the seed keeps 64 bits through two words)."""
+    h = fmix32((seed & _M32) ^ 0x9E3779B9)
+    h = fmix32(h ^ ((seed >> 32) & _M32))
+    h = fmix32(h ^ (stream & _M32))
+    h = fmix32(h ^ (position & _M32))
+    return fmix32(h ^ (token & _M32) ^ 0x27D4EB2F)
+
+
+def uniform(seed: int, position: int, stream: int) -> float:
+    """A uniform in the open interval (0, 1) with 53 random bits (a Python float, exact on any device)."""
+    hi = hash32(seed, position, stream, 0) >> 5          # 27 bits
+    lo = hash32(seed, position, stream, 1) >> 6          # 26 bits
+    return ((hi << 26 | lo) + 0.5) / float(1 << 53)
+
+
+def gumbel_noise(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for each token id at one position, float64, as a tensor on token_ids' device.
+
+    Uses 32-bit uniforms (enough: Gumbel-max only needs ties to be negligible)."""
+    h = hash32(seed, position, int(Stream.GUMBEL), token_ids.to(torch.int64))
+    u = (h.to(torch.float64) + 0.5) / 4294967296.0
+    return -torch.log(-torch.log(u))

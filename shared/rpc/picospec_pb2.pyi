@@ -1,0 +1,171 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TokenizerFingerprint(_message.Message):
+    __slots__ = ("num_tokens", "sha256")
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    sha256: str
+    def __init__(self, num_tokens: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("protocol_version", "target_model", "vocab_size", "tokenizer", "verify_modes", "max_draft_len", "max_context", "max_new_tokens", "eos_token_ids", "device")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    target_model: str
+    vocab_size: int
+    tokenizer: TokenizerFingerprint
+    verify_modes: _containers.RepeatedScalarFieldContainer[str]
+    max_draft_len: int
+    max_context: int
+    max_new_tokens: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    device: str
+    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., verify_modes: _Optional[_Iterable[str]] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MODE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    tokenizer: TokenizerFingerprint
+    vocab_size: int
+    draft_model: str
+    sampling: SamplingParams
+    verify_mode: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_new_tokens: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    ignore_eos: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+
+class DraftBatch(_message.Message):
+    __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    Q_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    start_pos: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    draft_probs: _containers.RepeatedScalarFieldContainer[float]
+    q_payload: bytes
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., q_payload: _Optional[bytes] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class EdgeMessage(_message.Message):
+    __slots__ = ("hello", "draft", "cancel")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    draft: DraftBatch
+    cancel: Cancel
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., draft: _Optional[_Union[DraftBatch, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+
+class Ready(_message.Message):
+    __slots__ = ("session_id", "target_model", "prompt_len", "prefill_s", "eos_token_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    target_model: str
+    prompt_len: int
+    prefill_s: float
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_S_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    start_pos: int
+    accepted: int
+    token: int
+    committed_len: int
+    next_epoch: int
+    finished: bool
+    finish_reason: str
+    verify_s: float
+    residual_payload: bytes
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ...) -> None: ...
+
+class CloudMessage(_message.Message):
+    __slots__ = ("ready", "verdict")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ready: Ready
+    verdict: Verdict
+    def __init__(self, ready: _Optional[_Union[Ready, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+
+class TokenChunk(_message.Message):
+    __slots__ = ("token_ids", "committed_len", "finished", "finish_reason", "decode_s", "prefill_s")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    committed_len: int
+    finished: bool
+    finish_reason: str
+    decode_s: float
+    prefill_s: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., committed_len: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., decode_s: _Optional[float] = ..., prefill_s: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,75 @@
+"""Logits processing and sampling, identical on both sides.
+
+Exactness rests on one rule: the edge and the cloud turn logits into probabilities with the same
+function and the same settings. `process_logits` is that function. Greedy decoding is expressed as a
+one-hot distribution at the argmax, so that every verification rule below reduces to "accept while
+argmax p == x, else emit argmax p" without a special case.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shared.rng import Stream, uniform
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0            # 0 = off
+    top_p: float = 1.0        # 1 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0 <= self.top_k <= 1 << 20):
+            raise ValueError(f"top_k must be in [0, 2**20], got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.seed < 1 << 64):
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits [..., V] -> float32 probabilities [..., V] after temperature, top-k and top-p."""
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p  # the first token always stays (mass_before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_from(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw from one (unnormalised, non-negative) row with a given uniform u in (0, 1).
+
+    Never returns a zero-probability index, whatever the rounding of the cumulative sum."""
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    total = float(cdf[-1])
+    if not total > 0.0:
+        raise ValueError("cannot sample from a distribution with no mass")
+    idx = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64), right=True)[0])
+    if idx >= probs.shape[-1] or probs[idx] <= 0:
+        idx = int(torch.nonzero(probs > 0)[-1])  # u * total rounded up to the last step
+    return idx
+
+
+def sample_token(probs: torch.Tensor, seed: int, position: int, stream: Stream) -> int:
+    """Draw the token at an absolute position from a processed distribution, reproducibly."""
+    return sample_from(probs, uniform(seed, position, int(stream)))

@@ -1,0 +1,96 @@
+"""Per-generation statistics (SPEC 7), collected on the edge from what it measures and what the cloud reports."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _quantile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    verify_mode: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    prompt_tokens: int = 0
+    generated: int = 0
+    finish_reason: str | None = None
+    rounds: int = 0
+    drafted: int = 0            # draft tokens sent for verification
+    accepted: int = 0           # of those, accepted
+    wasted_draft: int = 0       # drafted but never verified (stale) or rejected / after the rejection
+    bytes_up: int = 0
+    bytes_down: int = 0
+    draft_s: float = 0.0        # edge model time
+    cloud_s: float = 0.0        # cloud model time as reported by the cloud
+    prefill_edge_s: float = 0.0
+    prefill_cloud_s: float = 0.0
+    accept_hist: Counter = field(default_factory=Counter)  # tokens committed per round -> count
+    token_times: list[float] = field(default_factory=list)  # perf_counter at each commit, one per token
+
+    def on_tokens(self, n: int) -> None:
+        now = time.perf_counter()
+        if n and self.first_token_at is None:
+            self.first_token_at = now
+        self.generated += n
+        self.token_times.extend([now] * n)
+
+    def on_round(self, drafted: int, accepted: int, committed: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.wasted_draft += drafted - accepted
+        self.accept_hist[committed] += 1
+
+    def finish(self, reason: str | None) -> None:
+        self.finished_at = time.perf_counter()
+        self.finish_reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        end = self.finished_at or time.perf_counter()
+        wall = end - self.started
+        decode_wall = end - self.first_token_at if self.first_token_at else None
+        # inter-token gaps: tokens committed together share a timestamp, which is what the user sees
+        gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        per_tok = lambda b: b / self.generated if self.generated else None  # noqa: E731
+        d: dict[str, Any] = {
+            "mode": self.mode,
+            "verify_mode": self.verify_mode,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated,
+            "finish_reason": self.finish_reason,
+            "wall_s": wall,
+            "ttft_s": (self.first_token_at - self.started) if self.first_token_at else None,
+            "tokens_per_s": self.generated / wall if wall > 0 else None,
+            # decode rate after the first token: excludes prefill, comparable across prompt lengths
+            "decode_tokens_per_s": (self.generated - 1) / decode_wall if decode_wall and self.generated > 1 else None,
+            "itl_p50_s": _quantile(gaps, 0.5),
+            "itl_p95_s": _quantile(gaps, 0.95),
+            "rounds": self.rounds,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            # tokens committed per verification round (accepted drafts + the cloud's token), as in the paper
+            "mean_accepted_len": statistics.fmean(self.accept_hist.elements()) if self.rounds else None,
+            "accepted_len_hist": {str(k): v for k, v in sorted(self.accept_hist.items())},
+            "wasted_draft_tokens": self.wasted_draft,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "bytes_up_per_token": per_tok(self.bytes_up),
+            "bytes_down_per_token": per_tok(self.bytes_down),
+            "edge_busy_fraction": (self.draft_s + self.prefill_edge_s) / wall if wall > 0 else None,
+            "cloud_busy_fraction": (self.cloud_s + self.prefill_cloud_s) / wall if wall > 0 else None,
+            "edge_compute_s": self.draft_s + self.prefill_edge_s,
+            "cloud_compute_s": self.cloud_s + self.prefill_cloud_s,
+        }
+        return d
