@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cloud_server.session import TargetSession
 from shared.codec import PayloadError
@@ -156,6 +157,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         except Refusal as r:
             log.warning("session %s refused: %s", sid, r)
             await context.abort(r.code, str(r))
+        except DecodeError as e:
+            log.warning("session %s: malformed message: %s", sid, e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
         except (ProtocolError, PayloadError, ValueError) as e:
             log.warning("session %s: bad input: %s", sid, e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")

@@ -108,7 +108,7 @@ class EdgeClient:
             raise EdgeError(f"cloud speaks protocol {info.protocol_version}, this edge speaks {PROTOCOL_VERSION}")
         return info
 
-    def _hello(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, verify: str) -> pb.Hello:
+    def _hello(self, prompt_ids: Sequence[int], params: SamplingParams, cfg: EdgeConfig, verify: str) -> pb.Hello:
         return pb.Hello(
             protocol_version=PROTOCOL_VERSION,
             tokenizer=pb.TokenizerFingerprint(num_tokens=self.fingerprint.num_tokens, sha256=self.fingerprint.sha256),
@@ -117,7 +117,8 @@ class EdgeClient:
             sampling=pb.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed),
             verify_mode=verify,
             prompt_ids=list(prompt_ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            ignore_eos=cfg.ignore_eos,
         )
 
     def generate(self, prompt_ids: Sequence[int], *, mode: str | None = None, **overrides: object) -> Generation:
@@ -134,7 +135,7 @@ class EdgeClient:
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
         await self.connect()
-        hello = self._hello(prompt, params, cfg.max_new_tokens, "")
+        hello = self._hello(prompt, params, cfg, "")
         stats.bytes_up += _wire_size(hello)
         call = self._stub.CloudGenerate(hello, timeout=cfg.timeout_s)
         reason = None
@@ -155,7 +156,8 @@ class EdgeClient:
 
     async def _edge(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
         drafter = Drafter(self.draft.model, params, cfg.device)
-        state = SessionState(prompt, cfg.max_new_tokens, eos_token_ids(self.draft.model, self.draft.tokenizer), drafter.vocab_size)
+        eos = frozenset() if cfg.ignore_eos else eos_token_ids(self.draft.model, self.draft.tokenizer)
+        state = SessionState(prompt, cfg.max_new_tokens, eos, drafter.vocab_size)
         stats.prefill_edge_s += await self._run(drafter.prefill, prompt)
         try:
             while state.finished is None:
@@ -175,7 +177,7 @@ class EdgeClient:
         call = self._stub.Speculate(timeout=cfg.timeout_s)
         state: SessionState | None = None
         try:
-            hello = pb.EdgeMessage(hello=self._hello(prompt, params, cfg.max_new_tokens, cfg.verify))
+            hello = pb.EdgeMessage(hello=self._hello(prompt, params, cfg, cfg.verify))
             await call.write(hello)
             stats.bytes_up += _wire_size(hello)
             # the draft's prefill overlaps the cloud's

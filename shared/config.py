@@ -54,6 +54,7 @@ class EdgeConfig:
     top_k: int = opt(0, "top-k cut before sampling; 0 = off")
     top_p: float = opt(1.0, "top-p (nucleus) cut before sampling; 1 = off")
     seed: int = opt(0, "session seed: randomness is a pure function of (seed, position)")
+    ignore_eos: bool = opt(False, "keep generating past end-of-sequence tokens (benchmarks, tests)")
     device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     compress: bool = opt(True, "zstd-compress distribution payloads")

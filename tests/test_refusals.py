@@ -1,0 +1,186 @@
+"""Bad input gets a clear error, and the server keeps serving its other sessions."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import grpc
+import pytest
+import torch
+
+from edge_client.client import EdgeError
+from shared.codec import encode_probs
+from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import PROTOCOL_VERSION
+from shared.rpc import picospec_pb2 as pb
+from shared.rpc import picospec_pb2_grpc as pb_grpc
+from tests.conftest import edge, run, serving
+
+
+def _hello(target, **over) -> pb.Hello:
+    fp = tokenizer_fingerprint(target.tokenizer)
+    fields = dict(
+        protocol_version=PROTOCOL_VERSION,
+        tokenizer=pb.TokenizerFingerprint(num_tokens=fp.num_tokens, sha256=fp.sha256),
+        vocab_size=target.model.config.vocab_size,
+        sampling=pb.SamplingParams(temperature=0.0, top_p=1.0),
+        verify_mode="dense",
+        prompt_ids=[3, 4, 5],
+        max_new_tokens=8,
+    )
+    fields.update(over)
+    return pb.Hello(**fields)
+
+
+def _draft(epoch=0, start=3, ids=(7,), vocab=64, q=None) -> pb.EdgeMessage:
+    if q is None:
+        q = torch.nn.functional.one_hot(torch.tensor([min(i, vocab - 1) for i in ids]), vocab).float()
+    return pb.EdgeMessage(draft=pb.DraftBatch(epoch=epoch, start_pos=start, token_ids=list(ids), q_payload=encode_probs(q)))
+
+
+async def _exchange(addr: str, messages: list[pb.EdgeMessage]) -> tuple[list[pb.CloudMessage], grpc.aio.AioRpcError | None]:
+    """Send messages one by one on a fresh Speculate stream, reading one reply after each."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        call = pb_grpc.PicoSpecStub(ch).Speculate(timeout=30)
+        replies = []
+        try:
+            for m in messages:
+                await call.write(m)
+                r = await call.read()
+                if r is grpc.aio.EOF:
+                    break
+                replies.append(r)
+            await call.done_writing()
+            async for r in call:
+                replies.append(r)
+            return replies, None
+        except grpc.aio.AioRpcError as e:
+            return replies, e
+
+
+async def _healthy(addr: str, target, draft) -> list[int]:
+    async with edge(addr, draft, max_new_tokens=6, ignore_eos=True) as client:
+        return await client.generate([3, 4, 5], mode="sync").collect()
+
+
+CASES = {
+    "tokenizer mismatch": (lambda t: [pb.EdgeMessage(hello=_hello(t, tokenizer=pb.TokenizerFingerprint(num_tokens=64, sha256="0" * 64)))],
+                           grpc.StatusCode.FAILED_PRECONDITION, "tokenizer mismatch"),
+    "protocol version": (lambda t: [pb.EdgeMessage(hello=_hello(t, protocol_version=99))],
+                         grpc.StatusCode.FAILED_PRECONDITION, "protocol version mismatch"),
+    "vocab width": (lambda t: [pb.EdgeMessage(hello=_hello(t, vocab_size=65))], grpc.StatusCode.FAILED_PRECONDITION, "vocabulary width"),
+    "unknown verify mode": (lambda t: [pb.EdgeMessage(hello=_hello(t, verify_mode="telepathy"))], grpc.StatusCode.UNIMPLEMENTED, "not offered"),
+    "prompt id out of range": (lambda t: [pb.EdgeMessage(hello=_hello(t, prompt_ids=[3, 64]))], grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    "empty prompt": (lambda t: [pb.EdgeMessage(hello=_hello(t, prompt_ids=[]))], grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    "too many new tokens": (lambda t: [pb.EdgeMessage(hello=_hello(t, max_new_tokens=10**9))], grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    "bad sampling": (lambda t: [pb.EdgeMessage(hello=_hello(t, sampling=pb.SamplingParams(temperature=-1, top_p=1)))], grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    "draft before hello": (lambda t: [_draft()], grpc.StatusCode.INVALID_ARGUMENT, "must be a Hello"),
+    "draft id out of range": (lambda t: [pb.EdgeMessage(hello=_hello(t)), _draft(ids=(99,))], grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    "wrong position": (lambda t: [pb.EdgeMessage(hello=_hello(t)), _draft(start=9)], grpc.StatusCode.INVALID_ARGUMENT, "committed length is 3"),
+    "future epoch": (lambda t: [pb.EdgeMessage(hello=_hello(t)), _draft(epoch=5)], grpc.StatusCode.INVALID_ARGUMENT, "future epoch"),
+    "oversized batch": (lambda t: [pb.EdgeMessage(hello=_hello(t)), _draft(ids=tuple(range(40)))], grpc.StatusCode.INVALID_ARGUMENT, "allowed 1..32"),
+    "corrupt payload": (lambda t: [pb.EdgeMessage(hello=_hello(t)), pb.EdgeMessage(draft=pb.DraftBatch(start_pos=3, token_ids=[7], q_payload=b"\x01\x02garbage"))],
+                        grpc.StatusCode.INVALID_ARGUMENT, "PayloadError"),
+    "q rows do not sum to one": (lambda t: [pb.EdgeMessage(hello=_hello(t)), _draft(q=torch.full((1, 64), 0.5))], grpc.StatusCode.INVALID_ARGUMENT, r"outside \[0, 1\]|sum"),
+    "hello twice": (lambda t: [pb.EdgeMessage(hello=_hello(t)), pb.EdgeMessage(hello=_hello(t))], grpc.StatusCode.INVALID_ARGUMENT, "unexpected hello"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refusal_is_clear_and_other_sessions_survive(tiny_target, tiny_draft, case):
+    build, code, match = CASES[case]
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            # a healthy session opened before the bad one, finished after it
+            async with edge(addr, tiny_draft, max_new_tokens=6, ignore_eos=True) as client:
+                gen = client.generate([3, 4, 5], mode="sync", draft_len=1)
+                await gen.__anext__()
+                replies, err = await _exchange(addr, build(tiny_target))
+                tokens = await gen.collect()  # all committed ids, the first chunk included
+            after = await _healthy(addr, tiny_target, tiny_draft)
+            return tokens, replies, err, after, service.active_sessions
+
+    tokens, replies, err, after, active = run(scenario())
+    assert err is not None, f"{case}: no error; replies {replies}"
+    assert err.code() == code, (case, err.code(), err.details())
+
+    assert re.search(match, err.details()), (case, err.details())
+    assert len(tokens) == 6 and after == tokens  # greedy: the same tokens before and after
+    assert active == 0
+
+
+def test_malformed_bytes_are_refused_and_server_survives(tiny_target, tiny_draft):
+    async def scenario():
+        async with serving(tiny_target) as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                raw = ch.stream_stream("/picospec.v1.PicoSpec/Speculate", request_serializer=None, response_deserializer=None)
+                call = raw(timeout=10)
+                await call.write(b"\xff\xff\xff\xff not a protobuf")
+                await call.done_writing()
+                try:
+                    async for _ in call:
+                        pass
+                    err = None
+                except grpc.aio.AioRpcError as e:
+                    err = e
+            return err, await _healthy(addr, tiny_target, tiny_draft)
+
+    err, after = run(scenario())
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed message" in err.details()
+    assert len(after) == 6
+
+
+def test_edge_vanishing_mid_stream_frees_the_session(tiny_target, tiny_draft):
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            for _ in range(3):
+                async with grpc.aio.insecure_channel(addr) as ch:
+                    call = pb_grpc.PicoSpecStub(ch).Speculate()
+                    await call.write(pb.EdgeMessage(hello=_hello(tiny_target)))
+                    assert (await call.read()).WhichOneof("kind") == "ready"
+                    call.cancel()  # the edge goes away without a word
+            for _ in range(50):
+                if service.active_sessions == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return service.active_sessions, await _healthy(addr, tiny_target, tiny_draft)
+
+    active, after = run(scenario())
+    assert active == 0 and len(after) == 6
+
+
+def test_session_limit_is_enforced(tiny_target, tiny_draft):
+    async def scenario():
+        async with serving(tiny_target, max_sessions=1) as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                call = pb_grpc.PicoSpecStub(ch).Speculate()
+                await call.write(pb.EdgeMessage(hello=_hello(tiny_target)))
+                await call.read()
+                _, err = await _exchange(addr, [pb.EdgeMessage(hello=_hello(tiny_target))])
+                call.cancel()
+            return err
+
+    err = run(scenario())
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 1 sessions" in err.details()
+
+
+def test_edge_client_reports_refusal_clearly(tiny_target, tiny_draft):
+    async def scenario():
+        async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=4) as client:
+            client.fingerprint = type(client.fingerprint)(1, "f" * 64)
+            with pytest.raises(EdgeError, match="tokenizer mismatch"):
+                await client.generate([3, 4], mode="sync").collect()
+            with pytest.raises(EdgeError, match="tokenizer mismatch"):
+                await client.generate([3, 4], mode="cloud").collect()
+
+    run(scenario())
+
+
+def test_unreachable_cloud_is_a_clear_error(tiny_draft):
+    async def scenario():
+        async with edge("127.0.0.1:9", tiny_draft, max_new_tokens=4, wait_ready_s=1) as client:
+            with pytest.raises(EdgeError, match="not reachable"):
+                await client.generate([3, 4], mode="sync").collect()
+
+    run(scenario())
