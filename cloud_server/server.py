@@ -176,6 +176,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             opened = True
             session = TargetSession(self.target.model, state, params, "none", self.config.device)
             prefill_s = await self._run(session.prefill)
+            log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids), prefill_s)
             first = True
             while state.finished is None:
                 timed = await self._run(session.decode)
@@ -187,6 +188,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 )
                 first = False
         except Refusal as r:
+            log.warning("cloud-only session %s refused: %s", sid, r)
             await context.abort(r.code, str(r))
         except (ProtocolError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")

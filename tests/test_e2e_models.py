@@ -1,0 +1,77 @@
+"""Real models over real gRPC on loopback: greedy `sync` and `cloud` equal the target's own greedy decoding.
+
+SmolLM2-135M is the target with drafts derived from it (its first 8 layers, and an int8 copy); the default
+Qwen pair gets a smoke test. The reference is plain transformers `generate` with do_sample=False.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from shared.fingerprint import eos_token_ids
+from shared.models import load_model
+from tests.conftest import edge, run, serving
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "List three colors:\n1.",
+]
+skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+
+
+def _reference(target, prompt_ids, n):
+    with torch.inference_mode():
+        out = target.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n,
+                                    eos_token_id=sorted(eos_token_ids(target.model, target.tokenizer)),
+                                    pad_token_id=target.tokenizer.pad_token_id or 0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2-135m-instruct", progress=False)
+
+
+@pytest.mark.parametrize("draft_suffix", ["layers=8", "int8"])
+def test_smollm2_greedy_sync_and_cloud_equal_target(smol, draft_suffix):
+    draft = load_model(f"smollm2-135m-instruct:{draft_suffix}", progress=False)
+    n = 40
+
+    async def scenario():
+        results = []
+        async with serving(smol) as (_, addr), edge(addr, draft, max_new_tokens=n, draft_len=4) as client:
+            for prompt in PROMPTS:
+                ids = smol.tokenizer(prompt)["input_ids"]
+                sync = client.generate(ids, mode="sync")
+                sync_ids = await sync.collect()
+                cloud_ids = await client.generate(ids, mode="cloud").collect()
+                results.append((ids, sync_ids, cloud_ids, sync.stats.to_dict()))
+        return results
+
+    for ids, sync_ids, cloud_ids, st in run(scenario()):
+        ref = _reference(smol, ids, n)
+        assert sync_ids == ref, smol.tokenizer.decode(ids)
+        assert cloud_ids == ref
+        assert st["rounds"] > 0 and 0 <= st["acceptance_rate"] <= 1
+
+
+@skip_large
+def test_default_qwen_pair_greedy_smoke():
+    target = load_model("qwen2.5-coder-1.5b-instruct", progress=False)
+    draft = load_model("qwen2.5-coder-0.5b-instruct:int8", progress=False)
+    msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    prompt_ids = list(target.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    n = 12
+
+    async def scenario():
+        async with serving(target) as (_, addr), edge(addr, draft, max_new_tokens=n, draft_len=4) as client:
+            gen = client.generate(prompt_ids, mode="sync")
+            return await gen.collect(), gen.stats.to_dict()
+
+    ids, st = run(scenario())
+    assert ids == _reference(target, prompt_ids, n)
+    assert st["acceptance_rate"] > 0.3  # a genuine pair: the draft agrees with the target most of the time
