@@ -43,10 +43,10 @@ def _wire_size(msg) -> int:
 class Generation:
     """An async iterator of committed token-id lists; `stats` and `token_ids` are complete once it ends."""
 
-    def __init__(self, run: Callable[["Generation"], AsyncIterator[list[int]]], stats: GenerationStats) -> None:
+    def __init__(self, chunks: AsyncIterator[list[int]], stats: GenerationStats) -> None:
         self.stats = stats
         self.token_ids: list[int] = []
-        self._it = run(self)
+        self._it = chunks
 
     def __aiter__(self) -> "Generation":
         return self
@@ -130,7 +130,7 @@ class EdgeClient:
         params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
         stats = GenerationStats(mode=mode, verify_mode=cfg.verify if mode == "sync" else None, prompt_tokens=len(prompt_ids))
         run = {"cloud": self._cloud, "edge": self._edge, "sync": self._sync}[mode]
-        return Generation(lambda g: run(list(prompt_ids), params, cfg, stats), stats)
+        return Generation(run(list(prompt_ids), params, cfg, stats), stats)
 
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:

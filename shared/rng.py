@@ -27,6 +27,8 @@ class Stream(IntEnum):
     RESIDUAL = 3   # cloud: sampling the correction from the residual
     TARGET = 4     # cloud: sampling from p itself (bonus token, cloud-only decoding)
     GUMBEL = 5     # coupled mode: per-token noise
+    TAIL = 6       # cloud: draws from p outside its top-K (split-exact)
+    PROPOSAL = 7   # edge: proposals of the split-exact residual sampler
 
 
 def _mul32(x: IntLike, c: int) -> IntLike:
@@ -55,11 +57,19 @@ def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) 
     return fmix32(h ^ (token & _M32) ^ 0x27D4EB2F)
 
 
-def uniform(seed: int, position: int, stream: int) -> float:
-    """A uniform in the open interval (0, 1) with 53 random bits (a Python float, exact on any device)."""
-    hi = hash32(seed, position, stream, 0) >> 5          # 27 bits
-    lo = hash32(seed, position, stream, 1) >> 6          # 26 bits
+def uniform(seed: int, position: int, stream: int, index: int = 0) -> float:
+    """The index-th uniform in the open interval (0, 1) for (seed, position, stream), with 53 random bits."""
+    hi = hash32(seed, position, stream, 2 * index) >> 5        # 27 bits
+    lo = hash32(seed, position, stream, 2 * index + 1) >> 6    # 26 bits
     return ((hi << 26 | lo) + 0.5) / float(1 << 53)
+
+
+def uniforms(seed: int, position: int, stream: int, start: int, count: int) -> torch.Tensor:
+    """uniform(seed, position, stream, i) for i in [start, start + count), as a float64 tensor."""
+    idx = torch.arange(start, start + count, dtype=torch.int64)
+    hi = hash32(seed, position, stream, 2 * idx) >> 5
+    lo = hash32(seed, position, stream, 2 * idx + 1) >> 6
+    return ((hi << 26 | lo).to(torch.float64) + 0.5) / float(1 << 53)
 
 
 def gumbel_noise(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
