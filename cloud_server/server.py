@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 
 from cloud_server.session import TargetSession
 from shared.codec import PayloadError
-from shared.config import VERIFY_MODES, CloudConfig
+from shared.config import CloudConfig
 from shared.fingerprint import Fingerprint, eos_token_ids, tokenizer_fingerprint
 from shared.models import LoadedModel
 from shared.protocol import PROTOCOL_VERSION, BatchStatus, ProtocolError, SessionState
@@ -65,10 +65,15 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"vocabulary width mismatch: draft logits have {hello.vocab_size} entries, target {self.vocab_size}",
             )
-        if speculative and hello.verify_mode not in VERIFY_MODES:
+        if speculative and hello.verify_mode not in self.config.offered_modes:
             raise Refusal(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"verify mode {hello.verify_mode!r} is not offered; this cloud offers {', '.join(VERIFY_MODES)}",
+                f"verify mode {hello.verify_mode!r} is not offered; this cloud offers {', '.join(self.config.offered_modes)}",
+            )
+        if hello.residual_top_k > self.config.max_residual_top_k or hello.tail_samples > self.config.max_tail_samples:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"residual_top_k <= {self.config.max_residual_top_k} and tail_samples <= {self.config.max_tail_samples} required",
             )
         try:
             s = hello.sampling
@@ -101,7 +106,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             target_model=self.config.target,
             vocab_size=self.vocab_size,
             tokenizer=pb.TokenizerFingerprint(num_tokens=self.fingerprint.num_tokens, sha256=self.fingerprint.sha256),
-            verify_modes=list(VERIFY_MODES),
+            verify_modes=list(self.config.offered_modes),
             max_draft_len=self.config.max_draft_len,
             max_context=self.config.max_context,
             max_new_tokens=self.config.max_new_tokens,
@@ -121,7 +126,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             state, params = self._open_session(first.hello, speculative=True)
             self.active_sessions += 1
             opened = True
-            session = TargetSession(self.target.model, state, params, first.hello.verify_mode, self.config.device)
+            h = first.hello
+            session = TargetSession(self.target.model, state, params, h.verify_mode, self.config.device,
+                                    h.residual_top_k or self.config.residual_top_k, h.tail_samples or self.config.tail_samples)
             prefill_s = await self._run(session.prefill)
             log.info("session %s: %d prompt tokens, mode %s, prefill %.3fs", sid, len(state.prompt_ids), session.verify_mode, prefill_s)
             yield pb.CloudMessage(
@@ -135,20 +142,30 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 if kind == "cancel":
                     log.info("session %s cancelled by the edge: %s", sid, msg.cancel.reason)
                     return
+                if kind == "tail_request":
+                    tr = msg.tail_request
+                    if tr.epoch != state.epoch:
+                        continue  # stale
+                    payload = await self._run(session.more_tail, tr.position, tr.have)
+                    yield pb.CloudMessage(tail=pb.TailSamples(epoch=tr.epoch, position=tr.position, payload=payload))
+                    continue
                 if kind != "draft":
                     raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message mid-stream")
                 batch = msg.draft
-                status = state.classify_batch(batch.epoch, batch.start_pos, batch.token_ids, self.config.max_draft_len)
+                resolved = batch.resolved_token if batch.HasField("resolved_token") else None
+                status = state.classify_batch(batch.epoch, batch.start_pos, batch.token_ids, self.config.max_draft_len, resolved)
                 if status is BatchStatus.STALE:
                     continue
                 epoch = state.epoch
-                timed = await self._run(session.verify, list(batch.token_ids), batch.q_payload)
-                c = timed.commit
+                timed = await self._run(session.verify, list(batch.token_ids), batch.q_payload, list(batch.draft_probs), resolved)
+                c, res = timed.commit, timed.residual
                 yield pb.CloudMessage(
                     verdict=pb.Verdict(
                         epoch=epoch, start_pos=batch.start_pos, accepted=c.accepted, token=c.token,
                         committed_len=state.committed_len, next_epoch=state.epoch, finished=c.finished is not None,
                         finish_reason=c.finished.value if c.finished else "", verify_s=timed.compute_s,
+                        residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
+                        tail_payload=res.tail if res else b"",
                     )
                 )
                 if c.finished is not None:

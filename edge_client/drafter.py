@@ -11,6 +11,7 @@ from shared.backend import HFBackend
 from shared.codec import Precision, quantize
 from shared.rng import Stream
 from shared.sampling import SamplingParams, process_logits, sample_token
+from shared.verify import gumbel_argmax
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,11 @@ class DraftResult:
 
 class Drafter:
     def __init__(self, model: torch.nn.Module, params: SamplingParams, device: str = "cpu",
-                 precision: Precision = Precision.F32) -> None:
+                 precision: Precision = Precision.F32, gumbel: bool = False) -> None:
         self.backend = HFBackend(model, device)
         self.params = params
         self.precision = precision
+        self.gumbel = gumbel  # coupled mode: Gumbel-max with the noise the cloud will use
 
     @property
     def vocab_size(self) -> int:
@@ -48,6 +50,8 @@ class Drafter:
             logits = self.backend.logits_at(seq, len(seq) - 1)[-1]
             # sample from exactly what the cloud will decode, so the maths holds at any wire precision
             q = quantize(process_logits(logits, self.params), self.precision)
-            seq.append(sample_token(q, self.params.seed, len(seq), stream))
+            pos = len(seq)
+            seq.append(gumbel_argmax(q, self.params.seed, pos) if self.gumbel else sample_token(q, self.params.seed, pos, stream))
             rows.append(q)
-        return DraftResult(seq[len(committed):], torch.stack(rows), time.perf_counter() - t0)
+        q_rows = torch.stack(rows) if rows else torch.zeros(0, self.vocab_size)
+        return DraftResult(seq[len(committed):], q_rows, time.perf_counter() - t0)

@@ -4,8 +4,10 @@ Layout (little-endian):
     header  = version u8 | kind u8 | precision u8 | flags u8 | rows u32 | vocab u32 | body_len u32
     body    = DENSE:  rows * vocab values
               SPARSE: nnz u32 * rows | ids u32 * sum(nnz) | values * sum(nnz)
-    ids are per row ascending and delta-coded (first absolute, then gaps >= 1), which zstd packs well.
-    flags bit 0: the body is zstd-compressed; body_len is always the uncompressed length.
+              LIST:   ids u32 * n | values * n   (rows = n; one ordered sequence, repeats allowed)
+    SPARSE ids are per row ascending and delta-coded (first absolute, then gaps >= 1), which zstd packs well.
+    LIST keeps its order: split-exact's tail draws are used first to last, and sorting them would bias them.
+    flags bit 0: the body is zstd-compressed (only when that makes it smaller); body_len is the uncompressed length.
 
 The encoder picks SPARSE when it is smaller (greedy one-hot rows, top-k/top-p truncated rows).
 Decoding trusts nothing: every field is range-checked, body_len must match what the header implies,
@@ -27,6 +29,7 @@ _HEADER = struct.Struct("<BBBBIII")
 HEADER_SIZE = _HEADER.size
 MAX_VOCAB = 1 << 21
 MAX_ROWS = 256
+MAX_LIST = 1 << 16
 FLAG_ZSTD = 1
 
 
@@ -37,6 +40,7 @@ class PayloadError(ValueError):
 class Kind(IntEnum):
     DENSE = 1
     SPARSE = 2
+    LIST = 3
 
 
 class Precision(IntEnum):
@@ -75,42 +79,56 @@ def encode_probs(
     else:
         kind = Kind.DENSE
         body = values.astype(precision.dtype).tobytes()
-    flags = 0
+    return _pack(kind, precision, rows, vocab, body, compress, level)
+
+
+def encode_list(ids: torch.Tensor, values: torch.Tensor, vocab: int, *, precision: Precision = Precision.F32,
+                compress: bool = True, level: int = 3) -> bytes:
+    """An ordered sequence of (id, value) pairs, e.g. draws from a distribution, kept in draw order."""
+    n = len(ids)
+    if n != len(values) or not 0 <= n <= MAX_LIST or not 1 <= vocab <= MAX_VOCAB:
+        raise ValueError(f"list of {n} ids / {len(values)} values over vocab {vocab} is outside the codec's limits")
+    body = ids.cpu().numpy().astype("<u4").tobytes() + values.cpu().float().numpy().astype(precision.dtype).tobytes()
+    return _pack(Kind.LIST, precision, n, vocab, body, compress, level)
+
+
+def decode_list(data: bytes, *, vocab_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and validate a LIST payload: (ids int64 [n], values float32 [n]), ids in range, values in (0, 1]."""
+    _, kind, precision, body = _open(data, vocab_size)
+    if kind is not Kind.LIST:
+        raise PayloadError(f"expected a list payload, got {kind.name}")
+    n = len(body) // (4 + precision.dtype.itemsize)
+    if n > max_len:
+        raise PayloadError(f"list of {n} entries; allowed at most {max_len}")
+    ids = np.frombuffer(body, dtype="<u4", count=n).astype(np.int64)
+    vals = np.frombuffer(body, dtype=precision.dtype, count=n, offset=4 * n).astype(np.float32)
+    if n and ids.max() >= vocab_size:
+        raise PayloadError(f"token id {int(ids.max())} out of range [0, {vocab_size})")
+    if not np.isfinite(vals).all() or (vals <= 0).any() or (vals > 1.0 + 1e-6).any():
+        raise PayloadError("list values must be finite probabilities in (0, 1]")
+    return torch.from_numpy(ids), torch.from_numpy(vals)
+
+
+def _pack(kind: Kind, precision: Precision, rows: int, vocab: int, body: bytes, compress: bool, level: int) -> bytes:
+    flags, raw_len = 0, len(body)
     if compress:
-        body, flags = zstandard.ZstdCompressor(level=level).compress(body), FLAG_ZSTD
-    raw_len = sparse_len if kind is Kind.SPARSE else rows * vocab * itemsize
+        packed = zstandard.ZstdCompressor(level=level).compress(body)
+        if len(packed) < len(body):  # tiny payloads (verdict hints) grow under zstd's frame overhead
+            body, flags = packed, FLAG_ZSTD
     return _HEADER.pack(VERSION, kind, precision, flags, rows, vocab, raw_len) + body
 
 
 def decode_probs(
     data: bytes, *, vocab_size: int, max_rows: int, max_sum_error: float | None = None
 ) -> torch.Tensor:
-    """Decode and validate a payload into a float32 [rows, vocab_size] tensor.
+    """Decode and validate a DENSE or SPARSE payload into a float32 [rows, vocab_size] tensor.
 
     max_sum_error: when given, every row must sum to 1 within it (full distributions)."""
-    if len(data) < HEADER_SIZE:
-        raise PayloadError(f"payload of {len(data)} bytes is shorter than its {HEADER_SIZE}-byte header")
-    version, kind, precision, flags, rows, vocab, body_len = _HEADER.unpack_from(data)
-    if version != VERSION:
-        raise PayloadError(f"unsupported payload version {version} (this side speaks {VERSION})")
-    try:
-        kind, precision = Kind(kind), Precision(precision)
-    except ValueError as e:
-        raise PayloadError(f"unknown payload kind/precision: {e}") from None
-    if flags & ~FLAG_ZSTD:
-        raise PayloadError(f"unknown payload flags {flags:#x}")
-    if vocab != vocab_size:
-        raise PayloadError(f"payload vocabulary {vocab} != expected {vocab_size}")
-    if not 1 <= rows <= min(max_rows, MAX_ROWS):
-        raise PayloadError(f"payload has {rows} rows; allowed 1..{min(max_rows, MAX_ROWS)}")
+    _, kind, precision, body = _open(data, vocab_size, max_rows)
+    if kind is Kind.LIST:
+        raise PayloadError("expected a distribution payload, got a list")
+    rows, vocab, body_len = _HEADER.unpack_from(data)[4], vocab_size, len(body)
     itemsize = precision.dtype.itemsize
-    max_len = rows * vocab * itemsize if kind is Kind.DENSE else rows * (4 + vocab * (4 + itemsize))
-    if kind is Kind.DENSE and body_len != max_len:
-        raise PayloadError(f"dense body length {body_len} != {rows} x {vocab} x {itemsize}")
-    if body_len > max_len:
-        raise PayloadError(f"declared body length {body_len} exceeds the bound {max_len}")
-    body = _body(data[HEADER_SIZE:], body_len, flags & FLAG_ZSTD)
-
     out = np.zeros((rows, vocab), dtype=np.float32)
     if kind is Kind.DENSE:
         out[:] = np.frombuffer(body, dtype=precision.dtype).reshape(rows, vocab)
@@ -143,6 +161,39 @@ def decode_probs(
         if (np.abs(sums - 1.0) > max_sum_error).any():
             raise PayloadError(f"payload rows sum to {sums.tolist()}, not 1")
     return torch.from_numpy(out)
+
+
+def _open(data: bytes, vocab_size: int, max_rows: int = MAX_ROWS) -> tuple[int, Kind, Precision, bytes]:
+    """Check the header against the caller's expectations and bounds, then return the (decompressed) body."""
+    if len(data) < HEADER_SIZE:
+        raise PayloadError(f"payload of {len(data)} bytes is shorter than its {HEADER_SIZE}-byte header")
+    version, kind, precision, flags, rows, vocab, body_len = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise PayloadError(f"unsupported payload version {version} (this side speaks {VERSION})")
+    try:
+        kind, precision = Kind(kind), Precision(precision)
+    except ValueError as e:
+        raise PayloadError(f"unknown payload kind/precision: {e}") from None
+    if flags & ~FLAG_ZSTD:
+        raise PayloadError(f"unknown payload flags {flags:#x}")
+    if vocab != vocab_size:
+        raise PayloadError(f"payload vocabulary {vocab} != expected {vocab_size}")
+    itemsize = precision.dtype.itemsize
+    if kind is Kind.LIST:
+        if rows > MAX_LIST:
+            raise PayloadError(f"list of {rows} entries; the codec allows at most {MAX_LIST}")
+        exact_len: int | None = rows * (4 + itemsize)
+        max_len = exact_len
+    else:
+        if not 1 <= rows <= min(max_rows, MAX_ROWS):
+            raise PayloadError(f"payload has {rows} rows; allowed 1..{min(max_rows, MAX_ROWS)}")
+        max_len = rows * vocab * itemsize if kind is Kind.DENSE else rows * (4 + vocab * (4 + itemsize))
+        exact_len = max_len if kind is Kind.DENSE else None
+    if exact_len is not None and body_len != exact_len:
+        raise PayloadError(f"{kind.name.lower()} body length {body_len} != {exact_len} for {rows} x {vocab} at {itemsize} bytes")
+    if body_len > max_len:
+        raise PayloadError(f"declared body length {body_len} exceeds the bound {max_len}")
+    return version, kind, precision, _body(data[HEADER_SIZE:], body_len, flags & FLAG_ZSTD)
 
 
 def _body(raw: bytes, body_len: int, compressed: int) -> bytes:

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-VERIFY_MODES = ("dense",)
+VERIFY_MODES = ("dense", "split-topk", "split-exact", "coupled")
+EXACT_VERIFY_MODES = ("dense", "split-exact", "coupled")  # split-topk is the paper's APPROXIMATE sampler
 EDGE_MODES = ("cloud", "edge", "sync")
 
 
@@ -30,6 +31,8 @@ class ServingLimits:
     max_new_tokens: int = opt(4096, "most generated tokens per session")
     max_sessions: int = opt(8, "concurrent sessions; more are refused with RESOURCE_EXHAUSTED")
     max_message_mb: int = opt(16, "largest gRPC message accepted, MiB")
+    max_residual_top_k: int = opt(256, "most top-K entries a split-mode edge may ask for")
+    max_tail_samples: int = opt(256, "most tail draws per split-exact rejection an edge may ask for")
 
 
 @dataclass
@@ -40,6 +43,17 @@ class CloudConfig(ServingLimits):
     device: str = opt("cpu", "torch device", choices=("cpu", "cuda"))
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+    verify_modes: str = opt(",".join(VERIFY_MODES), "verification modes this server offers (comma-separated)")
+    residual_top_k: int = opt(10, "split modes: top-K entries of p sent on a rejection, unless the edge asks")
+    tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")
+
+    @property
+    def offered_modes(self) -> tuple[str, ...]:
+        modes = tuple(m.strip() for m in self.verify_modes.split(",") if m.strip())
+        unknown = [m for m in modes if m not in VERIFY_MODES]
+        if unknown:
+            raise ValueError(f"unknown verify mode {unknown[0]!r}; choose from {', '.join(VERIFY_MODES)}")
+        return modes
 
 
 @dataclass
@@ -47,7 +61,10 @@ class EdgeConfig:
     server: str = opt("localhost:50051", "cloud address host:port")
     draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
     mode: str = opt("sync", "decoding mode; a comma-separated list runs each and prints a table")
-    verify: str = opt("dense", "verification mode", choices=VERIFY_MODES)
+    verify: str = opt("dense", "verification mode: dense (full q up), split-topk (the PicoSpec paper's; APPROXIMATE), "
+                      "split-exact (exact, scalars up, top-K + tail draws down), coupled (exact, ids only)", choices=VERIFY_MODES)
+    residual_top_k: int = opt(10, "split modes: top-K entries of p the cloud sends on a rejection")
+    tail_samples: int = opt(4, "split-exact: tail draws the cloud sends with each rejection")
     draft_len: int = opt(4, "draft tokens per batch")
     max_new_tokens: int = opt(128, "tokens to generate at most")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy")

@@ -49,6 +49,8 @@ class SessionState:
     tokens: list[int] = field(default_factory=list)  # committed: prompt + generated
     epoch: int = 0
     finished: FinishReason | None = None
+    # split modes: a rejection left position committed_len to be resolved by the edge's residual sample
+    awaiting_resolution: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -73,7 +75,9 @@ class SessionState:
         if bad:
             raise ProtocolError(f"{what} holds token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
 
-    def classify_batch(self, epoch: int, start_pos: int, draft_ids: Sequence[int], max_len: int) -> BatchStatus:
+    def classify_batch(
+        self, epoch: int, start_pos: int, draft_ids: Sequence[int], max_len: int, resolved: int | None = None
+    ) -> BatchStatus:
         """Decide what to do with an incoming draft batch (cloud side)."""
         if self.finished is not None:
             raise ProtocolError("draft batch after the session finished")
@@ -83,10 +87,24 @@ class SessionState:
             raise ProtocolError(f"batch from future epoch {epoch} (current {self.epoch})")
         if start_pos != self.committed_len:
             raise ProtocolError(f"batch starts at position {start_pos}, committed length is {self.committed_len}")
-        if not 1 <= len(draft_ids) <= max_len:
-            raise ProtocolError(f"batch of {len(draft_ids)} tokens; allowed 1..{max_len}")
+        if self.awaiting_resolution != (resolved is not None):
+            raise ProtocolError("a resolved token is required after a split rejection, and only then")
+        min_len = 0 if resolved is not None and self.would_finish_with(resolved) else 1
+        if not min_len <= len(draft_ids) <= max_len:
+            raise ProtocolError(f"batch of {len(draft_ids)} tokens; allowed {min_len}..{max_len}")
         self.check_ids(draft_ids, "draft batch")
         return BatchStatus.CURRENT
+
+    def would_finish_with(self, token: int) -> bool:
+        """Whether committing this one token ends the session (then nothing may be drafted after it)."""
+        return token in self.eos_ids or self.remaining <= 1
+
+    def commit_resolved(self, token: int) -> Commit:
+        """Commit the edge's residual sample at the position a split rejection left open."""
+        if not self.awaiting_resolution:
+            raise ProtocolError("no rejected position awaits a resolved token")
+        self.awaiting_resolution = False
+        return self.commit((), 0, token, rejected=False)
 
     def commit(self, draft_ids: Sequence[int], accepted: int, token: int | None, rejected: bool) -> Commit:
         """Append accepted drafts and the cloud's token, stopping at EOS or the token budget."""
@@ -112,9 +130,11 @@ class SessionState:
         kept_token = token if len(new) > accepted else None
         if rejected:
             self.epoch += 1
+            # a rejection without the cloud's token (split modes): the edge samples the correction
+            self.awaiting_resolution = token is None and self.finished is None
         return Commit(kept_accepted, kept_token, tuple(new), rejected, self.finished)
 
-    def check_verdict(self, epoch: int, start_pos: int, committed_len: int, commit: Commit) -> None:
+    def check_verdict(self, epoch: int, start_pos: int, committed_len: int) -> None:
         """Edge side: the cloud's claimed committed length must match what we derived."""
         if committed_len != self.committed_len:
             raise ProtocolError(

@@ -19,6 +19,7 @@ def _quantile(xs: list[float], q: float) -> float | None:
 class GenerationStats:
     mode: str
     verify_mode: str | None = None
+    exact: bool = True          # False for the draft alone and for the APPROXIMATE split-topk sampler
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -35,6 +36,9 @@ class GenerationStats:
     cloud_s: float = 0.0        # cloud model time as reported by the cloud
     prefill_edge_s: float = 0.0
     prefill_cloud_s: float = 0.0
+    rejections: int = 0         # split modes: rejections whose correction the edge sampled
+    residual_bytes: int = 0     # split modes: payload bytes of those corrections (top-K, tail draws)
+    tail_requests: int = 0      # split-exact: times the edge asked for more tail draws
     accept_hist: Counter = field(default_factory=Counter)  # tokens committed per round -> count
     token_times: list[float] = field(default_factory=list)  # perf_counter at each commit, one per token
 
@@ -52,6 +56,14 @@ class GenerationStats:
         self.wasted_draft += drafted - accepted
         self.accept_hist[committed] += 1
 
+    def on_rejection(self, payload_bytes: int) -> None:
+        self.rejections += 1
+        self.residual_bytes += payload_bytes
+
+    def on_tail_request(self, payload_bytes: int) -> None:
+        self.tail_requests += 1
+        self.residual_bytes += payload_bytes
+
     def finish(self, reason: str | None) -> None:
         self.finished_at = time.perf_counter()
         self.finish_reason = reason
@@ -66,6 +78,7 @@ class GenerationStats:
         d: dict[str, Any] = {
             "mode": self.mode,
             "verify_mode": self.verify_mode,
+            "exact": self.exact,
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated,
             "finish_reason": self.finish_reason,
@@ -84,6 +97,9 @@ class GenerationStats:
             "mean_accepted_len": statistics.fmean(self.accept_hist.elements()) if self.rounds else None,
             "accepted_len_hist": {str(k): v for k, v in sorted(self.accept_hist.items())},
             "wasted_draft_tokens": self.wasted_draft,
+            "residual_rejections": self.rejections,
+            "residual_bytes_per_rejection": self.residual_bytes / self.rejections if self.rejections else None,
+            "tail_requests": self.tail_requests,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "bytes_up_per_token": per_tok(self.bytes_up),

@@ -59,7 +59,7 @@ def _payload(kind, rows, vocab, body, precision=1, flags=0, body_len=None, versi
         (_payload(1, 1, 5, np.full(5, 0.2, "<f4").tobytes()), "vocabulary"),
         (_payload(1, 0, 4, b""), "rows"),
         (_payload(1, 9, 4, np.full(36, 0.25, "<f4").tobytes()), "rows"),
-        (_payload(1, 1, 4, np.full(3, 0.25, "<f4").tobytes()), "dense body length"),
+        (_payload(1, 1, 4, np.full(3, 0.25, "<f4").tobytes()), "dense body length 12 != 16"),
         (_payload(1, 1, 4, np.full(4, 0.25, "<f4").tobytes()[:-2], body_len=16), "body is 14 bytes"),
         (_payload(1, 1, 4, np.array([np.nan, 0.5, 0.25, 0.25], "<f4").tobytes()), "NaN"),
         (_payload(1, 1, 4, np.array([np.inf, 0, 0, 0], "<f4").tobytes()), "NaN or infinite"),

@@ -32,41 +32,51 @@ def _target_joint(target, prompt_ids, params):
     return joint
 
 
+EXACT_MODES = ["dense", "split-exact", "coupled"]
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_sync_sampling_matches_target_distribution(tiny_target, tiny_draft, temperature, top_p):
+@pytest.mark.parametrize("verify", EXACT_MODES)
+def test_sync_sampling_matches_target_distribution(tiny_target, tiny_draft, verify, temperature, top_p):
     prompt_ids = tiny_target.tokenizer(PROMPT)["input_ids"]
     params = SamplingParams(temperature=temperature, top_p=top_p)
     expected = _target_joint(tiny_target, prompt_ids, params)
-    n = 3000
+    n = 2000
 
     async def scenario():
         seen: Counter = Counter()
-        accepted = drafted = 0
-        async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=2, draft_len=2,
-                                                           temperature=temperature, top_p=top_p, ignore_eos=True) as client:
+        accepted = drafted = tails = 0
+        # K=2 and one tail draw: the tail path and the ask-for-more path both run in split-exact
+        async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=2, draft_len=2, verify=verify,
+                                                           temperature=temperature, top_p=top_p, ignore_eos=True,
+                                                           residual_top_k=2, tail_samples=1) as client:
             for seed in range(n):
                 gen = client.generate(prompt_ids, mode="sync", seed=seed)
                 ids = await gen.collect()
                 seen[tuple(ids)] += 1
                 accepted += gen.stats.accepted
                 drafted += gen.stats.drafted
-        return seen, accepted / drafted
+                tails += gen.stats.tail_requests
+        return seen, accepted / drafted, tails
 
-    seen, acceptance = run(scenario())
+    seen, acceptance, tails = run(scenario())
+    if verify == "split-exact" and temperature == 1.0:
+        assert tails > 0
     pvalue, cells = pooled_chisquare(seen, expected, n)
     assert pvalue > ALPHA, f"sync output deviates from the target (p={pvalue:.2e}, {cells} cells)"
     # the pair is genuinely different, so the test exercises rejections and corrections
     assert 0.2 < acceptance < 0.95
 
 
-def test_greedy_sync_equals_cloud_equals_target_generate(tiny_target, tiny_draft):
+@pytest.mark.parametrize("verify", ["dense", "split-topk", "split-exact", "coupled"])
+def test_greedy_sync_equals_cloud_equals_target_generate(tiny_target, tiny_draft, verify):
     prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]
     with torch.inference_mode():
         ref = tiny_target.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=40,
                                          min_new_tokens=40, pad_token_id=0)[0, len(prompt_ids):].tolist()
 
     async def scenario():
-        async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=40, ignore_eos=True) as client:
+        async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=40, ignore_eos=True, verify=verify) as client:
             out = {}
             for mode in ("sync", "cloud"):
                 out[mode] = await client.generate(prompt_ids, mode=mode).collect()
@@ -112,3 +122,37 @@ def test_stats_are_complete(tiny_target, tiny_draft):
     for key in ("tokens_per_s", "ttft_s", "itl_p50_s", "itl_p95_s", "acceptance_rate", "bytes_up_per_token",
                 "bytes_down_per_token", "edge_busy_fraction", "cloud_busy_fraction"):
         assert st[key] is not None and st[key] >= 0, key
+
+
+def test_split_topk_is_labelled_approximate_and_stays_close(tiny_target, tiny_draft):
+    """The paper's sampler runs end to end; its statistics say it is not exact."""
+    prompt_ids = tiny_target.tokenizer(PROMPT)["input_ids"]
+
+    async def scenario():
+        async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=24, verify="split-topk",
+                                                           temperature=1.0, ignore_eos=True) as client:
+            gen = client.generate(prompt_ids, mode="sync", seed=3)
+            await gen.collect()
+            exact_gen = client.generate(prompt_ids, mode="sync", seed=3, verify="coupled")
+            await exact_gen.collect()
+            return gen.stats.to_dict(), exact_gen.stats.to_dict()
+
+    st, exact = run(scenario())
+    assert st["exact"] is False and exact["exact"] is True
+    assert st["generated_tokens"] == 24 and st["residual_rejections"] > 0
+    assert st["residual_bytes_per_rejection"] < 100  # top-10 at half precision: the paper's "< 100 bytes"
+    assert exact["bytes_up_per_token"] < st["bytes_up_per_token"]  # ids only beat ids + q(x)
+
+
+def test_cloud_refuses_a_mode_it_does_not_offer(tiny_target, tiny_draft):
+    from edge_client.client import EdgeError
+
+    async def scenario():
+        async with serving(tiny_target, verify_modes="dense,coupled") as (_, addr), \
+                edge(addr, tiny_draft, max_new_tokens=4, verify="split-exact") as client:
+            with pytest.raises(EdgeError, match="'split-exact' is not offered; this cloud offers dense, coupled"):
+                await client.generate([3, 4, 5], mode="sync").collect()
+            info = await client.connect()
+            return list(info.verify_modes)
+
+    assert run(scenario()) == ["dense", "coupled"]

@@ -55,7 +55,7 @@ class InfoReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., verify_modes: _Optional[_Iterable[str]] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos")
+    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos", "residual_top_k", "tail_samples")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class Hello(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TAIL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     tokenizer: TokenizerFingerprint
     vocab_size: int
@@ -76,21 +78,35 @@ class Hello(_message.Message):
     max_new_tokens: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    residual_top_k: int
+    tail_samples: int
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., residual_top_k: _Optional[int] = ..., tail_samples: _Optional[int] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload")
+    __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload", "resolved_token")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     Q_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_TOKEN_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_pos: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _containers.RepeatedScalarFieldContainer[float]
     q_payload: bytes
-    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., q_payload: _Optional[bytes] = ...) -> None: ...
+    resolved_token: int
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., q_payload: _Optional[bytes] = ..., resolved_token: _Optional[int] = ...) -> None: ...
+
+class TailRequest(_message.Message):
+    __slots__ = ("epoch", "position", "have")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    HAVE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    position: int
+    have: int
+    def __init__(self, epoch: _Optional[int] = ..., position: _Optional[int] = ..., have: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("reason",)
@@ -99,14 +115,16 @@ class Cancel(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
-    __slots__ = ("hello", "draft", "cancel")
+    __slots__ = ("hello", "draft", "cancel", "tail_request")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TAIL_REQUEST_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     draft: DraftBatch
     cancel: Cancel
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., draft: _Optional[_Union[DraftBatch, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+    tail_request: TailRequest
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., draft: _Optional[_Union[DraftBatch, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., tail_request: _Optional[_Union[TailRequest, _Mapping]] = ...) -> None: ...
 
 class Ready(_message.Message):
     __slots__ = ("session_id", "target_model", "prompt_len", "prefill_s", "eos_token_ids")
@@ -123,7 +141,7 @@ class Ready(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload")
+    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +152,8 @@ class Verdict(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     VERIFY_S_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TAIL_MASS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_pos: int
     accepted: int
@@ -144,15 +164,29 @@ class Verdict(_message.Message):
     finish_reason: str
     verify_s: float
     residual_payload: bytes
-    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ...) -> None: ...
+    tail_mass: float
+    tail_payload: bytes
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ...) -> None: ...
+
+class TailSamples(_message.Message):
+    __slots__ = ("epoch", "position", "payload")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    position: int
+    payload: bytes
+    def __init__(self, epoch: _Optional[int] = ..., position: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("ready", "verdict")
+    __slots__ = ("ready", "verdict", "tail")
     READY_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
     ready: Ready
     verdict: Verdict
-    def __init__(self, ready: _Optional[_Union[Ready, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    tail: TailSamples
+    def __init__(self, ready: _Optional[_Union[Ready, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., tail: _Optional[_Union[TailSamples, _Mapping]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "committed_len", "finished", "finish_reason", "decode_s", "prefill_s")
