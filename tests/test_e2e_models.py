@@ -36,14 +36,15 @@ def smol():
     return load_model("smollm2-135m-instruct", progress=False)
 
 
-@pytest.mark.parametrize("draft_suffix", ["layers=8", "int8"])
-def test_smollm2_greedy_sync_and_cloud_equal_target(smol, draft_suffix):
+@pytest.mark.parametrize("draft_suffix,verify", [("layers=8", "dense"), ("int8", "dense"), ("layers=8", "split-topk"),
+                                                 ("layers=8", "split-exact"), ("layers=8", "coupled")])
+def test_smollm2_greedy_sync_and_cloud_equal_target(smol, draft_suffix, verify):
     draft = load_model(f"smollm2-135m-instruct:{draft_suffix}", progress=False)
     n = 40
 
     async def scenario():
         results = []
-        async with serving(smol) as (_, addr), edge(addr, draft, max_new_tokens=n, draft_len=4) as client:
+        async with serving(smol) as (_, addr), edge(addr, draft, max_new_tokens=n, draft_len=4, verify=verify) as client:
             for prompt in PROMPTS:
                 ids = smol.tokenizer(prompt)["input_ids"]
                 sync = client.generate(ids, mode="sync")
