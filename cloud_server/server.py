@@ -144,8 +144,10 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     return
                 if kind == "tail_request":
                     tr = msg.tail_request
-                    if tr.epoch != state.epoch:
-                        continue  # stale
+                    if tr.epoch < state.epoch:
+                        continue  # stale: asked before a verdict the edge had not yet seen
+                    if tr.epoch > state.epoch:
+                        raise ProtocolError(f"tail request from future epoch {tr.epoch} (current {state.epoch})")
                     payload = await self._run(session.more_tail, tr.position, tr.have)
                     yield pb.CloudMessage(tail=pb.TailSamples(epoch=tr.epoch, position=tr.position, payload=payload))
                     continue

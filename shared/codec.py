@@ -94,12 +94,8 @@ def encode_list(ids: torch.Tensor, values: torch.Tensor, vocab: int, *, precisio
 
 def decode_list(data: bytes, *, vocab_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode and validate a LIST payload: (ids int64 [n], values float32 [n]), ids in range, values in (0, 1]."""
-    _, kind, precision, body = _open(data, vocab_size)
-    if kind is not Kind.LIST:
-        raise PayloadError(f"expected a list payload, got {kind.name}")
+    _, kind, precision, body = _open(data, vocab_size, kinds=(Kind.LIST,), max_list=max_len)
     n = len(body) // (4 + precision.dtype.itemsize)
-    if n > max_len:
-        raise PayloadError(f"list of {n} entries; allowed at most {max_len}")
     ids = np.frombuffer(body, dtype="<u4", count=n).astype(np.int64)
     vals = np.frombuffer(body, dtype=precision.dtype, count=n, offset=4 * n).astype(np.float32)
     if n and ids.max() >= vocab_size:
@@ -124,9 +120,7 @@ def decode_probs(
     """Decode and validate a DENSE or SPARSE payload into a float32 [rows, vocab_size] tensor.
 
     max_sum_error: when given, every row must sum to 1 within it (full distributions)."""
-    _, kind, precision, body = _open(data, vocab_size, max_rows)
-    if kind is Kind.LIST:
-        raise PayloadError("expected a distribution payload, got a list")
+    _, kind, precision, body = _open(data, vocab_size, kinds=(Kind.DENSE, Kind.SPARSE), max_rows=max_rows)
     rows, vocab, body_len = _HEADER.unpack_from(data)[4], vocab_size, len(body)
     itemsize = precision.dtype.itemsize
     out = np.zeros((rows, vocab), dtype=np.float32)
@@ -163,8 +157,13 @@ def decode_probs(
     return torch.from_numpy(out)
 
 
-def _open(data: bytes, vocab_size: int, max_rows: int = MAX_ROWS) -> tuple[int, Kind, Precision, bytes]:
-    """Check the header against the caller's expectations and bounds, then return the (decompressed) body."""
+def _open(
+    data: bytes, vocab_size: int, *, kinds: tuple[Kind, ...], max_rows: int = MAX_ROWS, max_list: int = MAX_LIST
+) -> tuple[int, Kind, Precision, bytes]:
+    """Check the header against the caller's expectations and bounds, then return the (decompressed) body.
+
+    Everything the caller expects (kind, rows, list length) is checked here, before decompression, so the
+    body we inflate is never larger than what the caller could legitimately receive."""
     if len(data) < HEADER_SIZE:
         raise PayloadError(f"payload of {len(data)} bytes is shorter than its {HEADER_SIZE}-byte header")
     version, kind, precision, flags, rows, vocab, body_len = _HEADER.unpack_from(data)
@@ -174,14 +173,16 @@ def _open(data: bytes, vocab_size: int, max_rows: int = MAX_ROWS) -> tuple[int, 
         kind, precision = Kind(kind), Precision(precision)
     except ValueError as e:
         raise PayloadError(f"unknown payload kind/precision: {e}") from None
+    if kind not in kinds:
+        raise PayloadError(f"expected a {' or '.join(k.name.lower() for k in kinds)} payload, got {kind.name.lower()}")
     if flags & ~FLAG_ZSTD:
         raise PayloadError(f"unknown payload flags {flags:#x}")
     if vocab != vocab_size:
         raise PayloadError(f"payload vocabulary {vocab} != expected {vocab_size}")
     itemsize = precision.dtype.itemsize
     if kind is Kind.LIST:
-        if rows > MAX_LIST:
-            raise PayloadError(f"list of {rows} entries; the codec allows at most {MAX_LIST}")
+        if rows > min(max_list, MAX_LIST):
+            raise PayloadError(f"list of {rows} entries; allowed at most {min(max_list, MAX_LIST)}")
         exact_len: int | None = rows * (4 + itemsize)
         max_len = exact_len
     else:

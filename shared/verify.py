@@ -67,9 +67,11 @@ def verify_split(p: torch.Tensor, q_of_draft: Sequence[float], draft_ids: Sequen
     k = len(draft_ids)
     if p.shape[0] != k + 1 or len(q_of_draft) != k:
         raise ValueError(f"shape mismatch: p {tuple(p.shape)}, {len(q_of_draft)} q values, {k} draft tokens")
+    # validate every value up front: a bad value after the first rejection is as much an error as one before
     for i, (x, qx) in enumerate(zip(draft_ids, q_of_draft)):
         if not 0.0 < qx <= 1.0:
             raise ValueError(f"draft probability {qx} of token {x} at position {start_pos + i} is not in (0, 1]")
+    for i, (x, qx) in enumerate(zip(draft_ids, q_of_draft)):
         if uniform(seed, start_pos + i, Stream.ACCEPT) * qx >= float(p[i, x]):
             return SplitVerdict(i, None)
     return SplitVerdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 
 import grpc
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 from edge_client.client import EdgeError
-from shared.codec import encode_probs
+from shared.codec import decode_list, decode_probs, encode_probs
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import PROTOCOL_VERSION
+from shared.rng import Stream, uniform
 from shared.rpc import picospec_pb2 as pb
 from shared.rpc import picospec_pb2_grpc as pb_grpc
+from shared.sampling import SamplingParams, process_logits
 from tests.conftest import edge, run, serving
 
 
@@ -38,20 +41,22 @@ def _draft(epoch=0, start=3, ids=(7,), vocab=64, q=None) -> pb.EdgeMessage:
     return pb.EdgeMessage(draft=pb.DraftBatch(epoch=epoch, start_pos=start, token_ids=list(ids), q_payload=encode_probs(q)))
 
 
-async def _exchange(addr: str, messages: list[pb.EdgeMessage]) -> tuple[list[pb.CloudMessage], grpc.aio.AioRpcError | None]:
-    """Send messages one by one on a fresh Speculate stream, reading one reply after each."""
+async def _exchange(addr: str, messages: list) -> tuple[list[pb.CloudMessage], grpc.aio.AioRpcError | None]:
+    """Send messages one by one on a fresh Speculate stream, reading one reply after each.
+
+    A message may also be a function of the replies so far, to answer what the cloud sent (split modes)."""
     async with grpc.aio.insecure_channel(addr) as ch:
         call = pb_grpc.PicoSpecStub(ch).Speculate(timeout=30)
         replies = []
         try:
             for m in messages:
-                await call.write(m)
+                await call.write(m(replies) if callable(m) else m)
                 r = await call.read()
                 if r is grpc.aio.EOF:
                     break
                 replies.append(r)
             await call.done_writing()
-            async for r in call:
+            while (r := await call.read()) is not grpc.aio.EOF:  # read(), not `async for`: the two may not be mixed
                 replies.append(r)
             return replies, None
         except grpc.aio.AioRpcError as e:
@@ -62,6 +67,103 @@ async def _healthy(addr: str, target, draft) -> list[int]:
     async with edge(addr, draft, max_new_tokens=6, ignore_eos=True) as client:
         return await client.generate([3, 4, 5], mode="sync").collect()
 
+
+# ---- split modes by hand: a rejection leaves position 3 open for the edge's resolved token --------------
+
+def _rejection_setup(target) -> tuple[int, int]:
+    """A draft token the target finds unlikely after [3, 4, 5] at temperature 1, and a seed whose accept coin
+    rejects it when the edge claims q = 1 (seeds tried in order, at most 200)."""
+    with torch.inference_mode():
+        logits = target.model(input_ids=torch.tensor([[3, 4, 5]])).logits[0, -1]
+    p_x, x = torch.min(process_logits(logits, SamplingParams(temperature=1.0)), -1)
+    for seed in range(200):
+        # rejected iff u * q(x) >= p(x); the margin covers last-bit differences from the server's cached forward
+        if uniform(seed, 3, Stream.ACCEPT) >= 2 * float(p_x) + 1e-6:
+            return int(x), seed
+    raise AssertionError(f"no seed in 0..199 rejects token {int(x)} (p = {float(p_x)})")
+
+
+def _split_hello(target, mode="split-exact", seed=0) -> pb.EdgeMessage:
+    sampling = pb.SamplingParams(temperature=1.0, top_p=1.0, seed=seed)
+    return pb.EdgeMessage(hello=_hello(target, verify_mode=mode, sampling=sampling, residual_top_k=2, tail_samples=1))
+
+
+def _split_draft(epoch=0, ids=(7,), probs=(0.5,), resolved=None) -> pb.EdgeMessage:
+    return pb.EdgeMessage(draft=pb.DraftBatch(epoch=epoch, start_pos=3, token_ids=list(ids), draft_probs=list(probs),
+                                              resolved_token=resolved))
+
+
+def _tail_request(epoch=1, position=3, have=1) -> pb.EdgeMessage:
+    return pb.EdgeMessage(tail_request=pb.TailRequest(epoch=epoch, position=position, have=have))
+
+
+def _rejected(target, mode="split-exact") -> list[pb.EdgeMessage]:
+    """Hello, then a one-token draft that the target rejects."""
+    x, seed = _rejection_setup(target)
+    return [_split_hello(target, mode, seed), _split_draft(ids=(x,), probs=(1.0,))]
+
+
+def _candidates(replies: list[pb.CloudMessage]) -> tuple[set[int], set[int]]:
+    """The cloud's top-K and tail draws after the rejection, checking that it was one."""
+    assert [r.WhichOneof("kind") for r in replies] == ["ready", "verdict"], replies
+    v = replies[1].verdict
+    assert v.accepted == 0 and not v.HasField("token") and v.committed_len == 3 and v.next_epoch == 1, v
+    top = decode_probs(v.residual_payload, vocab_size=64, max_rows=1)[0].nonzero().flatten().tolist()
+    tail = decode_list(v.tail_payload, vocab_size=64, max_len=64)[0].tolist() if v.tail_payload else []
+    return set(top), set(tail)
+
+
+def _after_rejection(make):
+    """A step that checks the rejection, then builds its message from the candidates (top-K | tail)."""
+    return lambda replies: make(set().union(*_candidates(replies)))
+
+
+def _with_resolved(m: pb.EdgeMessage, token: int) -> pb.EdgeMessage:
+    m.draft.resolved_token = token
+    return m
+
+
+SPLIT_CASES = {
+    "split: no resolved token after a rejection": (
+        lambda t: _rejected(t) + [_after_rejection(lambda c: _split_draft(epoch=1))],
+        grpc.StatusCode.INVALID_ARGUMENT, "ProtocolError: a resolved token is required after a split rejection"),
+    "split: resolved token not among the candidates": (
+        lambda t: _rejected(t) + [_after_rejection(lambda c: _split_draft(epoch=1, resolved=min(set(range(64)) - c)))],
+        grpc.StatusCode.INVALID_ARGUMENT, r"ProtocolError: resolved token \d+ is not among the candidates the cloud sent"),
+    "split: tail request with the wrong have": (
+        lambda t: _rejected(t) + [_after_rejection(lambda c: _tail_request(have=5))],
+        grpc.StatusCode.INVALID_ARGUMENT, "edge has 5 tail draws, cloud sent 1"),
+    "split: tail request at another position": (
+        lambda t: _rejected(t) + [_after_rejection(lambda c: _tail_request(position=4))],
+        grpc.StatusCode.INVALID_ARGUMENT, "no open split-exact rejection at position 4"),
+    "split-topk: tail request after a rejection": (
+        lambda t: _rejected(t, "split-topk") + [_after_rejection(lambda c: _tail_request(have=0))],
+        grpc.StatusCode.INVALID_ARGUMENT, "no open split-exact rejection at position 3"),
+    "split: tail request without a rejection": (
+        lambda t: [_split_hello(t), _tail_request(epoch=0, have=0)],
+        grpc.StatusCode.INVALID_ARGUMENT, "ProtocolError: no open split-exact rejection at position 3"),
+    "split: tail request from a future epoch": (
+        lambda t: _rejected(t) + [_after_rejection(lambda c: _tail_request(epoch=7))],
+        grpc.StatusCode.INVALID_ARGUMENT, "ProtocolError: tail request from future epoch 7 \\(current 1\\)"),
+    "split: resolved token before any rejection": (
+        lambda t: [_split_hello(t), _split_draft(resolved=7)],
+        grpc.StatusCode.INVALID_ARGUMENT, "a resolved token is required after a split rejection, and only then"),
+    "split: draft_probs missing": (
+        lambda t: [_split_hello(t), _split_draft(probs=())],
+        grpc.StatusCode.INVALID_ARGUMENT, "ValueError: 0 draft probabilities for 1 draft tokens"),
+    "split: one draft_prob too many": (
+        lambda t: [_split_hello(t), _split_draft(probs=(0.5, 0.5))],
+        grpc.StatusCode.INVALID_ARGUMENT, "2 draft probabilities for 1 draft tokens"),
+    **{
+        f"split: draft_prob {q}": (
+            lambda t, q=q: [_split_hello(t), _split_draft(probs=(q,))],
+            grpc.StatusCode.INVALID_ARGUMENT, r"ValueError: draft probability \S+ of token 7 at position 3 is not in \(0, 1\]")
+        for q in (0.0, -0.25, 1.5, math.nan, math.inf)
+    },
+    "dense: resolved token": (
+        lambda t: [pb.EdgeMessage(hello=_hello(t)), _with_resolved(_draft(), 7)],
+        grpc.StatusCode.INVALID_ARGUMENT, "ProtocolError: a resolved token is required after a split rejection, and only then"),
+}
 
 CASES = {
     "tokenizer mismatch": (lambda t: [pb.EdgeMessage(hello=_hello(t, tokenizer=pb.TokenizerFingerprint(num_tokens=64, sha256="0" * 64)))],
@@ -83,6 +185,7 @@ CASES = {
                         grpc.StatusCode.INVALID_ARGUMENT, "PayloadError"),
     "q rows do not sum to one": (lambda t: [pb.EdgeMessage(hello=_hello(t)), _draft(q=torch.full((1, 64), 0.5))], grpc.StatusCode.INVALID_ARGUMENT, r"outside \[0, 1\]|sum"),
     "hello twice": (lambda t: [pb.EdgeMessage(hello=_hello(t)), pb.EdgeMessage(hello=_hello(t))], grpc.StatusCode.INVALID_ARGUMENT, "unexpected hello"),
+    **SPLIT_CASES,
 }
 
 
@@ -108,6 +211,30 @@ def test_refusal_is_clear_and_other_sessions_survive(tiny_target, tiny_draft, ca
     assert re.search(match, err.details()), (case, err.details())
     assert len(tokens) == 6 and after == tokens  # greedy: the same tokens before and after
     assert active == 0
+
+
+def test_split_exact_by_hand_follows_the_protocol(tiny_target, tiny_draft):
+    """The control for the split cases: the same rejection, then a valid tail request and resolution, are served."""
+    def resolve(replies):
+        top, _ = _candidates(replies[:2])
+        tail = replies[2].tail
+        assert (tail.epoch, tail.position) == (1, 3)
+        more, _ = decode_list(tail.payload, vocab_size=64, max_len=64)
+        assert len(more) == 1 and int(more[0]) not in top  # a draw from outside the top-K
+        return _split_draft(epoch=1, resolved=int(more[0]))  # a token from the requested draws is a candidate too
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            steps = _rejected(tiny_target) + [_after_rejection(lambda c: _tail_request(have=1)), resolve]
+            replies, err = await _exchange(addr, steps)
+            return replies, err, await _healthy(addr, tiny_target, tiny_draft), service.active_sessions
+
+    replies, err, after, active = run(scenario())
+    assert err is None, err
+    assert [r.WhichOneof("kind") for r in replies] == ["ready", "verdict", "tail", "verdict"]
+    v = replies[3].verdict
+    assert (v.epoch, v.start_pos) == (1, 3) and v.committed_len >= 4 + v.accepted and not v.finished
+    assert len(after) == 6 and active == 0
 
 
 def test_malformed_bytes_are_refused_and_server_survives(tiny_target, tiny_draft):

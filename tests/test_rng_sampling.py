@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform
+from shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform, uniforms
 from shared.sampling import SamplingParams, process_logits, sample_from
 
 
@@ -16,6 +16,71 @@ def _fmix32_reference(x: int) -> int:
     x ^= x >> 13
     x = (x * 0xC2B2AE35) & 0xFFFFFFFF
     return x ^ (x >> 16)
+
+
+def _hash32_reference(seed: int, position: int, stream: int, token: int) -> int:
+    """shared.rng.hash32's chain, written independently with the big-int fmix32 above."""
+    m = 0xFFFFFFFF
+    h = _fmix32_reference((seed & m) ^ 0x9E3779B9)
+    h = _fmix32_reference(h ^ ((seed >> 32) & m))
+    h = _fmix32_reference(h ^ (stream & m))
+    h = _fmix32_reference(h ^ (position & m))
+    return _fmix32_reference(h ^ (token & m) ^ 0x27D4EB2F)
+
+
+def _gumbel_reference(seed: int, position: int, token: int) -> tuple[int, float, float]:
+    """(hash, u, Gumbel noise) for one token, in plain Python: u = (h + 0.5) / 2**32 is exact in a double."""
+    h = _hash32_reference(seed, position, int(Stream.GUMBEL), token)
+    u = (h + 0.5) / 2**32
+    return h, u, -math.log(-math.log(u))
+
+
+GUMBEL_SEEDS = [0, 1, 2**32 - 1, 2**32, 2**63 + 5, 2**64 - 1]
+GUMBEL_POSITIONS = [0, 1, 77, 10**6]
+
+
+def _check_gumbel_against_reference(device: str) -> None:
+    ids = torch.arange(1000, dtype=torch.int64, device=device)
+    for seed in GUMBEL_SEEDS:
+        for pos in GUMBEL_POSITIONS:
+            ref = [_gumbel_reference(seed, pos, t) for t in range(1000)]
+            h = hash32(seed, pos, int(Stream.GUMBEL), ids)
+            assert h.device.type == device and h.cpu().tolist() == [r[0] for r in ref], (seed, pos)  # bit for bit
+            g = gumbel_noise(seed, pos, ids)
+            assert g.dtype == torch.float64 and g.device.type == device
+            # the same formula in torch over the reference uniforms: bit for bit
+            u = torch.tensor([r[1] for r in ref], dtype=torch.float64, device=device)
+            assert torch.equal(g, -torch.log(-torch.log(u))), (seed, pos)
+            # against libm: torch's vectorised log and math.log may differ in the last ulp (they do for ~0.2% of
+            # these values with torch 2.13 on AVX2), so the floats are compared to 1e-15 (absolute near 0, where
+            # -log(v) with v ~ 1 turns one ulp of v into a large relative error)
+            for t, (gt, r) in enumerate(zip(g.cpu().tolist(), ref)):
+                assert math.isclose(gt, r[2], rel_tol=1e-15, abs_tol=1e-15), (seed, pos, t, gt, r[2])
+
+
+def test_gumbel_noise_matches_pure_python_reference():
+    _check_gumbel_against_reference("cpu")
+
+
+def test_gumbel_noise_on_cuda_matches_cpu_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _check_gumbel_against_reference("cuda")
+
+
+@pytest.mark.parametrize("seed, pos, stream, start, count", [
+    (0, 0, Stream.TAIL, 0, 64), (2**64 - 1, 10**6, Stream.PROPOSAL, 4090, 16), (12345, 3, Stream.ACCEPT, 1, 1),
+    (7, 9, Stream.TAIL, 5, 0),
+])
+def test_uniforms_equal_uniform_one_by_one_and_the_reference(seed, pos, stream, start, count):
+    us = uniforms(seed, pos, stream, start, count)
+    assert us.dtype == torch.float64 and us.shape == (count,)
+    one_by_one = [uniform(seed, pos, stream, i) for i in range(start, start + count)]
+    assert us.tolist() == one_by_one  # exact
+    for i, u in zip(range(start, start + count), one_by_one):
+        hi = _hash32_reference(seed, pos, int(stream), 2 * i) >> 5
+        lo = _hash32_reference(seed, pos, int(stream), 2 * i + 1) >> 6
+        assert u == ((hi << 26 | lo) + 0.5) / 2**53 and 0.0 < u < 1.0
 
 
 def test_fmix32_matches_reference_for_ints_and_tensors():

@@ -149,3 +149,11 @@ def test_greedy_reduces_every_mode_to_argmax():
     hint = ResidualHint(ids, vals, 0.0, torch.zeros(0, dtype=torch.long), torch.zeros(0))
     assert resample_exact(eye[7], hint, 0, 0) == 3
     assert resample_topk(eye[7], ids, vals, 0, 0) == 3
+
+
+def test_split_verification_checks_every_draft_probability_even_after_a_rejection():
+    p = torch.zeros(3, 8)
+    p[:, 1] = 1.0  # the target never picks token 0: the first draft is rejected for sure
+    with pytest.raises(ValueError, match="not in"):
+        verify_split(p, [0.5, float("nan")], [0, 0], seed=1, start_pos=0)
+    assert verify_split(p, [0.5, 0.5], [0, 0], seed=1, start_pos=0).accepted == 0
