@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, TypeVar
+from dataclasses import dataclass
+import time
+from typing import AsyncIterator, Callable, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from cloud_server.session import TargetSession
-from shared.codec import PayloadError
+from cloud_server.session import Q_SUM_TOLERANCE, ResidualPayload, TargetSession
+from shared.codec import PayloadError, decode_probs
 from shared.config import CloudConfig
 from shared.fingerprint import Fingerprint, eos_token_ids, tokenizer_fingerprint
 from shared.models import LoadedModel
-from shared.protocol import PROTOCOL_VERSION, BatchStatus, ProtocolError, SessionState
+from shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
 from shared.rpc import picospec_pb2 as pb
 from shared.rpc import picospec_pb2_grpc as pb_grpc
 from shared.sampling import SamplingParams
@@ -32,9 +35,150 @@ class Refusal(Exception):
         self.code = code
 
 
+class CloudHooks(Protocol):
+    """Test hooks: called before each message goes out (e.g. to delay it). Production passes none."""
+
+    async def before_send(self, msg: pb.CloudMessage) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    committed: list[int]
+    cache_tokens: list[int]  # what the target's KV cache held after the session: committed[:-1]
+    dead_chains: int
+
+
+_END = object()
+DRAIN_S = 10.0  # after the final verdict, how long the edge gets to close its side of the stream  # outbox sentinel: the stream ends normally
+
+
+class _VerifyLoop:
+    """One Speculate session after its handshake: admission of drafts, verification passes, decode-ahead."""
+
+    def __init__(self, service: "PicoSpecService", session: TargetSession, decode_ahead: bool, outbox: asyncio.Queue) -> None:
+        self.service, self.session, self.state = service, session, session.state
+        self.decode_ahead = decode_ahead
+        self.outbox = outbox
+        self.wake = asyncio.Event()
+        self.edge_done = False
+        self.idle_s = 0.0  # time with nothing to do since the last verdict: the pipeline bubble
+
+    async def read(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> None:
+        try:
+            await self._read(request_iterator)
+        except BaseException as e:  # noqa: BLE001 - handed to the stream, which aborts with a status
+            self.outbox.put_nowait(e)
+        finally:
+            self.edge_done = True
+            self.wake.set()
+
+    async def _read(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> None:
+        state, session, limits = self.state, self.session, self.service.config
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if kind == "cancel":
+                log.info("session cancelled by the edge: %s", msg.cancel.reason)
+                self.outbox.put_nowait(_END)
+                return
+            if kind == "tail_request":
+                tr = msg.tail_request
+                if tr.epoch < state.epoch:
+                    continue  # stale: asked before a verdict the edge had not yet seen
+                if tr.epoch > state.epoch:
+                    raise ProtocolError(f"tail request from future epoch {tr.epoch} (current {state.epoch})")
+                payload = await self.service._run(session.more_tail, tr.position, tr.have)
+                self.outbox.put_nowait(pb.CloudMessage(tail=pb.TailSamples(epoch=tr.epoch, position=tr.position, payload=payload)))
+                continue
+            if kind != "draft":
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message mid-stream")
+            b = msg.draft
+            if state.finished is not None:
+                continue  # drafted before the edge saw the final verdict
+            if b.epoch < state.epoch:
+                continue  # stale: drafted before a rejection; not even decoded
+            resolved = b.resolved_token if b.HasField("resolved_token") else None
+            extras = await self._extras(b)
+            if resolved is not None and state.awaiting_resolution:
+                session.check_resolved(resolved)
+            state.admit(b.epoch, b.start_pos, list(b.token_ids), extras, limits.max_draft_len, resolved)
+            if state.finished is not None:  # the edge's correction ended the session
+                self._verdict(state.committed_len, 0, 0, None, False, 0.0)
+            self.wake.set()
+
+    async def _extras(self, b: pb.DraftBatch) -> list:
+        """What travels with each draft token: its q row (dense), q(x) (split modes), nothing (coupled)."""
+        mode, k = self.session.verify_mode, len(b.token_ids)
+        if mode == "dense":
+            if not k:
+                return []
+            q = await asyncio.to_thread(decode_probs, b.q_payload, vocab_size=self.service.vocab_size, max_rows=k,
+                                        max_sum_error=Q_SUM_TOLERANCE)
+            if q.shape[0] != k:
+                raise ValueError(f"q payload has {q.shape[0]} rows for {k} draft tokens")
+            return list(q)
+        if mode in ("split-topk", "split-exact"):
+            if len(b.draft_probs) != k:
+                raise ValueError(f"{len(b.draft_probs)} draft probabilities for {k} draft tokens")
+            return list(b.draft_probs)
+        return [None] * k
+
+    async def verify(self) -> None:
+        try:
+            await self._verify()
+            self.outbox.put_nowait(_END)
+        except BaseException as e:  # noqa: BLE001
+            self.outbox.put_nowait(e)
+
+    async def _verify(self) -> None:
+        state, session, run_model = self.state, self.session, self.service._run
+        limit = self.service.config.max_draft_len
+        while state.finished is None:
+            run = state.take(limit)
+            if run is None:
+                if self.decode_ahead and not state.awaiting_resolution and not self.edge_done:
+                    committed = list(state.tokens)
+                    token, dt = await run_model(session.decode_next, committed)
+                    if state.committed_len != len(committed) or state.awaiting_resolution or state.finished:
+                        continue  # the edge's correction arrived meanwhile: this token is not at the front
+                    state.commit_own(token)
+                    session.settle_cache()
+                    self._verdict(len(committed), 0, 0, token, False, dt)
+                    continue
+                if self.edge_done:
+                    return
+                t0 = time.perf_counter()
+                await self.wake.wait()
+                self.wake.clear()
+                self.idle_s += time.perf_counter() - t0
+                continue
+            out = await run_model(session.verify_run, list(state.tokens), run)
+            c = state.finish_pass(run, out.accepted, out.token, out.rejected)
+            if c is None:
+                continue  # the edge abandoned that chain while we verified it
+            if state.awaiting_resolution:
+                session.open_residual = out.open_residual
+            session.settle_cache()
+            self._verdict(run.start_pos, len(run.token_ids), c.accepted, c.token, c.rejected, out.compute_s, out.residual, run.epoch)
+
+    def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
+                 res: "ResidualPayload | None" = None, epoch: int | None = None) -> None:
+        st = self.state
+        self.outbox.put_nowait(pb.CloudMessage(verdict=pb.Verdict(
+            epoch=st.epoch if epoch is None else epoch, start_pos=start, accepted=accepted, token=token,
+            committed_len=st.committed_len, next_epoch=st.epoch, finished=st.finished is not None,
+            finish_reason=st.finished.value if st.finished else "", verify_s=compute_s, rejected=rejected,
+            verified=verified, idle_s=self.idle_s,
+            residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
+            tail_payload=res.tail if res else b"",
+        )))
+        self.idle_s = 0.0
+
+
 class PicoSpecService(pb_grpc.PicoSpecServicer):
-    def __init__(self, target: LoadedModel, config: CloudConfig) -> None:
+    def __init__(self, target: LoadedModel, config: CloudConfig, hooks: "CloudHooks | None" = None) -> None:
         self.target = target
+        self.hooks = hooks  # tests only: deterministic delays on outgoing messages
         self.config = config
         self.vocab_size = int(target.model.config.vocab_size)
         self.fingerprint = tokenizer_fingerprint(target.tokenizer)
@@ -42,6 +186,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         # one model, one executor thread: model steps of all sessions are serialised, the loop stays free
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
         self.active_sessions = 0
+        # the last few sessions' end state: committed tokens and what the KV cache held (tests, debugging)
+        self.closed_sessions: collections.deque[SessionRecord] = collections.deque(maxlen=16)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -119,6 +265,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
     ) -> AsyncIterator[pb.CloudMessage]:
         sid = uuid.uuid4().hex[:12]
         opened = False
+        session: TargetSession | None = None
+        tasks: list[asyncio.Task] = []
         try:
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "hello":
@@ -130,49 +278,30 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             session = TargetSession(self.target.model, state, params, h.verify_mode, self.config.device,
                                     h.residual_top_k or self.config.residual_top_k, h.tail_samples or self.config.tail_samples)
             prefill_s = await self._run(session.prefill)
-            log.info("session %s: %d prompt tokens, mode %s, prefill %.3fs", sid, len(state.prompt_ids), session.verify_mode, prefill_s)
-            yield pb.CloudMessage(
-                ready=pb.Ready(
-                    session_id=sid, target_model=self.config.target, prompt_len=len(state.prompt_ids),
-                    prefill_s=prefill_s, eos_token_ids=sorted(state.eos_ids),
-                )
-            )
-            async for msg in request_iterator:
-                kind = msg.WhichOneof("kind")
-                if kind == "cancel":
-                    log.info("session %s cancelled by the edge: %s", sid, msg.cancel.reason)
-                    return
-                if kind == "tail_request":
-                    tr = msg.tail_request
-                    if tr.epoch < state.epoch:
-                        continue  # stale: asked before a verdict the edge had not yet seen
-                    if tr.epoch > state.epoch:
-                        raise ProtocolError(f"tail request from future epoch {tr.epoch} (current {state.epoch})")
-                    payload = await self._run(session.more_tail, tr.position, tr.have)
-                    yield pb.CloudMessage(tail=pb.TailSamples(epoch=tr.epoch, position=tr.position, payload=payload))
-                    continue
-                if kind != "draft":
-                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message mid-stream")
-                batch = msg.draft
-                resolved = batch.resolved_token if batch.HasField("resolved_token") else None
-                status = state.classify_batch(batch.epoch, batch.start_pos, batch.token_ids, self.config.max_draft_len, resolved)
-                if status is BatchStatus.STALE:
-                    continue
-                epoch = state.epoch
-                timed = await self._run(session.verify, list(batch.token_ids), batch.q_payload, list(batch.draft_probs), resolved)
-                c, res = timed.commit, timed.residual
-                yield pb.CloudMessage(
-                    verdict=pb.Verdict(
-                        epoch=epoch, start_pos=batch.start_pos, accepted=c.accepted, token=c.token,
-                        committed_len=state.committed_len, next_epoch=state.epoch, finished=c.finished is not None,
-                        finish_reason=c.finished.value if c.finished else "", verify_s=timed.compute_s,
-                        residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
-                        tail_payload=res.tail if res else b"",
-                    )
-                )
-                if c.finished is not None:
-                    log.info("session %s finished (%s) after %d tokens", sid, c.finished.value, len(state.generated))
-                    return
+            log.info("session %s: %d prompt tokens, mode %s%s, prefill %.3fs", sid, len(state.prompt_ids),
+                     session.verify_mode, " + decode-ahead" if h.decode_ahead else "", prefill_s)
+            yield await self._sending(pb.CloudMessage(ready=pb.Ready(
+                session_id=sid, target_model=self.config.target, prompt_len=len(state.prompt_ids),
+                prefill_s=prefill_s, eos_token_ids=sorted(state.eos_ids),
+            )))
+            # two tasks share the session on this event loop: the reader admits drafts as they arrive, the
+            # verifier verifies whatever has arrived; both put replies on one outbox that this generator drains
+            outbox: asyncio.Queue = asyncio.Queue()
+            pass_loop = _VerifyLoop(self, session, h.decode_ahead, outbox)
+            reader = asyncio.create_task(pass_loop.read(request_iterator))
+            tasks = [reader, asyncio.create_task(pass_loop.verify())]
+            while True:
+                item = await outbox.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield await self._sending(item)
+            if state.finished is not None:
+                log.info("session %s finished (%s) after %d tokens", sid, state.finished.value, len(state.generated))
+                # the edge may still be writing drafts it made before it saw the end: let it close its side
+                # first, so that its writes never race the end of the call (bounded by DRAIN_S)
+                await asyncio.wait([reader], timeout=DRAIN_S)
         except Refusal as r:
             log.warning("session %s refused: %s", sid, r)
             await context.abort(r.code, str(r))
@@ -183,8 +312,27 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             log.warning("session %s: bad input: %s", sid, e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
         finally:
+            for t in tasks:
+                t.cancel()
             if opened:
                 self.active_sessions -= 1
+            if session is not None:
+                await self._record(sid, session)
+
+    async def _record(self, sid: str, session: TargetSession) -> None:
+        """Settle the cache after the model executor is done with this session, and remember its end state."""
+        def settle() -> SessionRecord:
+            session.settle_cache()
+            return SessionRecord(sid, list(session.state.tokens), list(session.backend.tokens), session.state.dead_chains)
+        try:
+            self.closed_sessions.append(await asyncio.shield(self._run(settle)))
+        except (RuntimeError, asyncio.CancelledError):  # executor shut down with the server
+            pass
+
+    async def _sending(self, msg: pb.CloudMessage) -> pb.CloudMessage:
+        if self.hooks is not None:
+            await self.hooks.before_send(msg)
+        return msg
 
     async def CloudGenerate(self, request: pb.Hello, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenChunk]:
         sid = uuid.uuid4().hex[:12]

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from shared.backend import HFBackend
-from shared.codec import Precision, decode_probs, encode_list, encode_probs
-from shared.protocol import Commit, ProtocolError, SessionState
+from shared.codec import Precision, encode_list, encode_probs
+from shared.protocol import Commit, DraftRun, ProtocolError, SessionState
 from shared.rng import Stream
 from shared.sampling import SamplingParams, process_logits, sample_token
 from shared.verify import tail_draws, top_k, verify_coupled, verify_dense, verify_split
@@ -35,7 +34,18 @@ class ResidualPayload:
 class TimedCommit:
     commit: Commit
     compute_s: float
-    residual: ResidualPayload | None = None
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """The verification of one draft run, before it is committed (that happens on the event loop)."""
+
+    accepted: int
+    token: int | None        # correction, or bonus when every draft was accepted; None after a split rejection
+    rejected: bool
+    compute_s: float
+    residual: "ResidualPayload | None" = None
+    open_residual: "_OpenResidual | None" = None
 
 
 @dataclass
@@ -76,69 +86,66 @@ class TargetSession:
             self.backend.forward(prompt[:-1], num_logits=1)
         return time.perf_counter() - t0
 
-    def _target_probs(self, extra: Sequence[int]) -> torch.Tensor:
-        """p at positions committed_len .. committed_len + len(extra): [len(extra) + 1, V]."""
-        seq = self.state.tokens + list(extra)
-        logits = self.backend.logits_at(seq, self.state.committed_len - 1)
-        return process_logits(logits, self.params)
-
-    def _resolve(self, token: int) -> Commit:
+    def check_resolved(self, token: int) -> None:
         """Split modes: the edge's correction must come from what we sent (top-K or tail draws)."""
         if self.open_residual is None or token not in self.open_residual.allowed:
             raise ProtocolError(f"resolved token {token} is not among the candidates the cloud sent")
         self.open_residual = None
-        return self.state.commit_resolved(token)
 
     @torch.inference_mode()
-    def verify(self, draft_ids: Sequence[int], q_payload: bytes, q_of_draft: Sequence[float],
-               resolved: int | None = None) -> TimedCommit:
+    def verify_run(self, committed: list[int], run: DraftRun) -> PassOutcome:
+        """Verify a run of drafts at committed_len.. in one forward pass. Runs in the model executor and
+        touches only the KV cache: `committed` is a snapshot, and the commit happens on the event loop."""
         t0 = time.perf_counter()
-        k, mode, seed = len(draft_ids), self.verify_mode, self.params.seed
-        if resolved is not None:
-            # both sides commit the resolved token themselves; the verdict speaks only of the drafts after it
-            if self._resolve(resolved).finished is not None:
-                return TimedCommit(Commit(0, None, (), False, self.state.finished), time.perf_counter() - t0)
-        start = self.state.committed_len
-        residual = None
+        draft_ids, mode, seed, start = run.token_ids, self.verify_mode, self.params.seed, run.start_pos
+        if start != len(committed):
+            raise ProtocolError(f"internal: run at {start}, committed length {len(committed)}")
+        logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)
+        p = process_logits(logits, self.params)
         if mode == "dense":
-            q = decode_probs(q_payload, vocab_size=self.backend.vocab_size, max_rows=k, max_sum_error=Q_SUM_TOLERANCE)
-            if q.shape[0] != k:
-                raise ValueError(f"q payload has {q.shape[0]} rows for {k} draft tokens")
-            v = verify_dense(self._target_probs(draft_ids), q, draft_ids, seed, start)
-            commit = self.state.commit(draft_ids, v.accepted, v.token, v.rejected)
-        elif mode == "coupled":
-            v = verify_coupled(self._target_probs(draft_ids), draft_ids, seed, start)
-            commit = self.state.commit(draft_ids, v.accepted, v.token, v.rejected)
-        elif mode in ("split-topk", "split-exact"):
-            if len(q_of_draft) != k:
-                raise ValueError(f"{len(q_of_draft)} draft probabilities for {k} draft tokens")
-            p = self._target_probs(draft_ids)
-            sv = verify_split(p, q_of_draft, draft_ids, seed, start)
-            rejected = sv.bonus is None
-            commit = self.state.commit(draft_ids, sv.accepted, sv.bonus, rejected)
-            if self.state.awaiting_resolution:
-                residual = self._open(p[sv.accepted], start + sv.accepted)
-        else:
-            raise ValueError(f"verify mode {mode!r} is not implemented by this server")
-        # keep only committed tokens in the cache: the rejected suffix is dropped now, O(1)
-        self.backend.truncate(min(self.backend.length, self.state.committed_len - 1))
-        return TimedCommit(commit, time.perf_counter() - t0, residual)
+            v = verify_dense(p, torch.stack(run.extras), draft_ids, seed, start)
+            return PassOutcome(v.accepted, v.token, v.rejected, time.perf_counter() - t0)
+        if mode == "coupled":
+            v = verify_coupled(p, draft_ids, seed, start)
+            return PassOutcome(v.accepted, v.token, v.rejected, time.perf_counter() - t0)
+        if mode in ("split-topk", "split-exact"):
+            sv = verify_split(p, run.extras, draft_ids, seed, start)
+            if sv.bonus is not None:
+                return PassOutcome(sv.accepted, sv.bonus, False, time.perf_counter() - t0)
+            residual, opened = self._residual(p[sv.accepted], start + sv.accepted)
+            return PassOutcome(sv.accepted, None, True, time.perf_counter() - t0, residual, opened)
+        raise ValueError(f"verify mode {mode!r} is not implemented by this server")
 
-    def _open(self, p_row: torch.Tensor, pos: int) -> ResidualPayload:
+    @torch.inference_mode()
+    def decode_next(self, committed: list[int]) -> tuple[int, float]:
+        """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
+        t0 = time.perf_counter()
+        p = process_logits(self.backend.logits_at(committed, len(committed) - 1), self.params)[0]
+        return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0
+
+    def settle_cache(self) -> None:
+        """Keep exactly the committed tokens but the newest (it is fed with the next drafts): O(1)."""
+        self.backend.truncate(min(self.backend.length, max(0, self.state.committed_len - 1)))
+
+    def _residual(self, p_row: torch.Tensor, pos: int) -> tuple[ResidualPayload, _OpenResidual]:
         ids, vals = top_k(p_row, self.residual_top_k)
         vocab = self.backend.vocab_size
-        self.open_residual = _OpenResidual(p_row, ids, set(ids.tolist()))
+        opened = _OpenResidual(p_row, ids, set(ids.tolist()))
         if self.verify_mode == "split-topk":
             # approximate mode: half-precision values are plenty for a sampler that is approximate anyway
-            return ResidualPayload(encode_probs(_row(ids, vals, vocab), precision=Precision.F16))
+            return ResidualPayload(encode_probs(_row(ids, vals, vocab), precision=Precision.F16)), opened
         tail_mass = max(0.0, float(p_row.double().sum() - vals.double().sum()))
-        return ResidualPayload(encode_probs(_row(ids, vals, vocab)), tail_mass, self.more_tail(pos, 0))
+        first = self._tail(opened, pos, 0)
+        return ResidualPayload(encode_probs(_row(ids, vals, vocab)), tail_mass, first), opened
 
     def more_tail(self, pos: int, have: int) -> bytes:
         """split-exact: tail draws have .. have+n-1 at the open position (n doubles with each request)."""
         r = self.open_residual
         if r is None or self.verify_mode != "split-exact" or pos != self.state.committed_len:
             raise ProtocolError(f"no open split-exact rejection at position {pos}")
+        return self._tail(r, pos, have)
+
+    def _tail(self, r: _OpenResidual, pos: int, have: int) -> bytes:
         if have != r.tails_sent:
             raise ProtocolError(f"edge has {have} tail draws, cloud sent {r.tails_sent}")
         n = min(max(self.tail_samples, have), MAX_TAIL_DRAWS - have)
@@ -153,7 +160,7 @@ class TargetSession:
     def decode(self) -> TimedCommit:
         """Cloud-only decoding: one token from p, with the same randomness a bonus token would use."""
         t0 = time.perf_counter()
-        p = self._target_probs(())[0]
+        p = process_logits(self.backend.logits_at(self.state.tokens, self.state.committed_len - 1), self.params)[0]
         token = sample_token(p, self.params.seed, self.state.committed_len, Stream.TARGET)
         commit = self.state.commit((), 0, token, rejected=False)
         return TimedCommit(commit, time.perf_counter() - t0)

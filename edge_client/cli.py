@@ -49,6 +49,9 @@ TABLE_ROWS = [
     ("edge busy fraction", "edge_busy_fraction", "{:.2f}"),
     ("cloud busy fraction", "cloud_busy_fraction", "{:.2f}"),
     ("wasted draft tokens", "wasted_draft_tokens", "{}"),
+    ("cloud's own tokens (decode-ahead)", "cloud_tokens", "{}"),
+    ("pipeline bubbles (s)", "pipeline_bubble_s", "{:.2f}"),
+    ("mean draft length", "mean_draft_len", "{:.2f}"),
     ("finish", "finish_reason", "{}"),
 ]
 
@@ -66,7 +69,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     def title(r: dict[str, Any]) -> str:
         s = r["stats"]
         label = f"{r['mode']} ({s['verify_mode']})" if s.get("verify_mode") else r["mode"]
-        return label + (" APPROXIMATE" if r["mode"] == "sync" and not s.get("exact", True) else "")
+        return label + (" APPROXIMATE" if r["mode"] != "edge" and not s.get("exact", True) else "")
 
     header = ["metric"] + [title(r) for r in results]
     rows = [[label] + [cell(r["stats"], key, fmt) for r in results] for label, key, fmt in TABLE_ROWS]

@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
 
 import grpc
 import torch
 
 from edge_client.drafter import Drafter
 from shared.codec import PayloadError, decode_list, decode_probs, encode_probs
-from shared.config import EDGE_MODES, EXACT_VERIFY_MODES, VERIFY_MODES, EdgeConfig
+from shared.config import EDGE_MODES, EXACT_VERIFY_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig
 from shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from shared.models import LoadedModel
-from shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
+from shared.perf_model import choose_draft_len
+from shared.protocol import PROTOCOL_VERSION, ChainToken, EdgeChain, ProtocolError, SessionState
 from shared.rpc import picospec_pb2 as pb
 from shared.rpc import picospec_pb2_grpc as pb_grpc
 from shared.sampling import SamplingParams
@@ -35,6 +37,13 @@ MAX_TAIL_DRAWS = 4096  # per rejected position, as the cloud allows
 
 T = TypeVar("T")
 GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP/IP headers are not counted
+
+
+class EdgeHooks(Protocol):
+    """Test hooks around the wire (e.g. to delay messages and reorder their timing against drafting)."""
+
+    async def before_send(self, msg: pb.EdgeMessage) -> None: ...
+    async def after_receive(self, msg: pb.CloudMessage) -> None: ...
 
 
 class EdgeError(RuntimeError):
@@ -71,8 +80,9 @@ class Generation:
 
 
 class EdgeClient:
-    def __init__(self, config: EdgeConfig, draft: LoadedModel) -> None:
+    def __init__(self, config: EdgeConfig, draft: LoadedModel, hooks: "EdgeHooks | None" = None) -> None:
         self.config = config
+        self.hooks = hooks  # tests only: deterministic delays around messages
         self.draft = draft
         self.fingerprint = tokenizer_fingerprint(draft.tokenizer)
         self.vocab_size = int(draft.model.config.vocab_size)
@@ -134,12 +144,17 @@ class EdgeClient:
         mode = mode or cfg.mode
         if mode not in EDGE_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(EDGE_MODES)}")
+        if mode == "picospec":  # the paper's configuration, whatever else is set
+            cfg = dataclasses.replace(cfg, verify="split-topk", residual_top_k=10, draft_len=4, decode_ahead="off")
         params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-        if mode == "sync" and cfg.verify not in VERIFY_MODES:
+        speculative = mode in SPECULATIVE_MODES
+        if speculative and cfg.verify not in VERIFY_MODES:
             raise ValueError(f"unknown verify mode {cfg.verify!r}; choose from {', '.join(VERIFY_MODES)}")
-        stats = GenerationStats(mode=mode, verify_mode=cfg.verify if mode == "sync" else None, prompt_tokens=len(prompt_ids),
-                                exact=mode == "cloud" or (mode == "sync" and cfg.verify in EXACT_VERIFY_MODES))
-        run = {"cloud": self._cloud, "edge": self._edge, "sync": self._sync}[mode]
+        stats = GenerationStats(mode=mode, verify_mode=cfg.verify if speculative else None, prompt_tokens=len(prompt_ids),
+                                exact=mode == "cloud" or (speculative and cfg.verify in EXACT_VERIFY_MODES))
+        if mode in SPECULATIVE_MODES:
+            return Generation(self._speculate(list(prompt_ids), params, cfg, stats, mode), stats)
+        run = {"cloud": self._cloud, "edge": self._edge}[mode]
         return Generation(run(list(prompt_ids), params, cfg, stats), stats)
 
     # ---- modes -----------------------------------------------------------------------------
@@ -179,71 +194,148 @@ class EdgeClient:
         finally:
             stats.finish(state.finished.value if state.finished else "cancelled")
 
-    async def _sync(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
-        """Stop-and-wait speculative decoding: draft k, send, wait for the verdict, repeat."""
+    async def _speculate(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats,
+                         mode: str) -> AsyncIterator[list[int]]:
+        """Speculative decoding. sync: draft a batch, send it, wait for its verdict. pipeline and picospec:
+        keep drafting while batches are in flight, apply verdicts as they arrive, start over on a dead chain."""
         info = await self.connect()
-        mode = cfg.verify
-        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=mode == "coupled")
-        k_max = max(1, min(cfg.draft_len, info.max_draft_len))
+        pipelined = mode != "sync"
+        verify = cfg.verify
+        g_cap = max(1, min(cfg.max_draft_len, info.max_draft_len))
+        fixed = min(cfg.draft_len, info.max_draft_len) if cfg.draft_len > 0 else (None if pipelined else 4)
+        greedy = params.temperature == 0.0
+        decode_ahead = pipelined and (cfg.decode_ahead == "on" or (cfg.decode_ahead == "auto" and (verify == "coupled" or greedy)))
+        confidence = cfg.draft_confidence if pipelined and fixed is None else 0.0
+        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify == "coupled")
+        stats.drafter = drafter
+        est = stats.estimates
         call = self._stub.Speculate(timeout=cfg.timeout_s)
+        inbox: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(call, inbox, stats))
         state: SessionState | None = None
         try:
-            hello = pb.EdgeMessage(hello=self._hello(prompt, params, cfg, mode))
-            await call.write(hello)
-            stats.bytes_up += _wire_size(hello)
+            hello = self._hello(prompt, params, cfg, verify)
+            hello.decode_ahead = decode_ahead
+            await self._write(call, pb.EdgeMessage(hello=hello), stats)
             # the draft's prefill overlaps the cloud's
             stats.prefill_edge_s += await self._run(drafter.prefill, prompt)
-            ready = await self._read(call, "ready", stats)
+            ready = await self._next(inbox, "ready")
             stats.prefill_cloud_s += ready.ready.prefill_s
             state = SessionState(prompt, cfg.max_new_tokens, frozenset(ready.ready.eos_token_ids), drafter.vocab_size)
-            resolved: int | None = None  # split modes: our correction, committed with the next verdict
-            while state.finished is None:
-                context = state.tokens + ([resolved] if resolved is not None else [])
-                ends_here = resolved is not None and state.would_finish_with(resolved)
-                k = 0 if ends_here else max(1, min(k_max, state.remaining - (resolved is not None)))
-                d = await self._run(drafter.draft, context, k)
-                stats.draft_s += d.compute_s
-                batch = pb.DraftBatch(epoch=state.epoch, start_pos=state.committed_len, token_ids=d.token_ids,
-                                      resolved_token=resolved)
-                if mode == "dense":
-                    batch.q_payload = encode_probs(d.q, compress=cfg.compress)
-                elif mode.startswith("split"):
-                    batch.draft_probs.extend(float(d.q[i, x]) for i, x in enumerate(d.token_ids))
-                msg = pb.EdgeMessage(draft=batch)
-                await call.write(msg)
-                stats.bytes_up += _wire_size(msg)
-                v = (await self._read(call, "verdict", stats)).verdict
-                if v.epoch != batch.epoch or v.start_pos != batch.start_pos:
-                    raise ProtocolError(f"verdict for epoch {v.epoch} at {v.start_pos}, expected {batch.epoch} at {batch.start_pos}")
+            chain = EdgeChain(state)
+            sends: list[tuple[int, int, float]] = []  # (first, end, time) of batches in flight, for RTT samples
+            g = fixed or 4
+            paused = False  # the draft lost confidence: wait for news before drafting on
+
+            async def apply(msg: pb.CloudMessage) -> list[int]:
+                nonlocal paused
+                if msg.WhichOneof("kind") != "verdict":
+                    raise ProtocolError(f"expected a verdict, got {msg.WhichOneof('kind')}")
+                v = msg.verdict
+                now = time.perf_counter()
+                a = chain.apply(start_pos=v.start_pos, verified=v.verified, accepted=v.accepted,
+                                token=v.token if v.HasField("token") else None, rejected=v.rejected,
+                                committed_len=v.committed_len, finished=v.finished, epoch=v.epoch)
                 stats.cloud_s += v.verify_s
-                new: list[int] = []
-                if resolved is not None:
-                    new += state.commit_resolved(resolved).new_tokens
-                    resolved = None
-                if state.finished is None:
-                    c = state.commit(d.token_ids, v.accepted, v.token if v.HasField("token") else None,
-                                     rejected=v.next_epoch > v.epoch)
-                    new += c.new_tokens
-                    stats.on_round(len(d.token_ids), c.accepted, len(c.new_tokens) + state.awaiting_resolution)
-                state.check_verdict(v.epoch, v.start_pos, v.committed_len)
-                if v.finished != (state.finished is not None):
-                    raise ProtocolError(f"cloud says finished={v.finished}, edge derived {state.finished}")
+                stats.bubble_s += v.idle_s
+                stats.wasted_draft += a.dropped
+                est.verify.add(v.verified, v.verify_s)
+                if v.verified:
+                    stats.on_round(v.verified, a.accepted, len(a.new_tokens) + state.awaiting_resolution)
+                    for _ in range(a.accepted):
+                        est.acceptance.add(1.0)
+                    if v.rejected:
+                        est.acceptance.add(0.0)
+                    last = v.start_pos + v.verified - 1
+                    for first, end, t in sends:
+                        if first <= last < end:
+                            est.rtt_samples.append(max(0.0, now - t - v.verify_s - v.idle_s))
+                    sends[:] = [x for x in sends if x[1] > last + 1]
+                elif v.HasField("token"):
+                    stats.cloud_tokens += 1
+                    if a.from_chain or a.chain_died:  # a draft was there: it agreed with the cloud or not
+                        est.acceptance.add(float(a.from_chain > 0))
+                if a.chain_died:
+                    sends.clear()
+                    stats.dead_chains += not v.rejected
+                paused = False
                 if state.awaiting_resolution:
-                    resolved = await self._resolve(call, v, d.q[v.accepted], state, cfg, stats, params.seed)
-                stats.on_tokens(len(new))
-                yield new
+                    chain.resolved = await self._resolve(inbox, call, v, a.rejected_extra, state, cfg, stats, params.seed)
+                return list(a.new_tokens)
+
+            while state.finished is None:
+                while state.finished is None and not inbox.empty():
+                    new = await apply(await self._next(inbox, "verdict"))
+                    stats.on_tokens(len(new))
+                    yield new
+                if state.finished is not None:
+                    break
+                if fixed is None:
+                    g = choose_draft_len(est, g_cap, pipelined=pipelined, allow_zero=decode_ahead, default=4)
+                    stats.draft_len_choices[g] += 1
+                budget = state.remaining - (chain.resolved is not None) - len(chain.chain)
+                last_is_eos = bool(chain.chain) and chain.chain[-1].token in state.eos_ids
+                ends_here = chain.resolved is not None and state.would_finish_with(chain.resolved)
+                lookahead = 2 * g if pipelined else g
+                can_draft = (g > 0 and budget > 0 and not last_is_eos and not ends_here and not paused
+                             and not (state.awaiting_resolution and chain.resolved is None) and len(chain.chain) < lookahead
+                             and (pipelined or chain.in_flight == 0))
+                if can_draft:
+                    context = chain.tokens
+                    d = await self._run(drafter.draft, context, 1)
+                    stats.draft_s += d.compute_s
+                    est.draft_s.add(d.compute_s)
+                    stats.drafted_total += 1
+                    while state.finished is None and not inbox.empty():  # verdicts that came in while we drafted go first
+                        new = await apply(await self._next(inbox, "verdict"))
+                        stats.on_tokens(len(new))
+                        yield new
+                    if state.finished is not None:
+                        break
+                    if chain.tokens != context:
+                        stats.wasted_draft += 1
+                        continue  # the chain moved under us: this draft continues a dead context
+                    chain.chain.append(ChainToken(d.token_ids[0], d.q[0]))
+                    if confidence and float(d.q[0].max()) < confidence:
+                        paused = True
+                unsent = len(chain.unsent)
+                full = len(chain.chain) >= lookahead or budget <= 1 or (chain.chain and chain.chain[-1].token in state.eos_ids)
+                send = (unsent and (unsent >= g or paused or full or (pipelined and chain.in_flight == 0))) or \
+                    (ends_here and not chain.resolved_sent)
+                if send:
+                    start, batch_tokens, resolved = chain.take_batch()
+                    batch = pb.DraftBatch(epoch=chain.epoch, start_pos=start, token_ids=[c.token for c in batch_tokens],
+                                          resolved_token=resolved)
+                    if verify == "dense" and batch_tokens:
+                        batch.q_payload = encode_probs(torch.stack([c.extra for c in batch_tokens]), compress=cfg.compress)
+                    elif verify.startswith("split"):
+                        batch.draft_probs.extend(float(c.extra[c.token]) for c in batch_tokens)
+                    first = start + (resolved is not None)
+                    sends.append((first, first + len(batch_tokens), time.perf_counter()))
+                    await self._write(call, pb.EdgeMessage(draft=batch), stats)
+                    continue
+                if not can_draft:
+                    new = await apply(await self._next(inbox, "verdict"))
+                    stats.on_tokens(len(new))
+                    yield new
             await call.done_writing()
         except (ProtocolError, PayloadError) as e:
             raise EdgeError(f"protocol error: {e}") from None
         finally:
+            pump.cancel()
             if state is None or state.finished is None:
                 call.cancel()
             stats.finish(state.finished.value if state and state.finished else "cancelled")
+            if state is not None:
+                # drafts past the committed prefix are dead once the generation ends: drop them from the cache
+                self.executor.submit(drafter.backend.truncate, min(drafter.backend.length, max(0, state.committed_len - 1)))
 
-    async def _resolve(self, call, v: pb.Verdict, q_row: torch.Tensor, state: SessionState, cfg: EdgeConfig,
-                       stats: GenerationStats, seed: int) -> int:
+    async def _resolve(self, inbox: asyncio.Queue, call, v: pb.Verdict, q_row: torch.Tensor | None, state: SessionState,
+                       cfg: EdgeConfig, stats: GenerationStats, seed: int) -> int:
         """Split modes: sample the correction at the rejected position from the cloud's sparse view of p."""
         pos, vocab = state.committed_len, self.vocab_size
+        if q_row is None:
+            raise ProtocolError("a rejection at a position the edge never drafted")
         row = decode_probs(v.residual_payload, vocab_size=vocab, max_rows=1)[0]
         ids = torch.nonzero(row > 0).flatten()
         if len(ids) == 0:
@@ -260,24 +352,48 @@ class EdgeClient:
             try:
                 return await self._run(resample_exact, q_row, hint, seed, pos)
             except NeedMoreTail as e:
-                req = pb.EdgeMessage(tail_request=pb.TailRequest(epoch=state.epoch, position=pos, have=e.have))
-                await call.write(req)
-                stats.bytes_up += _wire_size(req)
-                t = (await self._read(call, "tail", stats)).tail
+                await self._write(call, pb.EdgeMessage(tail_request=pb.TailRequest(epoch=v.next_epoch, position=pos, have=e.have)), stats)
+                t = (await self._next(inbox, "tail")).tail
                 more_ids, more_vals = decode_list(t.payload, vocab_size=vocab, max_len=MAX_TAIL_DRAWS)
                 stats.on_tail_request(len(t.payload))
                 if len(more_ids) == 0 or len(tail_ids) + len(more_ids) > MAX_TAIL_DRAWS:
                     raise ProtocolError("the cloud sent no further tail draws")
                 tail_ids, tail_vals = torch.cat([tail_ids, more_ids]), torch.cat([tail_vals, more_vals])
 
-    async def _read(self, call, expected: str, stats: GenerationStats) -> pb.CloudMessage:
+    async def _write(self, call, msg: pb.EdgeMessage, stats: GenerationStats) -> None:
+        if self.hooks is not None:
+            await self.hooks.before_send(msg)
         try:
-            msg = await call.read()
+            await call.write(msg)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # the cloud ended the stream (it finished on its own, or failed): what it said last is in the
+            # inbox, the final verdict or the error status, and the reader reports it
+            return
+        stats.bytes_up += _wire_size(msg)
+
+    async def _pump(self, call, inbox: asyncio.Queue, stats: GenerationStats) -> None:
+        """Read the cloud's messages as they come, so drafting never waits on the network."""
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    inbox.put_nowait(EdgeError("cloud closed the stream mid-generation"))
+                    return
+                stats.bytes_down += _wire_size(msg)
+                if self.hooks is not None:
+                    await self.hooks.after_receive(msg)
+                inbox.put_nowait(msg)
         except grpc.aio.AioRpcError as e:
-            raise EdgeError(f"cloud refused or failed: {e.code().name}: {e.details()}") from None
-        if msg is grpc.aio.EOF:
-            raise EdgeError(f"cloud closed the stream while the edge waited for {expected}")
-        stats.bytes_down += _wire_size(msg)
+            inbox.put_nowait(EdgeError(f"cloud refused or failed: {e.code().name}: {e.details()}"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - surfaced to the generation
+            inbox.put_nowait(e)
+
+    async def _next(self, inbox: asyncio.Queue, expected: str) -> pb.CloudMessage:
+        msg = await inbox.get()
+        if isinstance(msg, BaseException):
+            raise msg
         if msg.WhichOneof("kind") != expected:
             raise ProtocolError(f"expected {expected}, got {msg.WhichOneof('kind')}")
         return msg

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The demo: a cloud server and an edge client on one core each (one torch thread each), one chat prompt in
-# `cloud` and `sync` modes, text streamed as it commits, then the two runs' statistics side by side.
+# `cloud`, `sync` and `pipeline` modes, text streamed as it commits, then the two runs' statistics side by side.
 set -euo pipefail
 PORT=${PICOSPEC_DEMO_PORT:-50151}
 TARGET=${PICOSPEC_TARGET:-qwen2.5-coder-1.5b-instruct}
 DRAFT=${PICOSPEC_DRAFT:-qwen2.5-coder-0.5b-instruct:int8}
 PROMPT=${PICOSPEC_PROMPT:-Write a Python function that checks whether a string is a palindrome.}
 MAX_NEW=${PICOSPEC_MAX_NEW_TOKENS:-96}
-MODES=${PICOSPEC_DEMO_MODES:-cloud,sync}
+MODES=${PICOSPEC_DEMO_MODES:-cloud,sync,pipeline}
 
 # one core each when there are two; both share core 0 on a single-core machine
 CLOUD_CPU=$(( $(nproc) > 1 ? 1 : 0 ))

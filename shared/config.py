@@ -15,7 +15,10 @@ T = TypeVar("T")
 
 VERIFY_MODES = ("dense", "split-topk", "split-exact", "coupled")
 EXACT_VERIFY_MODES = ("dense", "split-exact", "coupled")  # split-topk is the paper's APPROXIMATE sampler
-EDGE_MODES = ("cloud", "edge", "sync")
+# cloud: target alone; edge: draft alone; sync: stop-and-wait; pipeline: ours (drafting ahead, adaptive length,
+# decode-ahead); picospec: the paper's configuration (pipeline, split-topk K=10, draft length 4: APPROXIMATE)
+EDGE_MODES = ("cloud", "edge", "sync", "pipeline", "picospec")
+SPECULATIVE_MODES = ("sync", "pipeline", "picospec")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
@@ -60,12 +63,17 @@ class CloudConfig(ServingLimits):
 class EdgeConfig:
     server: str = opt("localhost:50051", "cloud address host:port")
     draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
-    mode: str = opt("sync", "decoding mode; a comma-separated list runs each and prints a table")
+    mode: str = opt("pipeline", "decoding mode: cloud, edge, sync, pipeline, picospec (the paper's; APPROXIMATE); "
+                    "a comma-separated list runs each and prints a table")
     verify: str = opt("dense", "verification mode: dense (full q up), split-topk (the PicoSpec paper's; APPROXIMATE), "
                       "split-exact (exact, scalars up, top-K + tail draws down), coupled (exact, ids only)", choices=VERIFY_MODES)
     residual_top_k: int = opt(10, "split modes: top-K entries of p the cloud sends on a rejection")
     tail_samples: int = opt(4, "split-exact: tail draws the cloud sends with each rejection")
-    draft_len: int = opt(4, "draft tokens per batch")
+    draft_len: int = opt(0, "draft tokens per batch; 0 = chosen online in pipeline mode (SPEC 3.4), 4 in sync mode")
+    max_draft_len: int = opt(12, "longest draft batch the online choice may pick")
+    draft_confidence: float = opt(0.2, "pipeline: end a batch and wait when the draft's top-1 probability falls below this")
+    decode_ahead: str = opt("auto", "pipeline: the cloud decodes on its own when it has nothing to verify "
+                            "(auto = with coupled or greedy, where its tokens match the drafts)", choices=("auto", "on", "off"))
     max_new_tokens: int = opt(128, "tokens to generate at most")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
     top_k: int = opt(0, "top-k cut before sampling; 0 = off")

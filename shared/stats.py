@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.perf_model import Estimates
+
 
 def _quantile(xs: list[float], q: float) -> float | None:
     if not xs:
@@ -29,7 +31,7 @@ class GenerationStats:
     rounds: int = 0
     drafted: int = 0            # draft tokens sent for verification
     accepted: int = 0           # of those, accepted
-    wasted_draft: int = 0       # drafted but never verified (stale) or rejected / after the rejection
+    wasted_draft: int = 0       # drafted but never committed: rejected, after a rejection, stale, contradicted
     bytes_up: int = 0
     bytes_down: int = 0
     draft_s: float = 0.0        # edge model time
@@ -39,6 +41,13 @@ class GenerationStats:
     rejections: int = 0         # split modes: rejections whose correction the edge sampled
     residual_bytes: int = 0     # split modes: payload bytes of those corrections (top-K, tail draws)
     tail_requests: int = 0      # split-exact: times the edge asked for more tail draws
+    cloud_tokens: int = 0       # pipeline: tokens the cloud decoded on its own (decode-ahead)
+    dead_chains: int = 0        # pipeline: draft chains that contradicted a cloud token
+    bubble_s: float = 0.0       # pipeline: time the cloud had nothing to verify
+    drafted_total: int = 0      # draft tokens made, sent or not
+    draft_len_choices: Counter = field(default_factory=Counter)  # online draft length -> times chosen
+    estimates: Estimates = field(default_factory=Estimates)
+    drafter: Any = field(default=None, repr=False)  # the session's drafter (tests inspect its cache)
     accept_hist: Counter = field(default_factory=Counter)  # tokens committed per round -> count
     token_times: list[float] = field(default_factory=list)  # perf_counter at each commit, one per token
 
@@ -53,7 +62,6 @@ class GenerationStats:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.wasted_draft += drafted - accepted
         self.accept_hist[committed] += 1
 
     def on_rejection(self, payload_bytes: int) -> None:
@@ -106,6 +114,13 @@ class GenerationStats:
             "bytes_down_per_token": per_tok(self.bytes_down),
             "edge_busy_fraction": (self.draft_s + self.prefill_edge_s) / wall if wall > 0 else None,
             "cloud_busy_fraction": (self.cloud_s + self.prefill_cloud_s) / wall if wall > 0 else None,
+            "cloud_tokens": self.cloud_tokens,
+            "dead_chains": self.dead_chains,
+            "pipeline_bubble_s": self.bubble_s,
+            "draft_tokens_made": self.drafted_total,
+            "draft_len_chosen": {str(k): v for k, v in sorted(self.draft_len_choices.items())},
+            "mean_draft_len": self.drafted / self.rounds if self.rounds else None,
+            "estimates": self.estimates.to_dict(),
             "edge_compute_s": self.draft_s + self.prefill_edge_s,
             "cloud_compute_s": self.cloud_s + self.prefill_cloud_s,
         }

@@ -60,6 +60,29 @@ def test_smollm2_greedy_sync_and_cloud_equal_target(smol, draft_suffix, verify):
         assert st["rounds"] > 0 and 0 <= st["acceptance_rate"] <= 1
 
 
+@pytest.mark.parametrize("mode,verify", [("pipeline", "dense"), ("pipeline", "split-exact"), ("pipeline", "coupled"),
+                                         ("pipeline", "split-topk"), ("picospec", "dense")])
+def test_smollm2_greedy_pipeline_equals_target(smol, mode, verify):
+    """The pipeline with its defaults (adaptive draft length, decode-ahead where it applies) on real models."""
+    draft = load_model("smollm2-135m-instruct:layers=8", progress=False)
+    n = 40
+
+    async def scenario():
+        results = []
+        async with serving(smol) as (_, addr), edge(addr, draft, max_new_tokens=n, verify=verify) as client:
+            for prompt in PROMPTS:
+                ids = smol.tokenizer(prompt)["input_ids"]
+                gen = client.generate(ids, mode=mode)
+                results.append((ids, await gen.collect(), gen.stats.to_dict()))
+        return results
+
+    for ids, out, st in run(scenario()):
+        assert out == _reference(smol, ids, n), smol.tokenizer.decode(ids)
+        assert st["rounds"] + st["cloud_tokens"] > 0
+        if mode == "picospec":
+            assert st["verify_mode"] == "split-topk" and not st["exact"]
+
+
 @skip_large
 def test_default_qwen_pair_greedy_smoke():
     target = load_model("qwen2.5-coder-1.5b-instruct", progress=False)
@@ -71,8 +94,9 @@ def test_default_qwen_pair_greedy_smoke():
     async def scenario():
         async with serving(target) as (_, addr), edge(addr, draft, max_new_tokens=n, draft_len=4) as client:
             gen = client.generate(prompt_ids, mode="sync")
-            return await gen.collect(), gen.stats.to_dict()
+            sync = await gen.collect(), gen.stats.to_dict()
+            return sync, await client.generate(prompt_ids, mode="pipeline").collect()
 
-    ids, st = run(scenario())
-    assert ids == _reference(target, prompt_ids, n)
+    (ids, st), pipelined = run(scenario())
+    assert ids == _reference(target, prompt_ids, n) == pipelined
     assert st["acceptance_rate"] > 0.3  # a genuine pair: the draft agrees with the target most of the time

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.protocol import BatchStatus, FinishReason, ProtocolError, SessionState
+from shared.protocol import BatchStatus, ChainToken, EdgeChain, FinishReason, ProtocolError, SessionState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,14 +15,20 @@ def _state(**kw):
     return SessionState(**{"prompt_ids": [1, 2, 3], "max_new_tokens": 10, "eos_ids": frozenset({0}), "vocab_size": 50, **kw})
 
 
+def _admit(s, epoch, start, ids, max_len=8, resolved=None):
+    return s.admit(epoch, start, ids, [None] * len(ids), max_len, resolved)
+
+
 def test_accept_reject_bumps_epoch_and_positions():
     s = _state()
-    assert s.classify_batch(0, 3, [5, 6, 7], 8) is BatchStatus.CURRENT
-    c = s.commit([5, 6, 7], accepted=1, token=9, rejected=True)
+    assert _admit(s, 0, 3, [5, 6, 7]) is BatchStatus.CURRENT
+    run = s.take(8)
+    assert (run.start_pos, run.token_ids) == (3, [5, 6, 7])
+    c = s.finish_pass(run, accepted=1, token=9, rejected=True)
     assert c.new_tokens == (5, 9) and s.committed_len == 5 and s.epoch == 1
-    assert s.classify_batch(0, 6, [1], 8) is BatchStatus.STALE  # drafted before the rejection
-    assert s.classify_batch(1, 5, [1], 8) is BatchStatus.CURRENT
-    c = s.commit([1, 2], accepted=2, token=3, rejected=False)
+    assert _admit(s, 0, 6, [1]) is BatchStatus.STALE  # drafted before the rejection
+    assert _admit(s, 1, 5, [1, 2]) is BatchStatus.CURRENT
+    c = s.finish_pass(s.take(8), accepted=2, token=3, rejected=False)
     assert c.new_tokens == (1, 2, 3) and s.epoch == 1 and s.generated == [5, 9, 1, 2, 3]
 
 
@@ -32,7 +38,64 @@ def test_accept_reject_bumps_epoch_and_positions():
 ])
 def test_bad_batches(epoch, start, ids, match):
     with pytest.raises(ProtocolError, match=match):
-        _state().classify_batch(epoch, start, ids, 8)
+        _admit(_state(), epoch, start, ids)
+
+
+def test_queued_batches_verify_together_and_drop_the_bonus():
+    s = _state()
+    _admit(s, 0, 3, [5, 6])
+    _admit(s, 0, 5, [7, 8])  # drafted ahead, before any verdict
+    run = s.take(3)
+    assert run.token_ids == [5, 6, 7] and s.pending.token_ids == [8]
+    with pytest.raises(ProtocolError, match="drafts so far end at 7"):
+        _admit(s, 0, 9, [1])  # a hole in the chain
+    c = s.finish_pass(run, accepted=3, token=4, rejected=False)
+    assert c.new_tokens == (5, 6, 7) and c.token is None  # draft 8 takes the bonus's place
+    c = s.finish_pass(s.take(8), accepted=1, token=4, rejected=False)
+    assert c.new_tokens == (8, 4) and s.cloud_tokens == 1
+
+
+def test_drafts_overlapping_cloud_tokens_are_trimmed_or_end_the_chain():
+    s = _state()
+    s.commit_own(5)
+    s.commit_own(6)  # decode-ahead: committed [.., 5, 6] before the edge's batch arrived
+    _admit(s, 0, 3, [5, 6, 7])
+    run = s.take(8)
+    assert (run.start_pos, run.token_ids) == (5, [7])
+    s.finish_pass(run, accepted=1, token=9, rejected=False)  # bonus 9 at position 6
+    _admit(s, 0, 6, [8, 1])  # the chain said 8 there: dead
+    assert s.take(8) is None and s.epoch == 1 and s.dead_chains == 1
+    assert _admit(s, 0, 8, [1]) is BatchStatus.STALE
+    assert _admit(s, 1, 7, [2]) is BatchStatus.CURRENT and s.take(8).token_ids == [2]
+
+
+def test_a_new_epoch_from_the_edge_drops_the_old_chain_even_mid_verification():
+    s = _state()
+    s.commit_own(5)  # one cloud token: the edge may start one new epoch on its own
+    _admit(s, 0, 4, [6, 7])
+    run = s.take(1)
+    _admit(s, 1, 4, [8])
+    assert s.finish_pass(run, accepted=1, token=2, rejected=False) is None  # stale when it came back
+    assert s.take(8).token_ids == [8] and s.committed_len == 4
+    with pytest.raises(ProtocolError, match="future epoch"):
+        _admit(s, 3, 4, [1])
+
+
+def test_edge_chain_follows_verdicts():
+    s = _state()
+    e = EdgeChain(s)
+    e.chain = [ChainToken(t, sent=True) for t in (5, 6, 7)] + [ChainToken(8)]
+    a = e.apply(start_pos=3, verified=2, accepted=2, token=None, rejected=False, committed_len=5, finished=False, epoch=0)
+    assert a.new_tokens == (5, 6) and [c.token for c in e.chain] == [7, 8] and e.epoch == 0
+    a = e.apply(start_pos=5, verified=0, accepted=0, token=7, rejected=False, committed_len=6, finished=False, epoch=0)
+    assert a.new_tokens == (7,) and a.from_chain == 1 and [c.token for c in e.chain] == [8]
+    a = e.apply(start_pos=6, verified=0, accepted=0, token=9, rejected=False, committed_len=7, finished=False, epoch=0)
+    assert a.chain_died and a.dropped == 1 and e.chain == [] and e.epoch == 1
+    e.chain = [ChainToken(t, sent=True) for t in (1, 2)]
+    a = e.apply(start_pos=7, verified=2, accepted=0, token=4, rejected=True, committed_len=8, finished=False, epoch=1)
+    assert a.new_tokens == (4,) and a.dropped == 2 and e.epoch == 2
+    with pytest.raises(ProtocolError, match="verified 1 drafts, 0 were sent"):
+        e.apply(start_pos=8, verified=1, accepted=1, token=None, rejected=False, committed_len=9, finished=False, epoch=2)
 
 
 def test_stop_at_eos_inside_accepted_drafts():
@@ -40,7 +103,7 @@ def test_stop_at_eos_inside_accepted_drafts():
     c = s.commit([4, 0, 6], accepted=3, token=7, rejected=False)
     assert c.new_tokens == (4, 0) and c.finished is FinishReason.EOS and c.token is None and c.accepted == 2
     with pytest.raises(ProtocolError):
-        s.classify_batch(0, 5, [1], 8)
+        _admit(s, 0, 5, [1])
 
 
 def test_stop_at_length_truncates_and_drops_the_token():

@@ -55,7 +55,7 @@ class InfoReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., verify_modes: _Optional[_Iterable[str]] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos", "residual_top_k", "tail_samples")
+    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos", "residual_top_k", "tail_samples", "decode_ahead")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class Hello(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_TOP_K_FIELD_NUMBER: _ClassVar[int]
     TAIL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_AHEAD_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     tokenizer: TokenizerFingerprint
     vocab_size: int
@@ -80,7 +81,8 @@ class Hello(_message.Message):
     ignore_eos: bool
     residual_top_k: int
     tail_samples: int
-    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., residual_top_k: _Optional[int] = ..., tail_samples: _Optional[int] = ...) -> None: ...
+    decode_ahead: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., residual_top_k: _Optional[int] = ..., tail_samples: _Optional[int] = ..., decode_ahead: _Optional[bool] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
     __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload", "resolved_token")
@@ -141,7 +143,7 @@ class Ready(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload")
+    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload", "rejected", "verified", "idle_s")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,9 @@ class Verdict(_message.Message):
     RESIDUAL_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     TAIL_MASS_FIELD_NUMBER: _ClassVar[int]
     TAIL_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_pos: int
     accepted: int
@@ -166,7 +171,10 @@ class Verdict(_message.Message):
     residual_payload: bytes
     tail_mass: float
     tail_payload: bytes
-    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ...) -> None: ...
+    rejected: bool
+    verified: int
+    idle_s: float
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ..., rejected: _Optional[bool] = ..., verified: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class TailSamples(_message.Message):
     __slots__ = ("epoch", "position", "payload")

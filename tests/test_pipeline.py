@@ -1,0 +1,192 @@
+"""The asynchronous pipeline end to end on the tiny pair, over real gRPC on loopback.
+
+Message timing is perturbed by deterministic test hooks (seeded delays before each message goes out
+and after each arrives), so drafting, verification and the wire interleave differently from run to
+run of the same seed list, never by sleeps in the program under test. Whatever the timing:
+greedy output equals the target's own, sampled output is distributed as the target's, and at the end
+both KV caches hold exactly the committed tokens (but the newest, which is fed with the next drafts).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from shared.sampling import SamplingParams
+from tests.conftest import edge, run, serving
+from tests.stat_util import pooled_chisquare
+from tests.test_e2e_tiny import PROMPT, _target_joint
+
+ALPHA = 1e-3
+
+
+class Jitter:
+    """Seeded random delays on messages: a different interleaving of the wire and the models per seed."""
+
+    def __init__(self, seed: int, max_s: float) -> None:
+        self.rng, self.max_s = random.Random(seed), max_s
+
+    async def _pause(self) -> None:
+        d = self.rng.choice([0.0, 0.0, self.rng.uniform(0, self.max_s)])
+        await asyncio.sleep(d)  # 0 still yields: other tasks get to run first
+
+    async def before_send(self, msg) -> None:
+        await self._pause()
+
+    async def after_receive(self, msg) -> None:
+        await self._pause()
+
+
+def _greedy_reference(model, prompt_ids, n):
+    """The target's greedy tokens by plain full forward passes (no cache). Not `generate(min_new_tokens=n)`:
+    that masks end-of-sequence, while these sessions (ignore_eos) may emit it like any other token."""
+    seq = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            seq.append(int(model.model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt_ids):]
+
+
+@pytest.mark.parametrize("decode_ahead", ["off", "on"])
+@pytest.mark.parametrize("verify", ["dense", "split-topk", "split-exact", "coupled"])
+def test_greedy_pipeline_equals_target_under_jitter(tiny_target, tiny_draft, verify, decode_ahead):
+    prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]
+    ref = _greedy_reference(tiny_target, prompt_ids, 40)
+
+    async def scenario():
+        outs, stats = [], []
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = Jitter(1, 0.004)
+            async with edge(addr, tiny_draft, max_new_tokens=40, ignore_eos=True, verify=verify, decode_ahead=decode_ahead) as client:
+                for seed in range(3):
+                    client.hooks = Jitter(100 + seed, 0.004)
+                    gen = client.generate(prompt_ids, mode="pipeline", draft_len=seed + 2 if seed < 2 else 0)
+                    outs.append(await gen.collect())
+                    stats.append(gen.stats.to_dict())
+        return outs, stats
+
+    outs, stats = run(scenario())
+    assert all(o == ref for o in outs)
+    if decode_ahead == "off":
+        assert all(s["rounds"] > 0 and s["cloud_tokens"] == 0 for s in stats)
+
+
+@pytest.mark.parametrize("mode", ["picospec", "sync"])
+def test_greedy_picospec_and_sync_equal_target_under_jitter(tiny_target, tiny_draft, mode):
+    prompt_ids = tiny_target.tokenizer("the quick brown fox")["input_ids"]
+    ref = _greedy_reference(tiny_target, prompt_ids, 32)
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = Jitter(7, 0.003)
+            async with edge(addr, tiny_draft, max_new_tokens=32, ignore_eos=True) as client:
+                client.hooks = Jitter(8, 0.003)
+                gen = client.generate(prompt_ids, mode=mode)
+                return await gen.collect(), gen.stats.to_dict()
+
+    out, st = run(scenario())
+    assert out == ref
+    if mode == "picospec":
+        assert st["verify_mode"] == "split-topk" and st["exact"] is False  # labelled approximate
+
+
+@pytest.mark.parametrize("verify,decode_ahead", [("dense", "off"), ("split-exact", "off"), ("coupled", "off"),
+                                                 ("coupled", "on")])
+def test_pipeline_sampling_matches_target_distribution(tiny_target, tiny_draft, verify, decode_ahead):
+    """Chi-square over the joint of the first two tokens, seeds 0..n-1, jittered timing; with decode-ahead on the
+    cloud's own tokens race the edge's drafts for the same positions."""
+    prompt_ids = tiny_target.tokenizer(PROMPT)["input_ids"]
+    params = SamplingParams(temperature=1.0)
+    expected = _target_joint(tiny_target, prompt_ids, params)
+    n = 2000
+
+    async def scenario():
+        seen: Counter = Counter()
+        rounds = cloud_tokens = 0
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = Jitter(3, 0.0005)
+            async with edge(addr, tiny_draft, max_new_tokens=2, verify=verify, temperature=1.0, ignore_eos=True,
+                            residual_top_k=2, tail_samples=1, decode_ahead=decode_ahead) as client:
+                client.hooks = Jitter(4, 0.0005)
+                for seed in range(n):
+                    gen = client.generate(prompt_ids, mode="pipeline", seed=seed, draft_len=1 + seed % 3)
+                    seen[tuple(await gen.collect())] += 1
+                    rounds += gen.stats.rounds
+                    cloud_tokens += gen.stats.cloud_tokens
+        return seen, rounds, cloud_tokens
+
+    seen, rounds, cloud_tokens = run(scenario())
+    if decode_ahead == "off":
+        assert cloud_tokens == 0 and rounds >= n, "every generation must have gone through verification"
+    else:
+        assert cloud_tokens > n // 4, "decode-ahead must have produced tokens"
+    pvalue, cells = pooled_chisquare(seen, expected, n)
+    assert pvalue > ALPHA, f"pipeline output deviates from the target (p={pvalue:.2e}, {cells} cells)"
+
+
+def _check_caches(service, stats, committed):
+    record = service.closed_sessions[-1]
+    assert record.committed == committed
+    assert record.cache_tokens == committed[:-1], "the target's cache must hold the committed tokens but the newest"
+    drafter = stats.drafter
+    assert drafter.backend.tokens == committed[: len(drafter.backend.tokens)]
+    assert len(drafter.backend.tokens) == len(committed) - 1, "the draft's cache must hold the committed tokens but the newest"
+
+
+@pytest.mark.parametrize("verify", ["dense", "coupled", "split-exact"])
+def test_rejection_storm_keeps_caches_at_the_committed_length(tiny_target, verify):
+    """A draft that is an unrelated random model: nearly every draft is rejected, chains die constantly."""
+    from shared.models import load_model
+
+    stranger = load_model("tiny-random-b", progress=False)
+    prompt_ids = tiny_target.tokenizer("storm")["input_ids"]
+    ref = _greedy_reference(tiny_target, prompt_ids, 30)
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = Jitter(5, 0.002)
+            async with edge(addr, stranger, max_new_tokens=30, ignore_eos=True, verify=verify, decode_ahead="off") as client:
+                client.hooks = Jitter(6, 0.002)
+                gen = client.generate(prompt_ids, mode="pipeline", draft_len=6)
+                out = await gen.collect()
+                await asyncio.get_running_loop().run_in_executor(client.executor, lambda: None)  # drafter settled
+                while service.active_sessions or not service.closed_sessions:
+                    await asyncio.sleep(0.01)
+                _check_caches(service, gen.stats, prompt_ids + out)
+                return out, gen.stats.to_dict()
+
+    out, st = run(scenario())
+    assert out == ref
+    assert st["acceptance_rate"] < 0.3 and st["wasted_draft_tokens"] > 30
+
+
+def test_cancelled_generation_leaves_caches_at_the_committed_length(tiny_target, tiny_draft):
+    prompt_ids = tiny_target.tokenizer("cancel me")["input_ids"]
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            async with edge(addr, tiny_draft, max_new_tokens=200, ignore_eos=True, temperature=1.0, decode_ahead="off") as client:
+                gen = client.generate(prompt_ids, mode="pipeline", draft_len=5)
+                got = []
+                async for chunk in gen:
+                    got += chunk
+                    if len(got) >= 12:
+                        break
+                await gen.aclose()
+                await asyncio.get_running_loop().run_in_executor(client.executor, lambda: None)
+                for _ in range(500):
+                    if not service.active_sessions and service.closed_sessions:
+                        break
+                    await asyncio.sleep(0.01)
+                record = service.closed_sessions[-1]
+                # the cloud may have committed more than the edge saw before it hung up; the edge's view is a prefix
+                assert record.committed[: len(prompt_ids) + len(got)] == prompt_ids + got
+                assert record.cache_tokens == record.committed[:-1]
+                drafter = gen.stats.drafter
+                assert drafter.backend.tokens == (prompt_ids + got)[:-1]
+                return gen.stats.finish_reason
+
+    assert run(scenario()) == "cancelled"
