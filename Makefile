@@ -30,7 +30,7 @@ models: install
 demo: models-default
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
-test: models
+test: models netlab-deps
 	$(BIN)/python -m pytest -q --durations=15
 
 # the suite without the default-pair (Qwen) tests: minutes instead of tens of minutes
@@ -46,3 +46,22 @@ proto: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# ---------------------------------------------------------------------------------------------- real networks
+# netlab (namespaces, link shaping, measurement) and the container path (docker-compose.yml, deploy/).
+.PHONY: netlab-deps test-containers
+
+# The NFQUEUE delay stage, for kernels without netem (CI's): iptables, and libnetfilter_queue's headers to build
+# the netfilterqueue binding into the venv. Needs root for apt; without root it says so and installs nothing.
+netlab-deps: $(VENV)/.netlab-deps
+
+$(VENV)/.netlab-deps: $(VENV)/.installed
+	@if [ "$$(id -u)" != 0 ]; then echo "netlab-deps: not root, skipped (the namespace tests need root anyway)"; exit 0; fi; \
+	 set -e; command -v iptables >/dev/null && dpkg -s libnetfilter-queue-dev >/dev/null 2>&1 || \
+	   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables libnetfilter-queue-dev; }; \
+	 $(BIN)/pip install --disable-pip-version-check -q netfilterqueue==1.1.0; \
+	 touch $@
+
+# docker + compose, a debootstrap base image, offline image builds, the stack over a shaped link (ci/docker_test.sh)
+test-containers: models
+	bash ci/docker_test.sh

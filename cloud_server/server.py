@@ -16,9 +16,10 @@ from google.protobuf.message import DecodeError
 from cloud_server.session import Q_SUM_TOLERANCE, ResidualPayload, TargetSession
 from shared.codec import PayloadError, decode_probs
 from shared.config import CloudConfig
+from shared.early_exit import ExpectedOutcome
 from shared.fingerprint import Fingerprint, eos_token_ids, tokenizer_fingerprint
 from shared.models import LoadedModel
-from shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
+from shared.protocol import PROTOCOL_VERSION, DraftRun, ProtocolError, SessionState
 from shared.rpc import picospec_pb2 as pb
 from shared.rpc import picospec_pb2_grpc as pb_grpc
 from shared.sampling import SamplingParams
@@ -49,8 +50,8 @@ class SessionRecord:
     dead_chains: int
 
 
-_END = object()
-DRAIN_S = 10.0  # after the final verdict, how long the edge gets to close its side of the stream  # outbox sentinel: the stream ends normally
+_END = object()  # outbox sentinel: the stream ends normally
+DRAIN_S = 10.0  # after the final verdict, how long the edge gets to close its side of the stream
 
 
 class _VerifyLoop:
@@ -152,7 +153,7 @@ class _VerifyLoop:
                 self.wake.clear()
                 self.idle_s += time.perf_counter() - t0
                 continue
-            out = await run_model(session.verify_run, list(state.tokens), run)
+            out = await run_model(session.verify_run, list(state.tokens), run, self._hint_sender(run))
             c = state.finish_pass(run, out.accepted, out.token, out.rejected)
             if c is None:
                 continue  # the edge abandoned that chain while we verified it
@@ -160,6 +161,18 @@ class _VerifyLoop:
                 session.open_residual = out.open_residual
             session.settle_cache()
             self._verdict(run.start_pos, len(run.token_ids), c.accepted, c.token, c.rejected, out.compute_s, out.residual, run.epoch)
+
+    def _hint_sender(self, run: "DraftRun") -> Callable[[ExpectedOutcome], None] | None:
+        """Called from the model thread mid-pass: queue the hint on the loop so it leaves before the verdict."""
+        if not self.session.exit_layer:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def send(e: ExpectedOutcome) -> None:
+            hint = pb.Hint(epoch=run.epoch, start_pos=run.start_pos, verified=len(run.token_ids),
+                           expected_accepted=e.accepted, expected_token=e.token, confidence=e.confidence)
+            loop.call_soon_threadsafe(self.outbox.put_nowait, pb.CloudMessage(hint=hint))
+        return send
 
     def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
                  res: "ResidualPayload | None" = None, epoch: int | None = None) -> None:
@@ -183,6 +196,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         self.vocab_size = int(target.model.config.vocab_size)
         self.fingerprint = tokenizer_fingerprint(target.tokenizer)
         self.eos_ids = eos_token_ids(target.model, target.tokenizer)
+        self.num_layers = int(target.model.config.num_hidden_layers)
+        self.default_exit_layer = config.exit_layer or max(1, min(self.num_layers - 1, round(0.75 * self.num_layers)))
         # one model, one executor thread: model steps of all sessions are serialised, the loop stays free
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
         self.active_sessions = 0
@@ -221,6 +236,12 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"residual_top_k <= {self.config.max_residual_top_k} and tail_samples <= {self.config.max_tail_samples} required",
             )
+        if hello.exit_layer and not (1 <= hello.exit_layer < self.num_layers and 0.0 <= hello.exit_threshold <= 1.0):
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"early exit needs an exit layer in 1..{self.num_layers - 1} (got {hello.exit_layer}) and a threshold "
+                f"in [0, 1] (got {hello.exit_threshold})",
+            )
         try:
             s = hello.sampling
             params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed)
@@ -258,6 +279,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             max_new_tokens=self.config.max_new_tokens,
             eos_token_ids=sorted(self.eos_ids),
             device=self.config.device,
+            target_layers=self.num_layers,
+            default_exit_layer=self.default_exit_layer,
         )
 
     async def Speculate(
@@ -276,7 +299,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             opened = True
             h = first.hello
             session = TargetSession(self.target.model, state, params, h.verify_mode, self.config.device,
-                                    h.residual_top_k or self.config.residual_top_k, h.tail_samples or self.config.tail_samples)
+                                    h.residual_top_k or self.config.residual_top_k, h.tail_samples or self.config.tail_samples,
+                                    h.exit_layer, h.exit_threshold)
             prefill_s = await self._run(session.prefill)
             log.info("session %s: %d prompt tokens, mode %s%s, prefill %.3fs", sid, len(state.prompt_ids),
                      session.verify_mode, " + decode-ahead" if h.decode_ahead else "", prefill_s)

@@ -4,13 +4,17 @@ Holds the session's KV cache and its `SessionState`; knows nothing about gRPC.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from shared.backend import HFBackend
 from shared.codec import Precision, encode_list, encode_probs
+from shared.early_exit import ExpectedOutcome, expected_outcome
 from shared.protocol import Commit, DraftRun, ProtocolError, SessionState
 from shared.rng import Stream
 from shared.sampling import SamplingParams, process_logits, sample_token
@@ -19,6 +23,7 @@ from shared.verify import tail_draws, top_k, verify_coupled, verify_dense, verif
 # q rows must sum to 1 within this (float32 softmax rounding is ~1e-6 over 150k entries)
 Q_SUM_TOLERANCE = 1e-3
 MAX_TAIL_DRAWS = 4096  # per rejected position; the expected need is a handful
+log = logging.getLogger("picospec.cloud")
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,12 @@ class TargetSession:
         device: str = "cpu",
         residual_top_k: int = 10,
         tail_samples: int = 4,
+        exit_layer: int = 0,
+        exit_threshold: float = 1.0,
     ) -> None:
         self.backend = HFBackend(model, device)
+        self.exit_layer = exit_layer          # early-exit hints after this layer (0 = none)
+        self.exit_threshold = exit_threshold  # ... when the tentative confidence reaches this
         self.state = state
         self.params = params
         self.verify_mode = verify_mode
@@ -93,14 +102,28 @@ class TargetSession:
         self.open_residual = None
 
     @torch.inference_mode()
-    def verify_run(self, committed: list[int], run: DraftRun) -> PassOutcome:
+    def verify_run(self, committed: list[int], run: DraftRun,
+                   on_hint: Callable[[ExpectedOutcome], None] | None = None) -> PassOutcome:
         """Verify a run of drafts at committed_len.. in one forward pass. Runs in the model executor and
-        touches only the KV cache: `committed` is a snapshot, and the commit happens on the event loop."""
+        touches only the KV cache: `committed` is a snapshot, and the commit happens on the event loop.
+        With an exit layer, `on_hint` gets the tentative outcome mid-pass when it is confident enough."""
         t0 = time.perf_counter()
         draft_ids, mode, seed, start = run.token_ids, self.verify_mode, self.params.seed, run.start_pos
         if start != len(committed):
             raise ProtocolError(f"internal: run at {start}, committed length {len(committed)}")
-        logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)
+        hinting = contextlib.nullcontext()
+        if self.exit_layer and on_hint is not None and draft_ids:
+            def tentative(logits: torch.Tensor) -> None:
+                try:
+                    e = expected_outcome(logits, self.params, mode, draft_ids, run.extras, seed, start)
+                except Exception:  # noqa: BLE001 - a hint is advice: never let it break the pass
+                    log.exception("early-exit hint failed")
+                    return
+                if e.confidence >= self.exit_threshold:
+                    on_hint(e)
+            hinting = self.backend.early_exit(self.exit_layer, len(draft_ids) + 1, tentative)
+        with hinting:
+            logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)
         p = process_logits(logits, self.params)
         if mode == "dense":
             v = verify_dense(p, torch.stack(run.extras), draft_ids, seed, start)

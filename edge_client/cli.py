@@ -52,6 +52,7 @@ TABLE_ROWS = [
     ("cloud's own tokens (decode-ahead)", "cloud_tokens", "{}"),
     ("pipeline bubbles (s)", "pipeline_bubble_s", "{:.2f}"),
     ("mean draft length", "mean_draft_len", "{:.2f}"),
+    ("early-exit hint hit rate", "hint_hit_rate", "{:.2f}"),
     ("finish", "finish_reason", "{}"),
 ]
 

@@ -26,7 +26,7 @@ from shared.config import EDGE_MODES, EXACT_VERIFY_MODES, SPECULATIVE_MODES, VER
 from shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from shared.models import LoadedModel
 from shared.perf_model import choose_draft_len
-from shared.protocol import PROTOCOL_VERSION, ChainToken, EdgeChain, ProtocolError, SessionState
+from shared.protocol import PROTOCOL_VERSION, Applied, ChainToken, EdgeChain, PreDraft, ProtocolError, SessionState
 from shared.rpc import picospec_pb2 as pb
 from shared.rpc import picospec_pb2_grpc as pb_grpc
 from shared.sampling import SamplingParams
@@ -196,10 +196,12 @@ class EdgeClient:
 
     async def _speculate(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats,
                          mode: str) -> AsyncIterator[list[int]]:
-        """Speculative decoding. sync: draft a batch, send it, wait for its verdict. pipeline and picospec:
-        keep drafting while batches are in flight, apply verdicts as they arrive, start over on a dead chain."""
+        """Speculative decoding. sync: draft a batch, send it, wait for its verdict. early-exit: the same, but
+        pre-draft the next batch from the cloud's early-exit hint while waiting. pipeline and picospec: keep
+        drafting while batches are in flight, apply verdicts as they arrive, start over on a dead chain."""
         info = await self.connect()
-        pipelined = mode != "sync"
+        pipelined = mode not in ("sync", "early-exit")
+        hints = (cfg.hints == "on" or (cfg.hints == "auto" and mode == "early-exit")) and info.default_exit_layer > 0
         verify = cfg.verify
         g_cap = max(1, min(cfg.max_draft_len, info.max_draft_len))
         fixed = min(cfg.draft_len, info.max_draft_len) if cfg.draft_len > 0 else (None if pipelined else 4)
@@ -216,6 +218,9 @@ class EdgeClient:
         try:
             hello = self._hello(prompt, params, cfg, verify)
             hello.decode_ahead = decode_ahead
+            if hints:
+                hello.exit_layer, hello.exit_threshold = cfg.exit_layer or info.default_exit_layer, cfg.exit_threshold
+                stats.exit_layer = hello.exit_layer
             await self._write(call, pb.EdgeMessage(hello=hello), stats)
             # the draft's prefill overlaps the cloud's
             stats.prefill_edge_s += await self._run(drafter.prefill, prompt)
@@ -226,11 +231,46 @@ class EdgeClient:
             sends: list[tuple[int, int, float]] = []  # (first, end, time) of batches in flight, for RTT samples
             g = fixed or 4
             paused = False  # the draft lost confidence: wait for news before drafting on
+            pre: PreDraft | None = None  # drafts from the context an early-exit hint expects
+
+            def take_hint(h: pb.Hint) -> None:
+                nonlocal pre
+                stats.hints += 1
+                if pre is not None or h.epoch != chain.epoch or not h.HasField("expected_token") or not h.verified:
+                    return
+                end = h.start_pos + h.expected_accepted
+                context = chain.tokens
+                if len(context) < end + pipelined:
+                    return
+                if pipelined and (h.expected_accepted == h.verified or context[end] == h.expected_token):
+                    return  # the chain already continues as expected: nothing to pre-draft
+                if h.expected_token in state.eos_ids:
+                    return
+                pre = PreDraft(h.epoch, h.start_pos, context[:end] + [h.expected_token],
+                               room=state.remaining - (end + 1 - state.committed_len))
+
+            def settle_hint(v: pb.Verdict, a: Applied) -> None:
+                """After the hinted pass's verdict: if the committed context is the one the hint expected, the
+                pre-drafts are exactly what we would draft now (same context, same coins): adopt them."""
+                nonlocal pre
+                if pre is None or not ((v.epoch, v.start_pos) == (pre.epoch, pre.start) and v.verified or a.chain_died):
+                    return
+                if not chain.chain and chain.tokens == pre.context and (v.epoch, v.start_pos) == (pre.epoch, pre.start):
+                    stats.hint_hits += 1
+                    stats.predrafted_used += len(pre.drafts)
+                    chain.chain.extend(pre.drafts)
+                else:
+                    stats.hint_misses += 1
+                    stats.wasted_draft += len(pre.drafts)
+                pre = None
 
             async def apply(msg: pb.CloudMessage) -> list[int]:
                 nonlocal paused
-                if msg.WhichOneof("kind") != "verdict":
-                    raise ProtocolError(f"expected a verdict, got {msg.WhichOneof('kind')}")
+                kind = msg.WhichOneof("kind")
+                if kind == "hint":
+                    if hints:
+                        take_hint(msg.hint)
+                    return []
                 v = msg.verdict
                 now = time.perf_counter()
                 a = chain.apply(start_pos=v.start_pos, verified=v.verified, accepted=v.accepted,
@@ -261,11 +301,13 @@ class EdgeClient:
                 paused = False
                 if state.awaiting_resolution:
                     chain.resolved = await self._resolve(inbox, call, v, a.rejected_extra, state, cfg, stats, params.seed)
+                if hints:
+                    settle_hint(v, a)
                 return list(a.new_tokens)
 
             while state.finished is None:
                 while state.finished is None and not inbox.empty():
-                    new = await apply(await self._next(inbox, "verdict"))
+                    new = await apply(await self._next(inbox, "verdict", "hint"))
                     stats.on_tokens(len(new))
                     yield new
                 if state.finished is not None:
@@ -277,25 +319,31 @@ class EdgeClient:
                 last_is_eos = bool(chain.chain) and chain.chain[-1].token in state.eos_ids
                 ends_here = chain.resolved is not None and state.would_finish_with(chain.resolved)
                 lookahead = 2 * g if pipelined else g
-                can_draft = (g > 0 and budget > 0 and not last_is_eos and not ends_here and not paused
+                can_draft = (g > 0 and budget > 0 and not last_is_eos and not ends_here and not paused and pre is None
                              and not (state.awaiting_resolution and chain.resolved is None) and len(chain.chain) < lookahead
                              and (pipelined or chain.in_flight == 0))
-                if can_draft:
-                    context = chain.tokens
+                pre_draft = pre is not None and len(pre.drafts) < min(max(g, 1), pre.room) and \
+                    not (pre.drafts and pre.drafts[-1].token in state.eos_ids)
+                if can_draft or pre_draft:
+                    context = pre.tokens if pre_draft else chain.tokens
                     d = await self._run(drafter.draft, context, 1)
                     stats.draft_s += d.compute_s
                     est.draft_s.add(d.compute_s)
                     stats.drafted_total += 1
                     while state.finished is None and not inbox.empty():  # verdicts that came in while we drafted go first
-                        new = await apply(await self._next(inbox, "verdict"))
+                        new = await apply(await self._next(inbox, "verdict", "hint"))
                         stats.on_tokens(len(new))
                         yield new
                     if state.finished is not None:
                         break
+                    made = ChainToken(d.token_ids[0], d.q[0])
+                    if pre is not None and pre.tokens == context:
+                        pre.drafts.append(made)  # ahead of the verdict, from the hint's context
+                        continue
                     if chain.tokens != context:
                         stats.wasted_draft += 1
                         continue  # the chain moved under us: this draft continues a dead context
-                    chain.chain.append(ChainToken(d.token_ids[0], d.q[0]))
+                    chain.chain.append(made)
                     if confidence and float(d.q[0].max()) < confidence:
                         paused = True
                 unsent = len(chain.unsent)
@@ -314,8 +362,8 @@ class EdgeClient:
                     sends.append((first, first + len(batch_tokens), time.perf_counter()))
                     await self._write(call, pb.EdgeMessage(draft=batch), stats)
                     continue
-                if not can_draft:
-                    new = await apply(await self._next(inbox, "verdict"))
+                if not can_draft and not pre_draft:
+                    new = await apply(await self._next(inbox, "verdict", "hint"))
                     stats.on_tokens(len(new))
                     yield new
             await call.done_writing()
@@ -390,10 +438,15 @@ class EdgeClient:
         except Exception as e:  # noqa: BLE001 - surfaced to the generation
             inbox.put_nowait(e)
 
-    async def _next(self, inbox: asyncio.Queue, expected: str) -> pb.CloudMessage:
-        msg = await inbox.get()
-        if isinstance(msg, BaseException):
-            raise msg
-        if msg.WhichOneof("kind") != expected:
-            raise ProtocolError(f"expected {expected}, got {msg.WhichOneof('kind')}")
-        return msg
+    async def _next(self, inbox: asyncio.Queue, *expected: str) -> pb.CloudMessage:
+        """The next message of one of the expected kinds. Hints are advice: dropped where none is expected."""
+        while True:
+            msg = await inbox.get()
+            if isinstance(msg, BaseException):
+                raise msg
+            kind = msg.WhichOneof("kind")
+            if kind == "hint" and "hint" not in expected:
+                continue
+            if kind not in expected:
+                raise ProtocolError(f"expected {' or '.join(expected)}, got {kind}")
+            return msg

@@ -7,7 +7,8 @@ the truncation plus the forward of the tokens that really are new.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import contextlib
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -68,6 +69,29 @@ class HFBackend:
         """Start a new sequence; return the logits after its last token [V]."""
         self.reset()
         return self.forward(token_ids, num_logits=1)[-1]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @contextlib.contextmanager
+    def early_exit(self, layer: int, rows: int, on_logits: Callable[[torch.Tensor], None]) -> Iterator[None]:
+        """While active, every forward also computes tentative logits [rows, V] for its last `rows` positions
+        from the hidden state after decoder layer `layer` (1-based) through the final norm and LM head, and
+        hands them to `on_logits` before the remaining layers run. The forward's own result is unchanged."""
+        if not 1 <= layer < self.num_layers:
+            raise ValueError(f"exit layer {layer} outside 1..{self.num_layers - 1}")
+        body = self.model.model
+
+        def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # transformers 4 returns a tuple
+            on_logits(self.model.lm_head(body.norm(hidden[0, -rows:])).float())
+
+        handle = body.layers[layer - 1].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:

@@ -17,8 +17,9 @@ VERIFY_MODES = ("dense", "split-topk", "split-exact", "coupled")
 EXACT_VERIFY_MODES = ("dense", "split-exact", "coupled")  # split-topk is the paper's APPROXIMATE sampler
 # cloud: target alone; edge: draft alone; sync: stop-and-wait; pipeline: ours (drafting ahead, adaptive length,
 # decode-ahead); picospec: the paper's configuration (pipeline, split-topk K=10, draft length 4: APPROXIMATE)
-EDGE_MODES = ("cloud", "edge", "sync", "pipeline", "picospec")
-SPECULATIVE_MODES = ("sync", "pipeline", "picospec")
+# early-exit: stop-and-wait plus pre-drafting from the cloud's early-exit hints (the second paper's system)
+EDGE_MODES = ("cloud", "edge", "sync", "early-exit", "pipeline", "picospec")
+SPECULATIVE_MODES = ("sync", "early-exit", "pipeline", "picospec")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
@@ -49,6 +50,8 @@ class CloudConfig(ServingLimits):
     verify_modes: str = opt(",".join(VERIFY_MODES), "verification modes this server offers (comma-separated)")
     residual_top_k: int = opt(10, "split modes: top-K entries of p sent on a rejection, unless the edge asks")
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")
+    exit_layer: int = opt(0, "early-exit hints: default exit layer for edges that do not name one "
+                          "(0 = three quarters of the target's depth)")
 
     @property
     def offered_modes(self) -> tuple[str, ...]:
@@ -63,7 +66,7 @@ class CloudConfig(ServingLimits):
 class EdgeConfig:
     server: str = opt("localhost:50051", "cloud address host:port")
     draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
-    mode: str = opt("pipeline", "decoding mode: cloud, edge, sync, pipeline, picospec (the paper's; APPROXIMATE); "
+    mode: str = opt("pipeline", "decoding mode: cloud, edge, sync, early-exit, pipeline, picospec (the paper's; APPROXIMATE); "
                     "a comma-separated list runs each and prints a table")
     verify: str = opt("dense", "verification mode: dense (full q up), split-topk (the PicoSpec paper's; APPROXIMATE), "
                       "split-exact (exact, scalars up, top-K + tail draws down), coupled (exact, ids only)", choices=VERIFY_MODES)
@@ -74,6 +77,10 @@ class EdgeConfig:
     draft_confidence: float = opt(0.2, "pipeline: end a batch and wait when the draft's top-1 probability falls below this")
     decode_ahead: str = opt("auto", "pipeline: the cloud decodes on its own when it has nothing to verify "
                             "(auto = with coupled or greedy, where its tokens match the drafts)", choices=("auto", "on", "off"))
+    hints: str = opt("auto", "early-exit hints from the cloud's intermediate layer: the edge pre-drafts from the "
+                     "expected outcome (auto = in early-exit mode)", choices=("auto", "on", "off"))
+    exit_layer: int = opt(0, "early-exit layer of the target, 1-based (0 = the cloud's default)")
+    exit_threshold: float = opt(0.5, "early-exit: least tentative top-1 probability for the cloud to send a hint")
     max_new_tokens: int = opt(128, "tokens to generate at most")
     temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
     top_k: int = opt(0, "top-k cut before sampling; 0 = off")

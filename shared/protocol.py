@@ -289,6 +289,22 @@ class Applied:
     rejected_extra: Any = None  # split modes: the q row at the rejected position, for the correction
 
 
+@dataclass
+class PreDraft:
+    """Edge side, early exits: drafts made while a pass runs, from the context its hint expects (the committed
+    prefix, the drafts it expects accepted, its expected token). Adopted only if the verdict commits exactly that."""
+
+    epoch: int
+    start: int                 # the hinted pass's first draft position
+    context: list[int]
+    room: int                  # tokens the budget leaves after the expected token
+    drafts: list[ChainToken] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.context + [c.token for c in self.drafts]
+
+
 class EdgeChain:
     """Edge side: the committed state plus the drafts beyond it (the chain) of the current epoch.
 

@@ -45,6 +45,11 @@ class GenerationStats:
     dead_chains: int = 0        # pipeline: draft chains that contradicted a cloud token
     bubble_s: float = 0.0       # pipeline: time the cloud had nothing to verify
     drafted_total: int = 0      # draft tokens made, sent or not
+    exit_layer: int = 0         # early exits: the target layer the hints come from (0 = none)
+    hints: int = 0              # hints received
+    hint_hits: int = 0          # hinted passes whose verdict committed the expected context: pre-drafts adopted
+    hint_misses: int = 0        # hinted passes that went otherwise: pre-drafts discarded
+    predrafted_used: int = 0    # pre-drafted tokens adopted after hits
     draft_len_choices: Counter = field(default_factory=Counter)  # online draft length -> times chosen
     estimates: Estimates = field(default_factory=Estimates)
     drafter: Any = field(default=None, repr=False)  # the session's drafter (tests inspect its cache)
@@ -119,6 +124,12 @@ class GenerationStats:
             "pipeline_bubble_s": self.bubble_s,
             "draft_tokens_made": self.drafted_total,
             "draft_len_chosen": {str(k): v for k, v in sorted(self.draft_len_choices.items())},
+            "exit_layer": self.exit_layer,
+            "hints": self.hints,
+            "hint_hits": self.hint_hits,
+            "hint_misses": self.hint_misses,
+            "hint_hit_rate": self.hint_hits / (self.hint_hits + self.hint_misses) if self.hint_hits + self.hint_misses else None,
+            "predrafted_used": self.predrafted_used,
             "mean_draft_len": self.drafted / self.rounds if self.rounds else None,
             "estimates": self.estimates.to_dict(),
             "edge_compute_s": self.draft_s + self.prefill_edge_s,

@@ -31,7 +31,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("protocol_version", "target_model", "vocab_size", "tokenizer", "verify_modes", "max_draft_len", "max_context", "max_new_tokens", "eos_token_ids", "device")
+    __slots__ = ("protocol_version", "target_model", "vocab_size", "tokenizer", "verify_modes", "max_draft_len", "max_context", "max_new_tokens", "eos_token_ids", "device", "target_layers", "default_exit_layer")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,8 @@ class InfoReply(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     target_model: str
     vocab_size: int
@@ -52,10 +54,12 @@ class InfoReply(_message.Message):
     max_new_tokens: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     device: str
-    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., verify_modes: _Optional[_Iterable[str]] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ...) -> None: ...
+    target_layers: int
+    default_exit_layer: int
+    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., verify_modes: _Optional[_Iterable[str]] = ..., max_draft_len: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., target_layers: _Optional[int] = ..., default_exit_layer: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos", "residual_top_k", "tail_samples", "decode_ahead")
+    __slots__ = ("protocol_version", "tokenizer", "vocab_size", "draft_model", "sampling", "verify_mode", "prompt_ids", "max_new_tokens", "eos_token_ids", "ignore_eos", "residual_top_k", "tail_samples", "decode_ahead", "exit_layer", "exit_threshold")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +73,8 @@ class Hello(_message.Message):
     RESIDUAL_TOP_K_FIELD_NUMBER: _ClassVar[int]
     TAIL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DECODE_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXIT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     tokenizer: TokenizerFingerprint
     vocab_size: int
@@ -82,7 +88,9 @@ class Hello(_message.Message):
     residual_top_k: int
     tail_samples: int
     decode_ahead: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., residual_top_k: _Optional[int] = ..., tail_samples: _Optional[int] = ..., decode_ahead: _Optional[bool] = ...) -> None: ...
+    exit_layer: int
+    exit_threshold: float
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., residual_top_k: _Optional[int] = ..., tail_samples: _Optional[int] = ..., decode_ahead: _Optional[bool] = ..., exit_layer: _Optional[int] = ..., exit_threshold: _Optional[float] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
     __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload", "resolved_token")
@@ -176,6 +184,22 @@ class Verdict(_message.Message):
     idle_s: float
     def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ..., rejected: _Optional[bool] = ..., verified: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
+class Hint(_message.Message):
+    __slots__ = ("epoch", "start_pos", "verified", "expected_accepted", "expected_token", "confidence")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    start_pos: int
+    verified: int
+    expected_accepted: int
+    expected_token: int
+    confidence: float
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., verified: _Optional[int] = ..., expected_accepted: _Optional[int] = ..., expected_token: _Optional[int] = ..., confidence: _Optional[float] = ...) -> None: ...
+
 class TailSamples(_message.Message):
     __slots__ = ("epoch", "position", "payload")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -187,14 +211,16 @@ class TailSamples(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., position: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("ready", "verdict", "tail")
+    __slots__ = ("ready", "verdict", "tail", "hint")
     READY_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
     ready: Ready
     verdict: Verdict
     tail: TailSamples
-    def __init__(self, ready: _Optional[_Union[Ready, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., tail: _Optional[_Union[TailSamples, _Mapping]] = ...) -> None: ...
+    hint: Hint
+    def __init__(self, ready: _Optional[_Union[Ready, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., tail: _Optional[_Union[TailSamples, _Mapping]] = ..., hint: _Optional[_Union[Hint, _Mapping]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "committed_len", "finished", "finish_reason", "decode_s", "prefill_s")

@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# The users' container path end to end (docker-compose.yml, deploy/), as root on a fresh Debian 12 machine with
+# no container registry: install docker + compose, build a local Python base image with debootstrap, build a
+# wheelhouse on the host, build both images offline, bring the stack up over a shaped link (RTT 50 ms,
+# 10 Mbit/s each way) with the small test models, and check
+#   - the measured RTT and rate between the containers are within 15 % of what was configured;
+#   - the greedy generation in sync and pipeline modes equals the target's own (the cloud-mode run);
+#   - `docker-compose up --exit-code-from edge` (the demo) runs and the edge prints its table.
+# A part that the kernel cannot do is skipped with the reason printed; everything else failing fails the script.
+# The stack is always torn down; dockerd is stopped again if this script started it.
+#
+# Cached between runs (under $WORK, default /var/tmp/picospec-docker, and docker's image store): the base
+# image (skipped when it exists) and pip's wheel cache. Usage: bash ci/docker_test.sh (from any directory).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+DOCKER=/usr/bin/docker            # by full path: another, newer client may come first on PATH
+COMPOSE=/usr/bin/docker-compose   # Compose 1.29 (Debian's), compose file version 2.4
+PY=${PICOSPEC_VENV:-$REPO/.venv}/bin/python
+WORK=${PICOSPEC_DOCKER_WORK:-/var/tmp/picospec-docker}
+BASE_IMAGE=picospec-base:bookworm
+TAG=ci
+PROJECT=picospecci$$
+RTT_MS=50
+RATE_MBIT=10
+TOL=0.15
+TARGET=smollm2-135m-instruct
+DRAFT=smollm2-135m-instruct:layers=8
+N_NEW=24
+MODELS=${PICOSPEC_CACHE:-${HOME:-/root}/.cache/picospec}
+T0=$(date +%s)
+
+PASSED=0 FAILED=0 SKIPPED=0  # checks: link measurement, generation equality, demo
+say() { echo "docker_test: $*"; }
+skip() { say "SKIP: $*"; }
+die() { say "FAIL: $*"; FAILED=$((FAILED + 1)); exit 1; }
+elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
+
+[ "$(id -u)" = 0 ] || { skip "not root: docker and link shaping need root"; exit 0; }
+[ -x "$PY" ] || die "no virtualenv at ${PY%/bin/python} (run make install first)"
+mkdir -p "$WORK"
+
+# ---------------------------------------------------------------------------------------------- tools
+need=()
+[ -x "$DOCKER" ] && [ -x /usr/sbin/dockerd ] || need+=(docker.io)
+[ -x "$COMPOSE" ] || need+=(docker-compose)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v iptables >/dev/null || need+=(iptables)
+dpkg -s libnetfilter-queue-dev >/dev/null 2>&1 || need+=(libnetfilter-queue-dev)  # the host builds netfilterqueue's wheel
+if [ ${#need[@]} -gt 0 ]; then
+  say "apt-get install ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >"$WORK/apt.log" 2>&1 \
+    || { tail -20 "$WORK/apt.log"; die "apt-get install ${need[*]} failed"; }
+fi
+
+# ---------------------------------------------------------------------------------------------- engine
+DOCKERD_PID=""
+cleanup() {
+  local rc=$?
+  if [ -n "${COMPOSE_UP:-}" ]; then
+    say "tearing down the stack"
+    $COMPOSE -p "$PROJECT" -f "$REPO/docker-compose.yml" down -v --remove-orphans >/dev/null 2>&1 || true
+  fi
+  if [ -n "$DOCKERD_PID" ]; then
+    kill "$DOCKERD_PID" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+  fi
+  say "finished in $(elapsed) (exit $rc)"
+  # the closing line, in the plain form CI reads; left out when nothing ran (a whole-script skip)
+  if [ $((PASSED + FAILED)) -gt 0 ]; then say "$PASSED passed, $FAILED failed, $SKIPPED skipped"; fi
+}
+trap cleanup EXIT
+
+if ! $DOCKER info >/dev/null 2>&1; then
+  say "starting dockerd (log: $WORK/dockerd.log)"
+  /usr/sbin/dockerd >"$WORK/dockerd.log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 1 60); do $DOCKER info >/dev/null 2>&1 && break; kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+  if ! $DOCKER info >/dev/null 2>&1; then
+    tail -15 "$WORK/dockerd.log"
+    skip "dockerd does not start on this machine (kernel features for containers missing? see the log above)"
+    exit 0
+  fi
+fi
+say "docker $($DOCKER version --format '{{.Server.Version}}'), $($COMPOSE version --short)"
+
+# ---------------------------------------------------------------------------------------------- base image
+# No registry: a minimal Debian 12 (Python 3.11, like the host venv the wheelhouse is built for) from its mirror,
+# with what deploy/shape.sh needs (iproute2, iptables, libnetfilter-queue1), imported as an image once.
+if ! $DOCKER image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+  say "building $BASE_IMAGE with debootstrap (about a minute, once)"
+  ROOTFS="$WORK/rootfs"
+  rm -rf "$ROOTFS"
+  debootstrap --variant=minbase \
+    --include=python3,python3-venv,python3-pip,iproute2,iptables,libnetfilter-queue1,ca-certificates \
+    bookworm "$ROOTFS" >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; die "debootstrap failed"; }
+  rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
+  tar -C "$ROOTFS" -c . | $DOCKER import - "$BASE_IMAGE" >/dev/null
+  rm -rf "$ROOTFS"
+else
+  say "$BASE_IMAGE exists, reused"
+fi
+
+# ---------------------------------------------------------------------------------------------- wheelhouse + images
+# The build context is a copy of the tracked and new files (no .venv, no .git) plus wheels/: every wheel the images
+# need, built by the host's pip (which trusts the registry and has the CPU torch wheel on disk; netfilterqueue is
+# compiled here against libnetfilter-queue). Pip inside the images then runs with --no-index.
+PYVER=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+[ "$PYVER" = 3.11 ] || die "the venv's Python is $PYVER; the base image's is 3.11 and the wheels must match"
+CTX="$WORK/ctx"
+rm -rf "$CTX"
+mkdir -p "$CTX/wheels"
+git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$CTX"
+$PY -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" >"$WORK/requirements.txt"
+say "wheelhouse ($(elapsed))"
+$PY -m pip wheel -q --disable-pip-version-check -w "$CTX/wheels" torch==2.13.0 netfilterqueue setuptools wheel \
+  -r "$WORK/requirements.txt" >"$WORK/wheels.log" 2>&1 || { tail -20 "$WORK/wheels.log"; die "pip wheel failed"; }
+for side in cloud edge; do
+  say "building picospec-$side:$TAG ($(elapsed))"
+  DOCKER_BUILDKIT=1 $DOCKER build --progress=plain --build-arg BASE="$BASE_IMAGE" -f "$CTX/deploy/Dockerfile.$side" \
+    -t "picospec-$side:$TAG" "$CTX" >"$WORK/build-$side.log" 2>&1 || { tail -30 "$WORK/build-$side.log"; die "docker build ($side) failed"; }
+done
+rm -rf "$CTX"
+
+# ---------------------------------------------------------------------------------------------- shaping support
+for m in "$TARGET" "${DRAFT%%:*}"; do
+  [ -f "$MODELS/models/$m/picospec_manifest.json" ] || die "$m is not prepared in $MODELS (make models)"
+done
+# what the kernel offers, probed in a scratch namespace (the containers share this kernel)
+FEATURES=$($PY -m netlab.shaping detect) || die "could not probe the kernel's shaping features"
+say "kernel: $FEATURES"
+SHAPING=$($PY -c "import json, sys; f = json.loads(sys.argv[1]); \
+print('netem' if f['netem'] else 'tbf+nfqueue' if f['tbf'] and f['nfqueue'] else '')" "$FEATURES")
+export PICOSPEC_TAG=$TAG PICOSPEC_MODELS=$MODELS PICOSPEC_TARGET=$TARGET PICOSPEC_DRAFT=$DRAFT \
+       PICOSPEC_MAX_NEW_TOKENS=$N_NEW PICOSPEC_TEMPERATURE=0 PICOSPEC_MODES=cloud,sync,pipeline PICOSPEC_LOSS=0 \
+       PICOSPEC_PROMPT="The capital of France is"
+if [ -n "$SHAPING" ]; then
+  export PICOSPEC_RTT_MS=$RTT_MS PICOSPEC_UP_MBIT=$RATE_MBIT PICOSPEC_DOWN_MBIT=$RATE_MBIT
+else
+  SKIPPED=$((SKIPPED + 1))
+  skip "link shaping: the kernel has neither netem nor tbf + iptables NFQUEUE; the stack runs unshaped and the" \
+       "RTT/rate checks are skipped ($(echo "$FEATURES" | $PY -c 'import json,sys; print("; ".join(json.load(sys.stdin)["notes"]))'))"
+  export PICOSPEC_RTT_MS=0 PICOSPEC_UP_MBIT=0 PICOSPEC_DOWN_MBIT=0
+fi
+
+# ---------------------------------------------------------------------------------------------- the stack
+DC=($COMPOSE -p "$PROJECT" -f "$REPO/docker-compose.yml")
+COMPOSE_UP=1
+say "stack up: cloud ($(elapsed))"
+"${DC[@]}" up -d --no-build cloud >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; die "compose up cloud failed"; }
+CLOUD=$("${DC[@]}" ps -q cloud)
+for _ in $(seq 1 180); do
+  st=$($DOCKER inspect -f '{{.State.Status}} {{.State.Health.Status}}' "$CLOUD")
+  [ "$st" = "running healthy" ] && break
+  case "$st" in running*) sleep 1 ;; *) "${DC[@]}" logs cloud | tail -30; die "the cloud container is $st" ;; esac
+done
+[ "$st" = "running healthy" ] || { "${DC[@]}" logs cloud | tail -30; die "the cloud did not become healthy in 180 s"; }
+METHOD=$($DOCKER exec "$CLOUD" cat /tmp/picospec-shaping)
+say "cloud serving; its shaping: $METHOD"
+
+if [ -n "$SHAPING" ]; then
+  say "measuring the link between the containers ($(elapsed))"
+  "${DC[@]}" exec -T -d cloud python3 -m netlab.measure serve --port 5201
+  "${DC[@]}" run --rm -T edge python3 -m netlab.measure client --host cloud --port 5201 --json \
+    --expect-up-mbit "$RATE_MBIT" --expect-down-mbit "$RATE_MBIT" >"$WORK/measure.out" 2>"$WORK/measure.err" \
+    || { cat "$WORK/measure.err"; die "the measurement failed"; }
+  grep -h "method=" "$WORK/measure.err" | sed 's/^/docker_test: edge /' || true
+  if $PY - "$WORK/measure.out" "$RTT_MS" "$RATE_MBIT" "$TOL" <<'EOF'
+import json, sys
+m = json.loads([l for l in open(sys.argv[1]) if l.startswith("{")][-1])
+rtt, rate, tol = map(float, sys.argv[2:5])
+checks = [("rtt_ms", m["rtt_ms"], rtt), ("up_mbit", m["up_mbit"], rate), ("down_mbit", m["down_mbit"], rate)]
+bad = 0
+for name, got, want in checks:
+    ok = abs(got - want) <= tol * want
+    bad += not ok
+    print(f"docker_test: {name}: measured {got:.2f}, configured {want:g} ({'ok' if ok else 'OUT OF RANGE'}, tolerance {tol:.0%})")
+sys.exit(1 if bad else 0)
+EOF
+  then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
+fi
+
+say "generation across the link: cloud, sync, pipeline ($(elapsed))"
+timeout 600 "${DC[@]}" run --rm -T edge picospec-edge --server cloud:50051 --draft "$DRAFT" --threads 1 \
+  --prompt "$PICOSPEC_PROMPT" --max-new-tokens "$N_NEW" --temperature 0 --mode cloud,sync,pipeline --json \
+  >"$WORK/edge.out" 2>"$WORK/edge.err" || { tail -20 "$WORK/edge.err"; die "picospec-edge failed"; }
+if $PY - "$WORK/edge.out" <<'EOF'
+import json, sys
+runs = {o["mode"]: o for o in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))}
+ref = runs["cloud"]["token_ids"]
+bad = not ref
+for mode in ("sync", "pipeline"):
+    same = runs[mode]["token_ids"] == ref
+    bad += not same
+    st = runs[mode]["stats"]
+    print(f"docker_test: {mode}: {len(runs[mode]['token_ids'])} tokens, {'equal to' if same else 'DIFFERENT FROM'} the "
+          f"target's own greedy (cloud mode); {st['wall_s']:.2f} s, {st['rounds']} rounds")
+print(f"docker_test: text: {runs['cloud']['text']!r}")
+sys.exit(1 if bad else 0)
+EOF
+then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
+
+say "demo: docker-compose up --exit-code-from edge ($(elapsed))"
+if timeout 600 "${DC[@]}" up --no-build --no-color --exit-code-from edge >"$WORK/demo.log" 2>&1 \
+   && grep -q "| metric" "$WORK/demo.log"; then
+  sed -n 's/^edge_1 *| \(|.*\)$/\1/p' "$WORK/demo.log"
+  PASSED=$((PASSED + 1))
+else
+  tail -30 "$WORK/demo.log"
+  say "the demo did not print its table"
+  FAILED=$((FAILED + 1))
+fi
+
+say "shaping: ${SHAPING:-none} (cloud container: $METHOD)"
+[ "$FAILED" = 0 ] || exit 1
