@@ -1,0 +1,185 @@
+"""The pure parts of `picospec-bench sweep` and `picospec-bench pipeline`: column syntax, the grid, aggregation,
+CSV and Markdown output, and the SPEC 3.5 predictions from measured component times. No models, no root."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from bench.pipeline import Components, components, deviation, format_table, interp_cost, predict, summarize
+from bench.sweep import (PRESETS, Column, Condition, _CountingEwma, aggregate, grid, harder_or_equal, markdown_table,
+                         parse_column, parse_columns, pivot_table, write_csv)
+from shared.perf_model import Estimates, pipelined_rate, stop_and_wait_rate, tokens_per_round
+
+
+# ----------------------------------------------------------------------------------------------- columns and grid
+
+def test_parse_column_fields_and_label():
+    assert parse_column("sync") == Column("sync", "sync")
+    assert parse_column("pipeline:coupled") == Column("pipeline:coupled", "pipeline", "coupled")
+    assert parse_column("ours=pipeline:coupled:on:0") == Column("ours", "pipeline", "coupled", "on", 0)
+    assert parse_column("early-exit::off") == Column("early-exit::off", "early-exit", None, "off")
+    assert parse_column("ours=pipeline:coupled:on:0").overrides() == {"verify": "coupled", "hints": "on", "draft_len": 0}
+    assert parse_column("cloud").overrides() == {}
+
+
+@pytest.mark.parametrize("bad", ["warp", "sync:fast", "pipeline:coupled:maybe", "pipeline:coupled:on:x",
+                                 "sync:dense:on:4:9"])
+def test_parse_column_rejects_nonsense(bad):
+    with pytest.raises(ValueError):
+        parse_column(bad)
+
+
+def test_parse_columns_rejects_duplicate_labels_and_parses_the_preset():
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_columns("sync,sync")
+    cols = parse_columns(PRESETS["paper-table1"])
+    assert [c.label for c in cols] == ["cloud", "sync", "picospec", "ours"]
+    assert [c.exact for c in cols] == [True, True, False, True]  # picospec is split-topk: APPROXIMATE
+
+
+def test_exactness_of_columns():
+    assert not Column("edge", "edge").exact
+    assert Column("s", "sync").exact  # dense by default
+    assert not Column("s", "sync", "split-topk").exact
+    assert not Column("p", "picospec", "coupled").exact  # picospec forces split-topk
+
+
+def test_grid_runs_easy_cells_first_and_harder_covers_the_rest():
+    g = grid([100, 10], [0.1, 0, 10])
+    assert g[0] == Condition(10, None) and g[1] == Condition(100, None)  # unshaped first, rising RTT
+    assert [c.mbit for c in g] == [None, None, 10, 10, 0.1, 0.1]
+    assert harder_or_equal(Condition(100, 1), Condition(10, 10))
+    assert harder_or_equal(Condition(10, 10), Condition(10, None))
+    assert not harder_or_equal(Condition(10, 1), Condition(100, 1))
+    assert not harder_or_equal(Condition(100, None), Condition(100, 10))
+
+
+# ----------------------------------------------------------------------------------------------- aggregation, output
+
+def _sample(col: str, mode: str, tps: float, **kw) -> dict:
+    return {"rtt_ms": 50.0, "mbit": None, "rtt_measured_ms": 50.3, "column": col, "mode": mode, "exact": True,
+            "tokens_per_s": tps, "bytes_up_per_token": 10.0, "bytes_down_per_token": 20.0, **kw}
+
+
+def test_aggregate_takes_medians_and_speedups_and_counts_cut_runs():
+    samples = [_sample("cloud", "cloud", x) for x in (2.0, 3.0, 10.0)]
+    samples += [_sample("ours", "pipeline", x) for x in (4.0, 5.0)] + [_sample("ours", "pipeline", 6.0, timed_out=True)]
+    samples += [_sample("sync", "sync", 1.0, error="boom"), _sample("sync", "sync", None, skipped=True)]
+    rows = {r["column"]: r for r in aggregate(samples, keys=("tokens_per_s",))}
+    assert rows["cloud"]["tokens_per_s"] == 3.0 and rows["cloud"]["speedup_vs_cloud"] == 1.0
+    assert rows["ours"]["tokens_per_s"] == 5.0 and rows["ours"]["speedup_vs_cloud"] == pytest.approx(5 / 3)
+    assert rows["ours"]["runs"] == 3 and rows["ours"]["timed_out"] == 1
+    assert rows["sync"]["runs"] == 0 and rows["sync"]["errors"] == 1 and rows["sync"]["skipped"] == 1
+    assert rows["sync"]["tokens_per_s"] is None and rows["sync"]["error"] == "boom"
+
+
+def test_write_csv_round_trips(tmp_path):
+    rows = [{"a": 1, "b": None, "c": 0.123456789}, {"a": 2, "d": {"x": 1}, "c": 3.0}]
+    path = tmp_path / "t.csv"
+    write_csv(rows, path)
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == ["a", "b", "c", "d"]  # first-seen order, union of keys
+    assert got[0] == {"a": "1", "b": "", "c": "0.123457", "d": ""}
+    assert got[1]["d"] == '{"x": 1}' and got[1]["b"] == ""
+
+
+def test_markdown_tables_are_aligned_and_mark_what_they_should():
+    t = markdown_table(["x", "long header"], [["1", "2"], ["333333333333", "4"]])
+    lines = t.splitlines()
+    assert len({len(line) for line in lines}) == 1 and lines[1].startswith("|---")
+    samples = [_sample("cloud", "cloud", 2.0), _sample("ours", "pipeline", 3.0, timed_out=True),
+               _sample("pico", "picospec", 2.5, exact=False), _sample("sync", "sync", None, skipped=True)]
+    p = pivot_table(aggregate(samples, keys=("tokens_per_s",)), ["cloud", "ours", "pico", "sync"])
+    assert "3.00† (1.50x)" in p and "2.50 (1.25x)" in p and "pico APPROX." in p and "| skip" in p
+    assert "50 (50.3)" in p and "unshaped" in p
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+def test_interp_cost_is_linear_between_integers():
+    at = {"0": 0.5, "1": 0.6, "2": 0.8, "3": None}
+    assert interp_cost(at, 1) == 0.6
+    assert interp_cost(at, 1.5) == pytest.approx(0.7)
+    assert interp_cost(at, 2.5) is None and interp_cost(None, 1) is None
+
+
+def test_cloud_and_edge_are_one_over_their_step_time():
+    assert predict(Components("cloud", 0.2, t_decode=0.5))["model"] == 2.0
+    assert predict(Components("edge", 0.2, t_draft=0.1))["model"] == pytest.approx(10.0)
+    rec = {"mode": "cloud", "stats": {"generated_tokens": 10}, "extra": {"cloud_s": 5.0}}
+    assert components(rec, 0.05, None).t_decode == 0.5
+
+
+def test_sync_is_stop_and_wait_from_the_runs_own_measurements():
+    rec = {"mode": "sync",
+           "stats": {"generated_tokens": 40, "rounds": 10, "drafted_tokens": 40, "draft_tokens_made": 50,
+                     "acceptance_rate": 0.5, "mean_draft_len": 4.0, "cloud_tokens": 0, "bytes_up": 4000, "bytes_down": 1000},
+           "extra": {"draft_s": 5.0, "cloud_s": 12.0, "acceptance_iid": 0.75}}
+    c = components(rec, 0.1, None)
+    assert (c.a, c.g, c.t_draft, c.t_verify, c.net_s) == (0.75, 4.0, 0.1, 1.2, 0.0)  # per-token a, not acceptance_rate
+    assert predict(c)["model"] == pytest.approx(stop_and_wait_rate(0.75, 4, 0.1, 0.1, 1.2))
+    # on a 1 Mbit/s link a round's 500 bytes take 4 ms more
+    assert components(rec, 0.1, 1.0).net_s == pytest.approx(8 * 500 / 1e6)
+    rec["extra"].pop("acceptance_iid")
+    assert components(rec, 0.1, None).a == 0.5  # falls back to the stats' figure
+
+
+def test_early_exit_takes_predrafted_tokens_off_the_round():
+    c = Components("early-exit", 0.1, t_draft=0.1, t_verify=1.0, a=0.8, g=4.0, predrafted_share=0.25)
+    m = predict(c)
+    assert m["model_spec"] == pytest.approx(stop_and_wait_rate(0.8, 4, 0.1, 0.1, 1.0))
+    assert m["model"] == pytest.approx(tokens_per_round(0.8, 4) / (3 * 0.1 + 0.1 + 1.0))
+    assert m["model"] > m["model_spec"]
+
+
+def test_pipeline_is_pipelined_rate_and_charges_decode_ahead_at_decode_cost():
+    c = Components("picospec", 0.05, t_draft=0.1, t_verify=1.0, a=0.7, g=4.0)
+    assert predict(c)["model"] == pytest.approx(pipelined_rate(0.7, 4, 0.1, 0.05, 1.0))
+    mixed = Components("pipeline", 0.05, t_draft=0.1, t_verify=1.0, t_decode=0.5, a=0.7, g=4.0, cloud_share=0.5)
+    spec = pipelined_rate(0.7, 4, 0.1, 0.05, 1.0)
+    assert predict(mixed)["model"] == pytest.approx(1 / (0.5 * 0.5 + 0.5 / spec))
+    assert predict(mixed)["model_spec"] == pytest.approx(spec)
+    # no verification rounds at all: the cloud decoded alone
+    alone = Components("pipeline", 0.05, t_decode=0.5, cloud_share=1.0)
+    assert predict(alone)["model"] == 2.0
+
+
+def test_pipeline_components_use_the_cost_fit_when_the_cloud_also_decoded():
+    rec = {"mode": "pipeline",
+           "stats": {"generated_tokens": 40, "rounds": 5, "drafted_tokens": 10, "draft_tokens_made": 12,
+                     "acceptance_rate": 0.8, "mean_draft_len": 2.0, "cloud_tokens": 20},
+           "extra": {"draft_s": 1.2, "cloud_s": 15.0, "acceptance_iid": 0.8,
+                     "verify_at": {"0": 0.5, "1": 0.6, "2": 0.7, "3": 0.8}}}
+    c = components(rec, 0.05, None)
+    assert (c.t_decode, c.t_verify, c.cloud_share, c.t_draft) == (0.5, 0.7, 0.5, pytest.approx(0.1))
+
+
+def test_deviation_summary_and_flag():
+    assert deviation(10.0, 12.0) == pytest.approx(0.2)
+    assert deviation(None, 1.0) is None and deviation(1.0, None) is None
+    base = {"rtt_ms": 50.0, "mbit": None, "rtt_measured_ms": 50.2, "mode": "sync", "exact": True}
+    samples = [{**base, "column": "sync", "tokens_per_s": 1.8, "decode_tokens_per_s": 2.0, "model_tokens_per_s": 2.6,
+                "components": {"a": 0.8, "g": 4.0, "t_draft": 0.1, "t_verify": 1.0}},
+               {**base, "column": "ok", "tokens_per_s": 1.8, "decode_tokens_per_s": 2.0, "model_tokens_per_s": 2.2,
+                "components": {}}]
+    rows = {r["column"]: r for r in summarize(samples, flag_pct=20)}
+    assert rows["sync"]["flag"] and rows["sync"]["deviation"] == pytest.approx(0.3)
+    assert not rows["ok"]["flag"]
+    table = format_table(list(rows.values()), 20)
+    assert table.count("<- >20%") == 1 and "1.30" in table and "1000" in table  # t_verify in ms
+
+
+def test_counting_ewma_counts_trials_and_keeps_the_estimate():
+    est = Estimates()
+    c = _CountingEwma.wrap(est)
+    for x in (1.0, 1.0, 0.0, 1.0):
+        est.acceptance.add(x)
+    plain = Estimates()
+    for x in (1.0, 1.0, 0.0, 1.0):
+        plain.acceptance.add(x)
+    assert c.rate == 0.75 and c.trials == 4
+    assert est.to_dict()["acceptance"] == plain.to_dict()["acceptance"]
+    assert math.isclose(est.acceptance.value, plain.acceptance.value)
