@@ -344,13 +344,17 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 await self._record(sid, session)
 
     async def _record(self, sid: str, session: TargetSession) -> None:
-        """Settle the cache after the model executor is done with this session, and remember its end state."""
-        def settle() -> SessionRecord:
+        """Settle the cache after the model executor is done with this session, and remember its end state.
+
+        The record is made in the executor job itself: the stream's task may be cancelled while it waits (the
+        call ends when the edge hangs up), and the settling must happen and be recorded regardless."""
+        def settle() -> None:
             session.settle_cache()
-            return SessionRecord(sid, list(session.state.tokens), list(session.backend.tokens), session.state.dead_chains)
+            self.closed_sessions.append(SessionRecord(sid, list(session.state.tokens), list(session.backend.tokens),
+                                                      session.state.dead_chains))
         try:
-            self.closed_sessions.append(await asyncio.shield(self._run(settle)))
-        except (RuntimeError, asyncio.CancelledError):  # executor shut down with the server
+            await asyncio.shield(self._run(settle))
+        except (RuntimeError, asyncio.CancelledError):  # executor shut down with the server, or the call ended
             pass
 
     async def _sending(self, msg: pb.CloudMessage) -> pb.CloudMessage:
