@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.sweep import (Column, Condition, Testbed, _pyplot, add_common_args, fmt, fmt_num, grid, keep_partial,
+from bench.sweep import (Column, Condition, Testbed, _pyplot, add_common_args, cells, fmt, fmt_num, grid, keep_partial,
                          markdown_table, median_or_none, parse_columns, parse_floats, pick_prompts, run_grid,
                          settings_from, settings_json, write_csv)
 from shared.perf_model import pipelined_rate, stop_and_wait_rate
@@ -154,18 +154,10 @@ def annotate(samples: Sequence[dict[str, Any]], links: dict[Condition, dict[str,
 
 def summarize(samples: Sequence[dict[str, Any]], flag_pct: float) -> list[dict[str, Any]]:
     """One row per (cell, column): medians of measured and modelled rates and of the model's inputs."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for s in samples:
-        groups.setdefault((s["rtt_ms"], s["mbit"], s["column"]), []).append(s)
     rows = []
-    for (rtt, mbit, col), ss in groups.items():
-        ok = [s for s in ss if not s.get("error") and not s.get("skipped")]
+    for row, ok in cells(samples):
         comp = lambda k: median_or_none((s.get("components") or {}).get(k) for s in ok)  # noqa: E731
-        row = {
-            "rtt_ms": rtt, "mbit": mbit, "column": col, "mode": ss[0]["mode"], "exact": ss[0].get("exact"),
-            "rtt_measured_ms": median_or_none(s.get("rtt_measured_ms") for s in ss),
-            "runs": len(ok), "timed_out": sum(bool(s.get("timed_out")) for s in ok),
-            "error": next((s["error"] for s in ss if s.get("error")), None),
+        row |= {
             "tokens_per_s": median_or_none(s.get("tokens_per_s") for s in ok),
             "decode_tokens_per_s": median_or_none(s.get("decode_tokens_per_s") for s in ok),
             "model_tokens_per_s": median_or_none(s.get("model_tokens_per_s") for s in ok),

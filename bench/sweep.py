@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from netlab.shaping import stop_process
 from shared.config import EDGE_MODES, EXACT_VERIFY_MODES, VERIFY_MODES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,23 +171,29 @@ def median_or_none(xs: Iterable[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def aggregate(samples: Sequence[dict[str, Any]], keys: Sequence[str] = METRICS) -> list[dict[str, Any]]:
-    """One row per (cell, column): the median of each metric over its runs (timed-out runs included, at the
-    rate of the part they completed), with counts, and the speedup over the `cloud` column of the same cell."""
+def cells(samples: Sequence[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Samples grouped by (RTT, bandwidth, column), first-seen order: for each, the row fields every summary
+    shares (identity, measured RTT, counts, first error) and the runs that completed (timed out or not)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for s in samples:
         groups.setdefault((s["rtt_ms"], s["mbit"], s["column"]), []).append(s)
-    rows = []
     for (rtt, mbit, col), ss in groups.items():
         ok = [s for s in ss if not s.get("error") and not s.get("skipped")]
-        row: dict[str, Any] = {
+        yield {
             "rtt_ms": rtt, "mbit": mbit, "rtt_measured_ms": median_or_none(s.get("rtt_measured_ms") for s in ss),
             "column": col, "mode": ss[0]["mode"], "verify_mode": ss[0].get("verify_mode"), "exact": ss[0].get("exact"),
             "runs": len(ok), "timed_out": sum(bool(s.get("timed_out")) for s in ok),
             "skipped": sum(bool(s.get("skipped")) for s in ss),
             "errors": sum(bool(s.get("error")) for s in ss),
             "error": next((s["error"] for s in ss if s.get("error")), None),
-        }
+        }, ok
+
+
+def aggregate(samples: Sequence[dict[str, Any]], keys: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """One row per (cell, column): the median of each metric over its runs (timed-out runs included, at the
+    rate of the part they completed), with counts, and the speedup over the `cloud` column of the same cell."""
+    rows = []
+    for row, ok in cells(samples):
         for k in keys:
             row[k] = median_or_none(s.get(k) for s in ok)
         rows.append(row)
@@ -499,7 +506,7 @@ class Testbed:
 
     def _popen(self, side: str, argv: list[str], **kw: Any) -> subprocess.Popen:
         p = subprocess.Popen(self._argv(side, argv), env=_env(), cwd=ROOT, **kw)
-        self.stack.callback(_terminate, p)
+        self.stack.callback(stop_process, p, 20.0)
         return p
 
     def _start(self) -> None:
@@ -640,16 +647,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _terminate(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 # ----------------------------------------------------------------------------------------------- the engine

@@ -253,9 +253,12 @@ class EdgeClient:
                 """After the hinted pass's verdict: if the committed context is the one the hint expected, the
                 pre-drafts are exactly what we would draft now (same context, same coins): adopt them."""
                 nonlocal pre
-                if pre is None or not ((v.epoch, v.start_pos) == (pre.epoch, pre.start) and v.verified or a.chain_died):
+                if pre is None:
                     return
-                if not chain.chain and chain.tokens == pre.context and (v.epoch, v.start_pos) == (pre.epoch, pre.start):
+                hinted = bool(v.verified) and (v.epoch, v.start_pos) == (pre.epoch, pre.start)
+                if not hinted and not a.chain_died:
+                    return  # an earlier pass, or the cloud's own token: the hinted pass is still to come
+                if hinted and not chain.chain and chain.tokens == pre.context:
                     stats.hint_hits += 1
                     stats.predrafted_used += len(pre.drafts)
                     chain.chain.extend(pre.drafts)

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from netlab.shaping import AppliedSide, Features, LinkSpec, Side, apply_side, probe_host
+from netlab.shaping import AppliedSide, Features, LinkSpec, Side, apply_side, probe_host, stop_process
 
 
 def pick_subnet(used: Iterable[str], rng: random.Random) -> ipaddress.IPv4Network:
@@ -86,16 +86,6 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"`ip {' '.join(args)}` failed: {r.stderr.strip()}")
 
 
-def _stop(p: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def _kill_leftovers(ns: str) -> None:
     """Processes still in one of *our* namespaces (started through it, e.g. by a test that failed early)."""
     r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
@@ -136,7 +126,7 @@ def shaped_link(spec: LinkSpec, *, features: Features | None = None, python: str
         yield link
     finally:
         for p in link.procs:
-            _stop(p)
+            stop_process(p, timeout=10.0)
         for a in link.applied:
             a.stop()
         for ns in created:
