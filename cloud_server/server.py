@@ -37,7 +37,10 @@ class Refusal(Exception):
 
 
 class CloudHooks(Protocol):
-    """Test hooks: called before each message goes out (e.g. to delay it). Production passes none."""
+    """Test hooks: called before each message goes out (e.g. to delay it). Production passes none.
+
+    Optional: `before_decode_ahead()` is awaited before each decode-ahead step, so a test can let drafts arrive
+    first (the tiny test models decode faster than anything reaches the cloud, which would hide speculation)."""
 
     async def before_send(self, msg: pb.CloudMessage) -> None: ...
 
@@ -136,8 +139,13 @@ class _VerifyLoop:
         limit = self.service.config.max_draft_len
         while state.finished is None:
             run = state.take(limit)
+            if run is None and self.decode_ahead and not state.awaiting_resolution and not self.edge_done:
+                hook = getattr(self.service.hooks, "before_decode_ahead", None)
+                if hook is not None:
+                    await hook()
+                    run = state.take(limit)  # drafts that arrived meanwhile go first
             if run is None:
-                if self.decode_ahead and not state.awaiting_resolution and not self.edge_done:
+                if self.decode_ahead and not state.awaiting_resolution and not self.edge_done and state.finished is None:
                     committed = list(state.tokens)
                     token, dt = await run_model(session.decode_next, committed)
                     if state.committed_len != len(committed) or state.awaiting_resolution or state.finished:

@@ -40,7 +40,10 @@ GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP
 
 
 class EdgeHooks(Protocol):
-    """Test hooks around the wire (e.g. to delay messages and reorder their timing against drafting)."""
+    """Test hooks around the wire (e.g. to delay messages and reorder their timing against drafting).
+
+    Optional: `steer_draft_len(chosen, awaiting_resolution) -> int` replaces the online draft-length choice, so a
+    test can force the decisions that lead to a rare interleaving (e.g. length 0 while a correction is owed)."""
 
     async def before_send(self, msg: pb.EdgeMessage) -> None: ...
     async def after_receive(self, msg: pb.CloudMessage) -> None: ...
@@ -317,6 +320,10 @@ class EdgeClient:
                     break
                 if fixed is None:
                     g = choose_draft_len(est, g_cap, pipelined=pipelined, allow_zero=decode_ahead, default=4)
+                    steer = getattr(self.hooks, "steer_draft_len", None)
+                    if steer is not None:
+                        g = steer(g, state.awaiting_resolution)
+                    g = g if decode_ahead else max(g, 1)  # length 0 leaves the decoding to the cloud: only with decode-ahead
                     stats.draft_len_choices[g] += 1
                 budget = state.remaining - (chain.resolved is not None) - len(chain.chain)
                 last_is_eos = bool(chain.chain) and chain.chain[-1].token in state.eos_ids
@@ -351,8 +358,10 @@ class EdgeClient:
                         paused = True
                 unsent = len(chain.unsent)
                 full = len(chain.chain) >= lookahead or budget <= 1 or (chain.chain and chain.chain[-1].token in state.eos_ids)
-                send = (unsent and (unsent >= g or paused or full or (pipelined and chain.in_flight == 0))) or \
-                    (ends_here and not chain.resolved_sent)
+                # a correction the cloud waits for goes up at once when no draft will follow it now (draft length
+                # 0, paused, budget spent): the cloud decodes nothing while it waits, so holding it back deadlocks
+                owed_correction = chain.resolved is not None and not chain.resolved_sent and (ends_here or not can_draft)
+                send = (unsent and (unsent >= g or paused or full or (pipelined and chain.in_flight == 0))) or owed_correction
                 if send:
                     start, batch_tokens, resolved = chain.take_batch()
                     batch = pb.DraftBatch(epoch=chain.epoch, start_pos=start, token_ids=[c.token for c in batch_tokens],
@@ -362,7 +371,8 @@ class EdgeClient:
                     elif verify.startswith("split"):
                         batch.draft_probs.extend(float(c.extra[c.token]) for c in batch_tokens)
                     first = start + (resolved is not None)
-                    sends.append((first, first + len(batch_tokens), time.perf_counter()))
+                    if batch_tokens:
+                        sends.append((first, first + len(batch_tokens), time.perf_counter()))
                     await self._write(call, pb.EdgeMessage(draft=batch), stats)
                     continue
                 if not can_draft and not pre_draft:

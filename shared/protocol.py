@@ -134,7 +134,9 @@ class SessionState:
             return BatchStatus.STALE
         if self.awaiting_resolution != (resolved is not None):
             raise ProtocolError("a resolved token is required after a split rejection, and only then")
-        min_len = 0 if resolved is not None and self.would_finish_with(resolved) else 1
+        # a correction may travel alone: the edge sends it without drafts when it has chosen to let the cloud
+        # decode (draft length 0) or when it ends the session; the cloud must never wait for drafts to get it
+        min_len = 0 if resolved is not None else 1
         if not min_len <= len(draft_ids) <= max_len:
             raise ProtocolError(f"batch of {len(draft_ids)} tokens; allowed {min_len}..{max_len}")
         self.check_ids(draft_ids, "draft batch")

@@ -197,3 +197,37 @@ def test_cancelled_generation_leaves_caches_at_the_committed_length(tiny_target,
                 return gen.stats.finish_reason
 
     assert run(scenario()) == "cancelled"
+
+
+class CorrectionThenCloudAlone(Jitter):
+    """Forces the interleaving behind the split-mode hang: right after a rejection, while the edge holds the
+    correction it sampled, the online choice says "draft nothing, let the cloud decode" (length 0)."""
+
+    def steer_draft_len(self, chosen: int, awaiting_resolution: bool) -> int:
+        return 0 if awaiting_resolution else 2
+
+    async def before_decode_ahead(self) -> None:
+        await asyncio.sleep(0.02)  # the cloud's side: let drafts arrive before it decodes alone
+
+
+@pytest.mark.parametrize("verify", ["split-topk", "split-exact"])
+def test_split_correction_is_sent_when_the_edge_drafts_nothing(tiny_target, tiny_draft, verify):
+    """Regression: the edge chose draft length 0 holding an unsent correction and waited for decode-ahead tokens
+    while the cloud, which decodes nothing until it has the correction, waited for it. Both sat idle forever."""
+    prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]
+    ref = _greedy_reference(tiny_target, prompt_ids, 40)
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = CorrectionThenCloudAlone(199, 0.002)
+            async with edge(addr, tiny_draft, max_new_tokens=40, ignore_eos=True, verify=verify, decode_ahead="on") as client:
+                outs = []
+                for seed in range(3):
+                    client.hooks = CorrectionThenCloudAlone(200 + seed, 0.002)
+                    gen = client.generate(prompt_ids, mode="pipeline")
+                    outs.append((await asyncio.wait_for(gen.collect(), 60), gen.stats.to_dict()))
+                return outs
+
+    for out, st in run(scenario()):
+        assert out == ref
+        assert st["residual_rejections"] > 0 and st["draft_len_chosen"].get("0", 0) > 0  # the forced path ran
