@@ -57,6 +57,13 @@ _END = object()  # outbox sentinel: the stream ends normally
 DRAIN_S = 10.0  # after the final verdict, how long the edge gets to close its side of the stream
 
 
+def waits_for(state: SessionState) -> str:
+    """What a verifier with nothing to verify waits for: the edge owes it that (never the other way round)."""
+    if state.awaiting_resolution:
+        return f"the edge's correction at position {state.committed_len} (epoch {state.epoch})"
+    return f"drafts of epoch {state.epoch} from position {state.committed_len}"
+
+
 class _VerifyLoop:
     """One Speculate session after its handshake: admission of drafts, verification passes, decode-ahead."""
 
@@ -67,6 +74,16 @@ class _VerifyLoop:
         self.wake = asyncio.Event()
         self.edge_done = False
         self.idle_s = 0.0  # time with nothing to do since the last verdict: the pipeline bubble
+        self.waiting_for: str | None = None  # what the verifier waits for from the edge, while it waits
+
+    def describe(self) -> dict[str, object]:
+        """The protocol state as the cloud sees it (logged when an edge hangs up, e.g. on a stall it detected)."""
+        st = self.state
+        run = st.pending or st.verifying
+        return {"epoch": st.epoch, "committed_len": st.committed_len, "awaiting_resolution": st.awaiting_resolution,
+                "pending": len(st.pending.token_ids) if st.pending else 0, "verifying": st.verifying is not None,
+                "drafts_from": run.start_pos if run else None, "decode_ahead": self.decode_ahead,
+                "edge_done": self.edge_done, "cloud_waits_for": self.waiting_for}
 
     async def read(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> None:
         try:
@@ -82,7 +99,7 @@ class _VerifyLoop:
         async for msg in request_iterator:
             kind = msg.WhichOneof("kind")
             if kind == "cancel":
-                log.info("session cancelled by the edge: %s", msg.cancel.reason)
+                log.info("session cancelled by the edge: %s; cloud state: %s", msg.cancel.reason, self.describe())
                 self.outbox.put_nowait(_END)
                 return
             if kind == "tail_request":
@@ -157,7 +174,9 @@ class _VerifyLoop:
                 if self.edge_done:
                     return
                 t0 = time.perf_counter()
+                self.waiting_for = waits_for(state)
                 await self.wake.wait()
+                self.waiting_for = None
                 self.wake.clear()
                 self.idle_s += time.perf_counter() - t0
                 continue

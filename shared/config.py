@@ -72,7 +72,7 @@ class EdgeConfig:
                       "split-exact (exact, scalars up, top-K + tail draws down), coupled (exact, ids only)", choices=VERIFY_MODES)
     residual_top_k: int = opt(10, "split modes: top-K entries of p the cloud sends on a rejection")
     tail_samples: int = opt(4, "split-exact: tail draws the cloud sends with each rejection")
-    draft_len: int = opt(0, "draft tokens per batch; 0 = chosen online in pipeline mode (SPEC 3.4), 4 in sync mode")
+    draft_len: int = opt(0, "draft tokens per batch; 0 = chosen online in pipeline mode (docs/design.md §4.4), 4 in sync mode")
     max_draft_len: int = opt(12, "longest draft batch the online choice may pick")
     draft_confidence: float = opt(0.2, "pipeline: end a batch and wait when the draft's top-1 probability falls below this")
     decode_ahead: str = opt("auto", "pipeline: the cloud decodes on its own when it has nothing to verify "
@@ -91,7 +91,16 @@ class EdgeConfig:
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     compress: bool = opt(True, "zstd-compress distribution payloads")
     wait_ready_s: float = opt(600.0, "how long to wait for the cloud to come up")
-    timeout_s: float = opt(3600.0, "deadline for one generation")
+    timeout_s: float = opt(0.0, "deadline for one generation, seconds; 0 = scaled to the work: "
+                           "60 s + --timeout-per-token-s x max_new_tokens + 0.05 s per prompt token")
+    timeout_per_token_s: float = opt(2.0, "with --timeout-s 0: seconds allowed per token asked for (a 1.5B target "
+                                     "decodes ~0.5 s a token on one CPU core)")
+
+    def deadline_s(self, prompt_tokens: int) -> float:
+        """The deadline of one generation: the one set, or one that grows with the tokens asked for."""
+        if self.timeout_s > 0:
+            return self.timeout_s
+        return 60.0 + self.timeout_per_token_s * self.max_new_tokens + 0.05 * prompt_tokens
 
 
 def env_name(f: dataclasses.Field) -> str:

@@ -231,3 +231,37 @@ def test_split_correction_is_sent_when_the_edge_drafts_nothing(tiny_target, tiny
     for out, st in run(scenario()):
         assert out == ref
         assert st["residual_rejections"] > 0 and st["draft_len_chosen"].get("0", 0) > 0  # the forced path ran
+
+
+def test_a_deadlock_is_reported_at_once_with_both_sides_state(tiny_target, tiny_draft, monkeypatch, caplog):
+    """With the hang's cause put back (a correction goes up only when it ends the generation), the edge must not
+    wait: its policy sees that neither side owes the other a message and fails at once, printing the state, and
+    tells the cloud why it hangs up, which logs its own state."""
+    import logging
+
+    import edge_client.policy as policy
+    from edge_client.client import EdgeError
+
+    monkeypatch.setattr(policy, "owes_correction", lambda s: s.resolved and not s.resolved_sent and s.resolution_ends)
+    prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = CorrectionThenCloudAlone(199, 0.002)
+            async with edge(addr, tiny_draft, max_new_tokens=40, ignore_eos=True, verify="split-exact",
+                            decode_ahead="on") as client:
+                client.hooks = CorrectionThenCloudAlone(200, 0.002)
+                gen = client.generate(prompt_ids, mode="pipeline")
+                with pytest.raises(EdgeError, match="protocol stall") as err:
+                    await asyncio.wait_for(gen.collect(), 60)
+                for _ in range(200):  # the cloud reads the edge's Cancel on its own task
+                    if "cloud state" in caplog.text:
+                        break
+                    await asyncio.sleep(0.01)
+                return str(err.value)
+
+    with caplog.at_level(logging.INFO, logger="picospec.cloud"):
+        message = run(scenario())
+    assert "'cloud_owes': None" in message and "its correction (sampled, unsent)" in message
+    assert "'awaiting_resolution': True" in message and "'draft_len': 0" in message
+    assert "cloud state:" in caplog.text and "the edge's correction at position" in caplog.text

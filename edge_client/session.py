@@ -1,0 +1,258 @@
+"""One speculative generation on the edge: the handshake, then a loop over the policy's actions.
+
+    step:  apply the verdicts that have arrived -> choose the draft length -> snapshot -> next_action ->
+           DRAFT / PRE_DRAFT (one token, then send if a batch is ready) | SEND | WAIT (the cloud owes us) | STALL
+
+Terms are defined in edge_client/policy.py. Model steps run in the edge's one-thread executor (`run_model`), so the
+event loop keeps sending and receiving while the draft model works; the transport pumps the cloud's messages.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import time
+from concurrent.futures import Executor
+from typing import AsyncIterator, Awaitable, Callable
+
+import torch
+
+from edge_client.drafter import Drafter
+from edge_client.hints import HintTracker
+from edge_client.policy import Action, SessionPlan, Snapshot, cloud_owes, edge_owes, next_action, should_send
+from edge_client.rtt import RttTracker
+from edge_client.transport import EdgeError, StreamTransport
+from shared.codec import PayloadError, decode_list, decode_probs, encode_probs
+from shared.config import EdgeConfig
+from shared.perf_model import choose_draft_len
+from shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
+from shared.rpc import picospec_pb2 as pb
+from shared.stats import GenerationStats
+from shared.verify import NeedMoreTail, ResidualHint, resample_exact, resample_topk
+
+MAX_TAIL_DRAWS = 4096  # per rejected position, as the cloud allows
+RunModel = Callable[..., Awaitable]
+
+
+class EdgeSession:
+    def __init__(self, *, hello: pb.Hello, plan: SessionPlan, cfg: EdgeConfig, stats: GenerationStats,
+                 drafter: Drafter, transport: StreamTransport, run_model: RunModel, executor: Executor,
+                 hooks: object = None) -> None:
+        self.hello, self.plan, self.cfg, self.stats = hello, plan, cfg, stats
+        self.drafter, self.transport, self.run_model, self.executor = drafter, transport, run_model, executor
+        self.hooks = hooks
+        self.prompt = list(hello.prompt_ids)
+        self.seed = hello.sampling.seed
+        self.hints = HintTracker(stats, plan.pipelined)
+        self.rtt = RttTracker(stats.estimates.rtt_samples)
+        self.state: SessionState | None = None  # once the cloud is ready
+        self.chain: EdgeChain | None = None
+        self.paused = False                # the draft lost confidence: wait for news before drafting on
+        self.g = plan.fixed or 4
+        self.waiting_for: str | None = None  # what the edge waits for now (the state dump says it)
+        self.chunks: collections.deque[list[int]] = collections.deque()  # committed tokens not yet yielded
+
+    async def run(self) -> AsyncIterator[list[int]]:
+        try:
+            await self._open()
+            while self.state.finished is None:
+                await self._step()
+                while self.chunks:
+                    yield self.chunks.popleft()
+            await self.transport.done_writing()
+        except (ProtocolError, PayloadError) as e:
+            raise EdgeError(f"protocol error: {e}") from None
+        finally:
+            st = self.state
+            self.transport.close(cancel=st is None or st.finished is None)
+            self.stats.finish(st.finished.value if st and st.finished else "cancelled")
+            if st is not None:
+                # drafts past the committed prefix are dead once the generation ends: drop them from the cache
+                backend = self.drafter.backend
+                self.executor.submit(backend.truncate, min(backend.length, max(0, st.committed_len - 1)))
+
+    async def _open(self) -> None:
+        """Hello up; the draft's prefill overlaps the cloud's; then the cloud's Ready."""
+        await self.transport.send(pb.EdgeMessage(hello=self.hello))
+        self.stats.prefill_edge_s += await self.run_model(self.drafter.prefill, self.prompt)
+        self.waiting_for = "the cloud's Ready (its prefill)"
+        ready = (await self.transport.next("ready")).ready
+        self.stats.prefill_cloud_s += ready.prefill_s
+        self.state = SessionState(self.prompt, self.hello.max_new_tokens, frozenset(ready.eos_token_ids),
+                                  self.drafter.vocab_size)
+        self.chain = EdgeChain(self.state)
+
+    async def _step(self) -> None:
+        await self._drain()
+        if self.state.finished is not None:
+            return
+        self.g = self._choose_draft_len()
+        snap = self.snapshot()
+        action = next_action(snap)
+        if action in (Action.DRAFT, Action.PRE_DRAFT):
+            await self._draft(action)
+            if self.state.finished is None and should_send(self.snapshot()):
+                await self._send()
+        elif action is Action.SEND:
+            await self._send()
+        elif action is Action.WAIT:
+            self.waiting_for = cloud_owes(snap)
+            await self._apply(await self.transport.next("verdict", "hint"))
+        else:
+            await self._stall(snap)
+
+    def snapshot(self) -> Snapshot:
+        st, ch, g = self.state, self.chain, self.g
+        return Snapshot(
+            g=g, pipelined=self.plan.pipelined, decode_ahead=self.plan.decode_ahead,
+            budget=st.remaining - (ch.resolved is not None) - len(ch.chain), chain_len=len(ch.chain),
+            unsent=len(ch.unsent), in_flight=ch.in_flight,
+            last_is_eos=bool(ch.chain) and ch.chain[-1].token in st.eos_ids,
+            awaiting_resolution=st.awaiting_resolution, resolved=ch.resolved is not None,
+            resolved_sent=ch.resolved_sent,
+            resolution_ends=ch.resolved is not None and st.would_finish_with(ch.resolved),
+            paused=self.paused, predraft_open=self.hints.pre is not None,
+            predraft_wants_more=self.hints.wants_more(g, st.eos_ids),
+        )
+
+    def _choose_draft_len(self) -> int:
+        if self.plan.fixed is not None:
+            return self.plan.fixed
+        g = choose_draft_len(self.stats.estimates, self.plan.g_cap, pipelined=self.plan.pipelined,
+                             allow_zero=self.plan.decode_ahead, default=4)
+        steer = getattr(self.hooks, "steer_draft_len", None)
+        if steer is not None:  # tests: force a decision (see EdgeHooks)
+            g = steer(g, self.state.awaiting_resolution)
+        g = g if self.plan.decode_ahead else max(g, 1)  # length 0 leaves the decoding to the cloud: only with decode-ahead
+        self.stats.draft_len_choices[g] += 1
+        return g
+
+    async def _drain(self) -> None:
+        """Apply every message already in the inbox (verdicts that came in while we drafted go first)."""
+        while self.state.finished is None and self.transport.has_news():
+            await self._apply(await self.transport.next("verdict", "hint"))
+
+    async def _draft(self, action: Action) -> None:
+        context = self.hints.context() if action is Action.PRE_DRAFT else self.chain.tokens
+        d = await self.run_model(self.drafter.draft, context, 1)
+        self.stats.draft_s += d.compute_s
+        self.stats.estimates.draft_s.add(d.compute_s)
+        self.stats.drafted_total += 1
+        await self._drain()
+        if self.state.finished is not None:
+            return
+        made = ChainToken(d.token_ids[0], d.q[0])
+        if self.hints.add(made, context):
+            return  # ahead of the verdict, from the hint's context
+        if self.chain.tokens != context:
+            self.stats.wasted_draft += 1
+            return  # the chain moved under us: this draft continues a dead context
+        self.chain.chain.append(made)
+        if self.plan.confidence and float(d.q[0].max()) < self.plan.confidence:
+            self.paused = True
+
+    async def _send(self) -> None:
+        start, tokens, resolved = self.chain.take_batch()
+        batch = pb.DraftBatch(epoch=self.chain.epoch, start_pos=start, token_ids=[c.token for c in tokens],
+                              resolved_token=resolved)
+        verify = self.hello.verify_mode
+        if verify == "dense" and tokens:
+            batch.q_payload = encode_probs(torch.stack([c.extra for c in tokens]), compress=self.cfg.compress)
+        elif verify.startswith("split"):
+            batch.draft_probs.extend(float(c.extra[c.token]) for c in tokens)
+        self.rtt.on_send(start + (resolved is not None), len(tokens), time.perf_counter())
+        await self.transport.send(pb.EdgeMessage(draft=batch))
+
+    async def _apply(self, msg: pb.CloudMessage) -> None:
+        """Fold one cloud message into the chain, the statistics and the estimates; queue the committed tokens."""
+        if msg.WhichOneof("kind") == "hint":
+            if self.plan.hints:
+                self.hints.take(msg.hint, self.chain, self.state)
+            return
+        v = msg.verdict
+        a = self.chain.apply(start_pos=v.start_pos, verified=v.verified, accepted=v.accepted,
+                             token=v.token if v.HasField("token") else None, rejected=v.rejected,
+                             committed_len=v.committed_len, finished=v.finished, epoch=v.epoch)
+        self._account(v, a)
+        self.paused = False
+        if self.state.awaiting_resolution:
+            self.chain.resolved = await self._resolve(v, a.rejected_extra)
+        if self.plan.hints:
+            self.hints.settle(v, a, self.chain)
+        self.stats.on_tokens(len(a.new_tokens))
+        if a.new_tokens:
+            self.chunks.append(list(a.new_tokens))
+
+    def _account(self, v: pb.Verdict, a) -> None:
+        stats, est = self.stats, self.stats.estimates
+        stats.cloud_s += v.verify_s
+        stats.bubble_s += v.idle_s
+        stats.wasted_draft += a.dropped
+        est.verify.add(v.verified, v.verify_s)
+        if v.verified:
+            stats.on_round(v.verified, a.accepted, len(a.new_tokens) + self.state.awaiting_resolution)
+            for _ in range(a.accepted):
+                est.acceptance.add(1.0)
+            if v.rejected:
+                est.acceptance.add(0.0)
+            self.rtt.on_verified(v.start_pos + v.verified - 1, v.verify_s + v.idle_s, time.perf_counter())
+        elif v.HasField("token"):
+            stats.cloud_tokens += 1
+            if a.from_chain or a.chain_died:  # a draft was there: it agreed with the cloud or not
+                est.acceptance.add(float(a.from_chain > 0))
+        if a.chain_died:
+            self.rtt.clear()
+            stats.dead_chains += not v.rejected
+
+    async def _resolve(self, v: pb.Verdict, q_row: torch.Tensor | None) -> int:
+        """Split modes: sample the correction at the rejected position from the cloud's sparse view of p."""
+        pos, vocab = self.state.committed_len, self.drafter.vocab_size
+        if q_row is None:
+            raise ProtocolError("a rejection at a position the edge never drafted")
+        row = decode_probs(v.residual_payload, vocab_size=vocab, max_rows=1)[0]
+        ids = torch.nonzero(row > 0).flatten()
+        if len(ids) == 0:
+            raise ProtocolError("empty top-K payload after a rejection")
+        self.stats.on_rejection(len(v.residual_payload) + len(v.tail_payload))
+        if self.hello.verify_mode == "split-topk":
+            return await self.run_model(resample_topk, q_row, ids, row[ids], self.seed, pos)
+        if not (math.isfinite(v.tail_mass) and 0.0 <= v.tail_mass <= 1.0):
+            raise ProtocolError(f"tail mass {v.tail_mass} is not a probability")
+        tail_ids, tail_vals = decode_list(v.tail_payload, vocab_size=vocab, max_len=MAX_TAIL_DRAWS) if v.tail_payload \
+            else (torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        while True:
+            hint = ResidualHint(ids, row[ids], v.tail_mass, tail_ids, tail_vals)
+            try:
+                return await self.run_model(resample_exact, q_row, hint, self.seed, pos)
+            except NeedMoreTail as e:
+                more_ids, more_vals = await self._more_tail(v.next_epoch, pos, e.have)
+                if len(more_ids) == 0 or len(tail_ids) + len(more_ids) > MAX_TAIL_DRAWS:
+                    raise ProtocolError("the cloud sent no further tail draws")
+                tail_ids, tail_vals = torch.cat([tail_ids, more_ids]), torch.cat([tail_vals, more_vals])
+
+    async def _more_tail(self, epoch: int, pos: int, have: int) -> tuple[torch.Tensor, torch.Tensor]:
+        await self.transport.send(pb.EdgeMessage(tail_request=pb.TailRequest(epoch=epoch, position=pos, have=have)))
+        self.waiting_for = f"tail draws {have}.. at position {pos}"
+        t = (await self.transport.next("tail")).tail
+        self.stats.on_tail_request(len(t.payload))
+        return decode_list(t.payload, vocab_size=self.drafter.vocab_size, max_len=MAX_TAIL_DRAWS)
+
+    async def _stall(self, snap: Snapshot) -> None:
+        """Neither side owes the other a message: tell the cloud why we hang up (it logs its own state), then fail."""
+        dump = self.describe()
+        reason = f"protocol stall: the edge owes the cloud {edge_owes(snap)}, the cloud owes the edge nothing; {dump}"
+        await self.transport.send(pb.EdgeMessage(cancel=pb.Cancel(reason=reason[:1000])))
+        raise ProtocolError(reason)
+
+    def describe(self) -> dict[str, object]:
+        """The protocol state as the edge sees it: for stall reports, hang dumps and debugging."""
+        if self.state is None:
+            return {"phase": "handshake", "edge_waits_for": self.waiting_for}
+        st, ch, snap = self.state, self.chain, self.snapshot()
+        return {
+            "epoch": ch.epoch, "committed_len": st.committed_len, "generated": len(st.generated),
+            "remaining": st.remaining, "chain": len(ch.chain), "in_flight": ch.in_flight, "unsent": len(ch.unsent),
+            "awaiting_resolution": st.awaiting_resolution, "resolved": ch.resolved, "resolved_sent": ch.resolved_sent,
+            "draft_len": self.g, "decode_ahead": self.plan.decode_ahead, "paused": self.paused,
+            "predraft_open": self.hints.pre is not None, "edge_waits_for": self.waiting_for,
+            "cloud_owes": cloud_owes(snap), "edge_owes": edge_owes(snap),
+        }

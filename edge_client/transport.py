@@ -1,0 +1,97 @@
+"""The edge's side of one Speculate stream: a reader task that pumps the cloud's messages into an inbox as they
+arrive (so drafting never waits on the network), writes, test hooks around both, and byte counts.
+
+Protobuf goes in and out here; the session driver sees the cloud's messages by kind and never touches the call.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import grpc
+
+from shared.protocol import ProtocolError
+from shared.rpc import picospec_pb2 as pb
+from shared.stats import GenerationStats
+
+GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP/IP headers are not counted
+
+
+class EdgeHooks(Protocol):
+    """Test hooks around the wire (e.g. to delay messages and reorder their timing against drafting).
+
+    Optional: `steer_draft_len(chosen, awaiting_resolution) -> int` replaces the online draft-length choice, so a
+    test can force the decisions that lead to a rare interleaving (e.g. length 0 while a correction is owed)."""
+
+    async def before_send(self, msg: pb.EdgeMessage) -> None: ...
+    async def after_receive(self, msg: pb.CloudMessage) -> None: ...
+
+
+class EdgeError(RuntimeError):
+    """A generation failed: the cloud refused it, vanished, or broke the protocol."""
+
+
+def wire_size(msg) -> int:
+    return msg.ByteSize() + GRPC_FRAME_OVERHEAD
+
+
+class StreamTransport:
+    """One bidirectional call: `send` a message, `next` message of the kinds expected, `close` at the end."""
+
+    def __init__(self, call, stats: GenerationStats, hooks: "EdgeHooks | None") -> None:
+        self.call, self.stats, self.hooks = call, stats, hooks
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.pump = asyncio.create_task(self._pump())
+
+    def has_news(self) -> bool:
+        return not self.inbox.empty()
+
+    async def send(self, msg: pb.EdgeMessage) -> None:
+        if self.hooks is not None:
+            await self.hooks.before_send(msg)
+        try:
+            await self.call.write(msg)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # the cloud ended the stream (it finished on its own, or failed): what it said last is in the
+            # inbox, the final verdict or the error status, and the reader reports it
+            return
+        self.stats.bytes_up += wire_size(msg)
+
+    async def next(self, *expected: str) -> pb.CloudMessage:
+        """The next message of one of the expected kinds. Hints are advice: dropped where none is expected."""
+        while True:
+            msg = await self.inbox.get()
+            if isinstance(msg, BaseException):
+                raise msg
+            kind = msg.WhichOneof("kind")
+            if kind == "hint" and "hint" not in expected:
+                continue
+            if kind not in expected:
+                raise ProtocolError(f"expected {' or '.join(expected)}, got {kind}")
+            return msg
+
+    async def done_writing(self) -> None:
+        await self.call.done_writing()
+
+    def close(self, *, cancel: bool) -> None:
+        self.pump.cancel()
+        if cancel:
+            self.call.cancel()
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                msg = await self.call.read()
+                if msg is grpc.aio.EOF:
+                    self.inbox.put_nowait(EdgeError("cloud closed the stream mid-generation"))
+                    return
+                self.stats.bytes_down += wire_size(msg)
+                if self.hooks is not None:
+                    await self.hooks.after_receive(msg)
+                self.inbox.put_nowait(msg)
+        except grpc.aio.AioRpcError as e:
+            self.inbox.put_nowait(EdgeError(f"cloud refused or failed: {e.code().name}: {e.details()}"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - surfaced to the generation
+            self.inbox.put_nowait(e)
