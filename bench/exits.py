@@ -1,4 +1,4 @@
-"""picospec-bench exits: calibrate the early-exit layer and confidence threshold (SPEC 4) on a target.
+"""picospec-bench exits: calibrate the early-exit layer and confidence threshold (docs/design.md §4.5) on a target.
 
 The target greedily continues each prompt; then, teacher-forced over prompt and continuation, every layer's
 hidden state goes through the final norm and LM head, and its tentative top-1 is compared with the final

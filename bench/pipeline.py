@@ -1,5 +1,5 @@
-"""picospec-bench pipeline: measured tokens/s of every mode beside what SPEC 3.5's model predicts from the
-same run's measured component times (issue 4).
+"""picospec-bench pipeline: measured tokens/s of every mode beside what the performance model (docs/design.md
+§5) predicts from the same run's measured component times (issue 4).
 
 Same testbed as `picospec-bench sweep` (cloud and edge in their own namespaces on their own cores, a kernel-
 shaped link between them, the link's RTT measured by TCP ping-pong). Default: the default pair, RTT 0, 50 and
@@ -15,10 +15,10 @@ bytes at that rate:
 - edge: 1 / t_draft;
 - sync: stop_and_wait_rate(a, g, t_draft, t_rtt, t_verify);
 - early-exit: the same, with the drafting of tokens pre-drafted from hints (made while waiting) taken off the
-  round: t_draft * (1 - predrafted_used / drafted). `model_spec` keeps the plain SPEC figure;
+  round: t_draft * (1 - predrafted_used / drafted). `model_spec` keeps the plain formula's figure;
 - pipeline, picospec: pipelined_rate(a, g, t_draft, t_rtt, t_verify); where the cloud decoded some tokens on
   its own (decode-ahead, `coupled`/greedy) those are charged at t_decode: rate = 1 / (s * t_decode + (1 - s) /
-  pipelined_rate), s = the cloud's share of the tokens (= the SPEC figure when s = 0).
+  pipelined_rate), s = the cloud's share of the tokens (= the plain figure when s = 0).
 The model is a steady-state rate (no prefill), so it is compared with the measured decode rate (tokens after
 the first one over the time after it); cells more than --flag-pct apart are flagged.
 """
@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.sweep import (Column, Condition, Testbed, _pyplot, add_common_args, cells, fmt, fmt_num, grid, keep_partial,
-                         markdown_table, median_or_none, parse_columns, parse_floats, pick_prompts, run_grid,
-                         settings_from, settings_json, write_csv)
+from bench.grid import Column, Condition, fmt_num, grid, parse_columns, parse_floats, pick_prompts
+from bench.options import add_common_args, settings_from, settings_json
+from bench.report import cells, fmt, markdown_table, median_or_none, pyplot, write_csv
+from bench.runner import keep_partial, run_grid
+from bench.testbed import Testbed
 from shared.perf_model import pipelined_rate, stop_and_wait_rate
 
 DEFAULT_RTTS = "0,50,200"
@@ -95,7 +97,7 @@ def components(rec: dict[str, Any], rtt_s: float, mbit: float | None) -> Compone
     net = 0.0
     if mbit and rounds:
         net = 8.0 * ((st.get("bytes_up") or 0) + (st.get("bytes_down") or 0)) / rounds / (mbit * 1e6)
-    a = ex.get("acceptance_iid")  # per-token, as the model means it (see bench.sweep._run_one)
+    a = ex.get("acceptance_iid")  # per-token, as the model means it (see bench.edge_worker._run_one)
     return Components(mode, rtt_s, net, t_draft, t_verify, t_decode, st.get("acceptance_rate") if a is None else a, g,
                       predrafted_share=(st.get("predrafted_used") or 0) / sent if sent else 0.0,
                       cloud_share=cloud_tokens / gen if gen else 0.0)
@@ -106,7 +108,8 @@ def _inv(x: float | None) -> float | None:
 
 
 def predict(c: Components) -> dict[str, Any]:
-    """{model: tokens/s the model gives for this run, model_spec: the plain SPEC 3.5 figure, how: which formula}."""
+    """{model: tokens/s the model gives for this run, model_spec: the plain figure of docs/design.md §5,
+    how: which formula}."""
     if c.mode == "cloud":
         r = _inv(c.t_decode)
         return {"model": r, "model_spec": r, "how": "1/t_decode"}
@@ -198,7 +201,7 @@ def format_table(rows: Sequence[dict[str, Any]], flag_pct: float) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -3,6 +3,7 @@
     with shaped_link(LinkSpec(rtt_ms=50, up_mbit=10, down_mbit=10)) as link:
         server = link.popen("cloud", ["picospec-cloud", "--host", link.cloud_ip, ...])
         link.run("edge", ["picospec-edge", "--server", f"{link.cloud_ip}:50051", ...])
+        link.reshape(LinkSpec(rtt_ms=200, up_mbit=1, down_mbit=1))  # in place: the server keeps running
 
 Names carry the pid and a random tag so parallel runs never collide; the /24 is drawn at random from 10/8
 and checked against every route the host has, so nothing on the host can be confused with it. Setup is a
@@ -25,7 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from netlab.shaping import AppliedSide, Features, LinkSpec, Side, apply_side, probe_host, stop_process
+from netlab.procs import stop_process
+from netlab.shaping import AppliedSide, Features, LinkSpec, Side, apply_side, probe_host
 
 
 def pick_subnet(used: Iterable[str], rng: random.Random) -> ipaddress.IPv4Network:
@@ -79,6 +81,29 @@ class Link:
         self.procs.append(p)
         return p
 
+    def reshape(self, spec: LinkSpec, *, features: Features | None = None, python: str = sys.executable,
+                seed: int = 0, log: Any = None) -> None:
+        """Give the existing link `spec` (RTT, rates, loss) in place: namespaces, addresses and the processes
+        inside stay; each end's old shaping (rule, delay stage, root qdisc) goes and the new one is applied."""
+        for a in self.applied:
+            a.stop()
+        self.applied.clear()
+        self._shape(spec, features if features is not None else probe_host(), python, seed, log, replace=True)
+
+    def _shape(self, spec: LinkSpec, features: Features, python: str, seed: int, log: Any, replace: bool) -> None:
+        """Shape both ends for `spec`; `replace`: first delete whatever root qdisc an end still has."""
+        methods = []
+        for side, dev in (("edge", self.edge_dev), ("cloud", self.cloud_dev)):
+            prefix = ["ip", "netns", "exec", self.ns(side)]
+            if replace:
+                subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)  # none: fine
+            applied = apply_side(dev, spec.side(side), features=features, prefix=prefix, python=python,
+                                 seed=seed + (side == "cloud"), log=log)
+            self.applied.append(applied)
+            methods.append(applied.method)
+        self.spec = spec
+        self.method = methods[0] if methods[0] == methods[1] else f"edge={methods[0]},cloud={methods[1]}"
+
 
 def _ip(*args: str) -> None:
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
@@ -115,14 +140,7 @@ def shaped_link(spec: LinkSpec, *, features: Features | None = None, python: str
             _ip("-n", ns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        feats = features if features is not None else probe_host()
-        methods = []
-        for side, dev in (("edge", link.edge_dev), ("cloud", link.cloud_dev)):
-            applied = apply_side(dev, spec.side(side), features=feats, prefix=["ip", "netns", "exec", link.ns(side)],
-                                 python=python, seed=seed + (side == "cloud"), log=log)
-            link.applied.append(applied)
-            methods.append(applied.method)
-        link.method = methods[0] if methods[0] == methods[1] else f"edge={methods[0]},cloud={methods[1]}"
+        link._shape(spec, features if features is not None else probe_host(), python, seed, log, replace=False)
         yield link
     finally:
         for p in link.procs:

@@ -1,6 +1,6 @@
 """The packet delay stage: hold each packet of an NFQUEUE queue for a fixed one-way delay, then accept it.
 
-Used where the kernel has no netem (SPEC 8): an iptables rule on the receiving side's ingress
+Used where the kernel has no netem (docs/design.md §8): an iptables rule on the receiving side's ingress
 (`-t mangle -A PREROUTING -i DEV -j NFQUEUE --queue-num N`) hands every arriving packet to this process.
 
     python -m netlab.nfq_delay --queue 0 --delay-ms 25 [--loss 0.01 --seed 1]

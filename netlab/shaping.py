@@ -24,7 +24,9 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, Sequence
+from typing import IO, Literal, Sequence
+
+from netlab.procs import stop_process
 
 Side = Literal["edge", "cloud"]
 Argv = list[str]
@@ -296,17 +298,6 @@ class AppliedSide:
             _try(self.plan.unrule, self.prefix)  # first, so nothing is queued to a stage that is going away
         if self.delay_proc is not None:
             stop_process(self.delay_proc, timeout=5.0)
-
-
-def stop_process(p: subprocess.Popen[Any], timeout: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; always reaped."""
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _start_delay_stage(argv: Argv, prefix: Sequence[str], detach: bool, log: IO[str] | None,

@@ -1,4 +1,4 @@
-"""Early-exit hints (SPEC 4, the second paper's system): what a verification pass expects from an
+"""Early-exit hints (docs/design.md §4.5; the early-exit paper's system): what a verification pass expects from an
 intermediate layer's tentative logits, before the full-depth result decides.
 
 Pure functions over tensors. The prediction applies the same verification rule, with the same coins (they are

@@ -1,9 +1,9 @@
-"""The performance model of SPEC 3.5 and the online draft-length choice of SPEC 3.4: pure functions.
+"""The performance model (docs/design.md §5) and the online draft-length choice (§4.4): pure functions.
 
 Notation: a = per-token acceptance probability (i.i.d. model), g = draft tokens per round,
 T_draft = edge time per draft token, T_rtt = network round trip, T_verify(n) = cloud time to verify n
 drafts in one pass (n + 1 positions fed). A round commits the accepted drafts plus the cloud's token,
-E[tokens per round] = (1 - a^(g+1)) / (1 - a) (SPEC's EL with g counting that token too).
+E[tokens per round] = (1 - a^(g+1)) / (1 - a) (the expected accepted length, counting that token too).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class LinearCost:
 
 @dataclass
 class Estimates:
-    """The running estimates SPEC 3.4 asks for; exposed in the statistics."""
+    """The running estimates of docs/design.md §4.4; exposed in the statistics."""
 
     rtt_samples: deque = field(default_factory=lambda: deque(maxlen=16))
     draft_s: Ewma = field(default_factory=Ewma)       # edge seconds per draft token

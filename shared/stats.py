@@ -1,4 +1,5 @@
-"""Per-generation statistics (SPEC 7), collected on the edge from what it measures and what the cloud reports."""
+"""Per-generation statistics (docs/design.md §7), collected on the edge from what it measures and what the cloud
+reports."""
 from __future__ import annotations
 
 import statistics

@@ -1,6 +1,6 @@
 """Verification of a draft batch: pure functions over tensors, no I/O.
 
-Notation (SPEC 2): at each drafted position the target's processed distribution is p, the draft's is q,
+Notation (docs/design.md §3): at each drafted position the target's processed distribution is p, the draft's is q,
 and the drafted token x was sampled from q. Standard speculative sampling accepts x with probability
 min(1, p(x)/q(x)); at the first rejection it emits a token from norm(max(0, p - q)); when every draft
 is accepted it emits a bonus token from p at the next position. The output is then distributed exactly

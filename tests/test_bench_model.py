@@ -1,5 +1,6 @@
 """The pure parts of `picospec-bench sweep` and `picospec-bench pipeline`: column syntax, the grid, aggregation,
-CSV and Markdown output, and the SPEC 3.5 predictions from measured component times. No models, no root."""
+CSV and Markdown output, and the performance model's predictions (docs/design.md §5) from measured component
+times. No models, no root."""
 from __future__ import annotations
 
 import csv
@@ -7,9 +8,10 @@ import math
 
 import pytest
 
+from bench.edge_worker import _CountingEwma
+from bench.grid import PRESETS, Column, Condition, grid, harder_or_equal, parse_column, parse_columns
 from bench.pipeline import Components, components, deviation, format_table, interp_cost, predict, summarize
-from bench.sweep import (PRESETS, Column, Condition, _CountingEwma, aggregate, grid, harder_or_equal, markdown_table,
-                         parse_column, parse_columns, pivot_table, write_csv)
+from bench.report import aggregate, markdown_table, pivot_table, write_csv
 from shared.perf_model import Estimates, pipelined_rate, stop_and_wait_rate, tokens_per_round
 
 

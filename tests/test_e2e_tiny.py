@@ -1,6 +1,6 @@
 """End to end over real gRPC on loopback with a tiny randomly initialised pair (no download).
 
-The sampling test is the contract of SPEC 2: `sync` emits token sequences distributed exactly as the
+The sampling test is the contract of docs/design.md §2: `sync` emits token sequences distributed exactly as the
 target's own sampling. It is a chi-square goodness-of-fit test over the joint distribution of the first
 two generated tokens, with seeds 0..N-1, so it is deterministic; its false-alarm rate is ALPHA.
 """

@@ -1,4 +1,4 @@
-"""Early-exit hints (SPEC 4): the pure prediction, the backend's exit hook, and the modes end to end.
+"""Early-exit hints (docs/design.md §4.5): the pure prediction, the backend's exit hook, and the modes end to end.
 
 Two tiny targets: the random one, whose intermediate layer rarely agrees with its output (hints miss), and a
 copy whose last layer is made a no-op (its attention and MLP output projections zeroed), so the exit layer's

@@ -1,5 +1,6 @@
-"""A real shaped link between two network namespaces (SPEC 8), as root: the shaping measures as configured, and
-a greedy generation across it (cloud server in one namespace, edge in the other) equals the target's own.
+"""A real shaped link between two network namespaces (docs/design.md §8), as root: the shaping measures as
+configured, and a greedy generation across it (cloud server in one namespace, edge in the other) equals the
+target's own.
 
 Skips, saying why, when not root, when `ip netns` does not work, or when the kernel lacks what the link needs
 (netem, or else tbf + the iptables NFQUEUE target + the netfilterqueue package: `make netlab-deps`).

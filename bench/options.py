@@ -1,0 +1,45 @@
+"""The command-line options `picospec-bench sweep` and `picospec-bench pipeline` share, and what they become:
+the testbed's settings, and the settings recorded in the JSON."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.grid import DEFAULT_DRAFT, DEFAULT_TARGET, PROMPTS
+from bench.testbed import BenchSettings, Testbed
+
+
+def add_common_args(p: argparse.ArgumentParser, *, rtts: str, mbits: str, prompts: int, max_new_tokens: int,
+                    runs: int) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--rtt-ms", default=rtts, help=f"comma-separated RTTs in ms (default {rtts}); 0 = no delay stage")
+    p.add_argument("--mbit", default=mbits, help=f"comma-separated rates each way in Mbit/s (default {mbits}); 0 = unshaped")
+    p.add_argument("--runs", type=int, default=runs, help="runs per prompt, column and cell (the median is reported)")
+    p.add_argument("--prompts", type=int, default=prompts, help=f"how many of the {len(PROMPTS)} built-in prompts")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1: dense then ships whole distributions, as in the papers)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-timeout-s", type=float, default=120.0, help="cut a run after this long (rate over the part done)")
+    p.add_argument("--port", type=int, default=BenchSettings.port)
+    p.add_argument("--edge-core", type=int, default=0)
+    p.add_argument("--cloud-core", type=int, default=1)
+    p.add_argument("--no-netns", action="store_true", help="plain loopback, no shaping (only RTT 0, unshaped)")
+    p.add_argument("--out", default="bench_out")
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(target=args.target, draft=args.draft, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, port=args.port, edge_core=args.edge_core,
+                         cloud_core=args.cloud_core, run_timeout_s=args.run_timeout_s, netns=not args.no_netns,
+                         out=Path(args.out))
+
+
+def settings_json(args: argparse.Namespace, bed: Testbed) -> dict[str, Any]:
+    s = {k: v for k, v in vars(args).items()}
+    s.update({"edge_core": bed.s.edge_core, "cloud_core": bed.s.cloud_core, "ignore_eos": True,
+              "cpus": sorted(os.sched_getaffinity(0)), **bed.info})
+    return s

@@ -1,0 +1,256 @@
+"""From run records to what a network benchmark shows: per-cell summaries (medians, speedup over `cloud`),
+CSV, Markdown tables, plots, and the sweep's report files (JSON, CSV, Markdown, PNG)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from bench.grid import Column, bw_name, fmt_num
+
+# per-run statistics kept in the CSVs (all of them stay in the JSON)
+METRICS = ("tokens_per_s", "decode_tokens_per_s", "ttft_s", "itl_p50_s", "itl_p95_s", "generated_tokens", "rounds",
+           "mean_accepted_len", "acceptance_rate", "mean_draft_len", "bytes_up_per_token", "bytes_down_per_token",
+           "edge_busy_fraction", "cloud_busy_fraction", "wasted_draft_tokens", "cloud_tokens", "pipeline_bubble_s",
+           "hint_hit_rate", "wall_s")
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+
+def median_or_none(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(vals) if vals else None
+
+
+def cells(samples: Sequence[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Samples grouped by (RTT, bandwidth, column), first-seen order: for each, the row fields every summary
+    shares (identity, measured RTT, counts, first error) and the runs that completed (timed out or not)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault((s["rtt_ms"], s["mbit"], s["column"]), []).append(s)
+    for (rtt, mbit, col), ss in groups.items():
+        ok = [s for s in ss if not s.get("error") and not s.get("skipped")]
+        yield {
+            "rtt_ms": rtt, "mbit": mbit, "rtt_measured_ms": median_or_none(s.get("rtt_measured_ms") for s in ss),
+            "column": col, "mode": ss[0]["mode"], "verify_mode": ss[0].get("verify_mode"), "exact": ss[0].get("exact"),
+            "runs": len(ok), "timed_out": sum(bool(s.get("timed_out")) for s in ok),
+            "skipped": sum(bool(s.get("skipped")) for s in ss),
+            "errors": sum(bool(s.get("error")) for s in ss),
+            "error": next((s["error"] for s in ss if s.get("error")), None),
+        }, ok
+
+
+def aggregate(samples: Sequence[dict[str, Any]], keys: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """One row per (cell, column): the median of each metric over its runs (timed-out runs included, at the
+    rate of the part they completed), with counts, and the speedup over the `cloud` column of the same cell."""
+    rows = []
+    for row, ok in cells(samples):
+        for k in keys:
+            row[k] = median_or_none(s.get(k) for s in ok)
+        rows.append(row)
+    cloud = {(r["rtt_ms"], r["mbit"]): r["tokens_per_s"] for r in rows if r["mode"] == "cloud"}
+    for r in rows:
+        base = cloud.get((r["rtt_ms"], r["mbit"]))
+        r["speedup_vs_cloud"] = r["tokens_per_s"] / base if base and r["tokens_per_s"] is not None else None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- CSV
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Rows of dicts as CSV: columns in first-seen order, None as empty, floats to 6 significant digits,
+    nested values as JSON."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+
+    def cell(v: Any) -> Any:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, (dict, list, tuple)):
+            return json.dumps(v)
+        return v
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: cell(r.get(k)) for k in fields})
+
+
+# ----------------------------------------------------------------------------------------------- Markdown tables
+
+def markdown_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A padded Markdown table (same look as bench/verify.py's)."""
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda row: "| " + " | ".join(c.ljust(n) for c, n in zip(row, w)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (n + 2) for n in w) + "|"] + [line(r) for r in body])
+
+
+def fmt(v: Any, f: str = "{:.2f}") -> str:
+    return "-" if v is None else f.format(v)
+
+
+def rate_cell(r: dict[str, Any] | None, with_speedup: bool = True) -> str:
+    """tokens/s of one (cell, column) with its speedup over cloud; † timed out, 'skip' or 'error'."""
+    if r is None:
+        return "-"
+    if r["runs"] == 0:
+        return "error" if r["errors"] else "skip" if r["skipped"] else "-"
+    s = fmt(r["tokens_per_s"]) + ("†" if r["timed_out"] else "")
+    if with_speedup and r.get("speedup_vs_cloud") is not None and r["mode"] != "cloud":
+        s += f" ({r['speedup_vs_cloud']:.2f}x)"
+    return s
+
+
+def column_title(label: str, rows: Sequence[dict[str, Any]]) -> str:
+    r = next((x for x in rows if x["column"] == label), None)
+    return label + (" APPROX." if r is not None and r.get("exact") is False and r["mode"] != "edge" else "")
+
+
+def pivot_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    """Rows: network conditions; columns: modes; cells: median tokens/s (speedup over cloud)."""
+    by = {(r["rtt_ms"], r["mbit"], r["column"]): r for r in rows}
+    conds = list(dict.fromkeys((r["rtt_ms"], r["mbit"]) for r in rows))
+    head = ["RTT ms (measured)", "bandwidth"] + [column_title(lb, rows) for lb in labels]
+    body = []
+    for rtt, mbit in conds:
+        meas = next((r["rtt_measured_ms"] for r in rows if (r["rtt_ms"], r["mbit"]) == (rtt, mbit)), None)
+        body.append([f"{fmt_num(rtt)} ({fmt(meas, '{:.1f}')})", bw_name(mbit)]
+                    + [rate_cell(by.get((rtt, mbit, lb))) for lb in labels])
+    return markdown_table(head, body)
+
+
+def bytes_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    """Bytes up/down per generated token per column (median over cells: they hardly depend on the network)."""
+    body = []
+    for lb in labels:
+        rs = [r for r in rows if r["column"] == lb and r["runs"]]
+        body.append([column_title(lb, rows), fmt(median_or_none(r["bytes_up_per_token"] for r in rs), "{:,.1f}"),
+                     fmt(median_or_none(r["bytes_down_per_token"] for r in rs), "{:,.1f}"),
+                     fmt(median_or_none(r["acceptance_rate"] for r in rs), "{:.3f}"),
+                     fmt(median_or_none(r["mean_accepted_len"] for r in rs)),
+                     fmt(median_or_none(r["mean_draft_len"] for r in rs))])
+    return markdown_table(["column", "B up/token", "B down/token", "acceptance", "mean acc. len", "mean draft len"], body)
+
+
+def detail_table(rows: Sequence[dict[str, Any]]) -> str:
+    cols = [("tokens_per_s", "{:.2f}"), ("speedup_vs_cloud", "{:.2f}"), ("ttft_s", "{:.2f}"), ("itl_p50_s", "{:.3f}"),
+            ("itl_p95_s", "{:.3f}"), ("acceptance_rate", "{:.3f}"), ("mean_accepted_len", "{:.2f}"),
+            ("mean_draft_len", "{:.2f}"), ("bytes_up_per_token", "{:,.0f}"), ("bytes_down_per_token", "{:,.0f}"),
+            ("edge_busy_fraction", "{:.2f}"), ("cloud_busy_fraction", "{:.2f}"), ("wasted_draft_tokens", "{:.0f}"),
+            ("cloud_tokens", "{:.0f}"), ("hint_hit_rate", "{:.2f}")]
+    head = ["RTT ms", "bandwidth", "column", "runs", "tok/s", "x cloud", "TTFT s", "ITL p50 s", "ITL p95 s", "accept.",
+            "acc. len", "draft len", "B up/tok", "B down/tok", "edge busy", "cloud busy", "wasted", "cloud tok", "hint hit"]
+    body = [[fmt_num(r["rtt_ms"]), bw_name(r["mbit"]), r["column"], f"{r['runs']}" + (f" ({r['timed_out']}†)" if r["timed_out"] else "")]
+            + [fmt(r.get(k), f) for k, f in cols] for r in rows]
+    return markdown_table(head, body)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed (then no plots)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], labels: Sequence[str], out: Path, title: str,
+               name: str = "sweep") -> list[Path]:
+    plt = pyplot()
+    if plt is None:
+        return []
+    written = []
+    bws = list(dict.fromkeys(r["mbit"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ok = [r for r in rows if r["runs"] and r["tokens_per_s"] is not None]
+
+    def per_bw(key: str, ylabel: str, fname: str, skip_cloud: bool = False, log: bool = False) -> None:
+        fig, axes = plt.subplots(1, len(bws), figsize=(4.2 * len(bws), 3.8), sharey=True, squeeze=False)
+        for ax, bw in zip(axes[0], bws):
+            for i, lb in enumerate(labels):
+                pts = sorted((r["rtt_ms"], r[key]) for r in ok if r["mbit"] == bw and r["column"] == lb
+                             and r.get(key) is not None and not (skip_cloud and r["mode"] == "cloud"))
+                if pts:  # one colour per column in every figure
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lb, color=colors[i % len(colors)])
+            if skip_cloud:
+                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_title(bw_name(bw))
+            ax.set_xlabel("RTT (ms)")
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(out / fname)
+
+    per_bw("tokens_per_s", "tokens/s (median)", f"{name}_tps_vs_rtt.png")
+    per_bw("speedup_vs_cloud", "speedup over cloud", f"{name}_speedup.png", skip_cloud=True)
+    written.append(_plot_bytes(plt, ok, labels, out / f"{name}_bytes.png"))
+    return written
+
+
+def _plot_bytes(plt: Any, ok: Sequence[dict[str, Any]], labels: Sequence[str], path: Path) -> Path:
+    """Bars of wire bytes up and down per generated token per column (median over cells)."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
+    xs = range(len(labels))
+    up = [median_or_none(r["bytes_up_per_token"] for r in ok if r["column"] == lb) for lb in labels]
+    down = [median_or_none(r["bytes_down_per_token"] for r in ok if r["column"] == lb) for lb in labels]
+    ax.bar([i - 0.2 for i in xs], [u or 0 for u in up], 0.4, label="up")
+    ax.bar([i + 0.2 for i in xs], [d or 0 for d in down], 0.4, label="down")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xticks(list(xs), list(labels), rotation=20)
+    ax.set_ylabel("bytes per generated token")
+    ax.set_title("Wire bytes per generated token (median over cells)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- the sweep's files
+
+def write_sweep_report(name: str, settings: dict[str, Any], cols: Sequence[Column], rows: list[dict[str, Any]],
+                       samples: list[dict[str, Any]], out: Path) -> None:
+    """OUT/NAME.json (settings, columns, rows, every run), NAME.csv, NAME_runs.csv, NAME.md and the plots;
+    prints the tables and what was written."""
+    labels = [c.label for c in cols]
+    (out / f"{name}.json").write_text(json.dumps({"settings": settings, "columns": [asdict(c) for c in cols],
+                                                  "rows": rows, "runs": samples}, indent=1, default=str))
+    write_csv(rows, out / f"{name}.csv")
+    write_csv([{k: v for k, v in s.items() if k not in ("stats", "extra")} for s in samples], out / f"{name}_runs.csv")
+    title = (f"{settings['target']} <- {settings['draft']}, {settings['max_new_tokens']} tokens, T={settings['temperature']:g}, "
+             f"{settings['prompts']} prompt(s) x {settings['runs']} run(s)")
+    md = "\n\n".join([
+        f"# picospec-bench {name.replace('_', ' ')}\n\n{title}; median tokens/s (speedup over cloud), "
+        "each side in its own namespace on its own core.",
+        pivot_table(rows, labels),
+        *([f"**Incomplete**: stopped early ({settings['interrupted']})."] if settings.get("interrupted") else []),
+        "† a run exceeded the run timeout: the rate over the part it completed. skip: not run, it timed out in an "
+        "easier cell. APPROX.: not lossless (split-topk; the draft alone).",
+        "## Bytes on the wire\n\n" + bytes_table(rows, labels),
+        "## Details (medians)\n\n" + detail_table(rows),
+    ])
+    (out / f"{name}.md").write_text(md + "\n")
+    print(pivot_table(rows, labels))
+    print()
+    print(bytes_table(rows, labels))
+    pngs = plot_sweep(rows, labels, out, title, name)
+    print(f"\nwrote {', '.join(str(x) for x in [out / f'{name}.json', out / f'{name}.csv', out / f'{name}_runs.csv', out / f'{name}.md', *pngs])}")
