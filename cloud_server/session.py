@@ -1,195 +1,242 @@
-"""One session's target-side work: prefill, verify a draft batch, decode alone. Runs in the model executor.
+"""One Speculate session on the cloud after its handshake: the target cache, the draft queue, and two tasks.
 
-Holds the session's KV cache and its `SessionState`; knows nothing about gRPC.
+    reader:    edge messages -> admit drafts into the queue (or answer a tail request) -> wake the verifier
+    verifier:  take what has arrived -> one pass on the model worker -> commit -> verdict to the outbox;
+               with nothing to verify and decode-ahead on, decode a token alone and send that instead
+    stream():  yields the outbox to the gRPC handler until the session ends (or raises what went wrong)
+
+Both tasks run on the event loop and touch the model only through the worker (cloud_server/worker.py).
 """
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import AsyncIterator, Callable, Protocol
 
-import torch
+import grpc
 
-from shared.backend import HFBackend
-from shared.codec import Precision, encode_list, encode_probs
-from shared.early_exit import ExpectedOutcome, expected_outcome
-from shared.protocol import Commit, DraftRun, ProtocolError, SessionState
-from shared.rng import Stream
-from shared.sampling import SamplingParams, process_logits, sample_token
-from shared.verify import tail_draws, top_k, verify_coupled, verify_dense, verify_split
+from cloud_server.drafts import DraftQueue, DraftRun
+from cloud_server.handshake import Refusal, SessionSpec
+from cloud_server.target import TargetCache
+from cloud_server.worker import ModelWorker
+from shared.config import CloudConfig
+from shared.early_exit import ExpectedOutcome
+from shared.protocol import ProtocolError, SessionState
+from shared.rpc import picospec_pb2 as pb
+from shared.schemes import ResidualPayload
 
-# q rows must sum to 1 within this (float32 softmax rounding is ~1e-6 over 150k entries)
-Q_SUM_TOLERANCE = 1e-3
-MAX_TAIL_DRAWS = 4096  # per rejected position; the expected need is a handful
 log = logging.getLogger("picospec.cloud")
+_END = object()  # outbox sentinel: the stream ends normally
+DRAIN_S = 10.0   # after the final verdict, how long the edge gets to close its side of the stream
+
+
+class CloudHooks(Protocol):
+    """Test hooks: called before each message goes out (e.g. to delay it). Production passes none.
+
+    Optional: `before_decode_ahead()` is awaited before each decode-ahead step, so a test can let drafts arrive
+    first (the tiny test models decode faster than anything reaches the cloud, which would hide speculation)."""
+
+    async def before_send(self, msg: pb.CloudMessage) -> None: ...
 
 
 @dataclass(frozen=True)
-class ResidualPayload:
-    """What goes down with a split rejection."""
-
-    topk: bytes
-    tail_mass: float = 0.0
-    tail: bytes = b""
-
-
-@dataclass(frozen=True)
-class TimedCommit:
-    commit: Commit
-    compute_s: float
+class SessionRecord:
+    session_id: str
+    committed: list[int]
+    cache_tokens: list[int]  # what the target's KV cache held after the session: committed[:-1]
+    dead_chains: int
 
 
-@dataclass(frozen=True)
-class PassOutcome:
-    """The verification of one draft run, before it is committed (that happens on the event loop)."""
-
-    accepted: int
-    token: int | None        # correction, or bonus when every draft was accepted; None after a split rejection
-    rejected: bool
-    compute_s: float
-    residual: "ResidualPayload | None" = None
-    open_residual: "_OpenResidual | None" = None
+def waits_for(state: SessionState) -> str:
+    """What a verifier with nothing to verify waits for: the edge owes it that (never the other way round)."""
+    if state.awaiting_resolution:
+        return f"the edge's correction at position {state.committed_len} (epoch {state.epoch})"
+    return f"drafts of epoch {state.epoch} from position {state.committed_len}"
 
 
-@dataclass
-class _OpenResidual:
-    """Split modes: the target row at a rejected position, kept until the edge resolves it."""
+class CloudSession:
+    def __init__(self, sid: str, spec: SessionSpec, cache: TargetCache, worker: ModelWorker, limits: CloudConfig,
+                 vocab_size: int, hooks: "CloudHooks | None" = None) -> None:
+        self.sid, self.cache, self.worker, self.limits, self.vocab_size = sid, cache, worker, limits, vocab_size
+        self.hooks = hooks
+        self.state = spec.state
+        self.queue = DraftQueue(self.state)
+        self.decode_ahead = spec.decode_ahead
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.wake = asyncio.Event()
+        self.edge_done = False
+        self.idle_s = 0.0  # time with nothing to do since the last verdict: the pipeline bubble
+        self.waiting_for: str | None = None  # what the verifier waits for from the edge, while it waits
 
-    p_row: torch.Tensor
-    topk_ids: torch.Tensor
-    allowed: set[int]
-    tails_sent: int = 0
+    async def prefill(self) -> float:
+        return await self.worker.run(self.cache.prefill, list(self.state.tokens))
 
+    async def stream(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
+        reader = asyncio.create_task(self._guard(self._read(request_iterator), reader=True))
+        verifier = asyncio.create_task(self._guard(self._verify(), reader=False))
+        try:
+            while (item := await self.outbox.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            if self.state.finished is not None:
+                # the edge may still be writing drafts it made before it saw the end: let it close its side
+                # first, so that its writes never race the end of the call (bounded by DRAIN_S)
+                await asyncio.wait([reader], timeout=DRAIN_S)
+        finally:
+            reader.cancel()
+            verifier.cancel()
 
-class TargetSession:
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        state: SessionState,
-        params: SamplingParams,
-        verify_mode: str,
-        device: str = "cpu",
-        residual_top_k: int = 10,
-        tail_samples: int = 4,
-        exit_layer: int = 0,
-        exit_threshold: float = 1.0,
-    ) -> None:
-        self.backend = HFBackend(model, device)
-        self.exit_layer = exit_layer          # early-exit hints after this layer (0 = none)
-        self.exit_threshold = exit_threshold  # ... when the tentative confidence reaches this
-        self.state = state
-        self.params = params
-        self.verify_mode = verify_mode
-        self.residual_top_k = residual_top_k
-        self.tail_samples = tail_samples
-        self.open_residual: _OpenResidual | None = None
+    async def record(self, sink: Callable[[SessionRecord], None]) -> None:
+        """Settle the cache and hand the end state to `sink`, in one worker job: the call awaiting it may be
+        cancelled (the edge hung up), and the settling and the record must happen regardless."""
+        def settle() -> None:
+            self.cache.settle(self.state.committed_len)
+            sink(SessionRecord(self.sid, list(self.state.tokens), list(self.cache.backend.tokens),
+                               self.queue.dead_chains))
+        await self.worker.run(settle)
 
-    def prefill(self) -> float:
-        """Cache the prompt but its last token (that one is fed with the first drafts)."""
+    def describe(self) -> dict[str, object]:
+        """The protocol state as the cloud sees it (logged when an edge hangs up, e.g. on a stall it detected)."""
+        st, q = self.state, self.queue
+        run = q.pending or q.verifying
+        return {"epoch": st.epoch, "committed_len": st.committed_len, "awaiting_resolution": st.awaiting_resolution,
+                "pending": len(q.pending.token_ids) if q.pending else 0, "verifying": q.verifying is not None,
+                "drafts_from": run.start_pos if run else None, "decode_ahead": self.decode_ahead,
+                "edge_done": self.edge_done, "cloud_waits_for": self.waiting_for}
+
+    async def _guard(self, job, *, reader: bool) -> None:
+        """Run a task; its failure goes to the outbox (the stream raises it), its end wakes the other task."""
+        try:
+            await job
+            if not reader:
+                self.outbox.put_nowait(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the stream, which ends the call with a status
+            self.outbox.put_nowait(e)
+        finally:
+            if reader:
+                self.edge_done = True
+                self.wake.set()
+
+    # ---- reader ------------------------------------------------------------------------------------------
+    async def _read(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> None:
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if kind == "cancel":
+                log.info("session %s cancelled by the edge: %s; cloud state: %s", self.sid, msg.cancel.reason,
+                         self.describe())
+                self.outbox.put_nowait(_END)
+                return
+            if kind == "tail_request":
+                await self._answer_tail(msg.tail_request)
+            elif kind == "draft":
+                await self._admit(msg.draft)
+            else:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} message mid-stream")
+
+    async def _answer_tail(self, tr: pb.TailRequest) -> None:
+        st = self.state
+        if tr.epoch < st.epoch:
+            return  # stale: asked before a verdict the edge had not yet seen
+        if tr.epoch > st.epoch:
+            raise ProtocolError(f"tail request from future epoch {tr.epoch} (current {st.epoch})")
+        payload = await self.worker.run(self.cache.more_tail, tr.position, tr.have, st.committed_len)
+        self.outbox.put_nowait(pb.CloudMessage(tail=pb.TailSamples(epoch=tr.epoch, position=tr.position, payload=payload)))
+
+    async def _admit(self, b: pb.DraftBatch) -> None:
+        st = self.state
+        if st.finished is not None or b.epoch < st.epoch:
+            return  # drafted before the edge saw the final verdict, or before a rejection: not even decoded
+        resolved = b.resolved_token if b.HasField("resolved_token") else None
+        # decoding a dense q payload is real work (up to 32 x V floats): off the loop
+        extras = await asyncio.to_thread(self.cache.scheme.decode_extras, b, self.vocab_size)
+        if st.finished is not None or b.epoch < st.epoch:
+            return  # the verifier finished the session or rejected meanwhile: the batch went stale while decoded
+        if resolved is not None and st.awaiting_resolution:
+            self.cache.check_resolved(resolved)
+        self.queue.admit(b.epoch, b.start_pos, list(b.token_ids), extras, self.limits.max_draft_len, resolved)
+        if st.finished is not None:  # the edge's correction ended the session
+            self._verdict(st.committed_len, 0, 0, None, False, 0.0)
+        self.wake.set()
+
+    # ---- verifier ----------------------------------------------------------------------------------------
+    async def _verify(self) -> None:
+        while self.state.finished is None:
+            run = await self._next_run()
+            if run is not None:
+                await self._pass(run)
+            elif self._may_decode_ahead():
+                await self._decode_one()
+            elif self.edge_done:
+                return
+            else:
+                await self._idle()
+
+    def _may_decode_ahead(self) -> bool:
+        st = self.state
+        return self.decode_ahead and not st.awaiting_resolution and not self.edge_done and st.finished is None
+
+    async def _next_run(self) -> DraftRun | None:
+        run = self.queue.take(self.limits.max_draft_len)
+        hook = getattr(self.hooks, "before_decode_ahead", None)
+        if run is None and hook is not None and self._may_decode_ahead():
+            await hook()
+            run = self.queue.take(self.limits.max_draft_len)  # drafts that arrived meanwhile go first
+        return run
+
+    async def _idle(self) -> None:
         t0 = time.perf_counter()
-        self.backend.reset()
-        prompt = self.state.tokens
-        if len(prompt) > 1:
-            self.backend.forward(prompt[:-1], num_logits=1)
-        return time.perf_counter() - t0
+        self.waiting_for = waits_for(self.state)
+        await self.wake.wait()
+        self.wake.clear()
+        self.waiting_for = None
+        self.idle_s += time.perf_counter() - t0
 
-    def check_resolved(self, token: int) -> None:
-        """Split modes: the edge's correction must come from what we sent (top-K or tail draws)."""
-        if self.open_residual is None or token not in self.open_residual.allowed:
-            raise ProtocolError(f"resolved token {token} is not among the candidates the cloud sent")
-        self.open_residual = None
+    async def _decode_one(self) -> None:
+        """Decode-ahead: a token from the committed prefix, committed unless the edge's correction came first."""
+        committed = list(self.state.tokens)
+        token, dt = await self.worker.run(self.cache.decode_next, committed)
+        st = self.state
+        if st.committed_len != len(committed) or st.awaiting_resolution or st.finished:
+            return  # the edge's correction arrived meanwhile: this token is not at the front
+        self.queue.commit_own(token)
+        await self.worker.run(self.cache.settle, st.committed_len)
+        self._verdict(len(committed), 0, 0, token, False, dt)
 
-    @torch.inference_mode()
-    def verify_run(self, committed: list[int], run: DraftRun,
-                   on_hint: Callable[[ExpectedOutcome], None] | None = None) -> PassOutcome:
-        """Verify a run of drafts at committed_len.. in one forward pass. Runs in the model executor and
-        touches only the KV cache: `committed` is a snapshot, and the commit happens on the event loop.
-        With an exit layer, `on_hint` gets the tentative outcome mid-pass when it is confident enough."""
-        t0 = time.perf_counter()
-        draft_ids, mode, seed, start = run.token_ids, self.verify_mode, self.params.seed, run.start_pos
-        if start != len(committed):
-            raise ProtocolError(f"internal: run at {start}, committed length {len(committed)}")
-        hinting = contextlib.nullcontext()
-        if self.exit_layer and on_hint is not None and draft_ids:
-            def tentative(logits: torch.Tensor) -> None:
-                try:
-                    e = expected_outcome(logits, self.params, mode, draft_ids, run.extras, seed, start)
-                except Exception:  # noqa: BLE001 - a hint is advice: never let it break the pass
-                    log.exception("early-exit hint failed")
-                    return
-                if e.confidence >= self.exit_threshold:
-                    on_hint(e)
-            hinting = self.backend.early_exit(self.exit_layer, len(draft_ids) + 1, tentative)
-        with hinting:
-            logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)
-        p = process_logits(logits, self.params)
-        if mode == "dense":
-            v = verify_dense(p, torch.stack(run.extras), draft_ids, seed, start)
-            return PassOutcome(v.accepted, v.token, v.rejected, time.perf_counter() - t0)
-        if mode == "coupled":
-            v = verify_coupled(p, draft_ids, seed, start)
-            return PassOutcome(v.accepted, v.token, v.rejected, time.perf_counter() - t0)
-        if mode in ("split-topk", "split-exact"):
-            sv = verify_split(p, run.extras, draft_ids, seed, start)
-            if sv.bonus is not None:
-                return PassOutcome(sv.accepted, sv.bonus, False, time.perf_counter() - t0)
-            residual, opened = self._residual(p[sv.accepted], start + sv.accepted)
-            return PassOutcome(sv.accepted, None, True, time.perf_counter() - t0, residual, opened)
-        raise ValueError(f"verify mode {mode!r} is not implemented by this server")
+    async def _pass(self, run: DraftRun) -> None:
+        out = await self.worker.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
+        c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected)
+        if c is None:
+            return  # the edge abandoned that chain while we verified it
+        if self.state.awaiting_resolution:
+            self.cache.open_rejection = out.rejection
+        await self.worker.run(self.cache.settle, self.state.committed_len)
+        self._verdict(run.start_pos, len(run.token_ids), c.accepted, c.token, c.rejected, out.compute_s,
+                      out.rejection.payload if out.rejection else None, run.epoch)
 
-    @torch.inference_mode()
-    def decode_next(self, committed: list[int]) -> tuple[int, float]:
-        """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
-        t0 = time.perf_counter()
-        p = process_logits(self.backend.logits_at(committed, len(committed) - 1), self.params)[0]
-        return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0
+    def _hint_sender(self, run: DraftRun) -> Callable[[ExpectedOutcome], None] | None:
+        """Called from the model thread mid-pass: queue the hint on the loop so it leaves before the verdict."""
+        if not self.cache.exit_layer:
+            return None
+        loop = asyncio.get_running_loop()
 
-    def settle_cache(self) -> None:
-        """Keep exactly the committed tokens but the newest (it is fed with the next drafts): O(1)."""
-        self.backend.truncate(min(self.backend.length, max(0, self.state.committed_len - 1)))
+        def send(e: ExpectedOutcome) -> None:
+            hint = pb.Hint(epoch=run.epoch, start_pos=run.start_pos, verified=len(run.token_ids),
+                           expected_accepted=e.accepted, expected_token=e.token, confidence=e.confidence)
+            loop.call_soon_threadsafe(self.outbox.put_nowait, pb.CloudMessage(hint=hint))
+        return send
 
-    def _residual(self, p_row: torch.Tensor, pos: int) -> tuple[ResidualPayload, _OpenResidual]:
-        ids, vals = top_k(p_row, self.residual_top_k)
-        vocab = self.backend.vocab_size
-        opened = _OpenResidual(p_row, ids, set(ids.tolist()))
-        if self.verify_mode == "split-topk":
-            # approximate mode: half-precision values are plenty for a sampler that is approximate anyway
-            return ResidualPayload(encode_probs(_row(ids, vals, vocab), precision=Precision.F16)), opened
-        tail_mass = max(0.0, float(p_row.double().sum() - vals.double().sum()))
-        first = self._tail(opened, pos, 0)
-        return ResidualPayload(encode_probs(_row(ids, vals, vocab)), tail_mass, first), opened
-
-    def more_tail(self, pos: int, have: int) -> bytes:
-        """split-exact: tail draws have .. have+n-1 at the open position (n doubles with each request)."""
-        r = self.open_residual
-        if r is None or self.verify_mode != "split-exact" or pos != self.state.committed_len:
-            raise ProtocolError(f"no open split-exact rejection at position {pos}")
-        return self._tail(r, pos, have)
-
-    def _tail(self, r: _OpenResidual, pos: int, have: int) -> bytes:
-        if have != r.tails_sent:
-            raise ProtocolError(f"edge has {have} tail draws, cloud sent {r.tails_sent}")
-        n = min(max(self.tail_samples, have), MAX_TAIL_DRAWS - have)
-        if n <= 0:
-            raise ProtocolError(f"more than {MAX_TAIL_DRAWS} tail draws requested at one position")
-        ids, vals = tail_draws(r.p_row, r.topk_ids, self.params.seed, pos, have, n)
-        r.tails_sent += len(ids)
-        r.allowed.update(ids.tolist())
-        return encode_list(ids, vals, self.backend.vocab_size)
-
-    @torch.inference_mode()
-    def decode(self) -> TimedCommit:
-        """Cloud-only decoding: one token from p, with the same randomness a bonus token would use."""
-        t0 = time.perf_counter()
-        p = process_logits(self.backend.logits_at(self.state.tokens, self.state.committed_len - 1), self.params)[0]
-        token = sample_token(p, self.params.seed, self.state.committed_len, Stream.TARGET)
-        commit = self.state.commit((), 0, token, rejected=False)
-        return TimedCommit(commit, time.perf_counter() - t0)
-
-
-def _row(ids: torch.Tensor, vals: torch.Tensor, vocab: int) -> torch.Tensor:
-    row = torch.zeros(1, vocab)
-    row[0, ids] = vals.float()
-    return row
+    def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
+                 res: "ResidualPayload | None" = None, epoch: int | None = None) -> None:
+        st = self.state
+        self.outbox.put_nowait(pb.CloudMessage(verdict=pb.Verdict(
+            epoch=st.epoch if epoch is None else epoch, start_pos=start, accepted=accepted, token=token,
+            committed_len=st.committed_len, next_epoch=st.epoch, finished=st.finished is not None,
+            finish_reason=st.finished.value if st.finished else "", verify_s=compute_s, rejected=rejected,
+            verified=verified, idle_s=self.idle_s,
+            residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
+            tail_payload=res.tail if res else b"",
+        )))
+        self.idle_s = 0.0

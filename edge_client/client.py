@@ -21,13 +21,14 @@ from edge_client.drafter import Drafter
 from edge_client.policy import plan_session
 from edge_client.session import EdgeSession
 from edge_client.transport import EdgeError, EdgeHooks, StreamTransport, wire_size
-from shared.config import EDGE_MODES, EXACT_VERIFY_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig
+from shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
 from shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from shared.models import LoadedModel
 from shared.protocol import PROTOCOL_VERSION, SessionState
 from shared.rpc import picospec_pb2 as pb
 from shared.rpc import picospec_pb2_grpc as pb_grpc
 from shared.sampling import SamplingParams
+from shared.schemes import scheme
 from shared.stats import GenerationStats
 
 __all__ = ["EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
@@ -131,14 +132,13 @@ class EdgeClient:
         mode = mode or cfg.mode
         if mode not in EDGE_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(EDGE_MODES)}")
-        if mode == "picospec":  # the paper's configuration, whatever else is set
-            cfg = dataclasses.replace(cfg, verify="split-topk", residual_top_k=10, draft_len=4, decode_ahead="off")
+        cfg = with_mode_preset(mode, cfg)
         params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
         speculative = mode in SPECULATIVE_MODES
         if speculative and cfg.verify not in VERIFY_MODES:
             raise ValueError(f"unknown verify mode {cfg.verify!r}; choose from {', '.join(VERIFY_MODES)}")
         stats = GenerationStats(mode=mode, verify_mode=cfg.verify if speculative else None, prompt_tokens=len(prompt_ids),
-                                exact=mode == "cloud" or (speculative and cfg.verify in EXACT_VERIFY_MODES))
+                                exact=mode == "cloud" or (speculative and scheme(cfg.verify).exact))
         if mode in SPECULATIVE_MODES:
             sessions: list = []
             return Generation(self._speculate(list(prompt_ids), params, cfg, stats, mode, sessions), stats, sessions)
@@ -186,11 +186,11 @@ class EdgeClient:
                          mode: str, session_box: list) -> AsyncIterator[list[int]]:
         """Speculative decoding (sync, early-exit, pipeline, picospec): one EdgeSession over one Speculate stream."""
         info = await self.connect()
-        plan = plan_session(mode, verify=cfg.verify, greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
+        plan = plan_session(mode, scheme=scheme(cfg.verify), greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,
                             draft_confidence=cfg.draft_confidence, cloud_max_draft_len=info.max_draft_len,
                             cloud_exit_layer=info.default_exit_layer)
-        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=cfg.verify == "coupled")
+        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=scheme(cfg.verify).gumbel_drafts)
         stats.drafter = drafter
         hello = self._hello(prompt, params, cfg, cfg.verify)
         hello.decode_ahead = plan.decode_ahead

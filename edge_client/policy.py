@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from shared.config import HINTED_MODES, PIPELINED_MODES
+from shared.schemes import VerifyScheme
+
 
 class Action(Enum):
     DRAFT = "draft"          # draft one token onto the chain
@@ -118,15 +121,16 @@ class SessionPlan:
     confidence: float    # end a batch when the draft's top-1 probability falls under this (0 = never)
 
 
-def plan_session(mode: str, *, verify: str, greedy: bool, draft_len: int, max_draft_len: int, decode_ahead: str,
-                 hints: str, draft_confidence: float, cloud_max_draft_len: int, cloud_exit_layer: int) -> SessionPlan:
-    pipelined = mode not in ("sync", "early-exit")
+def plan_session(mode: str, *, scheme: VerifyScheme, greedy: bool, draft_len: int, max_draft_len: int,
+                 decode_ahead: str, hints: str, draft_confidence: float, cloud_max_draft_len: int,
+                 cloud_exit_layer: int) -> SessionPlan:
+    pipelined = mode in PIPELINED_MODES
     fixed = min(draft_len, cloud_max_draft_len) if draft_len > 0 else (None if pipelined else 4)
     # decode-ahead pays where the cloud's own token is the one verification would emit anyway (coupled, greedy)
-    ahead = pipelined and (decode_ahead == "on" or (decode_ahead == "auto" and (verify == "coupled" or greedy)))
+    ahead = pipelined and (decode_ahead == "on" or (decode_ahead == "auto" and (scheme.own_token_is_verdicts or greedy)))
     return SessionPlan(
         pipelined=pipelined,
-        hints=(hints == "on" or (hints == "auto" and mode == "early-exit")) and cloud_exit_layer > 0,
+        hints=(hints == "on" or (hints == "auto" and mode in HINTED_MODES)) and cloud_exit_layer > 0,
         g_cap=max(1, min(max_draft_len, cloud_max_draft_len)),
         fixed=fixed,
         decode_ahead=ahead,

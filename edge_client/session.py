@@ -9,7 +9,6 @@ event loop keeps sending and receiving while the draft model works; the transpor
 from __future__ import annotations
 
 import collections
-import math
 import time
 from concurrent.futures import Executor
 from typing import AsyncIterator, Awaitable, Callable
@@ -21,15 +20,14 @@ from edge_client.hints import HintTracker
 from edge_client.policy import Action, SessionPlan, Snapshot, cloud_owes, edge_owes, next_action, should_send
 from edge_client.rtt import RttTracker
 from edge_client.transport import EdgeError, StreamTransport
-from shared.codec import PayloadError, decode_list, decode_probs, encode_probs
+from shared.codec import PayloadError, decode_list
 from shared.config import EdgeConfig
 from shared.perf_model import choose_draft_len
 from shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
 from shared.rpc import picospec_pb2 as pb
+from shared.schemes import MAX_TAIL_DRAWS, scheme
 from shared.stats import GenerationStats
-from shared.verify import NeedMoreTail, ResidualHint, resample_exact, resample_topk
 
-MAX_TAIL_DRAWS = 4096  # per rejected position, as the cloud allows
 RunModel = Callable[..., Awaitable]
 
 
@@ -40,6 +38,7 @@ class EdgeSession:
         self.hello, self.plan, self.cfg, self.stats = hello, plan, cfg, stats
         self.drafter, self.transport, self.run_model, self.executor = drafter, transport, run_model, executor
         self.hooks = hooks
+        self.scheme = scheme(hello.verify_mode)
         self.prompt = list(hello.prompt_ids)
         self.seed = hello.sampling.seed
         self.hints = HintTracker(stats, plan.pipelined)
@@ -154,11 +153,7 @@ class EdgeSession:
         start, tokens, resolved = self.chain.take_batch()
         batch = pb.DraftBatch(epoch=self.chain.epoch, start_pos=start, token_ids=[c.token for c in tokens],
                               resolved_token=resolved)
-        verify = self.hello.verify_mode
-        if verify == "dense" and tokens:
-            batch.q_payload = encode_probs(torch.stack([c.extra for c in tokens]), compress=self.cfg.compress)
-        elif verify.startswith("split"):
-            batch.draft_probs.extend(float(c.extra[c.token]) for c in tokens)
+        self.scheme.encode_extras(batch, [c.token for c in tokens], [c.extra for c in tokens], self.cfg.compress)
         self.rtt.on_send(start + (resolved is not None), len(tokens), time.perf_counter())
         await self.transport.send(pb.EdgeMessage(draft=batch))
 
@@ -205,29 +200,14 @@ class EdgeSession:
 
     async def _resolve(self, v: pb.Verdict, q_row: torch.Tensor | None) -> int:
         """Split modes: sample the correction at the rejected position from the cloud's sparse view of p."""
-        pos, vocab = self.state.committed_len, self.drafter.vocab_size
         if q_row is None:
             raise ProtocolError("a rejection at a position the edge never drafted")
-        row = decode_probs(v.residual_payload, vocab_size=vocab, max_rows=1)[0]
-        ids = torch.nonzero(row > 0).flatten()
-        if len(ids) == 0:
-            raise ProtocolError("empty top-K payload after a rejection")
         self.stats.on_rejection(len(v.residual_payload) + len(v.tail_payload))
-        if self.hello.verify_mode == "split-topk":
-            return await self.run_model(resample_topk, q_row, ids, row[ids], self.seed, pos)
-        if not (math.isfinite(v.tail_mass) and 0.0 <= v.tail_mass <= 1.0):
-            raise ProtocolError(f"tail mass {v.tail_mass} is not a probability")
-        tail_ids, tail_vals = decode_list(v.tail_payload, vocab_size=vocab, max_len=MAX_TAIL_DRAWS) if v.tail_payload \
-            else (torch.zeros(0, dtype=torch.long), torch.zeros(0))
-        while True:
-            hint = ResidualHint(ids, row[ids], v.tail_mass, tail_ids, tail_vals)
-            try:
-                return await self.run_model(resample_exact, q_row, hint, self.seed, pos)
-            except NeedMoreTail as e:
-                more_ids, more_vals = await self._more_tail(v.next_epoch, pos, e.have)
-                if len(more_ids) == 0 or len(tail_ids) + len(more_ids) > MAX_TAIL_DRAWS:
-                    raise ProtocolError("the cloud sent no further tail draws")
-                tail_ids, tail_vals = torch.cat([tail_ids, more_ids]), torch.cat([tail_vals, more_vals])
+        pos = self.state.committed_len
+
+        async def more_tail(have: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return await self._more_tail(v.next_epoch, pos, have)
+        return await self.scheme.resolve(v, q_row, self.seed, pos, self.drafter.vocab_size, self.run_model, more_tail)
 
     async def _more_tail(self, epoch: int, pos: int, have: int) -> tuple[torch.Tensor, torch.Tensor]:
         await self.transport.send(pb.EdgeMessage(tail_request=pb.TailRequest(epoch=epoch, position=pos, have=have)))

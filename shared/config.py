@@ -20,6 +20,8 @@ EXACT_VERIFY_MODES = ("dense", "split-exact", "coupled")  # split-topk is the pa
 # early-exit: stop-and-wait plus pre-drafting from the cloud's early-exit hints (the second paper's system)
 EDGE_MODES = ("cloud", "edge", "sync", "early-exit", "pipeline", "picospec")
 SPECULATIVE_MODES = ("sync", "early-exit", "pipeline", "picospec")
+PIPELINED_MODES = ("pipeline", "picospec")  # draft ahead while batches are in flight; the others stop and wait
+HINTED_MODES = ("early-exit",)               # early-exit hints on unless --hints off
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
@@ -147,3 +149,11 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, environ: dict[str, st
         elif f.default is MISSING:
             raise SystemExit(f"missing required setting --{f.name.replace('_', '-')}")
     return cls(**values)
+
+
+def with_mode_preset(mode: str, cfg: "EdgeConfig") -> "EdgeConfig":
+    """A mode that is a fixed configuration overrides the settings it fixes: `picospec` is the paper's (split-topk
+    with K=10, draft length 4, no decode-ahead: APPROXIMATE), whatever else is set."""
+    if mode == "picospec":
+        return dataclasses.replace(cfg, verify="split-topk", residual_top_k=10, draft_len=4, decode_ahead="off")
+    return cfg

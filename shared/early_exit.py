@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from shared.sampling import SamplingParams, process_logits
-from shared.verify import verify_coupled, verify_dense, verify_split
+from shared.schemes import VerifyScheme
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ExpectedOutcome:
 def expected_outcome(
     tentative_logits: torch.Tensor,
     params: SamplingParams,
-    verify_mode: str,
+    scheme: VerifyScheme,
     draft_ids: Sequence[int],
     extras: Sequence[Any],
     seed: int,
@@ -36,23 +36,11 @@ def expected_outcome(
     k = len(draft_ids)
     if k < 1 or tentative_logits.shape[0] != k + 1:
         raise ValueError(f"{tentative_logits.shape[0]} tentative rows for {k} drafts (need k + 1, k >= 1)")
-    p = process_logits(tentative_logits, params)
-    token: int | None
-    if verify_mode == "dense":
-        v = verify_dense(p, torch.stack(list(extras)), draft_ids, seed, start_pos)
-        accepted, token = v.accepted, v.token
-    elif verify_mode == "coupled":
-        v = verify_coupled(p, draft_ids, seed, start_pos)
-        accepted, token = v.accepted, v.token
-    elif verify_mode in ("split-topk", "split-exact"):
-        sv = verify_split(p, [float(x) for x in extras], draft_ids, seed, start_pos)
-        accepted = sv.accepted
-        # after a split rejection the edge samples the correction itself; greedily that is p's argmax
-        token = sv.bonus if sv.bonus is not None else (int(p[accepted].argmax()) if params.greedy else None)
-    else:
-        raise ValueError(f"unknown verify mode {verify_mode!r}")
-    top1 = torch.softmax(tentative_logits[: accepted + 1].float(), dim=-1).max(dim=-1).values
-    return ExpectedOutcome(accepted, token, float(top1.min()))
+    p = process_logits(tentative_logits, params)  # [k+1, V]
+    d = scheme.decide(p, extras, draft_ids, seed, start_pos)
+    token = scheme.expected_token(p, d, params.greedy)
+    top1 = torch.softmax(tentative_logits[: d.accepted + 1].float(), dim=-1).max(dim=-1).values
+    return ExpectedOutcome(d.accepted, token, float(top1.min()))
 
 
 def layer_agreement(final_logits: torch.Tensor, tentative_logits: torch.Tensor, thresholds: Sequence[float]) -> list[dict[str, float]]:

@@ -5,12 +5,11 @@ verdicts, so they agree on every committed token. Rollback is bookkeeping only: 
 epoch, and anything drafted under an older epoch is stale; the KV caches are truncated by their owners
 to `committed_len` (see shared.backend).
 
-The pipeline adds two things. The cloud keeps the drafts it has received but not verified as one
-contiguous `DraftRun` and verifies whatever has arrived in one pass (`admit`, `take`, `finish_pass`).
-And the cloud may commit tokens of its own (a bonus, or decode-ahead when it has nothing to verify):
-a draft chain that disagrees with one of them is dead. The edge sees that in the verdict and starts a
-new epoch (`EdgeChain`); the cloud sees it when the chain's batch arrives (`take`) and ends that epoch.
-Both rules look only at committed tokens and chain contents, so the two sides agree without a round trip.
+The cloud may commit tokens of its own (a bonus, or decode-ahead when it has nothing to verify): a draft
+chain that disagrees with one of them is dead. The edge sees that in the verdict and starts a new epoch
+(`EdgeChain`); the cloud sees it when the chain's batch reaches its queue of pending drafts
+(cloud_server/drafts.py) and ends that epoch. Both rules look only at committed tokens and chain contents,
+so the two sides agree without a round trip.
 """
 from __future__ import annotations
 
@@ -29,28 +28,6 @@ class FinishReason(str, Enum):
     EOS = "eos"
     LENGTH = "length"
     CANCELLED = "cancelled"
-
-
-class BatchStatus(Enum):
-    CURRENT = "current"  # verify it
-    STALE = "stale"      # drafted before a rejection we have already sent: drop it
-
-
-MAX_PENDING_BATCHES = 8  # unverified drafts the cloud holds per session, in units of the largest batch
-
-
-@dataclass
-class DraftRun:
-    """Drafts of one epoch at consecutive positions start_pos.., with what travels with each token."""
-
-    epoch: int
-    start_pos: int
-    token_ids: list[int]
-    extras: list[Any]  # per token: the q row (dense), q(x) (split modes) or None (coupled)
-
-    @property
-    def end(self) -> int:
-        return self.start_pos + len(self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -75,11 +52,6 @@ class SessionState:
     finished: FinishReason | None = None
     # split modes: a rejection left position committed_len to be resolved by the edge's residual sample
     awaiting_resolution: bool = False
-    # cloud side, pipeline: drafts received and not yet verified, and the stretch being verified now
-    pending: "DraftRun | None" = None
-    verifying: "DraftRun | None" = None
-    cloud_tokens: int = 0   # tokens the cloud committed on its own (bonus, decode-ahead)
-    dead_chains: int = 0    # chains that arrived contradicting such a token
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -103,125 +75,6 @@ class SessionState:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ProtocolError(f"{what} holds token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-
-    def admit(
-        self,
-        epoch: int,
-        start_pos: int,
-        draft_ids: Sequence[int],
-        extras: Sequence[Any],
-        max_len: int,
-        resolved: int | None = None,
-    ) -> BatchStatus:
-        """Cloud side: take an incoming draft batch into the pending run, or drop it as stale.
-
-        extras: one item per draft token that travels with it (a q row, or q(x)). A resolved token (split
-        modes) is committed here: it is the edge's sample, and both sides commit it themselves."""
-        if self.finished is not None:
-            raise ProtocolError("draft batch after the session finished")
-        if epoch < self.epoch:
-            return BatchStatus.STALE
-        # every epoch the edge starts is caused by a rejection (which bumps ours) or by a token we
-        # committed on our own that contradicts its chain: more than that is a broken peer
-        if epoch > self.epoch + self.cloud_tokens:
-            raise ProtocolError(f"batch from future epoch {epoch} (current {self.epoch})")
-        if len(extras) != len(draft_ids):
-            raise ProtocolError(f"{len(extras)} draft probabilities for {len(draft_ids)} draft tokens")
-        if epoch > self.epoch:  # the edge abandoned its chain: whatever we hold of it is stale
-            self.epoch, self.pending = epoch, None
-        self._trim_pending()  # drafts the cloud has overtaken with tokens of its own
-        if epoch < self.epoch:
-            return BatchStatus.STALE
-        if self.awaiting_resolution != (resolved is not None):
-            raise ProtocolError("a resolved token is required after a split rejection, and only then")
-        # a correction may travel alone: the edge sends it without drafts when it has chosen to let the cloud
-        # decode (draft length 0) or when it ends the session; the cloud must never wait for drafts to get it
-        min_len = 0 if resolved is not None else 1
-        if not min_len <= len(draft_ids) <= max_len:
-            raise ProtocolError(f"batch of {len(draft_ids)} tokens; allowed {min_len}..{max_len}")
-        self.check_ids(draft_ids, "draft batch")
-        chain_end = self.pending.end if self.pending else self.verifying.end if self.verifying else None
-        if resolved is not None:
-            if start_pos != self.committed_len:
-                raise ProtocolError(f"resolved token at position {start_pos}, committed length is {self.committed_len}")
-            self.check_ids([resolved], "resolved token")
-            self.commit_resolved(resolved)
-            start_pos += 1
-        elif chain_end is not None and self.pending_epoch == epoch:
-            if start_pos != chain_end:
-                raise ProtocolError(f"batch starts at position {start_pos}; the epoch's drafts so far end at {chain_end}")
-        elif start_pos > self.committed_len:
-            raise ProtocolError(f"batch starts at position {start_pos}, committed length is {self.committed_len}")
-        if not draft_ids:
-            return BatchStatus.CURRENT
-        if self.pending is None:
-            self.pending = DraftRun(epoch, start_pos, [], [])
-        if len(self.pending.token_ids) + len(draft_ids) > max_len * MAX_PENDING_BATCHES:
-            raise ProtocolError(f"more than {max_len * MAX_PENDING_BATCHES} draft tokens waiting for verification")
-        self.pending.token_ids.extend(int(t) for t in draft_ids)
-        self.pending.extras.extend(extras)
-        return BatchStatus.CURRENT
-
-    @property
-    def pending_epoch(self) -> int | None:
-        run = self.pending or self.verifying
-        return run.epoch if run else None
-
-    def take(self, limit: int) -> DraftRun | None:
-        """Cloud side: the next drafts to verify, at most `limit`, starting at the committed length.
-
-        Drafts at positions the cloud has already committed (its bonus or decode-ahead tokens) are
-        trimmed when they agree; when they disagree the chain is dead and its epoch ends here."""
-        if self.finished is not None or self.awaiting_resolution:
-            return None
-        self._trim_pending()
-        run = self.pending
-        if run is None:
-            return None
-        head = DraftRun(run.epoch, run.start_pos, run.token_ids[:limit], run.extras[:limit])
-        rest = DraftRun(run.epoch, head.end, run.token_ids[limit:], run.extras[limit:])
-        self.pending = rest if rest.token_ids else None
-        if not head.token_ids:
-            return None
-        self.verifying = head
-        return head
-
-    def _trim_pending(self) -> None:
-        """Drop pending drafts at positions already committed if they agree; end their chain if not."""
-        run = self.pending
-        overlap = self.committed_len - run.start_pos if run else 0
-        if overlap <= 0:
-            return
-        n = min(overlap, len(run.token_ids))
-        if run.token_ids[:n] != self.tokens[run.start_pos : run.start_pos + n]:
-            self.epoch, self.pending = run.epoch + 1, None
-            self.dead_chains += 1
-            return
-        rest = DraftRun(run.epoch, run.start_pos + n, run.token_ids[n:], run.extras[n:])
-        self.pending = rest if rest.token_ids else None
-
-    def finish_pass(self, run: DraftRun, accepted: int, token: int | None, rejected: bool) -> Commit | None:
-        """Cloud side: commit the outcome of verifying `run`; None when the run went stale meanwhile.
-
-        When every draft was accepted and more drafts of the chain are already waiting, the bonus token
-        is dropped: the next draft takes its place (and its coin is never looked at, so nothing is biased)."""
-        self.verifying = None
-        if run.epoch != self.epoch or run.start_pos != self.committed_len:
-            return None  # the edge started a new chain while we verified this one
-        if not rejected and accepted == len(run.token_ids) and self.pending is not None:
-            token = None
-        c = self.commit(run.token_ids, accepted, token, rejected)
-        if rejected or c.finished is not None:
-            self.pending = None
-        elif c.token is not None:
-            self.cloud_tokens += 1
-        return c
-
-    def commit_own(self, token: int) -> Commit:
-        """Cloud side: a token decoded with nothing to verify (decode-ahead)."""
-        c = self.commit((), 0, token, rejected=False)
-        self.cloud_tokens += 1
-        return c
 
     def would_finish_with(self, token: int) -> bool:
         """Whether committing this one token ends the session (then nothing may be drafted after it)."""

@@ -32,7 +32,7 @@ async def serving(target: LoadedModel, **limits: object) -> AsyncIterator[tuple[
         yield service, f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=None)
-        service.executor.shutdown(wait=True)
+        service.worker.shutdown(wait=True)
 
 
 @contextlib.asynccontextmanager

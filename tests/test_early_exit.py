@@ -19,6 +19,7 @@ from shared.early_exit import expected_outcome, layer_agreement
 from shared.models import LoadedModel, load_model
 from shared.rpc import picospec_pb2 as pb
 from shared.sampling import SamplingParams, process_logits
+from shared.schemes import scheme
 from shared.verify import verify_coupled, verify_dense, verify_split
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
@@ -58,7 +59,7 @@ def test_expected_outcome_equals_the_verdict_when_tentative_is_final(mode, tempe
         draft = [int(torch.multinomial(q[i], 1)) for i in range(k)]
         p = process_logits(logits, params)
         extras = list(q) if mode == "dense" else [float(q[i, x]) for i, x in enumerate(draft)]
-        e = expected_outcome(logits, params, mode, draft, extras, params.seed, 17)
+        e = expected_outcome(logits, params, scheme(mode), draft, extras, params.seed, 17)
         if mode == "dense":
             v = verify_dense(p, q, draft, params.seed, 17)
             assert (e.accepted, e.token) == (v.accepted, v.token)
@@ -78,9 +79,9 @@ def test_expected_outcome_equals_the_verdict_when_tentative_is_final(mode, tempe
 
 def test_expected_outcome_rejects_bad_shapes():
     with pytest.raises(ValueError, match="k \\+ 1"):
-        expected_outcome(torch.zeros(3, 8), SamplingParams(), "dense", [1], [torch.ones(8) / 8], 0, 0)
+        expected_outcome(torch.zeros(3, 8), SamplingParams(), scheme("dense"), [1], [torch.ones(8) / 8], 0, 0)
     with pytest.raises(ValueError, match="unknown verify mode"):
-        expected_outcome(torch.zeros(2, 8), SamplingParams(), "magic", [1], [None], 0, 0)
+        expected_outcome(torch.zeros(2, 8), SamplingParams(), scheme("magic"), [1], [None], 0, 0)
 
 
 def test_layer_agreement_counts_coverage_and_agreement():

@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 
+from shared.schemes import SCHEMES
+
 from edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, edge_owes, next_action, plan_session,
                                 should_send)
 
@@ -128,15 +130,15 @@ def _reachable(g, pipelined, ahead, budget, chain_len, unsent, last_eos, awaitin
 def test_plan_for_each_mode():
     common = dict(greedy=False, draft_len=0, max_draft_len=12, decode_ahead="auto", hints="auto",
                   draft_confidence=0.2, cloud_max_draft_len=32, cloud_exit_layer=3)
-    sync = plan_session("sync", verify="dense", **common)
+    sync = plan_session("sync", scheme=SCHEMES["dense"], **common)
     assert not sync.pipelined and sync.fixed == 4 and not sync.decode_ahead and not sync.hints and sync.confidence == 0
-    pipe = plan_session("pipeline", verify="coupled", **common)
+    pipe = plan_session("pipeline", scheme=SCHEMES["coupled"], **common)
     assert pipe.pipelined and pipe.fixed is None and pipe.decode_ahead and pipe.confidence == 0.2 and pipe.g_cap == 12
-    assert not plan_session("pipeline", verify="split-exact", **common).decode_ahead  # sampled split: off in auto
-    assert plan_session("pipeline", verify="split-exact", **{**common, "greedy": True}).decode_ahead
-    assert plan_session("early-exit", verify="dense", **common).hints
-    assert not plan_session("early-exit", verify="dense", **{**common, "cloud_exit_layer": 0}).hints
-    assert plan_session("pipeline", verify="dense", **{**common, "draft_len": 40}).fixed == 32  # the cloud's cap
+    assert not plan_session("pipeline", scheme=SCHEMES["split-exact"], **common).decode_ahead  # sampled split: off in auto
+    assert plan_session("pipeline", scheme=SCHEMES["split-exact"], **{**common, "greedy": True}).decode_ahead
+    assert plan_session("early-exit", scheme=SCHEMES["dense"], **common).hints
+    assert not plan_session("early-exit", scheme=SCHEMES["dense"], **{**common, "cloud_exit_layer": 0}).hints
+    assert plan_session("pipeline", scheme=SCHEMES["dense"], **{**common, "draft_len": 40}).fixed == 32  # the cloud's cap
 
 
 def test_the_deadline_scales_with_the_work():

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.protocol import BatchStatus, ChainToken, EdgeChain, FinishReason, ProtocolError, SessionState
+from cloud_server.drafts import BatchStatus, DraftQueue
+from shared.protocol import ChainToken, EdgeChain, FinishReason, ProtocolError, SessionState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,20 +16,26 @@ def _state(**kw):
     return SessionState(**{"prompt_ids": [1, 2, 3], "max_new_tokens": 10, "eos_ids": frozenset({0}), "vocab_size": 50, **kw})
 
 
-def _admit(s, epoch, start, ids, max_len=8, resolved=None):
-    return s.admit(epoch, start, ids, [None] * len(ids), max_len, resolved)
+def _queue(**kw):
+    """The cloud's draft queue over a fresh state; tests read the shared state as `q.state`."""
+    return DraftQueue(_state(**kw))
+
+
+def _admit(q, epoch, start, ids, max_len=8, resolved=None):
+    return q.admit(epoch, start, ids, [None] * len(ids), max_len, resolved)
 
 
 def test_accept_reject_bumps_epoch_and_positions():
-    s = _state()
-    assert _admit(s, 0, 3, [5, 6, 7]) is BatchStatus.CURRENT
-    run = s.take(8)
+    q = _queue()
+    s = q.state
+    assert _admit(q, 0, 3, [5, 6, 7]) is BatchStatus.CURRENT
+    run = q.take(8)
     assert (run.start_pos, run.token_ids) == (3, [5, 6, 7])
-    c = s.finish_pass(run, accepted=1, token=9, rejected=True)
+    c = q.finish_pass(run, accepted=1, token=9, rejected=True)
     assert c.new_tokens == (5, 9) and s.committed_len == 5 and s.epoch == 1
-    assert _admit(s, 0, 6, [1]) is BatchStatus.STALE  # drafted before the rejection
-    assert _admit(s, 1, 5, [1, 2]) is BatchStatus.CURRENT
-    c = s.finish_pass(s.take(8), accepted=2, token=3, rejected=False)
+    assert _admit(q, 0, 6, [1]) is BatchStatus.STALE  # drafted before the rejection
+    assert _admit(q, 1, 5, [1, 2]) is BatchStatus.CURRENT
+    c = q.finish_pass(q.take(8), accepted=2, token=3, rejected=False)
     assert c.new_tokens == (1, 2, 3) and s.epoch == 1 and s.generated == [5, 9, 1, 2, 3]
 
 
@@ -38,47 +45,49 @@ def test_accept_reject_bumps_epoch_and_positions():
 ])
 def test_bad_batches(epoch, start, ids, match):
     with pytest.raises(ProtocolError, match=match):
-        _admit(_state(), epoch, start, ids)
+        _admit(_queue(), epoch, start, ids)
 
 
 def test_queued_batches_verify_together_and_drop_the_bonus():
-    s = _state()
-    _admit(s, 0, 3, [5, 6])
-    _admit(s, 0, 5, [7, 8])  # drafted ahead, before any verdict
-    run = s.take(3)
-    assert run.token_ids == [5, 6, 7] and s.pending.token_ids == [8]
+    q = _queue()
+    _admit(q, 0, 3, [5, 6])
+    _admit(q, 0, 5, [7, 8])  # drafted ahead, before any verdict
+    run = q.take(3)
+    assert run.token_ids == [5, 6, 7] and q.pending.token_ids == [8]
     with pytest.raises(ProtocolError, match="drafts so far end at 7"):
-        _admit(s, 0, 9, [1])  # a hole in the chain
-    c = s.finish_pass(run, accepted=3, token=4, rejected=False)
+        _admit(q, 0, 9, [1])  # a hole in the chain
+    c = q.finish_pass(run, accepted=3, token=4, rejected=False)
     assert c.new_tokens == (5, 6, 7) and c.token is None  # draft 8 takes the bonus's place
-    c = s.finish_pass(s.take(8), accepted=1, token=4, rejected=False)
-    assert c.new_tokens == (8, 4) and s.cloud_tokens == 1
+    c = q.finish_pass(q.take(8), accepted=1, token=4, rejected=False)
+    assert c.new_tokens == (8, 4) and q.cloud_tokens == 1
 
 
 def test_drafts_overlapping_cloud_tokens_are_trimmed_or_end_the_chain():
-    s = _state()
-    s.commit_own(5)
-    s.commit_own(6)  # decode-ahead: committed [.., 5, 6] before the edge's batch arrived
-    _admit(s, 0, 3, [5, 6, 7])
-    run = s.take(8)
+    q = _queue()
+    s = q.state
+    q.commit_own(5)
+    q.commit_own(6)  # decode-ahead: committed [.., 5, 6] before the edge's batch arrived
+    _admit(q, 0, 3, [5, 6, 7])
+    run = q.take(8)
     assert (run.start_pos, run.token_ids) == (5, [7])
-    s.finish_pass(run, accepted=1, token=9, rejected=False)  # bonus 9 at position 6
-    _admit(s, 0, 6, [8, 1])  # the chain said 8 there: dead
-    assert s.take(8) is None and s.epoch == 1 and s.dead_chains == 1
-    assert _admit(s, 0, 8, [1]) is BatchStatus.STALE
-    assert _admit(s, 1, 7, [2]) is BatchStatus.CURRENT and s.take(8).token_ids == [2]
+    q.finish_pass(run, accepted=1, token=9, rejected=False)  # bonus 9 at position 6
+    _admit(q, 0, 6, [8, 1])  # the chain said 8 there: dead
+    assert q.take(8) is None and s.epoch == 1 and q.dead_chains == 1
+    assert _admit(q, 0, 8, [1]) is BatchStatus.STALE
+    assert _admit(q, 1, 7, [2]) is BatchStatus.CURRENT and q.take(8).token_ids == [2]
 
 
 def test_a_new_epoch_from_the_edge_drops_the_old_chain_even_mid_verification():
-    s = _state()
-    s.commit_own(5)  # one cloud token: the edge may start one new epoch on its own
-    _admit(s, 0, 4, [6, 7])
-    run = s.take(1)
-    _admit(s, 1, 4, [8])
-    assert s.finish_pass(run, accepted=1, token=2, rejected=False) is None  # stale when it came back
-    assert s.take(8).token_ids == [8] and s.committed_len == 4
+    q = _queue()
+    s = q.state
+    q.commit_own(5)  # one cloud token: the edge may start one new epoch on its own
+    _admit(q, 0, 4, [6, 7])
+    run = q.take(1)
+    _admit(q, 1, 4, [8])
+    assert q.finish_pass(run, accepted=1, token=2, rejected=False) is None  # stale when it came back
+    assert q.take(8).token_ids == [8] and s.committed_len == 4
     with pytest.raises(ProtocolError, match="future epoch"):
-        _admit(s, 3, 4, [1])
+        _admit(q, 3, 4, [1])
 
 
 def test_edge_chain_follows_verdicts():
@@ -99,11 +108,12 @@ def test_edge_chain_follows_verdicts():
 
 
 def test_stop_at_eos_inside_accepted_drafts():
-    s = _state()
+    q = _queue()
+    s = q.state
     c = s.commit([4, 0, 6], accepted=3, token=7, rejected=False)
     assert c.new_tokens == (4, 0) and c.finished is FinishReason.EOS and c.token is None and c.accepted == 2
     with pytest.raises(ProtocolError):
-        _admit(s, 0, 5, [1])
+        _admit(q, 0, 5, [1])
 
 
 def test_stop_at_length_truncates_and_drops_the_token():

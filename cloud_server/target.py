@@ -1,0 +1,123 @@
+"""One session's target-side model work: prefill, verify a draft run, decode one token, settle the cache.
+
+Every method that touches the model or the KV cache runs on the model worker's thread (cloud_server/worker.py);
+the session (cloud_server/session.py) calls them only through the worker. Knows nothing about gRPC or the queue.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cloud_server.drafts import DraftRun
+from shared.backend import HFBackend
+from shared.early_exit import ExpectedOutcome, expected_outcome
+from shared.protocol import ProtocolError
+from shared.schemes import OpenRejection, scheme
+from shared.rng import Stream
+from shared.sampling import SamplingParams, process_logits, sample_token
+
+log = logging.getLogger("picospec.cloud")
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """The verification of one draft run, before it is committed (that happens on the event loop)."""
+
+    accepted: int
+    token: int | None        # correction, or bonus when every draft was accepted; None after a split rejection
+    rejected: bool
+    compute_s: float
+    rejection: "OpenRejection | None" = None  # split modes: what goes down, kept open until the correction arrives
+
+
+class TargetCache:
+    """The target model over one session's KV cache, with the split modes' open residual."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: SamplingParams,
+        verify_mode: str,
+        device: str = "cpu",
+        residual_top_k: int = 10,
+        tail_samples: int = 4,
+        exit_layer: int = 0,
+        exit_threshold: float = 1.0,
+    ) -> None:
+        self.backend = HFBackend(model, device)
+        self.exit_layer = exit_layer          # early-exit hints after this layer (0 = none)
+        self.exit_threshold = exit_threshold  # ... when the tentative confidence reaches this
+        self.params = params
+        self.verify_mode = verify_mode
+        self.residual_top_k = residual_top_k
+        self.tail_samples = tail_samples
+        self.scheme = scheme(verify_mode) if verify_mode else None  # None: cloud-only decoding
+        self.open_rejection: OpenRejection | None = None
+
+    def prefill(self, prompt: list[int]) -> float:
+        """Cache the prompt but its last token (that one is fed with the first drafts)."""
+        t0 = time.perf_counter()
+        self.backend.reset()
+        if len(prompt) > 1:
+            self.backend.forward(prompt[:-1], num_logits=1)
+        return time.perf_counter() - t0
+
+    def check_resolved(self, token: int) -> None:
+        """Split modes: the edge's correction must come from what we sent (top-K or tail draws)."""
+        if self.open_rejection is None:
+            raise ProtocolError(f"resolved token {token} is not among the candidates the cloud sent")
+        self.open_rejection.check(token)
+        self.open_rejection = None
+
+    @torch.inference_mode()
+    def verify_run(self, committed: list[int], run: DraftRun,
+                   on_hint: Callable[[ExpectedOutcome], None] | None = None) -> PassOutcome:
+        """Verify a run of drafts at committed_len.. in one forward pass. Runs in the model executor and
+        touches only the KV cache: `committed` is a snapshot, and the commit happens on the event loop.
+        With an exit layer, `on_hint` gets the tentative outcome mid-pass when it is confident enough."""
+        t0 = time.perf_counter()
+        draft_ids, seed, start = run.token_ids, self.params.seed, run.start_pos
+        if start != len(committed):
+            raise ProtocolError(f"internal: run at {start}, committed length {len(committed)}")
+        hinting = contextlib.nullcontext()
+        if self.exit_layer and on_hint is not None and draft_ids:
+            def tentative(logits: torch.Tensor) -> None:  # [k+1, V] after the exit layer
+                try:
+                    e = expected_outcome(logits, self.params, self.scheme, draft_ids, run.extras, seed, start)
+                except Exception:  # noqa: BLE001 - a hint is advice: never let it break the pass
+                    log.exception("early-exit hint failed")
+                    return
+                if e.confidence >= self.exit_threshold:
+                    on_hint(e)
+            hinting = self.backend.early_exit(self.exit_layer, len(draft_ids) + 1, tentative)
+        with hinting:
+            logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)  # [k+1, V]
+        p = process_logits(logits, self.params)
+        d = self.scheme.decide(p, run.extras, draft_ids, seed, start)
+        opened = None
+        if d.rejected and d.token is None:  # a split rejection: the edge samples the correction from what we send
+            opened = self.scheme.open_rejection(p[d.accepted], start + d.accepted, seed, self.residual_top_k,
+                                                self.tail_samples)
+        return PassOutcome(d.accepted, d.token, d.rejected, time.perf_counter() - t0, opened)
+
+    @torch.inference_mode()
+    def decode_next(self, committed: list[int]) -> tuple[int, float]:
+        """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
+        t0 = time.perf_counter()
+        p = process_logits(self.backend.logits_at(committed, len(committed) - 1), self.params)[0]
+        return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0
+
+    def settle(self, committed_len: int) -> None:
+        """Keep exactly the committed tokens but the newest (it is fed with the next drafts): O(1)."""
+        self.backend.truncate(min(self.backend.length, max(0, committed_len - 1)))
+
+    def more_tail(self, pos: int, have: int, committed_len: int) -> bytes:
+        """split-exact: further tail draws at the open rejection, which must be at the committed length."""
+        if self.open_rejection is None or pos != committed_len:
+            raise ProtocolError(f"no open split-exact rejection at position {pos}")
+        return self.scheme.more_tail(self.open_rejection, pos, have, self.params.seed, self.tail_samples)

@@ -1,0 +1,35 @@
+"""dense (vanilla): each draft token goes up with the draft's whole distribution q; the cloud runs standard
+rejection sampling and sends its own token (correction or bonus). Exact; the heavy baseline on the wire."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from shared.codec import decode_probs, encode_probs
+from shared.rpc import picospec_pb2 as pb
+from shared.schemes.base import Q_SUM_TOLERANCE, Decision, VerifyScheme
+from shared.verify import verify_dense
+
+
+class Dense(VerifyScheme):
+    name = "dense"
+
+    def encode_extras(self, batch: pb.DraftBatch, token_ids: Sequence[int], q_rows: Sequence[torch.Tensor],
+                      compress: bool) -> None:
+        if q_rows:
+            batch.q_payload = encode_probs(torch.stack(list(q_rows)), compress=compress)  # [k, V]
+
+    def decode_extras(self, batch: pb.DraftBatch, vocab: int) -> list[Any]:
+        k = len(batch.token_ids)
+        if not k:
+            return []
+        q = decode_probs(batch.q_payload, vocab_size=vocab, max_rows=k, max_sum_error=Q_SUM_TOLERANCE)  # [k, V]
+        if q.shape[0] != k:
+            raise ValueError(f"q payload has {q.shape[0]} rows for {k} draft tokens")
+        return list(q)
+
+    def decide(self, p: torch.Tensor, extras: Sequence[Any], draft_ids: Sequence[int], seed: int,
+               start_pos: int) -> Decision:
+        v = verify_dense(p, torch.stack(list(extras)), draft_ids, seed, start_pos)
+        return Decision(v.accepted, v.token, v.rejected)

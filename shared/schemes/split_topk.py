@@ -1,0 +1,23 @@
+"""split-topk (the PicoSpec paper's sampler), APPROXIMATE: on a rejection the cloud sends the top-K of p in half
+precision and the edge samples the correction from norm(max(0, norm(topK(p)) - q)). Tokens outside the top-K can
+never be the correction and the residual is mis-weighted, so the output law is not exactly p."""
+from __future__ import annotations
+
+import torch
+
+from shared.codec import Precision
+from shared.rpc import picospec_pb2 as pb
+from shared.schemes.base import MoreTail, RunModel
+from shared.schemes.split import SplitScheme, decode_topk
+from shared.verify import resample_topk
+
+
+class SplitTopK(SplitScheme):
+    name = "split-topk"
+    exact = False
+    topk_precision = Precision.F16  # plenty for a sampler that is approximate anyway
+
+    async def resolve(self, v: pb.Verdict, q_row: torch.Tensor, seed: int, pos: int, vocab: int, run_model: RunModel,
+                      more_tail: MoreTail) -> int:
+        ids, vals = decode_topk(v, vocab)
+        return await run_model(resample_topk, q_row, ids, vals, seed, pos)
