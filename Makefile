@@ -37,6 +37,12 @@ test: models netlab-deps
 test-fast: install
 	PICOSPEC_SKIP_LARGE=1 $(BIN)/python -m pytest -q
 
+# planted bugs, caught: each mutant (scripts/mutants.py) applied to a copy of the tree, its chosen tests run there;
+# a survivor fails the target. Not part of `make test`; 5-10 minutes on two cores. Table: bench_out/mutants.md
+.PHONY: test-mutants
+test-mutants: install
+	$(BIN)/python scripts/mutants.py
+
 # every verification mode on the default pair: acceptance, bytes per token each way, split-topk's distance from exact
 bench-verify: models-default
 	$(BIN)/picospec-bench verify

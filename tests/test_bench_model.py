@@ -101,6 +101,19 @@ def test_markdown_tables_are_aligned_and_mark_what_they_should():
 
 # ----------------------------------------------------------------------------------------------- the model
 
+def test_performance_formulas_against_values_worked_out_by_hand():
+    """docs/design.md §5 at points where the arithmetic is done by hand, so the formulas are not their own oracle."""
+    assert tokens_per_round(0.0, 4) == 1.0                       # nothing accepted: the cloud's token only
+    assert tokens_per_round(1.0, 4) == 5.0                       # everything accepted: g drafts + the bonus
+    assert tokens_per_round(0.5, 2) == pytest.approx(1.75)       # 1 + 0.5 + 0.25
+    assert tokens_per_round(0.75, 4) == pytest.approx(3.05078125)  # 781/256
+    assert stop_and_wait_rate(0.5, 2, 0.1, 0.2, 0.3) == pytest.approx(1.75 / 0.7)  # 2 x 0.1 + 0.2 + 0.3 = 0.7 s
+    # pipelined, drafting slower than the round trip: E[T] = 0.25 x max(1.0, 0.5) + 0.75 x (1.0 + 0.2 + 0.3) = 1.375
+    assert pipelined_rate(0.5, 2, 0.5, 0.2, 0.3) == pytest.approx(1.75 / 1.375)
+    # pipelined, everything accepted and drafting hidden under the round trip: one round per RTT + verify
+    assert pipelined_rate(1.0, 3, 0.01, 0.2, 0.3) == pytest.approx(4 / 0.5)
+
+
 def test_interp_cost_is_linear_between_integers():
     at = {"0": 0.5, "1": 0.6, "2": 0.8, "3": None}
     assert interp_cost(at, 1) == 0.6
@@ -122,7 +135,9 @@ def test_sync_is_stop_and_wait_from_the_runs_own_measurements():
            "extra": {"draft_s": 5.0, "cloud_s": 12.0, "acceptance_iid": 0.75}}
     c = components(rec, 0.1, None)
     assert (c.a, c.g, c.t_draft, c.t_verify, c.net_s) == (0.75, 4.0, 0.1, 1.2, 0.0)  # per-token a, not acceptance_rate
-    assert predict(c)["model"] == pytest.approx(stop_and_wait_rate(0.75, 4, 0.1, 0.1, 1.2))
+    # by hand: (1 - 0.75^5) / (1 - 0.75) = 781/256 = 3.05078125 tokens a round, 4 x 0.1 + 0.1 + 1.2 = 1.7 s a round
+    assert predict(c)["model"] == pytest.approx(3.05078125 / 1.7, rel=1e-12)
+    assert predict(c)["model"] == pytest.approx(1.7945772058823529, rel=1e-12)
     # on a 1 Mbit/s link a round's 500 bytes take 4 ms more
     assert components(rec, 0.1, 1.0).net_s == pytest.approx(8 * 500 / 1e6)
     rec["extra"].pop("acceptance_iid")
@@ -132,18 +147,25 @@ def test_sync_is_stop_and_wait_from_the_runs_own_measurements():
 def test_early_exit_takes_predrafted_tokens_off_the_round():
     c = Components("early-exit", 0.1, t_draft=0.1, t_verify=1.0, a=0.8, g=4.0, predrafted_share=0.25)
     m = predict(c)
-    assert m["model_spec"] == pytest.approx(stop_and_wait_rate(0.8, 4, 0.1, 0.1, 1.0))
-    assert m["model"] == pytest.approx(tokens_per_round(0.8, 4) / (3 * 0.1 + 0.1 + 1.0))
-    assert m["model"] > m["model_spec"]
+    # by hand: (1 - 0.8^5) / 0.2 = 3.3616 tokens a round; stop-and-wait takes 4 x 0.1 + 0.1 + 1.0 = 1.5 s a round,
+    # and with a quarter of the drafts made during the previous pass, 3 x 0.1 + 0.1 + 1.0 = 1.4 s
+    assert m["model_spec"] == pytest.approx(3.3616 / 1.5, rel=1e-12)
+    assert m["model"] == pytest.approx(3.3616 / 1.4, rel=1e-12)
+    assert (m["model_spec"], m["model"]) == (pytest.approx(2.2410666666666668), pytest.approx(2.4011428571428572))
 
 
 def test_pipeline_is_pipelined_rate_and_charges_decode_ahead_at_decode_cost():
     c = Components("picospec", 0.05, t_draft=0.1, t_verify=1.0, a=0.7, g=4.0)
-    assert predict(c)["model"] == pytest.approx(pipelined_rate(0.7, 4, 0.1, 0.05, 1.0))
+    # by hand: (1 - 0.7^5) / 0.3 = 2.7731 tokens a round; the whole batch is accepted with 0.7^4 = 0.2401, and then
+    # drafting (0.4 s) hides under the round trip + verify (1.05 s); otherwise 0.4 + 0.05 + 1.0 = 1.45 s:
+    # E[T] = 0.2401 x 1.05 + 0.7599 x 1.45 = 1.35396 s
+    spec = 2.7731 / 1.35396
+    assert predict(c)["model"] == pytest.approx(spec, rel=1e-12)
+    assert predict(c)["model"] == pytest.approx(2.0481402700227482, rel=1e-12)
     mixed = Components("pipeline", 0.05, t_draft=0.1, t_verify=1.0, t_decode=0.5, a=0.7, g=4.0, cloud_share=0.5)
-    spec = pipelined_rate(0.7, 4, 0.1, 0.05, 1.0)
-    assert predict(mixed)["model"] == pytest.approx(1 / (0.5 * 0.5 + 0.5 / spec))
-    assert predict(mixed)["model_spec"] == pytest.approx(spec)
+    # half the tokens at the cloud's 0.5 s, half at the pipelined rate: 1 / (0.25 + 0.5 / spec)
+    assert predict(mixed)["model"] == pytest.approx(2.0237838942386634, rel=1e-12)
+    assert predict(mixed)["model_spec"] == pytest.approx(spec, rel=1e-12)
     # no verification rounds at all: the cloud decoded alone
     alone = Components("pipeline", 0.05, t_decode=0.5, cloud_share=1.0)
     assert predict(alone)["model"] == 2.0

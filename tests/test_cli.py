@@ -6,12 +6,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.proc_util import read_until
+
 BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 300
 
 
 def _free_port() -> int:
@@ -27,18 +29,12 @@ def cloud():
         [BIN / "picospec-cloud", "--target", "smollm2-135m-instruct", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    deadline = time.time() + 300
-    lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "serving" in line:
-            break
-    if not any("serving" in l for l in lines):
+    # a deadline that holds: a cloud that hangs silently fails the test after START_TIMEOUT_S instead of hanging it
+    lines, ok = read_until(proc, "serving", START_TIMEOUT_S)
+    if not ok:
         proc.kill()
-        pytest.fail("cloud did not start:\n" + "".join(lines))
+        proc.wait(timeout=15)
+        pytest.fail(f"cloud did not print 'serving' within {START_TIMEOUT_S} s (or exited):\n" + "".join(lines))
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=15)
@@ -88,4 +84,7 @@ def test_env_vars_configure_the_edge(cloud):
     )
     assert r.returncode == 0, r.stderr
     o = json.loads(r.stdout)
-    assert o["mode"] == "cloud" and len(o["token_ids"]) <= 3
+    assert o["mode"] == "cloud" and o["stats"]["generated_tokens"] == len(o["token_ids"])
+    # PICOSPEC_MAX_NEW_TOKENS=3 took effect: exactly 3 tokens, or fewer only because the model ended the text
+    assert o["stats"]["finish_reason"] == "length" and len(o["token_ids"]) == 3 or \
+        o["stats"]["finish_reason"] == "eos" and 1 <= len(o["token_ids"]) < 3, o

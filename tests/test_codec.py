@@ -1,5 +1,6 @@
 """Distribution payload codec: round trips and hostile input."""
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -94,8 +95,15 @@ def test_hostile_payloads_get_clear_errors(data, match):
 def test_zstd_bomb_is_stopped_at_the_declared_size():
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))  # 64 MiB of zeros, ~2 KB compressed
     data = _payload(1, 1, 4, bomb, flags=1, body_len=16)
-    with pytest.raises(PayloadError, match="decompressed body is over"):
-        decode_probs(data, vocab_size=4, max_rows=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadError, match="decompressed body is over"):
+            decode_probs(data, vocab_size=4, max_rows=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the error alone is not enough: reading the whole 64 MiB and then comparing sizes raises it too
+    assert peak < 1 << 20, f"decoding a 16-byte body allocated {peak} bytes: the bomb was inflated"
 
 
 def test_declared_size_over_bound_is_refused_before_decompression():
@@ -299,15 +307,53 @@ def test_compression_only_when_it_shrinks_the_payload():
 
 
 def test_decode_list_inflates_no_more_than_its_own_limits(monkeypatch):
-    seen = []
+    """decode_list bounds what it inflates by the caller's max_len: a list longer than that is refused before any
+    decompression, and a zstd stream that inflates past its declared size is cut there."""
+    max_len, vocab = 4096, 151936
+    bound = max_len * (4 + 4)  # ids u32 + f32 values
+    calls: list[tuple[int, int | None]] = []  # (declared body_len, bytes that came back; None when refused)
+    real_body = codec._body
 
     def spy(raw, body_len, compressed):
-        seen.append(body_len)
-        raise PayloadError("stopped before decompressing")
+        assert compressed, "these payloads are all zstd-compressed"
+        try:
+            body = real_body(raw, body_len, compressed)
+        except PayloadError:
+            calls.append((body_len, None))
+            raise
+        calls.append((body_len, len(body)))
+        return body
 
     monkeypatch.setattr(codec, "_body", spy)
-    vocab = 151936
-    data = _payload(1, 256, vocab, b"", flags=1, body_len=256 * vocab * 4)  # a dense bomb's header: 155 MB declared
-    with pytest.raises(PayloadError):
-        decode_list(data, vocab_size=vocab, max_len=4096)
-    assert all(n <= 4096 * 8 for n in seen), f"inflated up to {max(seen)} bytes for a list of at most 4096 entries"
+
+    def decode(data: bytes) -> str:
+        try:
+            ids, _ = decode_list(data, vocab_size=vocab, max_len=max_len)
+        except PayloadError as e:
+            return str(e)
+        return f"decoded {len(ids)} entries"
+
+    def zlist(n: int) -> bytes:
+        data = encode_list(torch.arange(n) % vocab, torch.full((n,), 0.5), vocab, compress=True)
+        assert data[1] == Kind.LIST and data[3] & FLAG_ZSTD  # a real compressed list payload
+        return data
+
+    # a valid compressed list at the limit: inflated, exactly its declared size
+    assert decode(zlist(max_len)) == f"decoded {max_len} entries"
+    # a real compressed list of MAX_LIST entries (declared and decompressed 512 KiB): over the caller's bound
+    too_long = zlist(MAX_LIST)
+    assert struct.unpack_from("<I", too_long, 12)[0] == MAX_LIST * 8 > bound
+    outcome_long = decode(too_long)
+    # a bomb: the header declares max_len entries, the zstd stream inflates to 64 MiB
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\x01" * (64 << 20))
+    outcome_bomb = decode(_payload(3, max_len, vocab, bomb, flags=1, body_len=bound))
+    # a dense bomb's header sent where a list is expected (155 MB declared): refused by kind, nothing inflated
+    outcome_dense = decode(_payload(1, 256, vocab, bomb, flags=1, body_len=256 * vocab * 4))
+
+    assert len(calls) >= 2, f"the spy saw {len(calls)} inflation calls: the payloads never reached decompression"
+    assert all(n <= bound for n, _ in calls), f"inflation asked for up to {max(n for n, _ in calls)} bytes; bound {bound}"
+    assert all(got is None or got <= n for n, got in calls), calls
+    assert calls == [(bound, bound), (bound, None)], calls  # the valid list, then the bomb cut at its declared size
+    assert f"list of {MAX_LIST} entries; allowed at most {max_len}" in outcome_long
+    assert "decompressed body is over" in outcome_bomb
+    assert "expected a list payload, got dense" in outcome_dense

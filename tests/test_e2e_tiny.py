@@ -121,7 +121,15 @@ def test_stats_are_complete(tiny_target, tiny_draft):
     assert st["accepted_tokens"] + st["rounds"] >= 16  # each round commits accepted + 1 (last may be cut)
     for key in ("tokens_per_s", "ttft_s", "itl_p50_s", "itl_p95_s", "acceptance_rate", "bytes_up_per_token",
                 "bytes_down_per_token", "edge_busy_fraction", "cloud_busy_fraction"):
-        assert st[key] is not None and st[key] >= 0, key
+        assert st[key] is not None, key
+    # each figure against what it is computed from, so that a wrong or zeroed figure fails
+    assert 0 < st["ttft_s"] <= st["wall_s"] and st["tokens_per_s"] == pytest.approx(16 / st["wall_s"])
+    assert 0 <= st["itl_p50_s"] <= st["itl_p95_s"] <= st["wall_s"]
+    assert st["drafted_tokens"] > 0 and st["acceptance_rate"] == pytest.approx(st["accepted_tokens"] / st["drafted_tokens"])
+    assert 0 < st["acceptance_rate"] < 1  # T=1 with the 1-layer draft: some accepted, some rejected
+    assert st["bytes_up"] > 0 and st["bytes_up_per_token"] == pytest.approx(st["bytes_up"] / 16)
+    assert st["bytes_down"] > 0 and st["bytes_down_per_token"] == pytest.approx(st["bytes_down"] / 16)
+    assert 0 < st["edge_busy_fraction"] <= 1 and 0 < st["cloud_busy_fraction"] <= 1
 
 
 def test_split_topk_is_labelled_approximate_and_stays_close(tiny_target, tiny_draft):

@@ -2,9 +2,11 @@
 configured, and a greedy generation across it (cloud server in one namespace, edge in the other) equals the
 target's own.
 
-Skips, saying why, when not root, when `ip netns` does not work, or when the kernel lacks what the link needs
-(netem, or else tbf + the iptables NFQUEUE target + the netfilterqueue package: `make netlab-deps`).
-The features are probed, never assumed: on the CI kernel there is no netem and the link is tbf+nfqueue.
+Outside CI it skips, saying why, when not root, when `ip netns` does not work, or when the kernel lacks what the
+link needs (netem, or else tbf + the iptables NFQUEUE target + the netfilterqueue package: `make netlab-deps`);
+under CI=true each of those FAILS with the same reason (tests/conftest.py `skip_or_fail`): a CI run that could not
+build the link has not tested it. The features are probed, never assumed: on the CI kernel there is no netem and
+the link is tbf+nfqueue.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import pytest
 from netlab.netns import Link, shaped_link
 from netlab.shaping import LinkSpec, ShapingUnsupported, choose_method, netns_usable, probe_host
 from shared.models import MANIFEST, cache_root
+from tests.conftest import skip_or_fail
+from tests.proc_util import read_until
 
 RTT_MS = 50.0
 RATE_MBIT = 10.0
@@ -32,9 +36,12 @@ TARGET = "smollm2-135m-instruct"
 DRAFT = f"{TARGET}:layers=8"
 N_NEW = 24
 
-# The model must already be converted in the cache (make models): loading it is then seconds, not a conversion.
-needs_smol = pytest.mark.skipif(not (cache_root() / "models" / TARGET / MANIFEST).is_file(),
-                                reason=f"{TARGET} not prepared in {cache_root()} (run `make models`)")
+
+@pytest.fixture
+def needs_smol() -> None:
+    """The model must already be converted in the cache (make models): loading it is then seconds, not a conversion."""
+    if not (cache_root() / "models" / TARGET / MANIFEST).is_file():
+        skip_or_fail(f"{TARGET} not prepared in {cache_root()} (run `make models`)")
 
 
 def _env() -> dict[str, str]:
@@ -46,13 +53,13 @@ def _env() -> dict[str, str]:
 def link() -> Iterator[Link]:
     ok, why = netns_usable()
     if not ok:
-        pytest.skip(f"no network namespaces here: {why}")
+        skip_or_fail(f"no network namespaces here: {why}")
     features = probe_host()
     try:
         for side in ("edge", "cloud"):
             choose_method(SPEC.side(side), features)
     except ShapingUnsupported as e:
-        pytest.skip(f"this kernel/userland cannot shape the link: {e}")
+        skip_or_fail(f"this kernel/userland cannot shape the link: {e}")
     t0 = time.perf_counter()
     with shaped_link(SPEC, features=features) as lk:
         print(f"\nlink {lk.edge_ip} <-> {lk.cloud_ip}: {lk.method}, set up in {time.perf_counter() - t0:.2f} s")
@@ -60,18 +67,11 @@ def link() -> Iterator[Link]:
 
 
 def _wait_for(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
+    lines, ok = read_until(proc, marker, timeout)  # a deadline that holds, even if the process hangs silently
+    if ok:
+        return lines
     proc.kill()
-    pytest.fail(f"no {marker!r} from {proc.args}:\n" + "".join(lines))
+    pytest.fail(f"no {marker!r} from {proc.args} within {timeout} s:\n" + "".join(lines))
 
 
 def test_shaping_measures_as_configured(link: Link):
@@ -92,8 +92,7 @@ def test_shaping_measures_as_configured(link: Link):
     assert m["down_mbit"] == pytest.approx(RATE_MBIT, rel=TOL)
 
 
-@needs_smol
-def test_greedy_generation_across_the_link_equals_the_targets_own(link: Link):
+def test_greedy_generation_across_the_link_equals_the_targets_own(needs_smol: None, link: Link):
     port = "50051"
     cloud = link.popen("cloud", [BIN / "picospec-cloud", "--target", TARGET, "--host", link.cloud_ip, "--port", port,
                                  "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

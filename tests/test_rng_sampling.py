@@ -64,7 +64,8 @@ def test_gumbel_noise_matches_pure_python_reference():
 
 def test_gumbel_noise_on_cuda_matches_cpu_reference():
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+        # the one skip allowed under CI=true (tests/conftest.py CI_ALLOWED_SKIPS): the CPU reference test above still runs
+        pytest.skip("no CUDA device: the CUDA noise check needs a GPU (allowed skip, also under CI)")
     _check_gumbel_against_reference("cuda")
 
 
@@ -96,8 +97,13 @@ def test_hash_is_pure_and_identical_for_int_and_tensor():
     tokens = torch.arange(0, 1000, dtype=torch.int64)
     t = hash32(2**63 + 5, 77, int(Stream.GUMBEL), tokens)
     assert t.tolist() == [hash32(2**63 + 5, 77, int(Stream.GUMBEL), i) for i in range(1000)]
-    assert uniform(1, 2, Stream.ACCEPT) == uniform(1, 2, Stream.ACCEPT)
-    assert uniform(1, 2, Stream.ACCEPT) != uniform(1, 2, Stream.RESIDUAL) != uniform(1, 3, Stream.ACCEPT)
+    # known values, computed once with the big-int reference above and pinned: a changed hash, stream number or
+    # uniform construction changes every coin of every seed (and the reproducibility users rely on)
+    assert (hash32(1, 2, int(Stream.ACCEPT), 0), hash32(1, 2, int(Stream.ACCEPT), 1)) == (0x10A193AB, 0xE27F7A88)
+    assert uniform(1, 2, Stream.ACCEPT) == 0.06496547076670584
+    assert uniform(1, 2, Stream.RESIDUAL) == 0.714354932500149
+    assert uniform(1, 3, Stream.ACCEPT) == 0.662351082156746
+    assert uniform(2**64 - 1, 10**6, Stream.PROPOSAL) == 0.8202241862597188
 
 
 def test_uniforms_are_uniform_and_independent_across_positions():

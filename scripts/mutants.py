@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Planted bugs, caught: a small mutation harness for the exactness and protocol contracts (`make test-mutants`).
+
+For each mutant: copy the working tree (tracked files plus untracked, non-ignored ones; never .venv) into a
+temporary directory, apply ONE realistic bug there as an exact search/replace (it must match exactly once, or
+the harness stops with "mutant N no longer applies"), and run the test subset chosen to catch it with
+`.venv/bin/python -m pytest -x -q` from the copy's root, under a time limit. Before running the tests the harness
+checks that the copy's code is what gets imported (it prints `shared.verify.__file__`; PYTHONPATH also points at
+the copy, so subprocesses the tests start import it too). The working tree itself is never modified.
+
+A mutant whose subset passes (or runs out of time) has survived: the run fails (exit 1). Afterwards the tests
+that caught mutants are run once more on an unmutated copy: a "catch" by a test that fails anyway means nothing,
+so that fails the run too. The table goes to stdout and to bench_out/mutants.md.
+
+    .venv/bin/python scripts/mutants.py                # all mutants
+    .venv/bin/python scripts/mutants.py --only a1,d    # some of them
+    .venv/bin/python scripts/mutants.py --list         # what they are, and whether each still applies
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+LOGS = ROOT / "bench_out" / "mutants"  # one pytest log per mutant
+FROM_GIT: tuple[str, ...] = ()  # --from-git
+
+
+@dataclass(frozen=True)
+class Mutant:
+    key: str
+    what: str
+    file: str
+    search: str
+    replace: str
+    tests: tuple[str, ...]   # pytest node ids or files, cheapest likely catcher first (-x stops at the first failure)
+    limit_s: int = 240
+
+
+MUTANTS: list[Mutant] = [
+    Mutant(
+        "a1", "dense residual ignores q: norm(max(0, p - q)) becomes norm(p)",
+        "shared/verify.py",
+        "        residual = torch.clamp(p[i].double() - q[i].double(), min=0.0)\n",
+        "        residual = p[i].double()\n",
+        ("tests/test_verify_math.py::test_dense_verification_emits_p",),
+    ),
+    Mutant(
+        "a2", "split-exact residual sampler accepts every proposal (max(0, 1 - q(y)/p(y)) dropped)",
+        "shared/verify.py",
+        "            if py > 0.0 and float(u[i, 1]) * py < py - float(q[y]):\n",
+        "            if py > 0.0:\n",
+        ("tests/test_verify_modes.py::test_split_exact_emits_p[far-t1]",
+         "tests/test_verify_modes.py::test_split_exact_emits_p[flat_tail-t1]"),
+    ),
+    Mutant(
+        "b", "split-exact residual cut to the top-K: proposals never come from the tail",
+        "shared/verify.py",
+        "    p_head = head_mass / (head_mass + hint.tail_mass)\n",
+        "    p_head = 1.0  # the top-K taken as the whole of p\n",
+        ("tests/test_verify_modes.py::test_split_exact_emits_p[far-t1]",
+         "tests/test_verify_modes.py::test_split_exact_emits_p[flat_tail-t1]"),
+    ),
+    Mutant(
+        "c1", "Gumbel noise keyed by position + 1 (shared/rng.py)",
+        "shared/rng.py",
+        "    h = hash32(seed, position, int(Stream.GUMBEL), token_ids.to(torch.int64))\n",
+        "    h = hash32(seed, position + 1, int(Stream.GUMBEL), token_ids.to(torch.int64))\n",
+        ("tests/test_rng_sampling.py::test_gumbel_noise_matches_pure_python_reference",),
+    ),
+    Mutant(
+        "c2", "coupled verification keys every position's noise by the batch start",
+        "shared/verify.py",
+        "        y = gumbel_argmax(p[i], seed, start_pos + i)\n",
+        "        y = gumbel_argmax(p[i], seed, start_pos)\n",
+        # survived the suite before test_exactness_guards.py (the coupled law tests and both e2e coupled tests)
+        ("tests/test_exactness_guards.py::test_coupled_verdicts_do_not_depend_on_batching",
+         "tests/test_verify_modes.py::test_coupled_emits_p_and_accepts_at_least_the_bound[far-t1]"),
+    ),
+    Mutant(
+        "d", "dense bonus token drawn from q instead of p",
+        "shared/verify.py",
+        "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
+        "    return Verdict(k, sample_from(q[k - 1], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
+        ("tests/test_verify_math.py::test_bonus_token_when_all_accepted_is_from_last_p_row",),
+    ),
+    Mutant(
+        "e", "edge applies a verdict of a stale epoch (EdgeChain.apply's epoch check relaxed to future epochs)",
+        "shared/protocol.py",
+        "            if epoch != self.epoch:\n",
+        "            if epoch > self.epoch:\n",
+        # survived the suite before test_exactness_guards.py (test_protocol, test_refusals, test_pipeline)
+        ("tests/test_exactness_guards.py::test_edge_refuses_a_verdict_for_a_stale_epoch", "tests/test_protocol.py"),
+    ),
+    Mutant(
+        "f1", "top-p on one side only: the drafter processes logits without top_p",
+        "edge_client/drafter.py",
+        "            q = quantize(process_logits(logits, self.params), self.precision)\n",
+        "            q = quantize(process_logits(logits, SamplingParams(self.params.temperature, self.params.top_k,"
+        " seed=self.params.seed)), self.precision)\n",
+        # verification stays exact with any q that travels with its drafts, so no exactness test can see this one:
+        # it survived the suite before test_exactness_guards.py (the e2e sampling tests at top-p 0.9 included)
+        ("tests/test_exactness_guards.py::test_drafter_q_is_the_drafts_processed_distribution_under_the_session_settings",
+         "tests/test_exactness_guards.py::test_edge_mode_samples_the_drafts_processed_law"),
+    ),
+    Mutant(
+        "f2", "top-p on one side only: the cloud's target processes logits without top_p",
+        "cloud_server/target.py",
+        "        p = process_logits(logits, self.params)\n",
+        "        p = process_logits(logits, SamplingParams(self.params.temperature, self.params.top_k,"
+        " seed=self.params.seed))\n",
+        ("tests/test_e2e_tiny.py::test_sync_sampling_matches_target_distribution[dense-0.7-0.9]",
+         "tests/test_exactness_guards.py::test_sync_with_top_k_and_top_p_emits_the_targets_processed_law"),
+        limit_s=300,
+    ),
+    Mutant(
+        "f3", "top-k on one side only: the cloud's handshake drops the edge's top_k",
+        "cloud_server/handshake.py",
+        "        params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed)\n",
+        "        params = SamplingParams(s.temperature, 0, s.top_p, s.seed)\n",
+        # the suite's sampling tests before test_exactness_guards.py never set top_k
+        ("tests/test_exactness_guards.py::test_sync_with_top_k_and_top_p_emits_the_targets_processed_law",),
+        limit_s=300,
+    ),
+    Mutant(
+        "g1", "codec: the declared-size bound removed (body_len > max_len no longer refused)",
+        "shared/codec.py",
+        "    if body_len > max_len:\n",
+        "    if False:  # bound removed\n",
+        ("tests/test_codec.py",),
+    ),
+    Mutant(
+        "g2", "codec: the decompressed-size bound removed (zstd output read to the end)",
+        "shared/codec.py",
+        "stream_reader(io.BytesIO(raw)).read(body_len + 1)",
+        "stream_reader(io.BytesIO(raw)).read()",
+        ("tests/test_codec.py",),
+    ),
+]
+
+
+# Not run by default (--only picks them): bugs that the hollow tests fixed alongside this harness guard against,
+# for showing that each fixed test fails on its bug (--only KEY --tests TEST).
+EXTRA: list[Mutant] = [
+    Mutant(
+        "x-list-limit", "codec: decode_list checks a list's length against MAX_LIST only, not the caller's max_len",
+        "shared/codec.py",
+        "_open(data, vocab_size, kinds=(Kind.LIST,), max_list=max_len)",
+        "_open(data, vocab_size, kinds=(Kind.LIST,))",
+        ("tests/test_codec.py::test_decode_list_inflates_no_more_than_its_own_limits",),
+    ),
+    Mutant(
+        "x-round", "performance model: tokens per round counts g accepted drafts, not g + 1 tokens",
+        "shared/perf_model.py",
+        "(1.0 - a ** (g + 1)) / (1.0 - a)",
+        "(1.0 - a ** g) / (1.0 - a)",
+        ("tests/test_bench_model.py",),
+    ),
+    Mutant(
+        "x-stream", "rng: the ACCEPT stream renumbered (every accept coin of every seed changes)",
+        "shared/rng.py",
+        "    ACCEPT = 2 ",
+        "    ACCEPT = 8 ",
+        ("tests/test_rng_sampling.py",),
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------- the copy
+
+def tree_files(root: Path) -> list[str]:
+    """Tracked and untracked non-ignored files that exist (git ls-files -co --exclude-standard), never .venv."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
+                         capture_output=True).stdout.decode()
+    files = [f for f in out.split("\0") if f and not f.startswith(".venv/")]
+    return sorted({f for f in files if (root / f).is_file() or (root / f).is_symlink()})
+
+
+def copy_tree(root: Path, dst: Path) -> int:
+    files = tree_files(root)
+    for f in files:
+        target = dst / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, target, follow_symlinks=False)
+    return len(files)
+
+
+def check_applies(root: Path, m: Mutant) -> str:
+    """The file's text; exits with "mutant N no longer applies" unless the search text occurs exactly once."""
+    path = root / m.file
+    text = path.read_text() if path.is_file() else ""
+    n = text.count(m.search)
+    if n != 1:
+        where = "file missing" if not path.is_file() else f"found {n} times"
+        sys.exit(f"mutant {m.key} no longer applies: search text in {m.file} ({where}):\n{m.search}")
+    return text
+
+
+def env_for(copy: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+    # the copy first on sys.path, for pytest and for any process the tests start (console scripts included)
+    env.update(PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def imported_from(copy: Path, env: dict[str, str]) -> str:
+    r = subprocess.run([str(PYTHON), "-c", "import shared.verify; print(shared.verify.__file__)"], cwd=copy, env=env,
+                       capture_output=True, text=True, timeout=120)
+    path = r.stdout.strip()
+    if r.returncode != 0 or not Path(path).resolve().is_relative_to(copy.resolve()):
+        sys.exit(f"the copy's code is not what gets imported: shared.verify.__file__ = {path!r}\n{r.stderr}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+_FIRST_FAILURE = re.compile(r"^(?:FAILED|ERROR) (\S+)(.*)$", re.M)
+
+
+def run_pytest(copy: Path, tests: tuple[str, ...], limit_s: int, env: dict[str, str]) -> tuple[str, str | None, float, str]:
+    """(outcome: passed | failed | timeout | error, first failing test id, seconds, whole output)."""
+    cmd = [str(PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pytest and whatever it started
+        out, _ = proc.communicate()
+        return "timeout", None, time.monotonic() - t0, out
+    secs = time.monotonic() - t0
+    m = _FIRST_FAILURE.search(out)
+    if proc.returncode == 0:
+        return "passed", None, secs, out
+    if m and proc.returncode == 1:
+        return "failed", m.group(1), secs, out
+    # exit 2-5: interrupted, internal error, usage error, nothing collected: not a catch
+    return "error", None, secs, out
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    outcome: str
+    caught_by: str | None
+    seconds: float
+    tail: str
+
+    @property
+    def caught(self) -> bool:
+        return self.outcome == "failed" and self.caught_by is not None
+
+
+def run_mutant(m: Mutant, scale: float, keep: bool) -> Result:
+    tmp = Path(tempfile.mkdtemp(prefix=f"picospec-mutant-{m.key}-"))
+    print(f"[{m.key}] {m.what}", flush=True)
+    try:
+        n = copy_tree(ROOT, tmp)
+        for f in FROM_GIT:
+            (tmp / f).write_bytes(subprocess.run(["git", "show", f"HEAD:{f}"], cwd=ROOT, check=True,
+                                                 capture_output=True).stdout)
+            print(f"      {f} taken from git HEAD in the copy", flush=True)
+        text = check_applies(tmp, m)
+        (tmp / m.file).write_text(text.replace(m.search, m.replace, 1))
+        env = env_for(tmp)
+        where = imported_from(tmp, env)
+        print(f"      {m.file} mutated in a copy of {n} files; shared.verify.__file__ = {where}", flush=True)
+        outcome, first, secs, tail = run_pytest(tmp, m.tests, int(m.limit_s * scale), env)
+        r = Result(m, outcome, first, secs, tail)
+        log = LOGS / f"{m.key}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"mutant {m.key}: {m.what}\n{m.file}\n--- search\n{m.search}--- replace\n{m.replace}\n"
+                       f"--- pytest -x -q {' '.join(m.tests)}\n{tail}")
+        if r.caught:
+            line = _FIRST_FAILURE.search(tail)
+            print(f"      caught in {secs:.1f} s: {line.group(0)[:300]}", flush=True)
+        else:
+            print(f"      SURVIVED ({outcome}) after {secs:.1f} s; the output's end:", flush=True)
+            print("      " + tail[-2000:].replace("\n", "\n      "), flush=True)
+        print(f"      log: {log}", flush=True)
+        return r
+    finally:
+        if keep:
+            print(f"      kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def baseline(test_ids: list[str], limit_s: int) -> tuple[str, str | None, float, str]:
+    """The catching tests on an unmutated copy: they must pass, or their catches mean nothing."""
+    tmp = Path(tempfile.mkdtemp(prefix="picospec-mutant-baseline-"))
+    try:
+        copy_tree(ROOT, tmp)
+        env = env_for(tmp)
+        imported_from(tmp, env)
+        return run_pytest(tmp, tuple(test_ids), limit_s, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def table(results: list[Result]) -> str:
+    rows = [["mutant", "file", "bug", "caught", "caught by", "seconds"]]
+    for r in results:
+        caught_by = r.caught_by if r.caught else (r.outcome if r.outcome != "passed" else "-")
+        rows.append([r.mutant.key, r.mutant.file, r.mutant.what, "yes" if r.caught else "NO", caught_by,
+                     f"{r.seconds:.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows[1:])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated mutant keys (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and check that each still applies")
+    ap.add_argument("--keep", action="store_true", help="keep the mutated copies (their paths are printed)")
+    ap.add_argument("--time-scale", type=float, default=float(os.environ.get("MUTANT_TIME_SCALE", "1")),
+                    help="multiply every per-mutant time limit (slow machines)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip re-running the catching tests unmutated")
+    ap.add_argument("--tests", help="run these tests (space-separated node ids) instead of each mutant's own subset")
+    ap.add_argument("--from-git", metavar="PATHS",
+                    help="comma-separated files to take from git HEAD in the copy (e.g. a test before it was fixed)")
+    ap.add_argument("--out", default=str(ROOT / "bench_out" / "mutants.md"))
+    args = ap.parse_args(argv)
+
+    chosen = MUTANTS
+    if args.only:
+        keys = args.only.split(",")
+        known = MUTANTS + EXTRA
+        unknown = set(keys) - {m.key for m in known}
+        if unknown:
+            ap.error(f"unknown mutants {sorted(unknown)}; have {[m.key for m in known]}")
+        chosen = [m for m in known if m.key in keys]
+    if args.tests:
+        chosen = [dataclasses.replace(m, tests=tuple(args.tests.split())) for m in chosen]
+    global FROM_GIT
+    FROM_GIT = tuple(args.from_git.split(",")) if args.from_git else ()
+    for m in chosen:  # fail loudly before any time is spent
+        check_applies(ROOT, m)
+    if args.list:
+        for m in chosen:
+            print(f"{m.key:3} {m.file:24} {m.what}\n    tests: {' '.join(m.tests)} (limit {m.limit_s} s)")
+        return 0
+    if not PYTHON.is_file():
+        sys.exit(f"no virtualenv interpreter at {PYTHON} (make install)")
+
+    t0 = time.monotonic()
+    results = [run_mutant(m, args.time_scale, args.keep) for m in chosen]
+    caught_ids = sorted({r.caught_by for r in results if r.caught})
+    base_note = "baseline: not run (--no-baseline)"
+    base_ok = True
+    if caught_ids and not args.no_baseline:
+        print(f"[baseline] the {len(caught_ids)} catching tests on an unmutated copy", flush=True)
+        outcome, first, secs, tail = baseline(caught_ids, int(600 * args.time_scale))
+        base_ok = outcome == "passed"
+        base_note = (f"baseline: the {len(caught_ids)} catching tests pass on the unmutated tree ({secs:.1f} s)" if base_ok
+                     else f"baseline: FAILED ({outcome}, {first}): a catch by a test that fails anyway means nothing")
+        if not base_ok:
+            print(tail[-3000:])
+    total = time.monotonic() - t0
+    survivors = [r.mutant.key for r in results if not r.caught]
+    text = table(results)
+    summary = (f"{len(results) - len(survivors)}/{len(results)} mutants caught"
+               + (f"; SURVIVED: {', '.join(survivors)}" if survivors else "")
+               + f"; {base_note}; total {total:.0f} s")
+    print("\n" + text + "\n\n" + summary)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Mutation run (`make test-mutants`)\n\n" + text + "\n\n" + summary + "\n")
+    print(f"written to {out}")
+    return 0 if not survivors and base_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
