@@ -3,8 +3,9 @@
     picospec-bench verify [...]     every verification mode side by side on one pair (see --help)
     picospec-bench sweep [...]      modes x RTT x bandwidth over a kernel-shaped namespace link (root);
                                     --preset paper-table1: the PicoSpec paper's Table 1 on our models
-    picospec-bench pipeline [...]   measured tokens/s of every mode beside SPEC 3.5's model (root)
+    picospec-bench pipeline [...]   measured tokens/s of every mode beside the model of docs/design.md §5 (root)
     picospec-bench exits [...]      calibrate the early-exit layer and threshold on a target
+    picospec-bench stress [...]     hundreds of short jittered generations: reports hangs, errors, greedy mismatches
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"verify": "bench.verify", "exits": "bench.exits", "sweep": "bench.sweep", "pipeline": "bench.pipeline"}
+    commands = {"verify": "bench.verify", "exits": "bench.exits", "sweep": "bench.sweep", "pipeline": "bench.pipeline",
+                "stress": "bench.stress"}
     if not argv or argv[0] not in commands:
         sys.exit(__doc__)
     import importlib

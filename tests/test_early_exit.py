@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from bench.jitter import Jitter
 from shared.backend import HFBackend
 from shared.early_exit import expected_outcome, layer_agreement
 from shared.models import LoadedModel, load_model
@@ -24,7 +25,7 @@ from shared.verify import verify_coupled, verify_dense, verify_split
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
 from tests.test_e2e_tiny import PROMPT, _target_joint
-from tests.test_pipeline import Jitter, _greedy_reference
+from tests.test_pipeline import _greedy_reference
 from tests.test_refusals import _exchange, _hello
 
 ALPHA = 1e-3

@@ -9,35 +9,18 @@ both KV caches hold exactly the committed tokens (but the newest, which is fed w
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import Counter
 
 import pytest
 import torch
 
+from bench.jitter import Jitter
 from shared.sampling import SamplingParams
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
 from tests.test_e2e_tiny import PROMPT, _target_joint
 
 ALPHA = 1e-3
-
-
-class Jitter:
-    """Seeded random delays on messages: a different interleaving of the wire and the models per seed."""
-
-    def __init__(self, seed: int, max_s: float) -> None:
-        self.rng, self.max_s = random.Random(seed), max_s
-
-    async def _pause(self) -> None:
-        d = self.rng.choice([0.0, 0.0, self.rng.uniform(0, self.max_s)])
-        await asyncio.sleep(d)  # 0 still yields: other tasks get to run first
-
-    async def before_send(self, msg) -> None:
-        await self._pause()
-
-    async def after_receive(self, msg) -> None:
-        await self._pause()
 
 
 def _greedy_reference(model, prompt_ids, n):
