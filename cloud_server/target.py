@@ -53,7 +53,6 @@ class TargetCache:
         self.exit_layer = exit_layer          # early-exit hints after this layer (0 = none)
         self.exit_threshold = exit_threshold  # ... when the tentative confidence reaches this
         self.params = params
-        self.verify_mode = verify_mode
         self.residual_top_k = residual_top_k
         self.tail_samples = tail_samples
         self.scheme = scheme(verify_mode) if verify_mode else None  # None: cloud-only decoding

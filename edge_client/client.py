@@ -186,11 +186,12 @@ class EdgeClient:
                          mode: str, session_box: list) -> AsyncIterator[list[int]]:
         """Speculative decoding (sync, early-exit, pipeline, picospec): one EdgeSession over one Speculate stream."""
         info = await self.connect()
-        plan = plan_session(mode, scheme=scheme(cfg.verify), greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
+        verify_scheme = scheme(cfg.verify)
+        plan = plan_session(mode, scheme=verify_scheme, greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,
                             draft_confidence=cfg.draft_confidence, cloud_max_draft_len=info.max_draft_len,
                             cloud_exit_layer=info.default_exit_layer)
-        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=scheme(cfg.verify).gumbel_drafts)
+        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify_scheme.gumbel_drafts)
         stats.drafter = drafter
         hello = self._hello(prompt, params, cfg, cfg.verify)
         hello.decode_ahead = plan.decode_ahead

@@ -122,13 +122,25 @@ def test_drafter_q_is_the_drafts_processed_distribution_under_the_session_settin
     assert cut_somewhere == 8  # the cut is not a no-op here
 
 
+def _assert_either_cut_missing_is_visible(model, prompt, expected) -> None:
+    """The test has power against a missing cut: dropping top-k or top-p moves the law by TV > 0.15."""
+    for looser in (SamplingParams(CUT.temperature, CUT.top_k), SamplingParams(CUT.temperature, top_p=CUT.top_p)):
+        assert _tv(expected, _target_joint(model, prompt, looser)) > 0.15
+
+
+def _assert_processed_law(seen, expected, n: int, what: str, whose: str) -> None:
+    """No outcome outside the processed law's support, and chi-square at false-alarm rate ALPHA."""
+    assert set(seen) <= set(expected), f"outcomes {whose} processed law never produces: {set(seen) - set(expected)}"
+    pvalue, cells = pooled_chisquare(seen, expected, n)
+    assert pvalue > ALPHA, f"{what} deviates from {whose} processed law (p={pvalue:.2e}, {cells} cells)"
+
+
 def test_edge_mode_samples_the_drafts_processed_law(tiny_draft):
     """Mutant f1 end to end: `--mode edge` with T=0.7, top-k and top-p emits the draft's own processed law over
     the first two tokens (chi-square, false-alarm rate ALPHA); the law without either cut is far from it."""
     prompt = tiny_draft.tokenizer(PROMPT)["input_ids"]
     expected = _target_joint(tiny_draft, prompt, CUT)
-    for looser in (SamplingParams(CUT.temperature, CUT.top_k), SamplingParams(CUT.temperature, top_p=CUT.top_p)):
-        assert _tv(expected, _target_joint(tiny_draft, prompt, looser)) > 0.15  # the test can see either cut missing
+    _assert_either_cut_missing_is_visible(tiny_draft, prompt, expected)
     n = 1500
 
     async def scenario():
@@ -139,10 +151,7 @@ def test_edge_mode_samples_the_drafts_processed_law(tiny_draft):
                 seen[tuple(await client.generate(prompt, mode="edge", seed=seed).collect())] += 1
         return seen
 
-    seen = run(scenario())
-    assert set(seen) <= set(expected), f"outcomes the draft's processed law never produces: {set(seen) - set(expected)}"
-    pvalue, cells = pooled_chisquare(seen, expected, n)
-    assert pvalue > ALPHA, f"edge mode deviates from the draft's processed law (p={pvalue:.2e}, {cells} cells)"
+    _assert_processed_law(run(scenario()), expected, n, "edge mode", "the draft's")
 
 
 def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, tiny_draft):
@@ -151,8 +160,7 @@ def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, 
     suite's other sampling tests use top-p without top-k; dropping either cut here moves the law by TV > 0.15."""
     prompt = tiny_target.tokenizer(PROMPT)["input_ids"]
     expected = _target_joint(tiny_target, prompt, CUT)
-    for looser in (SamplingParams(CUT.temperature, CUT.top_k), SamplingParams(CUT.temperature, top_p=CUT.top_p)):
-        assert _tv(expected, _target_joint(tiny_target, prompt, looser)) > 0.15
+    _assert_either_cut_missing_is_visible(tiny_target, prompt, expected)
     n = 1500
 
     async def scenario():
@@ -164,7 +172,4 @@ def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, 
                 seen[tuple(await client.generate(prompt, mode="sync", seed=seed).collect())] += 1
         return seen
 
-    seen = run(scenario())
-    assert set(seen) <= set(expected), f"outcomes the target's processed law never produces: {set(seen) - set(expected)}"
-    pvalue, cells = pooled_chisquare(seen, expected, n)
-    assert pvalue > ALPHA, f"sync output deviates from the target's processed law (p={pvalue:.2e}, {cells} cells)"
+    _assert_processed_law(run(scenario()), expected, n, "sync output", "the target's")
