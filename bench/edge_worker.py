@@ -2,7 +2,7 @@
 the draft once and runs what the orchestrator (bench.testbed.Testbed) asks, one JSON request per line on stdin,
 one JSON reply per line on stdout: connect to the cloud, measure the RTT, run one generation, close, quit.
 
-    python -m bench.edge_worker --draft MODEL --max-new-tokens N --temperature T
+    python -m picospec.bench.edge_worker --draft MODEL --max-new-tokens N --temperature T
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ def _claim_stdout() -> Any:
 async def _worker_loop(args: argparse.Namespace, out: Any) -> None:
     import torch
 
-    from edge_client.cli import encode_prompt
-    from edge_client.client import EdgeClient
-    from netlab.measure import rtt_samples_ms
-    from shared.config import EdgeConfig
-    from shared.models import load_model
+    from picospec.edge_client.cli import encode_prompt
+    from picospec.edge_client.client import EdgeClient
+    from picospec.netlab.measure import rtt_samples_ms
+    from picospec.shared.config import EdgeConfig
+    from picospec.shared.models import load_model
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ class _CountingEwma:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.edge_worker")
+    p = argparse.ArgumentParser(prog="python -m picospec.bench.edge_worker")
     p.add_argument("--draft", required=True)
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--temperature", type=float, required=True)

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from shared.early_exit import layer_agreement
-from shared.models import load_model
+from picospec.shared.early_exit import layer_agreement
+from picospec.shared.models import load_model
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",

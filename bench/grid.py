@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from shared.config import EDGE_MODES, EXACT_VERIFY_MODES, VERIFY_MODES
+from picospec.shared.config import EDGE_MODES, EXACT_VERIFY_MODES, VERIFY_MODES
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct:int8"

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.grid import DEFAULT_DRAFT, DEFAULT_TARGET, PROMPTS
-from bench.testbed import BenchSettings, Testbed
+from picospec.bench.grid import DEFAULT_DRAFT, DEFAULT_TARGET, PROMPTS
+from picospec.bench.testbed import BenchSettings, Testbed
 
 
 def add_common_args(p: argparse.ArgumentParser, *, rtts: str, mbits: str, prompts: int, max_new_tokens: int,

@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.grid import Column, Condition, fmt_num, grid, parse_columns, parse_floats, pick_prompts
-from bench.options import add_common_args, settings_from, settings_json
-from bench.report import cells, fmt, markdown_table, median_or_none, pyplot, write_csv
-from bench.runner import keep_partial, run_grid
-from bench.testbed import Testbed
-from shared.perf_model import pipelined_rate, stop_and_wait_rate
+from picospec.bench.grid import Column, Condition, fmt_num, grid, parse_columns, parse_floats, pick_prompts
+from picospec.bench.options import add_common_args, settings_from, settings_json
+from picospec.bench.report import cells, fmt, markdown_table, median_or_none, pyplot, write_csv
+from picospec.bench.runner import keep_partial, run_grid
+from picospec.bench.testbed import Testbed
+from picospec.shared.perf_model import pipelined_rate, stop_and_wait_rate
 
 DEFAULT_RTTS = "0,50,200"
 

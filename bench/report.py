@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from bench.grid import Column, bw_name, fmt_num
+from picospec.bench.grid import Column, bw_name, fmt_num
 
 # per-run statistics kept in the CSVs (all of them stay in the JSON)
 METRICS = ("tokens_per_s", "decode_tokens_per_s", "ttft_s", "itl_p50_s", "itl_p95_s", "generated_tokens", "rounds",

@@ -7,9 +7,9 @@ import contextlib
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
-from bench.grid import Column, Condition, bw_name, fmt_num, harder_or_equal
-from bench.report import METRICS, fmt
-from bench.testbed import BenchError, Testbed
+from picospec.bench.grid import Column, Condition, bw_name, fmt_num, harder_or_equal
+from picospec.bench.report import METRICS, fmt
+from picospec.bench.testbed import BenchError, Testbed
 
 
 class Progress:

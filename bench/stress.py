@@ -50,13 +50,13 @@ from typing import Any, AsyncIterator, Sequence
 
 import torch
 
-from bench.jitter import Jitter
-from cloud_server.server import PicoSpecService, start_server
-from edge_client.cli import encode_prompt
-from edge_client.client import EdgeClient, EdgeError, Generation
-from shared.config import VERIFY_MODES, CloudConfig, EdgeConfig
-from shared.fingerprint import eos_token_ids
-from shared.models import LoadedModel, load_model
+from picospec.bench.jitter import Jitter
+from picospec.cloud_server.server import PicoSpecService, start_server
+from picospec.edge_client.cli import encode_prompt
+from picospec.edge_client.client import EdgeClient, EdgeError, Generation
+from picospec.shared.config import VERIFY_MODES, CloudConfig, EdgeConfig
+from picospec.shared.fingerprint import eos_token_ids
+from picospec.shared.models import LoadedModel, load_model
 
 STRESS_MODES = ("sync", "early-exit", "pipeline", "picospec")
 TRANSPORTS = ("inproc", "procs")
@@ -312,7 +312,7 @@ def _free_port() -> int:
 
 def cloud_command(target: str, port: int) -> list[str]:
     exe = Path(sys.executable).with_name("picospec-cloud")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "cloud_server.cli"]
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "picospec.cloud_server.cli"]
     return base + ["--target", target, "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
 
 

@@ -31,18 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import edge_worker
-from bench.grid import (DEFAULT_COLUMNS, DEFAULT_MBITS, DEFAULT_RTTS, PRESETS, fmt_num, grid, parse_columns, parse_floats,
+from picospec.bench import edge_worker
+from picospec.bench.grid import (DEFAULT_COLUMNS, DEFAULT_MBITS, DEFAULT_RTTS, PRESETS, fmt_num, grid, parse_columns, parse_floats,
                         pick_prompts)
-from bench.options import add_common_args, settings_from, settings_json
-from bench.report import aggregate, write_sweep_report
-from bench.runner import keep_partial, run_grid
-from bench.testbed import Testbed
+from picospec.bench.options import add_common_args, settings_from, settings_json
+from picospec.bench.report import aggregate, write_sweep_report
+from picospec.bench.runner import keep_partial, run_grid
+from picospec.bench.testbed import Testbed
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--edge-worker"]:  # the worker's former entry point: `python -m bench.edge_worker` now
+    if argv[:1] == ["--edge-worker"]:  # the worker's former entry point: `python -m picospec.bench.edge_worker` now
         return edge_worker.main(argv[1:])
     p = argparse.ArgumentParser(prog="picospec-bench sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

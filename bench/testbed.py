@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.grid import Column, Condition
-from netlab.netns import shaped_link
-from netlab.procs import stop_process
-from netlab.shaping import LinkSpec, netns_usable, probe_host
+from picospec.bench.grid import Column, Condition
+from picospec.netlab.netns import shaped_link
+from picospec.netlab.procs import stop_process
+from picospec.netlab.shaping import LinkSpec, netns_usable, probe_host
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -117,7 +117,7 @@ class Testbed:
             self.cloud_host = self.link.cloud_ip
             self.info["link"] = {"edge_ip": self.link.edge_ip, "cloud_ip": self.link.cloud_ip}
             # the RTT probe's echo server lives beside the cloud (idle except during the probe)
-            ms = self._popen("cloud", _pin(s.cloud_core, [sys.executable, "-m", "netlab.measure", "serve", "--host",
+            ms = self._popen("cloud", _pin(s.cloud_core, [sys.executable, "-m", "picospec.netlab.measure", "serve", "--host",
                                                           self.cloud_host, "--port", "5201"]),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if "ready" not in (ms.stdout.readline() if ms.stdout else ""):
@@ -130,7 +130,7 @@ class Testbed:
                                                          self.cloud_host, "--port", str(s.port), "--threads", "1"]),
                             stdout=cloud_out, stderr=subprocess.STDOUT)
         worker_log = self.stack.enter_context(open(self.logdir / "edge_worker.log", "w"))
-        self.worker = self._popen("edge", _pin(s.edge_core, [sys.executable, "-m", "bench.edge_worker", "--draft", s.draft,
+        self.worker = self._popen("edge", _pin(s.edge_core, [sys.executable, "-m", "picospec.bench.edge_worker", "--draft", s.draft,
                                                              "--max-new-tokens", str(s.max_new_tokens),
                                                              "--temperature", str(s.temperature)]),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=worker_log, text=True)

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from edge_client.cli import encode_prompt
-from edge_client.client import EdgeClient
-from shared.config import EXACT_VERIFY_MODES, VERIFY_MODES, EdgeConfig
-from shared.models import load_model
-from shared.sampling import SamplingParams, process_logits
-from shared.verify import top_k
+from picospec.edge_client.cli import encode_prompt
+from picospec.edge_client.client import EdgeClient
+from picospec.shared.config import EXACT_VERIFY_MODES, VERIFY_MODES, EdgeConfig
+from picospec.shared.models import load_model
+from picospec.shared.sampling import SamplingParams, process_logits
+from picospec.shared.verify import top_k
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number iteratively.",
@@ -43,7 +43,7 @@ PROMPTS = [
 
 
 def start_cloud(target: str, port: int, core: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cloud_server.cli", "--target", target, "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
+    cmd = [sys.executable, "-m", "picospec.cloud_server.cli", "--target", target, "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
     if core is not None:
         cmd = ["taskset", "-c", str(core)] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

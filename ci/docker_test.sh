@@ -134,7 +134,7 @@ for m in "$TARGET" "${DRAFT%%:*}"; do
   [ -f "$MODELS/models/$m/picospec_manifest.json" ] || die "$m is not prepared in $MODELS (make models)"
 done
 # what the kernel offers, probed in a scratch namespace (the containers share this kernel)
-FEATURES=$($PY -m netlab.shaping detect) || die "could not probe the kernel's shaping features"
+FEATURES=$($PY -m picospec.netlab.shaping detect) || die "could not probe the kernel's shaping features"
 say "kernel: $FEATURES"
 SHAPING=$($PY -c "import json, sys; f = json.loads(sys.argv[1]); \
 print('netem' if f['netem'] else 'tbf+nfqueue' if f['tbf'] and f['nfqueue'] else '')" "$FEATURES")
@@ -167,8 +167,8 @@ say "cloud serving; its shaping: $METHOD"
 
 if [ -n "$SHAPING" ]; then
   say "measuring the link between the containers ($(elapsed))"
-  "${DC[@]}" exec -T -d cloud python3 -m netlab.measure serve --port 5201
-  "${DC[@]}" run --rm -T edge python3 -m netlab.measure client --host cloud --port 5201 --json \
+  "${DC[@]}" exec -T -d cloud python3 -m picospec.netlab.measure serve --port 5201
+  "${DC[@]}" run --rm -T edge python3 -m picospec.netlab.measure client --host cloud --port 5201 --json \
     --expect-up-mbit "$RATE_MBIT" --expect-down-mbit "$RATE_MBIT" >"$WORK/measure.out" 2>"$WORK/measure.err" \
     || { cat "$WORK/measure.err"; die "the measurement failed"; }
   grep -h "method=" "$WORK/measure.err" | sed 's/^/docker_test: edge /' || true

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from cloud_server.server import PicoSpecService, start_server
-from shared.config import CloudConfig, add_config_args, config_from_args
-from shared.models import ModelError, load_model
+from picospec.cloud_server.server import PicoSpecService, start_server
+from picospec.shared.config import CloudConfig, add_config_args, config_from_args
+from picospec.shared.models import ModelError, load_model
 
 log = logging.getLogger("picospec.cloud")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
 
-from shared.protocol import Commit, ProtocolError, SessionState
+from picospec.shared.protocol import Commit, ProtocolError, SessionState
 
 MAX_PENDING_BATCHES = 8  # unverified drafts the cloud holds per session, in units of the largest batch
 

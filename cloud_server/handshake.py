@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from shared.config import CloudConfig
-from shared.fingerprint import Fingerprint
-from shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
-from shared.rpc import picospec_pb2 as pb
-from shared.sampling import SamplingParams
+from picospec.shared.config import CloudConfig
+from picospec.shared.fingerprint import Fingerprint
+from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.sampling import SamplingParams
 
 
 class Refusal(Exception):

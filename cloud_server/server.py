@@ -13,18 +13,18 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from cloud_server.handshake import Refusal, TargetInfo, validate_hello
-from cloud_server.session import CloudHooks, CloudSession, SessionRecord
-from cloud_server.slots import SessionSlots
-from cloud_server.target import TargetCache
-from cloud_server.worker import ModelWorker
-from shared.codec import PayloadError
-from shared.config import CloudConfig
-from shared.fingerprint import eos_token_ids, tokenizer_fingerprint
-from shared.models import LoadedModel
-from shared.protocol import PROTOCOL_VERSION, ProtocolError
-from shared.rpc import picospec_pb2 as pb
-from shared.rpc import picospec_pb2_grpc as pb_grpc
+from picospec.cloud_server.handshake import Refusal, TargetInfo, validate_hello
+from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecord
+from picospec.cloud_server.slots import SessionSlots
+from picospec.cloud_server.target import TargetCache
+from picospec.cloud_server.worker import ModelWorker
+from picospec.shared.codec import PayloadError
+from picospec.shared.config import CloudConfig
+from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
+from picospec.shared.models import LoadedModel
+from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 
 __all__ = ["CloudHooks", "PicoSpecService", "Refusal", "SessionRecord", "server_options", "start_server"]
 log = logging.getLogger("picospec.cloud")

@@ -17,15 +17,15 @@ from typing import AsyncIterator, Callable, Protocol
 
 import grpc
 
-from cloud_server.drafts import DraftQueue, DraftRun
-from cloud_server.handshake import Refusal, SessionSpec
-from cloud_server.target import TargetCache
-from cloud_server.worker import ModelWorker
-from shared.config import CloudConfig
-from shared.early_exit import ExpectedOutcome
-from shared.protocol import ProtocolError, SessionState
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes import ResidualPayload
+from picospec.cloud_server.drafts import DraftQueue, DraftRun
+from picospec.cloud_server.handshake import Refusal, SessionSpec
+from picospec.cloud_server.target import TargetCache
+from picospec.cloud_server.worker import ModelWorker
+from picospec.shared.config import CloudConfig
+from picospec.shared.early_exit import ExpectedOutcome
+from picospec.shared.protocol import ProtocolError, SessionState
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes import ResidualPayload
 
 log = logging.getLogger("picospec.cloud")
 _END = object()  # outbox sentinel: the stream ends normally

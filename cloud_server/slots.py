@@ -6,7 +6,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from cloud_server.handshake import Refusal
+from picospec.cloud_server.handshake import Refusal
 
 
 class SessionSlots:

@@ -13,13 +13,13 @@ from typing import Callable
 
 import torch
 
-from cloud_server.drafts import DraftRun
-from shared.backend import HFBackend
-from shared.early_exit import ExpectedOutcome, expected_outcome
-from shared.protocol import ProtocolError
-from shared.schemes import OpenRejection, scheme
-from shared.rng import Stream
-from shared.sampling import SamplingParams, process_logits, sample_token
+from picospec.cloud_server.drafts import DraftRun
+from picospec.shared.backend import HFBackend
+from picospec.shared.early_exit import ExpectedOutcome, expected_outcome
+from picospec.shared.protocol import ProtocolError
+from picospec.shared.schemes import OpenRejection, scheme
+from picospec.shared.rng import Stream
+from picospec.shared.sampling import SamplingParams, process_logits, sample_token
 
 log = logging.getLogger("picospec.cloud")
 

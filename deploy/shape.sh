@@ -35,7 +35,7 @@ else
     *) echo "shape: set PICOSPEC_SIDE to edge or cloud (got '$SIDE')" >&2; exit 2 ;;
   esac
   # --detach: the delay stage keeps running after this script has exec'd the command below
-  if out=$(PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" python3 -m netlab.shaping apply --detach --dev "$DEV" \
+  if out=$(PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" python3 -m picospec.netlab.shaping apply --detach --dev "$DEV" \
              --side "$SIDE" --rtt-ms "$RTT" --up-mbit "$UP" --down-mbit "$DOWN" --loss "$LOSS" \
              --log /tmp/nfq_delay.log 2>&1); then
     echo "$out" >&2

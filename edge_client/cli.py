@@ -10,9 +10,9 @@ from typing import Any, TextIO
 
 import torch
 
-from edge_client.client import EdgeClient, EdgeError
-from shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
-from shared.models import ModelError, load_model
+from picospec.edge_client.client import EdgeClient, EdgeError
+from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
+from picospec.shared.models import ModelError, load_model
 
 
 class TextStream:

@@ -17,19 +17,19 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import grpc
 
-from edge_client.drafter import Drafter
-from edge_client.policy import plan_session
-from edge_client.session import EdgeSession
-from edge_client.transport import EdgeError, EdgeHooks, StreamTransport, wire_size
-from shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
-from shared.fingerprint import eos_token_ids, tokenizer_fingerprint
-from shared.models import LoadedModel
-from shared.protocol import PROTOCOL_VERSION, SessionState
-from shared.rpc import picospec_pb2 as pb
-from shared.rpc import picospec_pb2_grpc as pb_grpc
-from shared.sampling import SamplingParams
-from shared.schemes import scheme
-from shared.stats import GenerationStats
+from picospec.edge_client.drafter import Drafter
+from picospec.edge_client.policy import plan_session
+from picospec.edge_client.session import EdgeSession
+from picospec.edge_client.transport import EdgeError, EdgeHooks, StreamTransport, wire_size
+from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
+from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
+from picospec.shared.models import LoadedModel
+from picospec.shared.protocol import PROTOCOL_VERSION, SessionState
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
+from picospec.shared.sampling import SamplingParams
+from picospec.shared.schemes import scheme
+from picospec.shared.stats import GenerationStats
 
 __all__ = ["EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
 T = TypeVar("T")

@@ -7,11 +7,11 @@ from typing import Sequence
 
 import torch
 
-from shared.backend import HFBackend
-from shared.codec import Precision, quantize
-from shared.rng import Stream
-from shared.sampling import SamplingParams, process_logits, sample_token
-from shared.verify import gumbel_argmax
+from picospec.shared.backend import HFBackend
+from picospec.shared.codec import Precision, quantize
+from picospec.shared.rng import Stream
+from picospec.shared.sampling import SamplingParams, process_logits, sample_token
+from picospec.shared.verify import gumbel_argmax
 
 
 @dataclass(frozen=True)

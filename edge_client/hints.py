@@ -7,9 +7,9 @@ same coins), so adopting them changes nothing but time. Otherwise they are disca
 """
 from __future__ import annotations
 
-from shared.protocol import Applied, ChainToken, EdgeChain, PreDraft, SessionState
-from shared.rpc import picospec_pb2 as pb
-from shared.stats import GenerationStats
+from picospec.shared.protocol import Applied, ChainToken, EdgeChain, PreDraft, SessionState
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.stats import GenerationStats
 
 
 class HintTracker:

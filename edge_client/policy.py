@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from shared.config import HINTED_MODES, PIPELINED_MODES
-from shared.schemes import VerifyScheme
+from picospec.shared.config import HINTED_MODES, PIPELINED_MODES
+from picospec.shared.schemes import VerifyScheme
 
 
 class Action(Enum):

@@ -15,18 +15,18 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 
-from edge_client.drafter import Drafter
-from edge_client.hints import HintTracker
-from edge_client.policy import Action, SessionPlan, Snapshot, cloud_owes, edge_owes, next_action, should_send
-from edge_client.rtt import RttTracker
-from edge_client.transport import EdgeError, StreamTransport
-from shared.codec import PayloadError, decode_list
-from shared.config import EdgeConfig
-from shared.perf_model import choose_draft_len
-from shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes import MAX_TAIL_DRAWS, scheme
-from shared.stats import GenerationStats
+from picospec.edge_client.drafter import Drafter
+from picospec.edge_client.hints import HintTracker
+from picospec.edge_client.policy import Action, SessionPlan, Snapshot, cloud_owes, edge_owes, next_action, should_send
+from picospec.edge_client.rtt import RttTracker
+from picospec.edge_client.transport import EdgeError, StreamTransport
+from picospec.shared.codec import PayloadError, decode_list
+from picospec.shared.config import EdgeConfig
+from picospec.shared.perf_model import choose_draft_len
+from picospec.shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes import MAX_TAIL_DRAWS, scheme
+from picospec.shared.stats import GenerationStats
 
 RunModel = Callable[..., Awaitable]
 

@@ -10,9 +10,9 @@ from typing import Protocol
 
 import grpc
 
-from shared.protocol import ProtocolError
-from shared.rpc import picospec_pb2 as pb
-from shared.stats import GenerationStats
+from picospec.shared.protocol import ProtocolError
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.stats import GenerationStats
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP/IP headers are not counted
 

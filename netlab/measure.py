@@ -1,7 +1,7 @@
 """Measure a link: RTT by TCP ping-pong, throughput by a bulk TCP transfer each way.
 
-    python -m netlab.measure serve --host 0.0.0.0 --port 5201        # one end (prints "ready HOST:PORT")
-    python -m netlab.measure client --host PEER --port 5201 --json   # the other end: rtt_ms, up_mbit, down_mbit
+    python -m picospec.netlab.measure serve --host 0.0.0.0 --port 5201        # one end (prints "ready HOST:PORT")
+    python -m picospec.netlab.measure client --host PEER --port 5201 --json   # the other end: rtt_ms, up_mbit, down_mbit
 
 RTT: small messages echoed over one connection with TCP_NODELAY, the median of N (connect time, one SYN
 round trip, is reported too). Throughput is measured by the *receiver* over the transfer's last 80 % of bytes,
@@ -176,7 +176,7 @@ def bytes_for(mbit: float, seconds: float = 1.5) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m netlab.measure", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m picospec.netlab.measure", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--host", default="0.0.0.0")

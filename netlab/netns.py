@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from netlab.procs import stop_process
-from netlab.shaping import AppliedSide, Features, LinkSpec, Side, apply_side, probe_host
+from picospec.netlab.procs import stop_process
+from picospec.netlab.shaping import AppliedSide, Features, LinkSpec, Side, apply_side, probe_host
 
 
 def pick_subnet(used: Iterable[str], rng: random.Random) -> ipaddress.IPv4Network:
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Bring a link up, print its addresses and method, and hold it until Ctrl-C: handy for poking by hand."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m netlab.netns", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m picospec.netlab.netns", description=main.__doc__)
     p.add_argument("--rtt-ms", type=float, default=50.0)
     p.add_argument("--up-mbit", type=float, default=10.0)
     p.add_argument("--down-mbit", type=float, default=10.0)

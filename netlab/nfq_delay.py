@@ -3,7 +3,7 @@
 Used where the kernel has no netem (docs/design.md §8): an iptables rule on the receiving side's ingress
 (`-t mangle -A PREROUTING -i DEV -j NFQUEUE --queue-num N`) hands every arriving packet to this process.
 
-    python -m netlab.nfq_delay --queue 0 --delay-ms 25 [--loss 0.01 --seed 1]
+    python -m picospec.netlab.nfq_delay --queue 0 --delay-ms 25 [--loss 0.01 --seed 1]
 
 One thread, one loop: wait on the queue's netlink socket with a timeout until the earliest held packet is due,
 read whatever arrived (never blocking), then give the verdict on every packet that is due. Packets wait in a
@@ -118,7 +118,7 @@ def serve(queue_num: int, delay_s: float, loss: float = 0.0, seed: int = 0, max_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m netlab.nfq_delay", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m picospec.netlab.nfq_delay", description=__doc__.splitlines()[0])
     p.add_argument("--queue", type=int, default=0, help="NFQUEUE number (per network namespace)")
     p.add_argument("--delay-ms", type=float, required=True, help="one-way delay added to every packet")
     p.add_argument("--loss", type=float, default=0.0, help="drop probability per packet")

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Literal, Sequence
 
-from netlab.procs import stop_process
+from picospec.netlab.procs import stop_process
 
 Side = Literal["edge", "cloud"]
 Argv = list[str]
 
-# The delay stage runs as `python -m netlab.nfq_delay`; this directory makes that work even where netlab is
+# The delay stage runs as `python -m picospec.netlab.nfq_delay`; this directory makes that work even where netlab is
 # not installed (a source checkout, a container that only copied the tree).
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -166,7 +166,7 @@ def nfqueue_rule_argv(dev: str, queue_num: int, action: Literal["-A", "-D", "-C"
 
 
 def delay_stage_argv(python: str, queue_num: int, delay_ms: float, loss: float = 0.0, seed: int = 0) -> Argv:
-    return [python, "-m", "netlab.nfq_delay", "--queue", str(queue_num), "--delay-ms", f"{delay_ms:.6g}",
+    return [python, "-m", "picospec.netlab.nfq_delay", "--queue", str(queue_num), "--delay-ms", f"{delay_ms:.6g}",
             "--loss", f"{loss:.6g}", "--seed", str(seed)]
 
 
@@ -343,7 +343,7 @@ def _spec_from_args(a: argparse.Namespace) -> LinkSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m netlab.shaping", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m picospec.netlab.shaping", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     det = sub.add_parser("detect", help="probe the features (on --dev if given, else in a scratch namespace)")
     det.add_argument("--dev")

@@ -5,7 +5,7 @@ For each mutant: copy the working tree (tracked files plus untracked, non-ignore
 temporary directory, apply ONE realistic bug there as an exact search/replace (it must match exactly once, or
 the harness stops with "mutant N no longer applies"), and run the test subset chosen to catch it with
 `.venv/bin/python -m pytest -x -q` from the copy's root, under a time limit. Before running the tests the harness
-checks that the copy's code is what gets imported (it prints `shared.verify.__file__`; PYTHONPATH also points at
+checks that the copy's code is what gets imported (it prints `picospec.shared.verify.__file__`; PYTHONPATH also points at
 the copy, so subprocesses the tests start import it too). The working tree itself is never modified.
 
 A mutant whose subset passes (or runs out of time) has survived: the run fails (exit 1). Afterwards the tests
@@ -215,11 +215,11 @@ def env_for(copy: Path) -> dict[str, str]:
 
 
 def imported_from(copy: Path, env: dict[str, str]) -> str:
-    r = subprocess.run([str(PYTHON), "-c", "import shared.verify; print(shared.verify.__file__)"], cwd=copy, env=env,
+    r = subprocess.run([str(PYTHON), "-c", "import picospec.shared.verify as v; print(v.__file__)"], cwd=copy, env=env,
                        capture_output=True, text=True, timeout=120)
     path = r.stdout.strip()
     if r.returncode != 0 or not Path(path).resolve().is_relative_to(copy.resolve()):
-        sys.exit(f"the copy's code is not what gets imported: shared.verify.__file__ = {path!r}\n{r.stderr}")
+        sys.exit(f"the copy's code is not what gets imported: picospec.shared.verify.__file__ = {path!r}\n{r.stderr}")
     return path
 
 
@@ -276,7 +276,7 @@ def run_mutant(m: Mutant, scale: float, keep: bool) -> Result:
         (tmp / m.file).write_text(text.replace(m.search, m.replace, 1))
         env = env_for(tmp)
         where = imported_from(tmp, env)
-        print(f"      {m.file} mutated in a copy of {n} files; shared.verify.__file__ = {where}", flush=True)
+        print(f"      {m.file} mutated in a copy of {n} files; picospec.shared.verify.__file__ = {where}", flush=True)
         outcome, first, secs, tail = run_pytest(tmp, m.tests, int(m.limit_s * scale), env)
         r = Result(m, outcome, first, secs, tail)
         log = LOGS / f"{m.key}.log"

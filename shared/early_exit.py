@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from shared.sampling import SamplingParams, process_logits
-from shared.schemes import VerifyScheme
+from picospec.shared.sampling import SamplingParams, process_logits
+from picospec.shared.schemes import VerifyScheme
 
 
 @dataclass(frozen=True)

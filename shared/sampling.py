@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.rng import Stream, uniform
+from picospec.shared.rng import Stream, uniform
 
 
 @dataclass(frozen=True)

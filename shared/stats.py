@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.perf_model import Estimates
+from picospec.shared.perf_model import Estimates
 
 
 def _quantile(xs: list[float], q: float) -> float | None:

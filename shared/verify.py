@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from shared.rng import Stream, gumbel_noise, uniform, uniforms
-from shared.sampling import sample_from
+from picospec.shared.rng import Stream, gumbel_noise, uniform, uniforms
+from picospec.shared.sampling import sample_from
 
 
 @dataclass(frozen=True)

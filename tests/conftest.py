@@ -7,10 +7,10 @@ from typing import AsyncIterator
 
 import pytest
 
-from cloud_server.server import PicoSpecService, start_server
-from edge_client.client import EdgeClient
-from shared.config import CloudConfig, EdgeConfig
-from shared.models import LoadedModel, load_model
+from picospec.cloud_server.server import PicoSpecService, start_server
+from picospec.edge_client.client import EdgeClient
+from picospec.shared.config import CloudConfig, EdgeConfig
+from picospec.shared.models import LoadedModel, load_model
 
 # ---- CI: fixed hypothesis examples, and no silent skips ------------------------------------------------------------
 import datetime

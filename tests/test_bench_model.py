@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from bench.edge_worker import _CountingEwma
-from bench.grid import PRESETS, Column, Condition, grid, harder_or_equal, parse_column, parse_columns
-from bench.pipeline import Components, components, deviation, format_table, interp_cost, predict, summarize
-from bench.report import aggregate, markdown_table, pivot_table, write_csv
-from shared.perf_model import Estimates, pipelined_rate, stop_and_wait_rate, tokens_per_round
+from picospec.bench.edge_worker import _CountingEwma
+from picospec.bench.grid import PRESETS, Column, Condition, grid, harder_or_equal, parse_column, parse_columns
+from picospec.bench.pipeline import Components, components, deviation, format_table, interp_cost, predict, summarize
+from picospec.bench.report import aggregate, markdown_table, pivot_table, write_csv
+from picospec.shared.perf_model import Estimates, pipelined_rate, stop_and_wait_rate, tokens_per_round
 
 
 # ----------------------------------------------------------------------------------------------- columns and grid

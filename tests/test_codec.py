@@ -9,8 +9,8 @@ import zstandard
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shared import codec
-from shared.codec import (
+from picospec.shared import codec
+from picospec.shared.codec import (
     FLAG_ZSTD,
     HEADER_SIZE,
     MAX_LIST,

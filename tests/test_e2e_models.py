@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from shared.fingerprint import eos_token_ids
-from shared.models import load_model
+from picospec.shared.fingerprint import eos_token_ids
+from picospec.shared.models import load_model
 from tests.conftest import edge, run, serving
 
 PROMPTS = [

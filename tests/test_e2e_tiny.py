@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from shared.sampling import SamplingParams, process_logits
+from picospec.shared.sampling import SamplingParams, process_logits
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
 
@@ -153,7 +153,7 @@ def test_split_topk_is_labelled_approximate_and_stays_close(tiny_target, tiny_dr
 
 
 def test_cloud_refuses_a_mode_it_does_not_offer(tiny_target, tiny_draft):
-    from edge_client.client import EdgeError
+    from picospec.edge_client.client import EdgeError
 
     async def scenario():
         async with serving(tiny_target, verify_modes="dense,coupled") as (_, addr), \

@@ -14,14 +14,14 @@ import grpc
 import pytest
 import torch
 
-from bench.jitter import Jitter
-from shared.backend import HFBackend
-from shared.early_exit import expected_outcome, layer_agreement
-from shared.models import LoadedModel, load_model
-from shared.rpc import picospec_pb2 as pb
-from shared.sampling import SamplingParams, process_logits
-from shared.schemes import scheme
-from shared.verify import verify_coupled, verify_dense, verify_split
+from picospec.bench.jitter import Jitter
+from picospec.shared.backend import HFBackend
+from picospec.shared.early_exit import expected_outcome, layer_agreement
+from picospec.shared.models import LoadedModel, load_model
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.sampling import SamplingParams, process_logits
+from picospec.shared.schemes import scheme
+from picospec.shared.verify import verify_coupled, verify_dense, verify_split
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
 from tests.test_e2e_tiny import PROMPT, _target_joint

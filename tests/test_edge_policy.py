@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from shared.schemes import SCHEMES
+from picospec.shared.schemes import SCHEMES
 
-from edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, edge_owes, next_action, plan_session,
+from picospec.edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, edge_owes, next_action, plan_session,
                                 should_send)
 
 # a pipelined session mid-generation: nothing drafted, nothing in flight, plenty of budget
@@ -142,7 +142,7 @@ def test_plan_for_each_mode():
 
 
 def test_the_deadline_scales_with_the_work():
-    from shared.config import EdgeConfig
+    from picospec.shared.config import EdgeConfig
 
     short, long = EdgeConfig(max_new_tokens=40), EdgeConfig(max_new_tokens=4096)
     assert short.deadline_s(9) == pytest.approx(60 + 2.0 * 40 + 0.05 * 9)   # not an hour for 40 tokens

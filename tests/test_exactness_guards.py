@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from edge_client.drafter import Drafter
-from shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
-from shared.rng import Stream, uniform
-from shared.sampling import SamplingParams, process_logits, sample_from
-from shared.verify import gumbel_argmax, verify_coupled, verify_dense
+from picospec.edge_client.drafter import Drafter
+from picospec.shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
+from picospec.shared.rng import Stream, uniform
+from picospec.shared.sampling import SamplingParams, process_logits, sample_from
+from picospec.shared.verify import gumbel_argmax, verify_coupled, verify_dense
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
 from tests.test_e2e_tiny import _target_joint

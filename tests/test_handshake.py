@@ -4,11 +4,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cloud_server.handshake import Refusal, TargetInfo, validate_hello
-from shared.config import CloudConfig
-from shared.fingerprint import Fingerprint
-from shared.protocol import PROTOCOL_VERSION
-from shared.rpc import picospec_pb2 as pb
+from picospec.cloud_server.handshake import Refusal, TargetInfo, validate_hello
+from picospec.shared.config import CloudConfig
+from picospec.shared.fingerprint import Fingerprint
+from picospec.shared.protocol import PROTOCOL_VERSION
+from picospec.shared.rpc import picospec_pb2 as pb
 
 TARGET = TargetInfo(name="t", vocab_size=64, fingerprint=Fingerprint(60, "ab" * 32), eos_ids=frozenset({2}), num_layers=4)
 LIMITS = CloudConfig(target="t", max_context=64, max_new_tokens=32, verify_modes="dense,coupled",
@@ -69,7 +69,7 @@ def test_every_refusal_says_what_to_change(case):
 def test_session_slots_refuse_past_the_limit_and_free_on_exit():
     import asyncio
 
-    from cloud_server.slots import SessionSlots
+    from picospec.cloud_server.slots import SessionSlots
 
     async def scenario():
         slots = SessionSlots(1)

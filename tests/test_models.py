@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from shared import models
-from shared.models import (BUILTIN_MODELS, BuiltinModel, ModelError, ModelIntegrityError, ModelNotInstalledError,
+from picospec.shared import models
+from picospec.shared.models import (BUILTIN_MODELS, BuiltinModel, ModelError, ModelIntegrityError, ModelNotInstalledError,
                            derive_model, load_model, parse_model_name, required_packages)
 
 

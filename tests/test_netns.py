@@ -20,9 +20,9 @@ from typing import Iterator
 
 import pytest
 
-from netlab.netns import Link, shaped_link
-from netlab.shaping import LinkSpec, ShapingUnsupported, choose_method, netns_usable, probe_host
-from shared.models import MANIFEST, cache_root
+from picospec.netlab.netns import Link, shaped_link
+from picospec.netlab.shaping import LinkSpec, ShapingUnsupported, choose_method, netns_usable, probe_host
+from picospec.shared.models import MANIFEST, cache_root
 from tests.conftest import skip_or_fail
 from tests.proc_util import read_until
 
@@ -75,10 +75,10 @@ def _wait_for(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[
 
 
 def test_shaping_measures_as_configured(link: Link):
-    server = link.popen("cloud", [sys.executable, "-m", "netlab.measure", "serve", "--host", link.cloud_ip,
+    server = link.popen("cloud", [sys.executable, "-m", "picospec.netlab.measure", "serve", "--host", link.cloud_ip,
                                   "--port", "5201"], stdout=subprocess.PIPE, text=True, env=_env())
     _wait_for(server, "ready", 30)
-    r = link.run("edge", [sys.executable, "-m", "netlab.measure", "client", "--host", link.cloud_ip, "--port", "5201",
+    r = link.run("edge", [sys.executable, "-m", "picospec.netlab.measure", "client", "--host", link.cloud_ip, "--port", "5201",
                           "--json", "--expect-up-mbit", str(RATE_MBIT), "--expect-down-mbit", str(RATE_MBIT)],
                  capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 0, r.stderr

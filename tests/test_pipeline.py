@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 import torch
 
-from bench.jitter import Jitter
-from shared.sampling import SamplingParams
+from picospec.bench.jitter import Jitter
+from picospec.shared.sampling import SamplingParams
 from tests.conftest import edge, run, serving
 from tests.stat_util import pooled_chisquare
 from tests.test_e2e_tiny import PROMPT, _target_joint
@@ -126,7 +126,7 @@ def _check_caches(service, stats, committed):
 @pytest.mark.parametrize("verify", ["dense", "coupled", "split-exact"])
 def test_rejection_storm_keeps_caches_at_the_committed_length(tiny_target, verify):
     """A draft that is an unrelated random model: nearly every draft is rejected, chains die constantly."""
-    from shared.models import load_model
+    from picospec.shared.models import load_model
 
     stranger = load_model("tiny-random-b", progress=False)
     prompt_ids = tiny_target.tokenizer("storm")["input_ids"]
@@ -222,8 +222,8 @@ def test_a_deadlock_is_reported_at_once_with_both_sides_state(tiny_target, tiny_
     tells the cloud why it hangs up, which logs its own state."""
     import logging
 
-    import edge_client.policy as policy
-    from edge_client.client import EdgeError
+    import picospec.edge_client.policy as policy
+    from picospec.edge_client.client import EdgeError
 
     monkeypatch.setattr(policy, "owes_correction", lambda s: s.resolved and not s.resolved_sent and s.resolution_ends)
     prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_server.drafts import BatchStatus, DraftQueue
-from shared.protocol import ChainToken, EdgeChain, FinishReason, ProtocolError, SessionState
+from picospec.cloud_server.drafts import BatchStatus, DraftQueue
+from picospec.shared.protocol import ChainToken, EdgeChain, FinishReason, ProtocolError, SessionState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,10 +137,10 @@ def test_commit_validates():
 def test_committed_stubs_match_the_proto(tmp_path):
     """The generated stubs are committed; regenerating them from proto/ must change nothing."""
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Ishared/rpc=proto", f"--python_out={tmp_path}",
+        [sys.executable, "-m", "grpc_tools.protoc", "-Ipicospec/shared/rpc=proto", f"--python_out={tmp_path}",
          f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", "proto/picospec.proto"],
         cwd=ROOT, check=True,
     )
     for name in ("picospec_pb2.py", "picospec_pb2.pyi", "picospec_pb2_grpc.py"):
-        assert filecmp.cmp(tmp_path / "shared/rpc" / name, ROOT / "shared/rpc" / name, shallow=False), \
+        assert filecmp.cmp(tmp_path / "picospec/shared/rpc" / name, ROOT / "shared/rpc" / name, shallow=False), \
             f"shared/rpc/{name} is stale: run `make proto`"

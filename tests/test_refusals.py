@@ -9,14 +9,14 @@ import grpc
 import pytest
 import torch
 
-from edge_client.client import EdgeError
-from shared.codec import decode_list, decode_probs, encode_probs
-from shared.fingerprint import tokenizer_fingerprint
-from shared.protocol import PROTOCOL_VERSION
-from shared.rng import Stream, uniform
-from shared.rpc import picospec_pb2 as pb
-from shared.rpc import picospec_pb2_grpc as pb_grpc
-from shared.sampling import SamplingParams, process_logits
+from picospec.edge_client.client import EdgeError
+from picospec.shared.codec import decode_list, decode_probs, encode_probs
+from picospec.shared.fingerprint import tokenizer_fingerprint
+from picospec.shared.protocol import PROTOCOL_VERSION
+from picospec.shared.rng import Stream, uniform
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
+from picospec.shared.sampling import SamplingParams, process_logits
 from tests.conftest import edge, run, serving
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform, uniforms
-from shared.sampling import SamplingParams, process_logits, sample_from
+from picospec.shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform, uniforms
+from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 
 
 def _fmix32_reference(x: int) -> int:

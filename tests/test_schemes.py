@@ -9,11 +9,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from shared.config import EXACT_VERIFY_MODES, VERIFY_MODES
-from shared.protocol import ProtocolError
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes import SCHEMES, scheme
-from shared.verify import verify_coupled, verify_dense, verify_split
+from picospec.shared.config import EXACT_VERIFY_MODES, VERIFY_MODES
+from picospec.shared.protocol import ProtocolError
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes import SCHEMES, scheme
+from picospec.shared.verify import verify_coupled, verify_dense, verify_split
 
 V = 12
 
@@ -92,7 +92,7 @@ def _resolutions(name: str, p_row: torch.Tensor, q_row: torch.Tensor, n: int, to
         v = pb.Verdict(residual_payload=r.payload.topk, tail_mass=r.payload.tail_mass, tail_payload=r.payload.tail)
 
         async def more_tail(have: int):
-            from shared.codec import decode_list
+            from picospec.shared.codec import decode_list
             return decode_list(s.more_tail(r, 5, have, seed, 1), vocab_size=V, max_len=4096)
         token = await s.resolve(v, q_row, seed, 5, V, _run_model, more_tail)
         r.check(token)  # the cloud accepts it: it is among the candidates it sent

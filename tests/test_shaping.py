@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from netlab import measure
-from netlab.netns import pick_subnet
-from netlab.nfq_delay import DelayLine
-from netlab.shaping import (Features, LinkSpec, ShapingUnsupported, choose_method, delay_stage_argv, netem_argvs,
+from picospec.netlab import measure
+from picospec.netlab.netns import pick_subnet
+from picospec.netlab.nfq_delay import DelayLine
+from picospec.netlab.shaping import (Features, LinkSpec, ShapingUnsupported, choose_method, delay_stage_argv, netem_argvs,
                             nfqueue_rule_argv, plan_side, tbf_argv, tbf_sizes)
 
 FULL = Features(netem=True, tbf=True, nfqueue=True, netfilterqueue=True)
@@ -81,7 +81,7 @@ def test_tbf_plus_nfqueue_plan_delays_the_ingress():
     assert "--queue-bypass" not in plan.rule  # a dead stage must stop traffic, not let it through unshaped
     assert plan.unrule == nfqueue_rule_argv("vpc1", 3, "-D")
     assert plan.delay_stage == delay_stage_argv("/py", 3, 25.0, 0.01, 7)
-    assert plan.delay_stage[:3] == ["/py", "-m", "netlab.nfq_delay"] and _after(plan.delay_stage, "--delay-ms") == "25"
+    assert plan.delay_stage[:3] == ["/py", "-m", "picospec.netlab.nfq_delay"] and _after(plan.delay_stage, "--delay-ms") == "25"
     assert plan_side("d", spec, "none").qdisc == []
     with pytest.raises(ValueError):
         plan_side("d", spec, "htb-magic")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.stress import STRESS_MODES, StressConfig, StressReport, failures_text, run_stress
-from edge_client.client import Generation
-from shared.config import VERIFY_MODES
+from picospec.bench.stress import STRESS_MODES, StressConfig, StressReport, failures_text, run_stress
+from picospec.edge_client.client import Generation
+from picospec.shared.config import VERIFY_MODES
 
 TINY = {"target": "tiny-random", "draft": "tiny-random:layers=1"}
 HANG_S = 15.0  # a tiny generation takes well under a second

@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy import stats
 
-from shared.rng import Stream, uniform
-from shared.sampling import sample_from
-from shared.verify import verify_dense
+from picospec.shared.rng import Stream, uniform
+from picospec.shared.sampling import sample_from
+from picospec.shared.verify import verify_dense
 
 ALPHA = 1e-3  # false-alarm rate of each goodness-of-fit test
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared.rng import Stream, uniform
-from shared.sampling import SamplingParams, process_logits, sample_from
+from picospec.shared.rng import Stream, uniform
+from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from tests.stat_util import pooled_chisquare
-from shared.verify import (NeedMoreTail, ResidualHint, gumbel_argmax, resample_exact, resample_topk, tail_draws,
+from picospec.shared.verify import (NeedMoreTail, ResidualHint, gumbel_argmax, resample_exact, resample_topk, tail_draws,
                            top_k, verify_coupled, verify_split)
 
 ALPHA = 1e-3
@@ -114,7 +114,7 @@ def test_split_topk_deviates_where_the_tail_is_heavy():
 
 
 def test_split_verdicts_are_the_same_coins_as_dense():
-    from shared.verify import verify_dense
+    from picospec.shared.verify import verify_dense
     p, q = _pair("far", SamplingParams(temperature=1.0))
     for s in range(300):
         x = sample_from(q, uniform(s, 5, Stream.DRAFT))

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shared.rpc import picospec_pb2 as shared_dot_rpc_dot_picospec__pb2
+from picospec.shared.rpc import picospec_pb2 as picospec_dot_shared_dot_rpc_dot_picospec__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shared/rpc/picospec_pb2_grpc.py depends on'
+        + ' but the generated code in picospec/shared/rpc/picospec_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class PicoSpecStub:
         """
         self.Info = channel.unary_unary(
                 '/picospec.v1.PicoSpec/Info',
-                request_serializer=shared_dot_rpc_dot_picospec__pb2.InfoRequest.SerializeToString,
-                response_deserializer=shared_dot_rpc_dot_picospec__pb2.InfoReply.FromString,
+                request_serializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.InfoRequest.SerializeToString,
+                response_deserializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.InfoReply.FromString,
                 _registered_method=True)
         self.Speculate = channel.stream_stream(
                 '/picospec.v1.PicoSpec/Speculate',
-                request_serializer=shared_dot_rpc_dot_picospec__pb2.EdgeMessage.SerializeToString,
-                response_deserializer=shared_dot_rpc_dot_picospec__pb2.CloudMessage.FromString,
+                request_serializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.EdgeMessage.SerializeToString,
+                response_deserializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.CloudMessage.FromString,
                 _registered_method=True)
         self.CloudGenerate = channel.unary_stream(
                 '/picospec.v1.PicoSpec/CloudGenerate',
-                request_serializer=shared_dot_rpc_dot_picospec__pb2.Hello.SerializeToString,
-                response_deserializer=shared_dot_rpc_dot_picospec__pb2.TokenChunk.FromString,
+                request_serializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.Hello.SerializeToString,
+                response_deserializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.TokenChunk.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_PicoSpecServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=shared_dot_rpc_dot_picospec__pb2.InfoRequest.FromString,
-                    response_serializer=shared_dot_rpc_dot_picospec__pb2.InfoReply.SerializeToString,
+                    request_deserializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.InfoRequest.FromString,
+                    response_serializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.InfoReply.SerializeToString,
             ),
             'Speculate': grpc.stream_stream_rpc_method_handler(
                     servicer.Speculate,
-                    request_deserializer=shared_dot_rpc_dot_picospec__pb2.EdgeMessage.FromString,
-                    response_serializer=shared_dot_rpc_dot_picospec__pb2.CloudMessage.SerializeToString,
+                    request_deserializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.EdgeMessage.FromString,
+                    response_serializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.CloudMessage.SerializeToString,
             ),
             'CloudGenerate': grpc.unary_stream_rpc_method_handler(
                     servicer.CloudGenerate,
-                    request_deserializer=shared_dot_rpc_dot_picospec__pb2.Hello.FromString,
-                    response_serializer=shared_dot_rpc_dot_picospec__pb2.TokenChunk.SerializeToString,
+                    request_deserializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.Hello.FromString,
+                    response_serializer=picospec_dot_shared_dot_rpc_dot_picospec__pb2.TokenChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class PicoSpec:
             request,
             target,
             '/picospec.v1.PicoSpec/Info',
-            shared_dot_rpc_dot_picospec__pb2.InfoRequest.SerializeToString,
-            shared_dot_rpc_dot_picospec__pb2.InfoReply.FromString,
+            picospec_dot_shared_dot_rpc_dot_picospec__pb2.InfoRequest.SerializeToString,
+            picospec_dot_shared_dot_rpc_dot_picospec__pb2.InfoReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class PicoSpec:
             request_iterator,
             target,
             '/picospec.v1.PicoSpec/Speculate',
-            shared_dot_rpc_dot_picospec__pb2.EdgeMessage.SerializeToString,
-            shared_dot_rpc_dot_picospec__pb2.CloudMessage.FromString,
+            picospec_dot_shared_dot_rpc_dot_picospec__pb2.EdgeMessage.SerializeToString,
+            picospec_dot_shared_dot_rpc_dot_picospec__pb2.CloudMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class PicoSpec:
             request,
             target,
             '/picospec.v1.PicoSpec/CloudGenerate',
-            shared_dot_rpc_dot_picospec__pb2.Hello.SerializeToString,
-            shared_dot_rpc_dot_picospec__pb2.TokenChunk.FromString,
+            picospec_dot_shared_dot_rpc_dot_picospec__pb2.Hello.SerializeToString,
+            picospec_dot_shared_dot_rpc_dot_picospec__pb2.TokenChunk.FromString,
             options,
             channel_credentials,
             insecure,

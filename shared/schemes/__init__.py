@@ -1,12 +1,12 @@
 """The verification schemes, found by name (see shared/schemes/base.py for the interface and its terms)."""
 from __future__ import annotations
 
-from shared.schemes.base import (MAX_TAIL_DRAWS, Q_SUM_TOLERANCE, Decision, OpenRejection, ResidualPayload,
+from picospec.shared.schemes.base import (MAX_TAIL_DRAWS, Q_SUM_TOLERANCE, Decision, OpenRejection, ResidualPayload,
                                  VerifyScheme)
-from shared.schemes.coupled import Coupled
-from shared.schemes.dense import Dense
-from shared.schemes.split_exact import SplitExact
-from shared.schemes.split_topk import SplitTopK
+from picospec.shared.schemes.coupled import Coupled
+from picospec.shared.schemes.dense import Dense
+from picospec.shared.schemes.split_exact import SplitExact
+from picospec.shared.schemes.split_topk import SplitTopK
 
 SCHEMES: dict[str, VerifyScheme] = {s.name: s for s in (Dense(), SplitTopK(), SplitExact(), Coupled())}
 

@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
-from shared.protocol import ProtocolError
-from shared.rpc import picospec_pb2 as pb
+from picospec.shared.protocol import ProtocolError
+from picospec.shared.rpc import picospec_pb2 as pb
 
 # q rows must sum to 1 within this (float32 softmax rounding is ~1e-6 over 150k entries)
 Q_SUM_TOLERANCE = 1e-3

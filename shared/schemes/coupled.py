@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from shared.schemes.base import Decision, VerifyScheme
-from shared.verify import verify_coupled
+from picospec.shared.schemes.base import Decision, VerifyScheme
+from picospec.shared.verify import verify_coupled
 
 
 class Coupled(VerifyScheme):

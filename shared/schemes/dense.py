@@ -6,10 +6,10 @@ from typing import Any, Sequence
 
 import torch
 
-from shared.codec import decode_probs, encode_probs
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes.base import Q_SUM_TOLERANCE, Decision, VerifyScheme
-from shared.verify import verify_dense
+from picospec.shared.codec import decode_probs, encode_probs
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes.base import Q_SUM_TOLERANCE, Decision, VerifyScheme
+from picospec.shared.verify import verify_dense
 
 
 class Dense(VerifyScheme):

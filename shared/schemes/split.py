@@ -8,11 +8,11 @@ from typing import Any, Sequence
 
 import torch
 
-from shared.codec import decode_probs, encode_probs, Precision
-from shared.protocol import ProtocolError
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes.base import Decision, OpenRejection, ResidualPayload, VerifyScheme
-from shared.verify import top_k, verify_split
+from picospec.shared.codec import decode_probs, encode_probs, Precision
+from picospec.shared.protocol import ProtocolError
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes.base import Decision, OpenRejection, ResidualPayload, VerifyScheme
+from picospec.shared.verify import top_k, verify_split
 
 
 class SplitScheme(VerifyScheme):

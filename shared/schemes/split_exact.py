@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from shared.codec import decode_list, encode_list
-from shared.protocol import ProtocolError
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes.base import MAX_TAIL_DRAWS, MoreTail, OpenRejection, ResidualPayload, RunModel
-from shared.schemes.split import SplitScheme, check_tail_mass, decode_topk
-from shared.verify import NeedMoreTail, ResidualHint, resample_exact, tail_draws
+from picospec.shared.codec import decode_list, encode_list
+from picospec.shared.protocol import ProtocolError
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes.base import MAX_TAIL_DRAWS, MoreTail, OpenRejection, ResidualPayload, RunModel
+from picospec.shared.schemes.split import SplitScheme, check_tail_mass, decode_topk
+from picospec.shared.verify import NeedMoreTail, ResidualHint, resample_exact, tail_draws
 
 
 class SplitExact(SplitScheme):

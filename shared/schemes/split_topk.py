@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from shared.codec import Precision
-from shared.rpc import picospec_pb2 as pb
-from shared.schemes.base import MoreTail, RunModel
-from shared.schemes.split import SplitScheme, decode_topk
-from shared.verify import resample_topk
+from picospec.shared.codec import Precision
+from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.schemes.base import MoreTail, RunModel
+from picospec.shared.schemes.split import SplitScheme, decode_topk
+from picospec.shared.verify import resample_topk
 
 
 class SplitTopK(SplitScheme):
