@@ -77,6 +77,7 @@ class DraftQueue:
         if not min_len <= len(draft_ids) <= max_len:
             raise ProtocolError(f"batch of {len(draft_ids)} tokens; allowed {min_len}..{max_len}")
         st.check_ids(draft_ids, "draft batch")
+        self._check_end(start_pos + (resolved is not None) + len(draft_ids))
         start_pos = self._check_start(epoch, start_pos, resolved)
         if not draft_ids:
             return BatchStatus.CURRENT
@@ -87,6 +88,15 @@ class DraftQueue:
         self.pending.token_ids.extend(int(t) for t in draft_ids)
         self.pending.extras.extend(extras)
         return BatchStatus.CURRENT
+
+    def _check_end(self, end: int) -> None:
+        """Drafts past the token budget can never be committed, and the edge never makes them (its chain stops at
+        the budget): refusing them keeps every forward pass within prompt + max_new_tokens <= --max-context."""
+        st = self.state
+        last = len(st.prompt_ids) + st.max_new_tokens
+        if end > last:
+            raise ProtocolError(f"batch ends at position {end}, past the session's end at {last} "
+                                f"({len(st.prompt_ids)} prompt + {st.max_new_tokens} new tokens)")
 
     def _check_start(self, epoch: int, start_pos: int, resolved: int | None) -> int:
         """The batch must continue the epoch's drafts, or start at the committed length; commit a correction.

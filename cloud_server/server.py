@@ -18,7 +18,7 @@ from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecor
 from picospec.cloud_server.slots import SessionSlots
 from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
-from picospec.shared.codec import PayloadError
+from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
@@ -26,7 +26,8 @@ from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 
-__all__ = ["CloudHooks", "PicoSpecService", "Refusal", "SessionRecord", "server_options", "start_server"]
+__all__ = ["CloudHooks", "PicoSpecService", "Refusal", "SessionRecord", "message_limit", "server_options",
+           "start_server"]
 log = logging.getLogger("picospec.cloud")
 
 
@@ -140,14 +141,33 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     )
 
 
-def server_options(config: CloudConfig) -> list[tuple[str, int]]:
-    limit = config.max_message_mb * 1024 * 1024
+# protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and
+# the optional resolved token at their widest varints (41 bytes), with room to spare; plus 5 bytes per draft id
+BATCH_FRAMING_BYTES = 64
+MIB = 1024 * 1024
+
+
+def message_limit(config: CloudConfig, vocab_size: int) -> int:
+    """The largest message the cloud accepts: --max-message-mb, raised where needed to the largest batch its own
+    admission rules allow (a dense batch of --max-draft-len incompressible rows). A lower transport limit would
+    end sessions mid-generation over legal batches: with Qwen's 151,936-token vocabulary 32 rows are 18.5 MiB."""
+    rows = config.max_draft_len
+    largest_batch = dense_payload_bound(rows, vocab_size) + BATCH_FRAMING_BYTES + 5 * rows
+    return max(config.max_message_mb * MIB, largest_batch)
+
+
+def server_options(config: CloudConfig, vocab_size: int) -> list[tuple[str, int]]:
+    limit = message_limit(config, vocab_size)
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
 
 async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio.Server, int]:
     """Start serving on address ("host:port", port 0 = pick one); return the server and its port."""
-    server = grpc.aio.server(options=server_options(service.config))
+    limit = message_limit(service.config, service.info.vocab_size)
+    if limit > service.config.max_message_mb * MIB:
+        log.info("message limit raised from %d MiB to %.1f MiB: a dense batch of %d drafts over %d tokens must fit",
+                 service.config.max_message_mb, limit / MIB, service.config.max_draft_len, service.info.vocab_size)
+    server = grpc.aio.server(options=server_options(service.config, service.info.vocab_size))
     pb_grpc.add_PicoSpecServicer_to_server(service, server)
     port = server.add_insecure_port(address)
     if port == 0:

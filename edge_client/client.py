@@ -20,7 +20,7 @@ import grpc
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.policy import plan_session
 from picospec.edge_client.session import EdgeSession
-from picospec.edge_client.transport import EdgeError, EdgeHooks, StreamTransport, wire_size
+from picospec.edge_client.transport import CloudLost, EdgeError, EdgeHooks, StreamTransport, call_error, wire_size
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
@@ -31,7 +31,7 @@ from picospec.shared.sampling import SamplingParams
 from picospec.shared.schemes import scheme
 from picospec.shared.stats import GenerationStats
 
-__all__ = ["EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
+__all__ = ["CloudLost", "EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
 T = TypeVar("T")
 
 
@@ -96,11 +96,11 @@ class EdgeClient:
     async def connect(self, wait_s: float | None = None) -> pb.InfoReply:
         """Open the channel, wait (up to wait_s) for the cloud, and check it can serve this edge."""
         if self._channel is None:
-            limit = 64 * 1024 * 1024
+            # receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
+            # default, unlimited: what the cloud accepts is its own limit, which admits every batch its
+            # max_draft_len allows (cloud_server/server.py:message_limit); a local cap would only add a failure
             self._channel = grpc.aio.insecure_channel(
-                self.config.server,
-                options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            )
+                self.config.server, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
             self._stub = pb_grpc.PicoSpecStub(self._channel)
         try:
             info = await self._stub.Info(pb.InfoRequest(), wait_for_ready=True,
@@ -162,7 +162,7 @@ class EdgeClient:
                 if chunk.finished:
                     reason = chunk.finish_reason
         except grpc.aio.AioRpcError as e:
-            raise EdgeError(f"cloud refused or failed: {e.code().name}: {e.details()}") from None
+            raise call_error(self.config.server, e) from None
         finally:
             call.cancel()
             stats.finish(reason or "cancelled")
@@ -198,7 +198,8 @@ class EdgeClient:
         if plan.hints:
             hello.exit_layer, hello.exit_threshold = cfg.exit_layer or info.default_exit_layer, cfg.exit_threshold
             stats.exit_layer = hello.exit_layer
-        transport = StreamTransport(self._stub.Speculate(timeout=cfg.deadline_s(len(prompt))), stats, self.hooks)
+        transport = StreamTransport(self._stub.Speculate(timeout=cfg.deadline_s(len(prompt))), stats, self.hooks,
+                                    self.config.server)
         session = EdgeSession(hello=hello, plan=plan, cfg=cfg, stats=stats, drafter=drafter, transport=transport,
                               run_model=self._run, executor=self.executor, hooks=self.hooks)
         session_box.append(session)

@@ -40,6 +40,16 @@ class Drafter:
             self.backend.forward(prompt_ids[:-1], num_logits=1)
         return time.perf_counter() - t0
 
+    def settle(self, committed: Sequence[int]) -> None:
+        """Keep only the cached tokens that agree with `committed`, but its newest (at the end of a generation).
+        Cutting by length alone is not enough: a rejected draft sits at a committed position until the next draft
+        crops it, and when the generation ends right after the rejection no next draft comes."""
+        tokens, keep = self.backend.tokens, 0
+        limit = min(len(tokens), len(committed) - 1)
+        while keep < limit and tokens[keep] == committed[keep]:
+            keep += 1
+        self.backend.truncate(keep)
+
     @torch.inference_mode()
     def draft(self, committed: Sequence[int], k: int, stream: Stream = Stream.DRAFT) -> DraftResult:
         """Sample k tokens after `committed`; the cache rolls back to the committed prefix by itself."""

@@ -65,9 +65,9 @@ class EdgeSession:
             self.transport.close(cancel=st is None or st.finished is None)
             self.stats.finish(st.finished.value if st and st.finished else "cancelled")
             if st is not None:
-                # drafts past the committed prefix are dead once the generation ends: drop them from the cache
-                backend = self.drafter.backend
-                self.executor.submit(backend.truncate, min(backend.length, max(0, st.committed_len - 1)))
+                # drafts that were not committed are dead once the generation ends: drop them from the cache (on the
+                # model thread, after any draft still running there)
+                self.executor.submit(self.drafter.settle, list(st.tokens))
 
     async def _open(self) -> None:
         """Hello up; the draft's prefill overlaps the cloud's; then the cloud's Ready."""

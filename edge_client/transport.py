@@ -31,6 +31,20 @@ class EdgeError(RuntimeError):
     """A generation failed: the cloud refused it, vanished, or broke the protocol."""
 
 
+class CloudLost(EdgeError):
+    """The connection to the cloud broke during a generation (its process died, the network went away). The
+    tokens already yielded stand: each was committed by both sides before it was yielded."""
+
+
+def call_error(server: str, e: grpc.aio.AioRpcError) -> EdgeError:
+    """What a failed call means to the user, naming the cloud: UNAVAILABLE on an open call is a connection that
+    broke (gRPC's code for a closed or reset socket), anything else is the status the cloud ended the call with."""
+    if e.code() is grpc.StatusCode.UNAVAILABLE:
+        return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
+                         f"{e.code().name}: {e.details()}")
+    return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}")
+
+
 def wire_size(msg) -> int:
     return msg.ByteSize() + GRPC_FRAME_OVERHEAD
 
@@ -38,8 +52,9 @@ def wire_size(msg) -> int:
 class StreamTransport:
     """One bidirectional call: `send` a message, `next` message of the kinds expected, `close` at the end."""
 
-    def __init__(self, call, stats: GenerationStats, hooks: "EdgeHooks | None") -> None:
+    def __init__(self, call, stats: GenerationStats, hooks: "EdgeHooks | None", server: str) -> None:
         self.call, self.stats, self.hooks = call, stats, hooks
+        self.server = server  # named in every error, so a user with several clouds knows which one failed
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pump = asyncio.create_task(self._pump())
 
@@ -83,14 +98,14 @@ class StreamTransport:
             while True:
                 msg = await self.call.read()
                 if msg is grpc.aio.EOF:
-                    self.inbox.put_nowait(EdgeError("cloud closed the stream mid-generation"))
+                    self.inbox.put_nowait(EdgeError(f"cloud at {self.server} closed the stream mid-generation"))
                     return
                 self.stats.bytes_down += wire_size(msg)
                 if self.hooks is not None:
                     await self.hooks.after_receive(msg)
                 self.inbox.put_nowait(msg)
         except grpc.aio.AioRpcError as e:
-            self.inbox.put_nowait(EdgeError(f"cloud refused or failed: {e.code().name}: {e.details()}"))
+            self.inbox.put_nowait(call_error(self.server, e))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - surfaced to the generation

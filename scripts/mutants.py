@@ -120,7 +120,7 @@ MUTANTS: list[Mutant] = [
         "        p = process_logits(logits, self.params)\n",
         "        p = process_logits(logits, SamplingParams(self.params.temperature, self.params.top_k,"
         " seed=self.params.seed))\n",
-        ("tests/test_e2e_tiny.py::test_sync_sampling_matches_target_distribution[dense-0.7-0.9]",
+        ("tests/test_law_tiny.py::test_stop_and_wait_modes_follow_the_target_law[sync-dense-T0.7-k20-p0.9]",
          "tests/test_exactness_guards.py::test_sync_with_top_k_and_top_p_emits_the_targets_processed_law"),
         limit_s=300,
     ),

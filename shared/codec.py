@@ -52,6 +52,12 @@ class Precision(IntEnum):
         return np.dtype("<f4") if self is Precision.F32 else np.dtype("<f2")
 
 
+def dense_payload_bound(rows: int, vocab: int, precision: Precision = Precision.F32) -> int:
+    """The largest payload `encode_probs` makes for [rows, vocab]: DENSE, uncompressed (incompressible rows, e.g.
+    random logits at T = 1; SPARSE and zstd are used only when smaller). What a transport limit must admit."""
+    return HEADER_SIZE + rows * vocab * precision.dtype.itemsize
+
+
 def quantize(probs: torch.Tensor, precision: Precision) -> torch.Tensor:
     """What the receiver will see after a round trip at `precision` (the sender must use these values)."""
     return probs.to(torch.float16).to(torch.float32) if precision is Precision.F16 else probs.float()

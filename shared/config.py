@@ -36,7 +36,8 @@ class ServingLimits:
     max_context: int = opt(8192, "most tokens (prompt + generated) per session")
     max_new_tokens: int = opt(4096, "most generated tokens per session")
     max_sessions: int = opt(8, "concurrent sessions; more are refused with RESOURCE_EXHAUSTED")
-    max_message_mb: int = opt(16, "largest gRPC message accepted, MiB")
+    max_message_mb: int = opt(16, "largest gRPC message accepted, MiB; raised to fit the largest dense batch "
+                              "--max-draft-len allows (32 rows over Qwen's 151,936 tokens: 18.5 MiB)")
     max_residual_top_k: int = opt(256, "most top-K entries a split-mode edge may ask for")
     max_tail_samples: int = opt(256, "most tail draws per split-exact rejection an edge may ask for")
 

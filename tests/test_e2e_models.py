@@ -18,7 +18,6 @@ PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "Once upon a time, in a small village by the sea,",
-    "List three colors:\n1.",
 ]
 skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
@@ -36,11 +35,14 @@ def smol():
     return load_model("smollm2-135m-instruct", progress=False)
 
 
-@pytest.mark.parametrize("draft_suffix,verify", [("layers=8", "dense"), ("int8", "dense"), ("layers=8", "split-topk"),
-                                                 ("layers=8", "split-exact"), ("layers=8", "coupled")])
+# int8 (the target quantized) drafts well: every prompt must show accepted drafts. layers=8 (the target's first 8
+# layers) agrees with the target on almost nothing under greedy decoding: a real-model rejection storm.
+@pytest.mark.parametrize("draft_suffix,verify", [("int8", "dense"), ("int8", "split-topk"), ("int8", "split-exact"),
+                                                 ("int8", "coupled"), ("layers=8", "dense")])
 def test_smollm2_greedy_sync_and_cloud_equal_target(smol, draft_suffix, verify):
     draft = load_model(f"smollm2-135m-instruct:{draft_suffix}", progress=False)
     n = 40
+    with_cloud = (draft_suffix, verify) == ("int8", "dense")  # the cloud mode is the same in every case
 
     async def scenario():
         results = []
@@ -49,38 +51,47 @@ def test_smollm2_greedy_sync_and_cloud_equal_target(smol, draft_suffix, verify):
                 ids = smol.tokenizer(prompt)["input_ids"]
                 sync = client.generate(ids, mode="sync")
                 sync_ids = await sync.collect()
-                cloud_ids = await client.generate(ids, mode="cloud").collect()
+                cloud_ids = await client.generate(ids, mode="cloud").collect() if with_cloud else None
                 results.append((ids, sync_ids, cloud_ids, sync.stats.to_dict()))
         return results
 
     for ids, sync_ids, cloud_ids, st in run(scenario()):
         ref = _reference(smol, ids, n)
         assert sync_ids == ref, smol.tokenizer.decode(ids)
-        assert cloud_ids == ref
-        assert st["rounds"] > 0 and 0 <= st["acceptance_rate"] <= 1
+        assert cloud_ids in (None, ref)
+        assert st["rounds"] > 0 and st["drafted_tokens"] > 0, st
+        if draft_suffix == "int8":  # speculation happened on every prompt
+            assert st["accepted_tokens"] > 0, st
 
 
-@pytest.mark.parametrize("mode,verify", [("pipeline", "dense"), ("pipeline", "split-exact"), ("pipeline", "coupled"),
-                                         ("pipeline", "split-topk"), ("picospec", "dense")])
-def test_smollm2_greedy_pipeline_equals_target(smol, mode, verify):
-    """The pipeline with its defaults (adaptive draft length, decode-ahead where it applies) on real models."""
-    draft = load_model("smollm2-135m-instruct:layers=8", progress=False)
+@pytest.mark.parametrize("mode,verify,decode_ahead", [
+    ("pipeline", "dense", "off"), ("pipeline", "split-exact", "off"), ("pipeline", "coupled", "off"),
+    ("pipeline", "split-topk", "off"), ("pipeline", "dense", "auto"), ("picospec", "dense", "auto")])
+def test_smollm2_greedy_pipeline_equals_target(smol, mode, verify, decode_ahead):
+    """The pipeline on real models with its adaptive draft length. Decode-ahead off: every token goes through
+    verification, so every prompt must show rounds and accepted drafts; with the defaults (decode-ahead on under
+    greedy) the cloud may decode some tokens alone, but drafts must still have been verified and accepted."""
+    draft = load_model("smollm2-135m-instruct:int8", progress=False)
     n = 40
 
     async def scenario():
         results = []
-        async with serving(smol) as (_, addr), edge(addr, draft, max_new_tokens=n, verify=verify) as client:
+        async with serving(smol) as (_, addr), edge(addr, draft, max_new_tokens=n, verify=verify,
+                                                    decode_ahead=decode_ahead) as client:
             for prompt in PROMPTS:
                 ids = smol.tokenizer(prompt)["input_ids"]
                 gen = client.generate(ids, mode=mode)
                 results.append((ids, await gen.collect(), gen.stats.to_dict()))
         return results
 
-    for ids, out, st in run(scenario()):
+    results = run(scenario())
+    for ids, out, st in results:
         assert out == _reference(smol, ids, n), smol.tokenizer.decode(ids)
-        assert st["rounds"] + st["cloud_tokens"] > 0
         if mode == "picospec":
             assert st["verify_mode"] == "split-topk" and not st["exact"]
+        if decode_ahead == "off":
+            assert st["cloud_tokens"] == 0 and st["rounds"] > 0 and st["accepted_tokens"] > 0, st
+    assert sum(st["accepted_tokens"] for *_, st in results) > 0, "speculation never happened"
 
 
 @skip_large

@@ -8,7 +8,6 @@ way the output must be the target's own: greedily token for token, under samplin
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import grpc
 import pytest
@@ -23,12 +22,11 @@ from picospec.shared.sampling import SamplingParams, process_logits
 from picospec.shared.schemes import scheme
 from picospec.shared.verify import verify_coupled, verify_dense, verify_split
 from tests.conftest import edge, run, serving
-from tests.stat_util import pooled_chisquare
-from tests.test_e2e_tiny import PROMPT, _target_joint
+from tests.law import T1, LawCheck
+from tests.test_e2e_tiny import PROMPT
 from tests.test_pipeline import _greedy_reference
 from tests.test_refusals import _exchange, _hello
 
-ALPHA = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -137,36 +135,35 @@ def test_greedy_with_hints_equals_target_under_jitter(tiny_target, noop_last_lay
         hits = sum(s["hint_hits"] for s in stats)
         misses = sum(s["hint_misses"] for s in stats)
         assert all(s["hints"] > 0 and s["exit_layer"] == 1 for s in stats)
-        if all_right:  # every hint is right: pre-drafts were adopted
-            assert hits > 0 and misses == 0 and sum(s["predrafted_used"] for s in stats) > 0
+        if all_right:  # every hint is right (whether a pre-draft was ready in time is a race: the law test below
+            assert hits > 0 and misses == 0  # asserts adoption over 100 generations)
         else:
             assert misses > 0
 
 
 @pytest.mark.parametrize("mode,verify", [("early-exit", "dense"), ("early-exit", "coupled"), ("pipeline", "coupled")])
 def test_sampling_with_hints_matches_target_distribution(noop_last_layer_target, stranger_draft, mode, verify):
-    """Pre-drafts adopted after hits must leave the output law alone: chi-square on the first two tokens."""
+    """Pre-drafts adopted after hits must leave the output law alone: tests/law.py's PIT test over 100
+    generations of 20 tokens (2,000 values: detects a PIT shift of 0.062 at 90%, false-alarm rate 1e-3)."""
     target = noop_last_layer_target
     prompt_ids = target.tokenizer(PROMPT)["input_ids"]
-    expected = _target_joint(target, prompt_ids, SamplingParams(temperature=1.0))
-    n = 1500
+    law = LawCheck(target.model, T1, ranking=stranger_draft.model)
+    n = 100
 
     async def scenario():
-        seen: Counter = Counter()
         used = 0
         async with serving(target) as (_, addr):
-            async with edge(addr, stranger_draft, max_new_tokens=2, verify=verify, temperature=1.0, ignore_eos=True,
+            async with edge(addr, stranger_draft, max_new_tokens=20, verify=verify, temperature=1.0, ignore_eos=True,
                             residual_top_k=2, tail_samples=1, hints="on", exit_threshold=0.0, decode_ahead="off") as client:
                 for seed in range(n):
-                    gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=1)
-                    seen[tuple(await gen.collect())] += 1
+                    gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=1 + seed % 2)
+                    law.add(prompt_ids, await gen.collect())
                     used += gen.stats.predrafted_used
-        return seen, used
+        return used
 
-    seen, used = run(scenario())
-    assert used > n // 10, "pre-drafts must have been adopted for this test to mean anything"
-    pvalue, cells = pooled_chisquare(seen, expected, n)
-    assert pvalue > ALPHA, f"{mode}/{verify} with hints deviates from the target (p={pvalue:.2e}, {cells} cells)"
+    used = run(scenario())
+    assert used > n, "pre-drafts must have been adopted for this test to mean anything"
+    law.assert_matches(f"{mode}/{verify} with hints")
 
 
 def test_exit_layer_out_of_range_is_refused(tiny_target):

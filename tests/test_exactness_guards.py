@@ -14,8 +14,7 @@ from picospec.shared.rng import Stream, uniform
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from picospec.shared.verify import gumbel_argmax, verify_coupled, verify_dense
 from tests.conftest import edge, run, serving
-from tests.stat_util import pooled_chisquare
-from tests.test_e2e_tiny import _target_joint
+from tests.stat_util import pooled_chisquare, target_joint
 
 ALPHA = 1e-3
 # both cuts bind on the tiny pair at this prompt: dropping either moves the two-token law by TV >= 0.15 (checked below)
@@ -125,7 +124,7 @@ def test_drafter_q_is_the_drafts_processed_distribution_under_the_session_settin
 def _assert_either_cut_missing_is_visible(model, prompt, expected) -> None:
     """The test has power against a missing cut: dropping top-k or top-p moves the law by TV > 0.15."""
     for looser in (SamplingParams(CUT.temperature, CUT.top_k), SamplingParams(CUT.temperature, top_p=CUT.top_p)):
-        assert _tv(expected, _target_joint(model, prompt, looser)) > 0.15
+        assert _tv(expected, target_joint(model, prompt, looser)) > 0.15
 
 
 def _assert_processed_law(seen, expected, n: int, what: str, whose: str) -> None:
@@ -139,7 +138,7 @@ def test_edge_mode_samples_the_drafts_processed_law(tiny_draft):
     """Mutant f1 end to end: `--mode edge` with T=0.7, top-k and top-p emits the draft's own processed law over
     the first two tokens (chi-square, false-alarm rate ALPHA); the law without either cut is far from it."""
     prompt = tiny_draft.tokenizer(PROMPT)["input_ids"]
-    expected = _target_joint(tiny_draft, prompt, CUT)
+    expected = target_joint(tiny_draft, prompt, CUT)
     _assert_either_cut_missing_is_visible(tiny_draft, prompt, expected)
     n = 1500
 
@@ -159,7 +158,7 @@ def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, 
     dense verification at T=0.7, top-k and top-p emits the target's processed law over the first two tokens. The
     suite's other sampling tests use top-p without top-k; dropping either cut here moves the law by TV > 0.15."""
     prompt = tiny_target.tokenizer(PROMPT)["input_ids"]
-    expected = _target_joint(tiny_target, prompt, CUT)
+    expected = target_joint(tiny_target, prompt, CUT)
     _assert_either_cut_missing_is_visible(tiny_target, prompt, expected)
     n = 1500
 

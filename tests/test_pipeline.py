@@ -3,24 +3,20 @@
 Message timing is perturbed by deterministic test hooks (seeded delays before each message goes out
 and after each arrives), so drafting, verification and the wire interleave differently from run to
 run of the same seed list, never by sleeps in the program under test. Whatever the timing:
-greedy output equals the target's own, sampled output is distributed as the target's, and at the end
-both KV caches hold exactly the committed tokens (but the newest, which is fed with the next drafts).
+greedy output equals the target's own and at the end both KV caches hold exactly the committed tokens (but
+the newest, which is fed with the next drafts); sampled output follows the target's law in
+tests/test_law_tiny.py.
 """
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
 import pytest
 import torch
 
 from picospec.bench.jitter import Jitter
-from picospec.shared.sampling import SamplingParams
 from tests.conftest import edge, run, serving
-from tests.stat_util import pooled_chisquare
-from tests.test_e2e_tiny import PROMPT, _target_joint
 
-ALPHA = 1e-3
 
 
 def _greedy_reference(model, prompt_ids, n):
@@ -76,40 +72,6 @@ def test_greedy_picospec_and_sync_equal_target_under_jitter(tiny_target, tiny_dr
         assert st["verify_mode"] == "split-topk" and st["exact"] is False  # labelled approximate
 
 
-@pytest.mark.parametrize("verify,decode_ahead", [("dense", "off"), ("split-exact", "off"), ("coupled", "off"),
-                                                 ("coupled", "on")])
-def test_pipeline_sampling_matches_target_distribution(tiny_target, tiny_draft, verify, decode_ahead):
-    """Chi-square over the joint of the first two tokens, seeds 0..n-1, jittered timing; with decode-ahead on the
-    cloud's own tokens race the edge's drafts for the same positions."""
-    prompt_ids = tiny_target.tokenizer(PROMPT)["input_ids"]
-    params = SamplingParams(temperature=1.0)
-    expected = _target_joint(tiny_target, prompt_ids, params)
-    n = 2000
-
-    async def scenario():
-        seen: Counter = Counter()
-        rounds = cloud_tokens = 0
-        async with serving(tiny_target) as (service, addr):
-            service.hooks = Jitter(3, 0.0005)
-            async with edge(addr, tiny_draft, max_new_tokens=2, verify=verify, temperature=1.0, ignore_eos=True,
-                            residual_top_k=2, tail_samples=1, decode_ahead=decode_ahead) as client:
-                client.hooks = Jitter(4, 0.0005)
-                for seed in range(n):
-                    gen = client.generate(prompt_ids, mode="pipeline", seed=seed, draft_len=1 + seed % 3)
-                    seen[tuple(await gen.collect())] += 1
-                    rounds += gen.stats.rounds
-                    cloud_tokens += gen.stats.cloud_tokens
-        return seen, rounds, cloud_tokens
-
-    seen, rounds, cloud_tokens = run(scenario())
-    if decode_ahead == "off":
-        assert cloud_tokens == 0 and rounds >= n, "every generation must have gone through verification"
-    else:
-        assert cloud_tokens > n // 4, "decode-ahead must have produced tokens"
-    pvalue, cells = pooled_chisquare(seen, expected, n)
-    assert pvalue > ALPHA, f"pipeline output deviates from the target (p={pvalue:.2e}, {cells} cells)"
-
-
 def _check_caches(service, stats, committed):
     record = service.closed_sessions[-1]
     assert record.committed == committed
@@ -150,7 +112,8 @@ def test_rejection_storm_keeps_caches_at_the_committed_length(tiny_target, verif
 
     out, st = run(scenario())
     assert out == ref
-    assert st["acceptance_rate"] < 0.3 and st["wasted_draft_tokens"] > 30
+    # every rejected draft, and every draft behind one, is wasted (how many chains were drafted ahead is a race)
+    assert st["acceptance_rate"] < 0.3 and st["wasted_draft_tokens"] >= st["drafted_tokens"] - st["accepted_tokens"] > 0
 
 
 def test_cancelled_generation_leaves_caches_at_the_committed_length(tiny_target, tiny_draft):

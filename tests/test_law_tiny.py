@@ -1,0 +1,122 @@
+"""The output law of every exact mode on the tiny pair, end to end over real gRPC: tests/law.py's PIT test.
+
+Matrix: edge modes {sync, early-exit, pipeline (jittered, decode-ahead on)} x exact schemes {dense, split-exact,
+coupled} x {T=1; T=0.7 with top-k 20 and top-p 0.9}, plus `cloud` mode against the target and `edge` mode
+against the draft. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
+length 1..4 by seed), so each KS statistic detects a PIT shift of detectable_shift(2000) = 0.062 at 90%, with
+false-alarm rate 1e-3 per test (tests/law.py; the PIT is also ranked by q/p, q the tiny draft's law). The tiny pair is far apart (total variation ~0.45 per token), so rejections,
+corrections, split-exact's tail draws and, in the pipeline, dead chains and rollbacks all happen; each test
+asserts that speculation ran (rounds, accepted and rejected drafts) so that no test passes on the cloud's
+tokens alone.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from picospec.bench.jitter import Jitter
+from picospec.shared.config import EXACT_VERIFY_MODES
+from picospec.shared.models import LoadedModel
+from tests.conftest import edge, run, serving
+from tests.law import T07_TOPK_TOPP, T1, LawCheck, Warping
+
+GENERATIONS = 100
+NEW_TOKENS = 20
+PROMPTS = ("the cat", "def f(x):", "once upon a time")
+WARPINGS = {"T1": T1, "T0.7-k20-p0.9": T07_TOPK_TOPP}
+
+
+class _CloudJitter(Jitter):
+    async def before_decode_ahead(self) -> None:
+        await asyncio.sleep(0.003)
+
+
+async def _generate_all(target: LoadedModel, draft: LoadedModel, mode: str, warping: Warping,
+                        law: LawCheck, jitter: bool = False, **cfg: object) -> dict[str, int]:
+    """GENERATIONS generations through one server and one client; every token goes into `law`."""
+    totals = {"rounds": 0, "accepted": 0, "drafted": 0, "cloud_tokens": 0, "tail_requests": 0, "dead_chains": 0,
+              "predrafted_used": 0}
+    async with serving(target) as (service, addr):
+        if jitter:
+            service.hooks = _CloudJitter(3, 0.0005)
+        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=True, residual_top_k=2, tail_samples=1,
+                        **warping.edge_kwargs(), **cfg) as client:
+            if jitter:
+                client.hooks = Jitter(4, 0.0005)
+            for seed in range(GENERATIONS):
+                prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
+                gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=1 + seed % 4)
+                ids = await gen.collect()
+                assert len(ids) == NEW_TOKENS, f"seed {seed}: {len(ids)} tokens, ignore_eos asks for {NEW_TOKENS}"
+                law.add(prompt_ids, ids)
+                for k in totals:
+                    totals[k] += getattr(gen.stats, k)
+    return totals
+
+
+def _assert_speculated(totals: dict[str, int], verify: str, warping: Warping) -> None:
+    assert totals["rounds"] >= GENERATIONS and totals["accepted"] > 0, f"no speculation happened: {totals}"
+    assert totals["accepted"] < totals["drafted"], f"nothing was ever rejected: {totals}"
+    if verify == "split-exact" and warping is T1:
+        assert totals["tail_requests"] > 0, "the ask-for-more tail path never ran"
+
+
+@pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
+@pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
+@pytest.mark.parametrize("mode", ["sync", "early-exit"])
+def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode, verify, warping):
+    law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    hints = {"hints": "on", "exit_threshold": 0.0} if mode == "early-exit" else {}
+    totals = run(_generate_all(tiny_target, tiny_draft, mode, warping, law, verify=verify, **hints))
+    _assert_speculated(totals, verify, warping)
+    law.assert_matches(f"{mode}/{verify} at {warping}")
+
+
+@pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
+@pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
+@pytest.mark.parametrize("decode_ahead", ["off", "on"])
+def test_pipeline_under_jitter_follows_the_target_law(tiny_target, tiny_draft, decode_ahead, verify, warping):
+    """Decode-ahead off: every token goes through verification. On: the cloud's own tokens race the edge's
+    drafts for the same positions, chains die and roll back; the law must not notice. On the tiny pair the
+    cloud decodes as fast as the edge drafts, so the cloud's hook lets drafts arrive before each step it
+    decodes alone (otherwise it would decode nearly everything and the race would hardly be run)."""
+    law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    totals = run(_generate_all(tiny_target, tiny_draft, "pipeline", warping, law, jitter=True, verify=verify,
+                               decode_ahead=decode_ahead))
+    if decode_ahead == "off":
+        assert totals["cloud_tokens"] == 0
+        _assert_speculated(totals, verify, warping)
+    else:
+        assert totals["accepted"] > 0 and totals["cloud_tokens"] > 0 and totals["dead_chains"] > 0, totals
+    law.assert_matches(f"pipeline/{verify}/decode-ahead {decode_ahead} at {warping}")
+
+
+@pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
+def test_cloud_mode_follows_the_target_law(tiny_target, tiny_draft, warping):
+    law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    totals = run(_generate_all(tiny_target, tiny_draft, "cloud", warping, law))
+    assert totals["drafted"] == 0
+    law.assert_matches(f"cloud at {warping}")
+
+
+@pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
+def test_edge_mode_follows_the_draft_law_not_the_target(tiny_target, tiny_draft, warping):
+    """The draft alone samples its own law; the same check against the target must fail (the test has teeth)."""
+    law = LawCheck(tiny_draft.model, warping, ranking=tiny_target.model)
+    against_target = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    run(_generate_all(tiny_target, tiny_draft, "edge", warping, _Both(law, against_target)))
+    law.assert_matches(f"edge at {warping}")
+    with pytest.raises(AssertionError):
+        against_target.assert_matches("edge against the target")
+
+
+class _Both:
+    """Feeds one generation to two checks."""
+
+    def __init__(self, *checks: LawCheck) -> None:
+        self.checks = checks
+
+    def add(self, prompt_ids: list[int], generated: list[int]) -> None:
+        for c in self.checks:
+            c.add(prompt_ids, generated)
