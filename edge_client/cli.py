@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from picospec.edge_client.client import EdgeClient, EdgeError
+from picospec.edge_client.waiting import WaitProgress, should_report
 from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
 from picospec.shared.models import ModelError, load_model
 
@@ -96,6 +97,21 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])  # the tokenizer's default special-token handling
 
 
+class _CloudWaitReporter:
+    """Says on stderr that the edge is waiting for the cloud: at the first failed attempt, then every 5 s."""
+
+    def __init__(self) -> None:
+        self.last_reported_s: float | None = None
+
+    def __call__(self, progress: WaitProgress) -> None:
+        if not should_report(progress, self.last_reported_s):
+            return
+        first = self.last_reported_s is None
+        message = progress.first_message() if first else progress.progress_message()
+        print(f"picospec-edge: {message}", file=sys.stderr, flush=True)
+        self.last_reported_s = progress.elapsed_s
+
+
 async def run(config: EdgeConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
     modes = [m.strip() for m in config.mode.split(",") if m.strip()]
     bad = [m for m in modes if m not in EDGE_MODES]
@@ -109,7 +125,7 @@ async def run(config: EdgeConfig, args: argparse.Namespace) -> list[dict[str, An
     results = []
     async with EdgeClient(config, draft) as client:
         if any(m != "edge" for m in modes):
-            info = await client.connect()
+            info = await client.connect(on_retry=_CloudWaitReporter())
             print(f"picospec-edge: cloud serves {info.target_model} on {info.device}", file=sys.stderr, flush=True)
         for mode in modes:
             out = None if args.json else sys.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
@@ -20,6 +21,7 @@ import grpc
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.policy import plan_session
 from picospec.edge_client.session import EdgeSession
+from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
 from picospec.edge_client.transport import CloudLost, EdgeError, EdgeHooks, StreamTransport, call_error, wire_size
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
@@ -93,23 +95,42 @@ class EdgeClient:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def connect(self, wait_s: float | None = None) -> pb.InfoReply:
-        """Open the channel, wait (up to wait_s) for the cloud, and check it can serve this edge."""
-        if self._channel is None:
-            # receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
-            # default, unlimited: what the cloud accepts is its own limit, which admits every batch its
-            # max_draft_len allows (cloud_server/server.py:message_limit); a local cap would only add a failure
-            self._channel = grpc.aio.insecure_channel(
-                self.config.server, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-            self._stub = pb_grpc.PicoSpecStub(self._channel)
-        try:
-            info = await self._stub.Info(pb.InfoRequest(), wait_for_ready=True,
-                                         timeout=self.config.wait_ready_s if wait_s is None else wait_s)
-        except grpc.aio.AioRpcError as e:
-            raise EdgeError(f"cloud at {self.config.server} is not reachable: {e.details() or e.code().name}") from None
+    async def connect(self, wait_s: float | None = None,
+                      on_retry: Callable[[WaitProgress], None] | None = None) -> pb.InfoReply:
+        """Open the channel, wait (up to wait_s, default --wait-ready-s) for the cloud, and check it can serve this
+        edge. Each attempt fails fast while nothing listens, so `on_retry` hears about every failed one at once."""
+        self._open_channel()
+        budget = self.config.wait_ready_s if wait_s is None else wait_s
+        started, attempts, last_error = time.monotonic(), 0, ""
+        while True:
+            attempts += 1
+            left = budget - (time.monotonic() - started)
+            try:
+                info = await self._stub.Info(pb.InfoRequest(), timeout=max(0.05, min(left, ATTEMPT_TIMEOUT_S)))
+                break
+            except grpc.aio.AioRpcError as e:
+                last_error = e.details() or e.code().name
+            progress = WaitProgress(self.config.server, attempts, time.monotonic() - started, last_error)
+            if progress.elapsed_s >= budget:
+                raise EdgeError(progress.give_up_message())
+            if on_retry is not None:
+                on_retry(progress)
+            await asyncio.sleep(min(retry_delay_s(attempts), budget - progress.elapsed_s))
         if info.protocol_version != PROTOCOL_VERSION:
             raise EdgeError(f"cloud speaks protocol {info.protocol_version}, this edge speaks {PROTOCOL_VERSION}")
         return info
+
+    def _open_channel(self) -> None:
+        if self._channel is not None:
+            return
+        # receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
+        # default, unlimited: what the cloud accepts is its own limit, which admits every batch its
+        # max_draft_len allows (cloud_server/server.py:message_limit); a local cap would only add a failure.
+        # Reconnect backoff capped at 2 s (gRPC's default grows to 120 s): a cloud that comes up is seen at once.
+        self._channel = grpc.aio.insecure_channel(self.config.server, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)])
+        self._stub = pb_grpc.PicoSpecStub(self._channel)
 
     def _hello(self, prompt_ids: Sequence[int], params: SamplingParams, cfg: EdgeConfig, verify: str) -> pb.Hello:
         return pb.Hello(

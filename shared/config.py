@@ -93,7 +93,7 @@ class EdgeConfig:
     device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     compress: bool = opt(True, "zstd-compress distribution payloads")
-    wait_ready_s: float = opt(600.0, "how long to wait for the cloud to come up")
+    wait_ready_s: float = opt(60.0, "seconds to wait for the cloud to come up, retrying and saying so on stderr")
     timeout_s: float = opt(0.0, "deadline for one generation, seconds; 0 = scaled to the work: "
                            "60 s + --timeout-per-token-s x max_new_tokens + 0.05 s per prompt token")
     timeout_per_token_s: float = opt(2.0, "with --timeout-s 0: seconds allowed per token asked for (a 1.5B target "

@@ -1,0 +1,100 @@
+"""An edge that talks while it waits for the cloud: the retry schedule and messages (pure), the client's retries
+against a port where nothing listens, and the CLI's stderr within seconds of starting."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from picospec.edge_client.client import EdgeError
+from picospec.edge_client.waiting import WaitProgress, retry_delay_s, should_report
+from tests.conftest import edge, run
+
+BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # closed again when this returns: nothing listens there
+
+
+def test_retry_schedule_doubles_to_two_seconds():
+    assert [retry_delay_s(a) for a in range(1, 7)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_progress_is_reported_first_then_every_five_seconds():
+    def at(s: float) -> WaitProgress:
+        return WaitProgress("h:1", 3, s, "refused")
+
+    assert should_report(at(0.1), None) and not should_report(at(4.0), 0.1) and should_report(at(5.2), 0.1)
+    assert at(0).first_message() == "waiting for the cloud at h:1 (retrying, Ctrl-C to stop)"
+    give_up = at(61).give_up_message()
+    assert "h:1 is not reachable after 61 s (3 attempts; last error: refused)" in give_up and "--server" in give_up
+
+
+def test_client_retries_reports_each_failure_and_gives_up_naming_what_it_tried(tiny_draft):
+    server, seen = _closed_port(), []
+
+    async def scenario():
+        async with edge(server, tiny_draft) as client:
+            t0 = time.monotonic()
+            with pytest.raises(EdgeError, match=rf"cloud at {server} is not reachable after \d+ s \(\d+ attempts; "
+                                                r"last error: .+\)"):
+                await client.connect(wait_s=2.0, on_retry=seen.append)
+            return time.monotonic() - t0
+
+    took = run(scenario())
+    assert 2.0 <= took < 6.0, took
+    assert len(seen) >= 3 and seen[0].elapsed_s < 1.0, seen  # the first failure is known within a second
+    assert [p.attempts for p in seen] == list(range(1, len(seen) + 1))
+
+
+def test_cli_says_it_is_waiting_within_seconds_and_fails_clearly():
+    server = _closed_port()
+    proc = subprocess.run([BIN / "picospec-edge", "--server", server, "--draft", "tiny-random", "--prompt", "hi",
+                           "--mode", "sync", "--wait-ready-s", "7"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert f"picospec-edge: waiting for the cloud at {server} (retrying, Ctrl-C to stop)" in err, err
+    assert f"still waiting for the cloud at {server}" in err, err
+    assert f"cloud at {server} is not reachable after" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_a_cloud_that_comes_up_later_is_found_within_seconds(tiny_target, tiny_draft):
+    """The edge starts first; the cloud starts on that port after the edge reported its first failed attempt."""
+    from picospec.cloud_server.server import PicoSpecService, start_server
+    from picospec.shared.config import CloudConfig
+
+    server, seen = _closed_port(), []
+
+    async def scenario():
+        first_failure = asyncio.Event()
+
+        def on_retry(p: WaitProgress) -> None:
+            seen.append(p)
+            first_failure.set()
+
+        async with edge(server, tiny_draft) as client:
+            waiting = asyncio.ensure_future(client.connect(wait_s=30.0, on_retry=on_retry))
+            await asyncio.wait_for(first_failure.wait(), 10)
+            service = PicoSpecService(tiny_target, CloudConfig(target=tiny_target.name))
+            cloud, _ = await start_server(service, server)
+            t0 = time.monotonic()
+            try:
+                info = await asyncio.wait_for(waiting, 30)
+                return info, time.monotonic() - t0
+            finally:
+                await cloud.stop(grace=None)
+                service.worker.shutdown(wait=True)
+
+    info, after = run(scenario())
+    assert info.target_model == tiny_target.name and seen
+    assert after < 5.0, after  # the reconnect backoff is capped at 2 s (gRPC's own grows to 120 s)
