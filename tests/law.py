@@ -131,10 +131,6 @@ class LawCheck:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    @property
-    def values(self) -> list[float]:
-        return self.by_p
-
     def add(self, prompt_ids: list[int], generated: list[int]) -> None:
         if not generated:
             return
@@ -162,10 +158,6 @@ class LawCheck:
                 "by_ratio": float(stats.kstest(self.by_ratio, "uniform").pvalue),
                 "by_repeat": float(stats.kstest(self.by_repeat, "uniform").pvalue),
                 "pairs": pair_chisquare(np.array(self.pairs))}
-
-    def pvalue(self) -> float:
-        """The smallest of the statistics, Bonferroni-corrected: the test fails when this is <= ALPHA."""
-        return min(1.0, STATISTICS * min(self.pvalues().values()))
 
     def assert_matches(self, what: str) -> None:
         n = len(self.by_p)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -41,3 +42,10 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> tupl
         seen.append(line)
         if marker in line:
             return seen, True
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it; the socket is closed again on return)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,28 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.proc_util import read_until
+from tests.proc_util import free_port, read_until
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cloud():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [BIN / "picospec-cloud", "--target", "smollm2-135m-instruct", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

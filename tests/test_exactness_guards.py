@@ -134,6 +134,14 @@ def _assert_processed_law(seen, expected, n: int, what: str, whose: str) -> None
     assert pvalue > ALPHA, f"{what} deviates from {whose} processed law (p={pvalue:.2e}, {cells} cells)"
 
 
+async def _first_two_tokens(client, prompt: list[int], mode: str, n: int) -> Counter:
+    """Counts of the generated token pairs over seeds 0..n-1."""
+    seen: Counter = Counter()
+    for seed in range(n):
+        seen[tuple(await client.generate(prompt, mode=mode, seed=seed).collect())] += 1
+    return seen
+
+
 def test_edge_mode_samples_the_drafts_processed_law(tiny_draft):
     """Mutant f1 end to end: `--mode edge` with T=0.7, top-k and top-p emits the draft's own processed law over
     the first two tokens (chi-square, false-alarm rate ALPHA); the law without either cut is far from it."""
@@ -143,12 +151,9 @@ def test_edge_mode_samples_the_drafts_processed_law(tiny_draft):
     n = 1500
 
     async def scenario():
-        seen: Counter = Counter()
         async with edge("127.0.0.1:1", tiny_draft, max_new_tokens=2, ignore_eos=True, temperature=CUT.temperature,
                         top_k=CUT.top_k, top_p=CUT.top_p) as client:  # edge mode needs no server
-            for seed in range(n):
-                seen[tuple(await client.generate(prompt, mode="edge", seed=seed).collect())] += 1
-        return seen
+            return await _first_two_tokens(client, prompt, "edge", n)
 
     _assert_processed_law(run(scenario()), expected, n, "edge mode", "the draft's")
 
@@ -163,12 +168,9 @@ def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, 
     n = 1500
 
     async def scenario():
-        seen: Counter = Counter()
         async with serving(tiny_target) as (_, addr), edge(addr, tiny_draft, max_new_tokens=2, draft_len=2, verify="dense",
                                                            temperature=CUT.temperature, top_k=CUT.top_k,
                                                            top_p=CUT.top_p, ignore_eos=True) as client:
-            for seed in range(n):
-                seen[tuple(await client.generate(prompt, mode="sync", seed=seed).collect())] += 1
-        return seen
+            return await _first_two_tokens(client, prompt, "sync", n)
 
     _assert_processed_law(run(scenario()), expected, n, "sync output", "the target's")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +14,13 @@ import pytest
 from picospec.edge_client.client import EdgeError
 from picospec.edge_client.waiting import WaitProgress, retry_delay_s, should_report
 from tests.conftest import edge, run
+from tests.proc_util import free_port
 
-BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+BIN = Path(sys.executable).parent
 
 
 def _closed_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"  # closed again when this returns: nothing listens there
+    return f"127.0.0.1:{free_port()}"
 
 
 def test_retry_schedule_doubles_to_two_seconds():
