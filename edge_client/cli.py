@@ -1,4 +1,9 @@
-"""picospec-edge: run a prompt through the cloud (and the local draft), streaming committed text."""
+"""picospec-edge: run a prompt through the cloud (and the local draft), streaming committed text.
+
+    picospec-edge --server H:P --prompt TEXT [--mode cloud,sync,pipeline] ...   one prompt, a statistics table
+    picospec-edge serve --server H:P ...                                         an OpenAI-compatible HTTP server
+    picospec-edge chat --server H:P ...                                          a chat in the terminal
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,34 +11,11 @@ import asyncio
 import json
 import logging
 import sys
-from typing import Any, TextIO
+from typing import Any
 
-import torch
-
-from picospec.edge_client.client import EdgeClient, EdgeError
+from picospec.edge_client.text import encode_prompt
 from picospec.edge_client.waiting import WaitProgress, should_report
 from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
-from picospec.shared.models import ModelError, load_model
-
-
-class TextStream:
-    """Incremental detokenisation: print only the new, complete characters of the decoded text."""
-
-    def __init__(self, tokenizer: Any, out: TextIO | None) -> None:
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def push(self, ids: list[int]) -> None:
-        self.ids.extend(ids)
-        text = self.text()
-        if self.out is not None and not text.endswith("\ufffd"):  # hold back a split UTF-8 sequence
-            self.out.write(text[self.printed :])
-            self.out.flush()
-            self.printed = len(text)
 
 
 TABLE_ROWS = [
@@ -56,6 +38,28 @@ TABLE_ROWS = [
     ("early-exit hint hit rate", "hint_hit_rate", "{:.2f}"),
     ("finish", "finish_reason", "{}"),
 ]
+
+
+# what each column of the table is, one line each (printed under the table)
+MODE_MEANINGS = {
+    "cloud": "the target alone on the cloud, one token per step: the baseline",
+    "edge": "the draft alone on the edge: fast, not the target's output",
+    "sync": "speculation, stop and wait: draft a batch, wait for the cloud's verdict, repeat",
+    "early-exit": "stop and wait, plus pre-drafting from the cloud's early-exit hints (the second paper's system)",
+    "pipeline": "ours: keeps drafting while batches are in flight; the cloud decodes ahead while it waits",
+    "picospec": "the PicoSpec paper's configuration (pipeline, split-topk K=10, 4 drafts per batch)",
+}
+
+
+def format_legend(results: list[dict[str, Any]]) -> str:
+    """One line per column: what the mode does, and whether its output is the target's (exact) or not."""
+    lines = []
+    for r in results:
+        s = r["stats"]
+        exact = "exact (the target's own output law)" if s.get("exact", True) and r["mode"] != "edge" else "APPROXIMATE"
+        verify = f", {s['verify_mode']} verification" if s.get("verify_mode") else ""
+        lines.append(f"  {r['mode']}: {MODE_MEANINGS.get(r['mode'], '')}{verify}; {exact}")
+    return "columns:\n" + "\n".join(lines)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -81,29 +85,28 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="picospec-edge", description=__doc__)
+    p = argparse.ArgumentParser(prog="picospec-edge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per mode (text, token_ids, mode, stats)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the generation where TEXT first appears (not printed); repeat for several")
     p.add_argument("--log-level", default="WARNING")
     add_config_args(p, EdgeConfig)
     return p
 
 
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return list(tokenizer(prompt)["input_ids"])  # the tokenizer's default special-token handling
-
-
-class _CloudWaitReporter:
-    """Says on stderr that the edge is waiting for the cloud: at the first failed attempt, then every 5 s."""
+class CloudWaitReporter:
+    """Says on stderr that the edge is waiting for the cloud: at the first failed attempt, then every 5 s.
+    `heard` is set at the first attempt's outcome, success or failure."""
 
     def __init__(self) -> None:
         self.last_reported_s: float | None = None
+        self.heard = asyncio.Event()
 
     def __call__(self, progress: WaitProgress) -> None:
+        self.heard.set()
         if not should_report(progress, self.last_reported_s):
             return
         first = self.last_reported_s is None
@@ -112,48 +115,106 @@ class _CloudWaitReporter:
         self.last_reported_s = progress.elapsed_s
 
 
+_CloudWaitReporter = CloudWaitReporter  # TEMP alias until openai_server.py follows the rename
+
+
+async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
+    """The cloud's Info over a channel of its own, saying on stderr while it waits (gRPC only: no torch, so the user
+    hears within a second whether the cloud is up, while the draft is still loading)."""
+    from picospec.edge_client.transport import open_channel, wait_for_cloud
+    from picospec.shared.rpc.picospec_pb2_grpc import PicoSpecStub
+
+    async with open_channel(config.server) as channel:
+        return await wait_for_cloud(PicoSpecStub(channel), config.server, config.wait_ready_s, reporter)
+
+
+def load_draft(config: EdgeConfig) -> Any:
+    """The draft model (torch is imported here, not at start-up); a model that cannot load ends the program."""
+    import torch
+
+    from picospec.shared.models import ModelError, load_model
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return load_model(config.draft, device=config.device)
+    except ModelError as e:
+        raise SystemExit(f"picospec-edge: {e}") from None
+
+
+async def draft_and_cloud(config: EdgeConfig, need_cloud: bool = True) -> tuple[Any, Any]:
+    """Load the draft and find the cloud at the same time; the first failure of either ends the wait."""
+    reporter = CloudWaitReporter()
+    probe = asyncio.ensure_future(probe_cloud(config, reporter)) if need_cloud else None
+    if probe is not None:  # the first attempt before torch's import takes the interpreter (at most 1 s)
+        heard = asyncio.ensure_future(reporter.heard.wait())
+        await asyncio.wait({probe, heard}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        heard.cancel()
+    print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
+    loading = asyncio.ensure_future(asyncio.to_thread(load_draft, config))
+    pending = {t for t in (probe, loading) if t is not None}
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises the first failure (the load goes on in its thread; the program ends)
+    info = probe.result() if probe is not None else None
+    if info is not None:
+        print(f"picospec-edge: cloud serves {info.target_model} on {info.device}", file=sys.stderr, flush=True)
+    return loading.result(), info
+
+
 async def run(config: EdgeConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
     modes = [m.strip() for m in config.mode.split(",") if m.strip()]
     bad = [m for m in modes if m not in EDGE_MODES]
     if bad:
         raise SystemExit(f"picospec-edge: unknown mode {bad[0]!r}; choose from {', '.join(EDGE_MODES)}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-    draft = load_model(config.draft, device=config.device)
+    draft, _ = await draft_and_cloud(config, need_cloud=any(m != "edge" for m in modes))
+    from picospec.edge_client.client import EdgeClient  # torch: imported by the draft's load, not before it
     prompt_ids = encode_prompt(draft.tokenizer, args.prompt, args.chat)
     results = []
     async with EdgeClient(config, draft) as client:
         if any(m != "edge" for m in modes):
-            info = await client.connect(on_retry=_CloudWaitReporter())
-            print(f"picospec-edge: cloud serves {info.target_model} on {info.device}", file=sys.stderr, flush=True)
+            await client.connect(on_retry=CloudWaitReporter())  # found above: checks the protocol, opens the channel
         for mode in modes:
             out = None if args.json else sys.stdout
             if out is not None and len(modes) > 1:
                 out.write(f"\n--- {mode} ---\n")
-            stream = TextStream(draft.tokenizer, out)
-            gen = client.generate(prompt_ids, mode=mode)
-            async for ids in gen:
-                stream.push(ids)
+            gen = client.generate(prompt_ids, mode=mode, stop=args.stop or ())
+            async for piece in gen.stream_text():
+                if out is not None:
+                    out.write(piece)
+                    out.flush()
             if out is not None:
                 out.write("\n")
-            results.append({"mode": mode, "text": stream.text(), "token_ids": gen.token_ids, "stats": gen.stats.to_dict()})
+            results.append({"mode": mode, "text": gen.text, "token_ids": gen.token_ids, "stats": gen.stats.to_dict()})
     return results
 
 
+SUBCOMMANDS = {  # picospec-edge SUB ...: module with its own main(argv)
+    "serve": "picospec.edge_client.openai_server",
+    "chat": "picospec.edge_client.chat",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     config = config_from_args(EdgeConfig, args)
+    from picospec.edge_client.transport import EdgeError
     try:
         results = asyncio.run(run(config, args))
-    except (EdgeError, ModelError) as e:
+    except EdgeError as e:
         sys.exit(f"picospec-edge: {e}")
     if args.json:
         for r in results:
             print(json.dumps(r))
     else:
         print(format_table(results))
+        print(format_legend(results))
 
 
 if __name__ == "__main__":

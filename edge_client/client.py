@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
@@ -21,10 +20,12 @@ import grpc
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.policy import plan_session
 from picospec.edge_client.session import EdgeSession
-from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
-from picospec.edge_client.transport import CloudLost, EdgeError, EdgeHooks, StreamTransport, call_error, wire_size
+from picospec.edge_client.text import TextStream
+from picospec.edge_client.waiting import WaitProgress
+from picospec.edge_client.transport import (CloudLost, EdgeError, EdgeHooks, StreamTransport, call_error, open_channel,
+                                            wait_for_cloud, wire_size)
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
-from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
+from picospec.shared.fingerprint import Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
@@ -38,13 +39,27 @@ T = TypeVar("T")
 
 
 class Generation:
-    """An async iterator of committed token-id lists; `stats` and `token_ids` are complete once it ends."""
+    """An async iterator of committed token-id lists; `stats`, `token_ids` and `text` are complete once it ends.
 
-    def __init__(self, chunks: AsyncIterator[list[int]], stats: GenerationStats, sessions: list | None = None) -> None:
+    With stop strings, the iteration ends at the token that completed one: that chunk is cut after it, the
+    session is closed (the cloud frees it) and `stats.finish_reason` is "stop". `text_delta` is the text the last
+    chunk released (edge_client/text.py says what is held back and why); `stream_text()` yields only text.
+    """
+
+    def __init__(self, chunks: AsyncIterator[list[int]], stats: GenerationStats, text: TextStream,
+                 sessions: list | None = None) -> None:
         self.stats = stats
         self.token_ids: list[int] = []
+        self.text_delta = ""
+        self._text = text
         self._it = chunks
+        self._done = False
         self._sessions = sessions if sessions is not None else []  # the speculative session, once it has started
+
+    @property
+    def text(self) -> str:
+        """The released text: after the end, the whole text (without the stop string)."""
+        return self._text.released
 
     def describe(self) -> dict[str, object]:
         """The protocol state now (epoch, positions, what each side awaits): for hang reports and debugging."""
@@ -56,11 +71,37 @@ class Generation:
         return self
 
     async def __anext__(self) -> list[int]:
-        tokens = await self._it.__anext__()
+        if self._done:
+            self.text_delta = ""
+            raise StopAsyncIteration
+        try:
+            tokens = await self._it.__anext__()
+        except StopAsyncIteration:
+            self._done = True
+            self.text_delta = self._text.finish()
+            raise
+        self.text_delta = self._text.push(tokens)
+        if self._text.stopped:
+            dropped = len(tokens) - self._text.tokens_kept
+            tokens = tokens[: self._text.tokens_kept]
+            self._done = True
+            await self._it.aclose()             # ends the session: the cloud frees it
+            self.stats.finish("stop")
+            self.stats.drop_tail(dropped)
         self.token_ids.extend(tokens)
         return tokens
 
+    async def stream_text(self) -> AsyncIterator[str]:
+        """The released text, piece by piece, to the end (held text included once the generation ends)."""
+        async for _ in self:
+            if self.text_delta:
+                yield self.text_delta
+        if self.text_delta:  # what the natural end released
+            yield self.text_delta
+            self.text_delta = ""
+
     async def aclose(self) -> None:
+        self._done = True
         await self._it.aclose()
 
     async def collect(self) -> list[int]:
@@ -76,6 +117,7 @@ class EdgeClient:
         self.draft = draft
         self.fingerprint = tokenizer_fingerprint(draft.tokenizer)
         self.vocab_size = int(draft.model.config.vocab_size)
+        self.logits_width = self.vocab_size  # the cloud's, once connected (shared/fingerprint.py:session_logits_width)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.PicoSpecStub | None = None
@@ -98,45 +140,31 @@ class EdgeClient:
     async def connect(self, wait_s: float | None = None,
                       on_retry: Callable[[WaitProgress], None] | None = None) -> pb.InfoReply:
         """Open the channel, wait (up to wait_s, default --wait-ready-s) for the cloud, and check it can serve this
-        edge. Each attempt fails fast while nothing listens, so `on_retry` hears about every failed one at once."""
-        self._open_channel()
+        edge (edge_client/transport.py:wait_for_cloud)."""
+        if self._channel is None:
+            self._channel = open_channel(self.config.server)
+            self._stub = pb_grpc.PicoSpecStub(self._channel)
         budget = self.config.wait_ready_s if wait_s is None else wait_s
-        started, attempts, last_error = time.monotonic(), 0, ""
-        while True:
-            attempts += 1
-            left = budget - (time.monotonic() - started)
-            try:
-                info = await self._stub.Info(pb.InfoRequest(), timeout=max(0.05, min(left, ATTEMPT_TIMEOUT_S)))
-                break
-            except grpc.aio.AioRpcError as e:
-                last_error = e.details() or e.code().name
-            progress = WaitProgress(self.config.server, attempts, time.monotonic() - started, last_error)
-            if progress.elapsed_s >= budget:
-                raise EdgeError(progress.give_up_message())
-            if on_retry is not None:
-                on_retry(progress)
-            await asyncio.sleep(min(retry_delay_s(attempts), budget - progress.elapsed_s))
+        info = await wait_for_cloud(self._stub, self.config.server, budget, on_retry)
         if info.protocol_version != PROTOCOL_VERSION:
             raise EdgeError(f"cloud speaks protocol {info.protocol_version}, this edge speaks {PROTOCOL_VERSION}")
+        theirs = Fingerprint(info.tokenizer.num_tokens, info.tokenizer.sha256)
+        if theirs != self.fingerprint:  # said here, before any generation: the cloud would refuse each one anyway
+            raise EdgeError(f"tokenizer mismatch: the draft {self.draft.name!r} has {self.fingerprint.short()}, the "
+                            f"cloud's target {info.target_model!r} at {self.config.server} has {theirs.short()}; draft "
+                            "and target must share a tokenizer (a draft of the target's own family, e.g. "
+                            "Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct)")
+        try:
+            self.logits_width = session_logits_width(self.vocab_size, info.vocab_size, self.fingerprint.num_tokens)
+        except ValueError as e:
+            raise EdgeError(f"the draft {self.draft.name!r} cannot draft for {info.target_model!r}: {e}") from None
         return info
-
-    def _open_channel(self) -> None:
-        if self._channel is not None:
-            return
-        # receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
-        # default, unlimited: what the cloud accepts is its own limit, which admits every batch its
-        # max_draft_len allows (cloud_server/server.py:message_limit); a local cap would only add a failure.
-        # Reconnect backoff capped at 2 s (gRPC's default grows to 120 s): a cloud that comes up is seen at once.
-        self._channel = grpc.aio.insecure_channel(self.config.server, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 250),
-            ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)])
-        self._stub = pb_grpc.PicoSpecStub(self._channel)
 
     def _hello(self, prompt_ids: Sequence[int], params: SamplingParams, cfg: EdgeConfig, verify: str) -> pb.Hello:
         return pb.Hello(
             protocol_version=PROTOCOL_VERSION,
             tokenizer=pb.TokenizerFingerprint(num_tokens=self.fingerprint.num_tokens, sha256=self.fingerprint.sha256),
-            vocab_size=self.vocab_size,
+            vocab_size=self.logits_width,
             draft_model=self.draft.name,
             sampling=pb.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed),
             verify_mode=verify,
@@ -147,8 +175,11 @@ class EdgeClient:
             tail_samples=cfg.tail_samples,
         )
 
-    def generate(self, prompt_ids: Sequence[int], *, mode: str | None = None, **overrides: object) -> Generation:
-        """Start a generation. `overrides` replace EdgeConfig fields for this call (e.g. temperature=0.7)."""
+    def generate(self, prompt_ids: Sequence[int], *, mode: str | None = None, stop: Sequence[str] = (),
+                 **overrides: object) -> Generation:
+        """Start a generation. `stop`: stop strings (edge_client/text.py); `overrides` replace EdgeConfig fields for
+        this call (e.g. temperature=0.7)."""
+        text = TextStream(self.draft.tokenizer, stop)
         cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
         mode = mode or cfg.mode
         if mode not in EDGE_MODES:
@@ -162,9 +193,9 @@ class EdgeClient:
                                 exact=mode == "cloud" or (speculative and scheme(cfg.verify).exact))
         if mode in SPECULATIVE_MODES:
             sessions: list = []
-            return Generation(self._speculate(list(prompt_ids), params, cfg, stats, mode, sessions), stats, sessions)
+            return Generation(self._speculate(list(prompt_ids), params, cfg, stats, mode, sessions), stats, text, sessions)
         run = {"cloud": self._cloud, "edge": self._edge}[mode]
-        return Generation(run(list(prompt_ids), params, cfg, stats), stats)
+        return Generation(run(list(prompt_ids), params, cfg, stats), stats, text)
 
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
@@ -212,7 +243,8 @@ class EdgeClient:
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,
                             draft_confidence=cfg.draft_confidence, cloud_max_draft_len=info.max_draft_len,
                             cloud_exit_layer=info.default_exit_layer)
-        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify_scheme.gumbel_drafts)
+        drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify_scheme.gumbel_drafts,
+                          logits_width=self.logits_width)
         stats.drafter = drafter
         hello = self._hello(prompt, params, cfg, cfg.verify)
         hello.decode_ahead = plan.decode_ahead

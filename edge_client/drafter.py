@@ -23,8 +23,8 @@ class DraftResult:
 
 class Drafter:
     def __init__(self, model: torch.nn.Module, params: SamplingParams, device: str = "cpu",
-                 precision: Precision = Precision.F32, gumbel: bool = False) -> None:
-        self.backend = HFBackend(model, device)
+                 precision: Precision = Precision.F32, gumbel: bool = False, logits_width: int = 0) -> None:
+        self.backend = HFBackend(model, device, logits_width)  # the target's width when the draft's differs
         self.params = params
         self.precision = precision
         self.gumbel = gumbel  # coupled mode: Gumbel-max with the noise the cloud will use

@@ -6,12 +6,15 @@ Protobuf goes in and out here; the session driver sees the cloud's messages by k
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import time
+from typing import Callable, Protocol
 
 import grpc
 
+from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
+from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 from picospec.shared.stats import GenerationStats
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP/IP headers are not counted
@@ -43,6 +46,38 @@ def call_error(server: str, e: grpc.aio.AioRpcError) -> EdgeError:
         return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
                          f"{e.code().name}: {e.details()}")
     return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}")
+
+
+def open_channel(server: str) -> grpc.aio.Channel:
+    """The edge's channel to a cloud.
+
+    Receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
+    default, unlimited: what the cloud accepts is its own limit, which admits every batch its max_draft_len allows
+    (cloud_server/server.py:message_limit); a local cap would only add a failure. Reconnect backoff capped at 2 s
+    (gRPC's default grows to 120 s): a cloud that comes up is seen at once."""
+    return grpc.aio.insecure_channel(server, options=[
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)])
+
+
+async def wait_for_cloud(stub: pb_grpc.PicoSpecStub, server: str, budget_s: float,
+                         on_retry: Callable[[WaitProgress], None] | None = None) -> pb.InfoReply:
+    """The cloud's Info, retrying for up to budget_s. Each attempt fails fast while nothing listens, so `on_retry`
+    hears about every failed one at once; the final error names the server, the attempts and the last error."""
+    started, attempts = time.monotonic(), 0
+    while True:
+        attempts += 1
+        left = budget_s - (time.monotonic() - started)
+        try:
+            return await stub.Info(pb.InfoRequest(), timeout=max(0.05, min(left, ATTEMPT_TIMEOUT_S)))
+        except grpc.aio.AioRpcError as e:
+            last_error = e.details() or e.code().name
+        progress = WaitProgress(server, attempts, time.monotonic() - started, last_error)
+        if progress.elapsed_s >= budget_s:
+            raise EdgeError(progress.give_up_message())
+        if on_retry is not None:
+            on_retry(progress)
+        await asyncio.sleep(min(retry_delay_s(attempts), budget_s - progress.elapsed_s))
 
 
 def wire_size(msg) -> int:

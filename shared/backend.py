@@ -26,13 +26,18 @@ class ModelBackend(Protocol):
 class HFBackend:
     """A transformers causal LM with a DynamicCache. Not thread-safe: one per session, one caller at a time."""
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", logits_width: int = 0) -> None:
+        """logits_width: the width the session speaks (the target's, see shared/fingerprint.py:session_logits_width)
+        when this model's own differs: its logits are cut or padded with -inf to it, and an input id past its own
+        width (a padding id the target emitted; the tokenizer never makes one) is fed as id 0. Only what this model
+        proposes changes, never what verification accepts, so exactness does not depend on it."""
         from transformers import DynamicCache
 
         self._cache_cls = DynamicCache
         self.model = model
         self.device = torch.device(device)
-        self.vocab_size = int(model.config.vocab_size)  # the logits width (may exceed the tokenizer's size)
+        self.own_width = int(model.config.vocab_size)
+        self.vocab_size = logits_width or self.own_width  # the logits width (may exceed the tokenizer's size)
         self.tokens: list[int] = []  # what the cache holds, position by position
         self.cache = None
 
@@ -52,7 +57,9 @@ class HFBackend:
         n = len(token_ids)
         if n == 0:
             raise ValueError("forward needs at least one token")
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # [1, n]
+        if self.vocab_size > self.own_width:
+            ids = torch.where(ids < self.own_width, ids, 0)
         positions = torch.arange(self.length, self.length + n, device=self.device)
         out = self.model(
             input_ids=ids,
@@ -63,7 +70,7 @@ class HFBackend:
             logits_to_keep=num_logits if 0 < num_logits < n else 0,
         )
         self.tokens.extend(int(t) for t in token_ids)
-        return out.logits[0].float()
+        return _fit_width(out.logits[0].float(), self.vocab_size)  # [n or num_logits, V]
 
     def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Start a new sequence; return the logits after its last token [V]."""
@@ -113,3 +120,14 @@ class HFBackend:
             keep += 1
         self.truncate(keep)
         return self.forward(sequence[keep:], num_logits=len(sequence) - first)
+
+
+def _fit_width(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """logits [n, V_own] cut or padded with -inf to [n, width]."""
+    own = logits.shape[-1]
+    if own == width:
+        return logits
+    if own > width:
+        return logits[..., :width]
+    pad = torch.full((*logits.shape[:-1], width - own), float("-inf"), dtype=logits.dtype, device=logits.device)
+    return torch.cat([logits, pad], dim=-1)

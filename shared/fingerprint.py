@@ -36,3 +36,16 @@ def eos_token_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return frozenset(ids)
+
+
+def session_logits_width(draft_width: int, target_width: int, tokens: int) -> int:
+    """The logits width a speculative session speaks: the target's. A draft whose width differs joins when every id
+    the shared tokenizer makes (`tokens` of them) lies inside both widths: the ids past that are padding rows
+    (Qwen2.5-0.5B pads to 151,936, Qwen2.5-7B to 152,064, one tokenizer of 151,665). The draft's logits are then cut
+    or padded with -inf to the target's width (shared/backend.py). ValueError when a real token would be lost."""
+    if draft_width == target_width:
+        return target_width
+    if tokens > min(draft_width, target_width):
+        raise ValueError(f"vocabulary width mismatch: draft logits have {draft_width} entries, target {target_width}, "
+                         f"and the tokenizer has {tokens} tokens, so some real token has no logit on one side")
+    return target_width

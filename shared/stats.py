@@ -78,6 +78,12 @@ class GenerationStats:
         self.tail_requests += 1
         self.residual_bytes += payload_bytes
 
+    def drop_tail(self, n: int) -> None:
+        """Forget the last n committed tokens (committed by the cloud, cut by a stop string on the edge)."""
+        if n > 0:
+            self.generated -= n
+            del self.token_times[-n:]
+
     def finish(self, reason: str | None) -> None:
         self.finished_at = time.perf_counter()
         self.finish_reason = reason
