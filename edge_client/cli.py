@@ -115,9 +115,6 @@ class CloudWaitReporter:
         self.last_reported_s = progress.elapsed_s
 
 
-_CloudWaitReporter = CloudWaitReporter  # TEMP alias until openai_server.py follows the rename
-
-
 async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
     """The cloud's Info over a channel of its own, saying on stderr while it waits (gRPC only: no torch, so the user
     hears within a second whether the cloud is up, while the draft is still loading)."""

@@ -11,6 +11,7 @@ Every model step runs in a one-thread executor so the event loop keeps sending a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
@@ -256,6 +257,9 @@ class EdgeClient:
         session = EdgeSession(hello=hello, plan=plan, cfg=cfg, stats=stats, drafter=drafter, transport=transport,
                               run_model=self._run, executor=self.executor, hooks=self.hooks)
         session_box.append(session)
-        async for tokens in session.run():
-            yield tokens
+        # closed with this generator, not later by the garbage collector: its `finally` ends the call (the cloud
+        # frees the session) and records the finish before Generation reads or overrides it
+        async with contextlib.aclosing(session.run()) as tokens_stream:
+            async for tokens in tokens_stream:
+                yield tokens
 

@@ -31,7 +31,12 @@ class EdgeHooks(Protocol):
 
 
 class EdgeError(RuntimeError):
-    """A generation failed: the cloud refused it, vanished, or broke the protocol."""
+    """A generation failed: the cloud refused it, vanished, or broke the protocol. `status`: the gRPC status name
+    the cloud ended the call with (e.g. "RESOURCE_EXHAUSTED"), "" when the failure was not a call's status."""
+
+    def __init__(self, message: str, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class CloudLost(EdgeError):
@@ -44,8 +49,9 @@ def call_error(server: str, e: grpc.aio.AioRpcError) -> EdgeError:
     broke (gRPC's code for a closed or reset socket), anything else is the status the cloud ended the call with."""
     if e.code() is grpc.StatusCode.UNAVAILABLE:
         return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
-                         f"{e.code().name}: {e.details()}")
-    return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}")
+                         f"{e.code().name}: {e.details()}", e.code().name)
+    return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}",
+                     e.code().name)
 
 
 def open_channel(server: str) -> grpc.aio.Channel:

@@ -46,7 +46,7 @@ def expected_cut(tokenizer, token_ids: list[int], stop: str) -> tuple[str, list[
     raise AssertionError(f"{stop!r} not in {full!r}")
 
 
-async def _reference_and_stopped(client, prompt: list[int], mode: str, tokenizer, after: int) -> None:
+async def _reference_and_stopped(client, prompt: list[int], mode: str, tokenizer, after: int):
     ref = client.generate(prompt, mode=mode)
     await asyncio.wait_for(ref.collect(), STEP_S)
     stop = boundary_stop(tokenizer, ref.token_ids, after)
@@ -56,6 +56,7 @@ async def _reference_and_stopped(client, prompt: list[int], mode: str, tokenizer
     assert (gen.text, gen.token_ids) == (text, tokens), (mode, stop)
     assert streamed == text and gen.stats.finish_reason == "stop"
     assert gen.stats.generated == len(tokens)
+    return gen
 
 
 @pytest.mark.parametrize("mode", EDGE_MODES)
@@ -64,11 +65,13 @@ def test_stop_string_ends_every_mode_where_its_own_decoding_would(tiny_target, t
         async with serving(tiny_target) as (service, address):
             slots = observe_slots(service)
             async with edge(address, tiny_draft, max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True) as client:
-                for after in (1, 12, 25):     # in the first batch, in the middle, late
-                    await _reference_and_stopped(client, ids(tiny_draft, "the quick brown fox"), mode,
-                                                 tiny_draft.tokenizer, after)
+                gens = [await _reference_and_stopped(client, ids(tiny_draft, "the quick brown fox"), mode,
+                                                     tiny_draft.tokenizer, after)
+                        for after in (1, 12, 25)]     # in the first batch, in the middle, late
             await all_sessions_recorded(service, slots)   # the stopped sessions were closed and freed
             assert service.active_sessions == 0
+            # the session's own ending ran inside the stop, not later in the background, where it would overwrite it
+            assert [g.stats.finish_reason for g in gens] == ["stop"] * 3
 
     asyncio.run(main())
 
