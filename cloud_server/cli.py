@@ -10,8 +10,10 @@ import time
 
 import torch
 
+from picospec.cloud_server.auth import TokenAuth, TokenFileError
 from picospec.cloud_server.server import PicoSpecService, start_server
 from picospec.shared.config import CloudConfig, add_config_args, config_from_args
+from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_credentials
 from picospec.shared.models import ModelError, load_model
 
 log = logging.getLogger("picospec.cloud")
@@ -24,7 +26,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_settings(config: CloudConfig) -> None:
+    """Fail on TLS, token and keepalive settings that cannot work before minutes go into loading the model
+    (raises ConnectionSettingsError or TokenFileError naming the flag or the line)."""
+    server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+    if config.auth_tokens:
+        TokenAuth(config.auth_tokens)
+    ping_schedule_ms(config.peer_timeout_s)
+
+
+def reload_tokens(service: PicoSpecService) -> None:
+    """SIGHUP: read the tokens file again (a bad file keeps the tokens in force; cloud_server/auth.py)."""
+    if service.auth is None:
+        log.warning("SIGHUP: nothing to reload (no --auth-tokens)")
+    else:
+        service.auth.reload()
+
+
+def security_summary(service: PicoSpecService) -> str:
+    c = service.config
+    parts = ["TLS" if c.tls_cert else "plaintext"]
+    if c.tls_ca:
+        parts.append("client certificates required")
+    if service.auth is not None:
+        parts.append(f"tokens of {len(service.auth.table.clients)} clients")
+    return ", ".join(parts)
+
+
 async def serve(config: CloudConfig) -> None:
+    check_settings(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
@@ -33,12 +63,14 @@ async def serve(config: CloudConfig) -> None:
     log.info("target loaded in %.1fs", time.perf_counter() - t0)
     service = PicoSpecService(target, config)
     server, port = await start_server(service, f"{config.host}:{config.port}")
-    # the line scripts wait for: it appears only once the model is loaded and the port is bound
-    print(f"picospec-cloud: serving {config.target} on {config.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_tokens, service)
+    log.info("connections: %s; a silent peer is dropped after %g s", security_summary(service), config.peer_timeout_s)
+    # the line scripts wait for: it appears only once the model is loaded, the port bound and SIGHUP handled
+    print(f"picospec-cloud: serving {config.target} on {config.host}:{port}", flush=True)
     await stop.wait()
     log.info("shutting down")
     await server.stop(grace=2.0)
@@ -50,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_args(CloudConfig, args)
     try:
         asyncio.run(serve(config))
-    except ModelError as e:
+    except (ModelError, ConnectionSettingsError, TokenFileError) as e:
         sys.exit(f"picospec-cloud: {e}")
 
 

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from picospec.cloud_server.auth import AuthInterceptor, TokenAuth, client_identity, exposure_warning
 from picospec.cloud_server.handshake import Refusal, TargetInfo, validate_hello
 from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecord
 from picospec.cloud_server.slots import SessionSlots
@@ -20,6 +21,7 @@ from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
+from picospec.shared.connection import server_credentials, server_keepalive_options, split_host
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
@@ -51,7 +53,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                eos_token_ids(target.model, target.tokenizer), num_layers)
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
         self.worker = ModelWorker()
-        self.slots = SessionSlots(config.max_sessions)
+        self.slots = SessionSlots(config.max_sessions, config.max_sessions_per_client)
+        # None: no tokens asked for (every caller may call); reloaded by the CLI on SIGHUP
+        self.auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
         # the last few sessions' end state: committed tokens and what the KV cache held (tests, debugging)
         self.closed_sessions: collections.deque[SessionRecord] = collections.deque(maxlen=16)
 
@@ -94,7 +98,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             if first is None or first.WhichOneof("kind") != "hello":
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Speculate stream must be a Hello")
             spec = validate_hello(first.hello, self.config, self.info, speculative=True)
-            async with self.slots.hold():
+            async with self.slots.hold(client_identity(context, self.auth)):
                 cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
                                     spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold)
                 session = CloudSession(sid, spec, cache, self.worker, self.config, self.info.vocab_size, self.hooks)
@@ -110,6 +114,10 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     if spec.state.finished is not None:
                         log.info("session %s finished (%s) after %d tokens", sid, spec.state.finished.value,
                                  len(spec.state.generated))
+                except asyncio.CancelledError:
+                    # the edge closed the call, or its connection was dropped (silent past --peer-timeout-s)
+                    log.info("session %s ended by the edge's side after %d tokens", sid, len(spec.state.generated))
+                    raise
                 finally:
                     await self._record(session)
 
@@ -127,7 +135,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         async with self._call(context, f"cloud-only session {sid}"):
             spec = validate_hello(request, self.config, self.info, speculative=False)
             state = spec.state
-            async with self.slots.hold():
+            async with self.slots.hold(client_identity(context, self.auth)):
                 cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device)  # no scheme
                 prefill_s = await self.worker.run(cache.prefill, list(state.tokens))
                 log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids), prefill_s)
@@ -158,18 +166,28 @@ def message_limit(config: CloudConfig, vocab_size: int) -> int:
 
 def server_options(config: CloudConfig, vocab_size: int) -> list[tuple[str, int]]:
     limit = message_limit(config, vocab_size)
-    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            *server_keepalive_options(config.peer_timeout_s)]
 
 
 async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio.Server, int]:
-    """Start serving on address ("host:port", port 0 = pick one); return the server and its port."""
-    limit = message_limit(service.config, service.info.vocab_size)
-    if limit > service.config.max_message_mb * MIB:
+    """Start serving on address ("host:port", port 0 = pick one); return the server and its port. TLS, client
+    certificates and tokens as the service's config says (a setting that cannot work raises
+    ConnectionSettingsError, a ValueError, before anything listens)."""
+    config = service.config
+    limit = message_limit(config, service.info.vocab_size)
+    if limit > config.max_message_mb * MIB:
         log.info("message limit raised from %d MiB to %.1f MiB: a dense batch of %d drafts over %d tokens must fit",
-                 service.config.max_message_mb, limit / MIB, service.config.max_draft_len, service.info.vocab_size)
-    server = grpc.aio.server(options=server_options(service.config, service.info.vocab_size))
+                 config.max_message_mb, limit / MIB, config.max_draft_len, service.info.vocab_size)
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+    warning = exposure_warning(split_host(address), credentials is not None, service.auth is not None,
+                               bool(config.tls_ca))
+    if warning:
+        log.warning("%s", warning)
+    server = grpc.aio.server(options=server_options(config, service.info.vocab_size),
+                             interceptors=[AuthInterceptor(service.auth)] if service.auth is not None else None)
     pb_grpc.add_PicoSpecServicer_to_server(service, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()

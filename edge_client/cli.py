@@ -119,10 +119,12 @@ async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
     """The cloud's Info over a channel of its own, saying on stderr while it waits (gRPC only: no torch, so the user
     hears within a second whether the cloud is up, while the draft is still loading)."""
     from picospec.edge_client.transport import open_channel, wait_for_cloud
+    from picospec.shared.connection import token_metadata
     from picospec.shared.rpc.picospec_pb2_grpc import PicoSpecStub
 
-    async with open_channel(config.server) as channel:
-        return await wait_for_cloud(PicoSpecStub(channel), config.server, config.wait_ready_s, reporter)
+    async with open_channel(config) as channel:
+        return await wait_for_cloud(PicoSpecStub(channel), config.server, config.wait_ready_s, reporter,
+                                    token_metadata(config.token))
 
 
 def load_draft(config: EdgeConfig) -> Any:
@@ -202,9 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     config = config_from_args(EdgeConfig, args)
     from picospec.edge_client.transport import EdgeError
+    from picospec.shared.connection import ConnectionSettingsError
     try:
         results = asyncio.run(run(config, args))
-    except EdgeError as e:
+    except (EdgeError, ConnectionSettingsError) as e:
         sys.exit(f"picospec-edge: {e}")
     if args.json:
         for r in results:

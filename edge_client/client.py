@@ -26,6 +26,7 @@ from picospec.edge_client.waiting import WaitProgress
 from picospec.edge_client.transport import (CloudLost, EdgeError, EdgeHooks, StreamTransport, call_error, open_channel,
                                             wait_for_cloud, wire_size)
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
+from picospec.shared.connection import token_metadata
 from picospec.shared.fingerprint import Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, SessionState
@@ -122,6 +123,7 @@ class EdgeClient:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.PicoSpecStub | None = None
+        self._metadata = token_metadata(config.token)  # sent with every call (cloud_server/auth.py checks it)
 
     async def __aenter__(self) -> "EdgeClient":
         return self
@@ -143,10 +145,10 @@ class EdgeClient:
         """Open the channel, wait (up to wait_s, default --wait-ready-s) for the cloud, and check it can serve this
         edge (edge_client/transport.py:wait_for_cloud)."""
         if self._channel is None:
-            self._channel = open_channel(self.config.server)
+            self._channel = open_channel(self.config)
             self._stub = pb_grpc.PicoSpecStub(self._channel)
         budget = self.config.wait_ready_s if wait_s is None else wait_s
-        info = await wait_for_cloud(self._stub, self.config.server, budget, on_retry)
+        info = await wait_for_cloud(self._stub, self.config.server, budget, on_retry, self._metadata)
         if info.protocol_version != PROTOCOL_VERSION:
             raise EdgeError(f"cloud speaks protocol {info.protocol_version}, this edge speaks {PROTOCOL_VERSION}")
         theirs = Fingerprint(info.tokenizer.num_tokens, info.tokenizer.sha256)
@@ -203,7 +205,7 @@ class EdgeClient:
         await self.connect()
         hello = self._hello(prompt, params, cfg, "")
         stats.bytes_up += wire_size(hello)
-        call = self._stub.CloudGenerate(hello, timeout=cfg.deadline_s(len(prompt)))
+        call = self._stub.CloudGenerate(hello, timeout=cfg.deadline_s(len(prompt)), metadata=self._metadata)
         reason = None
         try:
             async for chunk in call:
@@ -215,7 +217,7 @@ class EdgeClient:
                 if chunk.finished:
                     reason = chunk.finish_reason
         except grpc.aio.AioRpcError as e:
-            raise call_error(self.config.server, e) from None
+            raise call_error(self.config.server, e, self.config.peer_timeout_s) from None
         finally:
             call.cancel()
             stats.finish(reason or "cancelled")
@@ -252,8 +254,8 @@ class EdgeClient:
         if plan.hints:
             hello.exit_layer, hello.exit_threshold = cfg.exit_layer or info.default_exit_layer, cfg.exit_threshold
             stats.exit_layer = hello.exit_layer
-        transport = StreamTransport(self._stub.Speculate(timeout=cfg.deadline_s(len(prompt))), stats, self.hooks,
-                                    self.config.server)
+        call = self._stub.Speculate(timeout=cfg.deadline_s(len(prompt)), metadata=self._metadata)
+        transport = StreamTransport(call, stats, self.hooks, self.config.server, self.config.peer_timeout_s)
         session = EdgeSession(hello=hello, plan=plan, cfg=cfg, stats=stats, drafter=drafter, transport=transport,
                               run_model=self._run, executor=self.executor, hooks=self.hooks)
         session_box.append(session)

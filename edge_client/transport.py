@@ -6,18 +6,24 @@ Protobuf goes in and out here; the session driver sees the cloud's messages by k
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import grpc
 
 from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
+from picospec.shared.config import EdgeConfig
+from picospec.shared.connection import (ConnectionSettingsError, channel_credentials, edge_keepalive_options,
+                                        is_loopback, split_host)
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 from picospec.shared.stats import GenerationStats
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP/IP headers are not counted
+log = logging.getLogger("picospec.edge")
+_warned_cleartext: set[str] = set()  # servers already warned about, once per process
 
 
 class EdgeHooks(Protocol):
@@ -44,9 +50,19 @@ class CloudLost(EdgeError):
     tokens already yielded stand: each was committed by both sides before it was yielded."""
 
 
-def call_error(server: str, e: grpc.aio.AioRpcError) -> EdgeError:
+def went_silent(e: grpc.aio.AioRpcError) -> bool:
+    """Whether gRPC dropped the connection because the peer stopped answering keepalive pings."""
+    details = (e.details() or "").lower()
+    return e.code() is grpc.StatusCode.UNAVAILABLE and ("keepalive" in details or "ping timeout" in details)
+
+
+def call_error(server: str, e: grpc.aio.AioRpcError, peer_timeout_s: float | None = None) -> EdgeError:
     """What a failed call means to the user, naming the cloud: UNAVAILABLE on an open call is a connection that
-    broke (gRPC's code for a closed or reset socket), anything else is the status the cloud ended the call with."""
+    broke (gRPC's code for a closed or reset socket; a cloud that went silent is said so), anything else is the
+    status the cloud ended the call with."""
+    if peer_timeout_s is not None and went_silent(e):
+        return CloudLost(f"no answer from the cloud at {server} for {peer_timeout_s:g} s: it stopped answering "
+                         "keepalive pings (frozen, overloaded or cut off; --peer-timeout-s)", e.code().name)
     if e.code() is grpc.StatusCode.UNAVAILABLE:
         return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
                          f"{e.code().name}: {e.details()}", e.code().name)
@@ -54,30 +70,77 @@ def call_error(server: str, e: grpc.aio.AioRpcError) -> EdgeError:
                      e.code().name)
 
 
-def open_channel(server: str) -> grpc.aio.Channel:
-    """The edge's channel to a cloud.
+def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
+    """The edge's channel to the cloud at config.server: TLS when asked for (shared/connection.py), keepalive pings
+    that notice a silent cloud within --peer-timeout-s.
 
     Receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
     default, unlimited: what the cloud accepts is its own limit, which admits every batch its max_draft_len allows
     (cloud_server/server.py:message_limit); a local cap would only add a failure. Reconnect backoff capped at 2 s
     (gRPC's default grows to 120 s): a cloud that comes up is seen at once."""
-    return grpc.aio.insecure_channel(server, options=[
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)])
+        ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+        *edge_keepalive_options(config.peer_timeout_s)]
+    credentials = channel_credentials(config.tls, config.tls_ca, config.tls_cert, config.tls_key)
+    if credentials is None:
+        if config.tls_server_name:
+            raise ConnectionSettingsError("--tls-server-name needs TLS (--tls or --tls-ca)")
+        if config.token and not is_loopback(split_host(config.server)) and config.server not in _warned_cleartext:
+            _warned_cleartext.add(config.server)
+            log.warning("sending the access token to %s without TLS, readable on the way: pass --tls-ca (deploy/tls.md)",
+                        config.server)
+        return grpc.aio.insecure_channel(config.server, options=options)
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    return grpc.aio.secure_channel(config.server, credentials, options=options)
+
+
+# what a failed TLS handshake looks like in gRPC's details (the status is UNAVAILABLE, as for a cloud not up)
+TLS_FAILURE_MARKERS = ("ssl", "tls", "handshake", "certificate", "verification")
+# a TLS cloud that refuses this edge's handshake (no client certificate, or plaintext) just closes the socket;
+# a cloud restarting can do that once or twice, not three times in a row
+HANGUPS_BEFORE_TLS_HINT = 3
+
+
+def connect_refusal(server: str, e: grpc.aio.AioRpcError) -> EdgeError | None:
+    """An Info failure that retrying cannot fix, as the error to stop with: the cloud answered with a status of its
+    own (UNAUTHENTICATED: no or a wrong token), or it is up but the TLS handshake failed (a wrong CA, a missing
+    client certificate, a name the certificate does not hold). None: not up yet, keep trying."""
+    details = e.details() or ""
+    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return EdgeError(f"cloud at {server} refused this edge: {e.code().name}: {details}", e.code().name)
+    if any(marker in details.lower() for marker in TLS_FAILURE_MARKERS):
+        return EdgeError(f"TLS handshake with the cloud at {server} failed: {details} (check --tls-ca, --tls-cert/"
+                         "--tls-key and --tls-server-name against the cloud's certificates; deploy/tls.md)",
+                         e.code().name)
+    return None
 
 
 async def wait_for_cloud(stub: pb_grpc.PicoSpecStub, server: str, budget_s: float,
-                         on_retry: Callable[[WaitProgress], None] | None = None) -> pb.InfoReply:
+                         on_retry: Callable[[WaitProgress], None] | None = None,
+                         metadata: Sequence[tuple[str, str]] = ()) -> pb.InfoReply:
     """The cloud's Info, retrying for up to budget_s. Each attempt fails fast while nothing listens, so `on_retry`
-    hears about every failed one at once; the final error names the server, the attempts and the last error."""
-    started, attempts = time.monotonic(), 0
+    hears about every failed one at once; the final error names the server, the attempts and the last error. A
+    refusal (connect_refusal) ends the wait at once."""
+    started, attempts, closed_in_a_row = time.monotonic(), 0, 0
     while True:
         attempts += 1
         left = budget_s - (time.monotonic() - started)
         try:
-            return await stub.Info(pb.InfoRequest(), timeout=max(0.05, min(left, ATTEMPT_TIMEOUT_S)))
+            return await stub.Info(pb.InfoRequest(), timeout=max(0.05, min(left, ATTEMPT_TIMEOUT_S)),
+                                   metadata=tuple(metadata))
         except grpc.aio.AioRpcError as e:
+            refusal = connect_refusal(server, e)
+            if refusal is not None:
+                raise refusal from None
             last_error = e.details() or e.code().name
+            closed_in_a_row = closed_in_a_row + 1 if "socket closed" in last_error.lower() else 0
+            if closed_in_a_row >= HANGUPS_BEFORE_TLS_HINT:
+                raise EdgeError(f"the cloud at {server} accepts connections and closes them at once "
+                                f"({closed_in_a_row} times): it probably requires TLS (--tls-ca) or a client "
+                                "certificate (--tls-cert/--tls-key) that this edge did not present, or one it does "
+                                f"not trust (deploy/tls.md); last error: {last_error}", e.code().name) from None
         progress = WaitProgress(server, attempts, time.monotonic() - started, last_error)
         if progress.elapsed_s >= budget_s:
             raise EdgeError(progress.give_up_message())
@@ -93,9 +156,11 @@ def wire_size(msg) -> int:
 class StreamTransport:
     """One bidirectional call: `send` a message, `next` message of the kinds expected, `close` at the end."""
 
-    def __init__(self, call, stats: GenerationStats, hooks: "EdgeHooks | None", server: str) -> None:
+    def __init__(self, call, stats: GenerationStats, hooks: "EdgeHooks | None", server: str,
+                 peer_timeout_s: float | None = None) -> None:
         self.call, self.stats, self.hooks = call, stats, hooks
         self.server = server  # named in every error, so a user with several clouds knows which one failed
+        self.peer_timeout_s = peer_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pump = asyncio.create_task(self._pump())
 
@@ -146,7 +211,7 @@ class StreamTransport:
                     await self.hooks.after_receive(msg)
                 self.inbox.put_nowait(msg)
         except grpc.aio.AioRpcError as e:
-            self.inbox.put_nowait(call_error(self.server, e))
+            self.inbox.put_nowait(call_error(self.server, e, self.peer_timeout_s))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - surfaced to the generation

@@ -24,8 +24,13 @@ PIPELINED_MODES = ("pipeline", "picospec")  # draft ahead while batches are in f
 HINTED_MODES = ("early-exit",)               # early-exit hints on unless --hints off
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False) -> Any:
+    """A configuration field. `secret`: left out of the dataclass's repr, so a logged config never shows it."""
+    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+PEER_TIMEOUT_HELP = ("seconds of silence from the peer (a frozen process, a dead link) before its connection is "
+                     "dropped: gRPC keepalive pings every half of it, each answered within the other half (at least 2)")
 
 
 @dataclass
@@ -36,6 +41,8 @@ class ServingLimits:
     max_context: int = opt(8192, "most tokens (prompt + generated) per session")
     max_new_tokens: int = opt(4096, "most generated tokens per session")
     max_sessions: int = opt(8, "concurrent sessions; more are refused with RESOURCE_EXHAUSTED")
+    max_sessions_per_client: int = opt(0, "concurrent sessions of one client (its token's name, else its TLS "
+                                       "certificate's common name, else its IP address); 0 = only --max-sessions")
     max_message_mb: int = opt(16, "largest gRPC message accepted, MiB; raised to fit the largest dense batch "
                               "--max-draft-len allows (32 rows over Qwen's 151,936 tokens: 18.5 MiB)")
     max_residual_top_k: int = opt(256, "most top-K entries a split-mode edge may ask for")
@@ -45,7 +52,8 @@ class ServingLimits:
 @dataclass
 class CloudConfig(ServingLimits):
     target: str = opt("qwen2.5-coder-1.5b-instruct", "target model name (see README: models)")
-    host: str = opt("0.0.0.0", "address to listen on")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface; then use TLS and tokens, "
+                    "deploy/tls.md)")
     port: int = opt(50051, "port to listen on")
     device: str = opt("cpu", "torch device", choices=("cpu", "cuda"))
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
@@ -55,6 +63,12 @@ class CloudConfig(ServingLimits):
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")
     exit_layer: int = opt(0, "early-exit hints: default exit layer for edges that do not name one "
                           "(0 = three quarters of the target's depth)")
+    tls_cert: str = opt("", "PEM certificate chain to serve TLS with (with --tls-key); empty = plaintext")
+    tls_key: str = opt("", "PEM private key of --tls-cert")
+    tls_ca: str = opt("", "PEM CA certificates: require every client to present a certificate they signed (mutual TLS)")
+    auth_tokens: str = opt("", "file of 'client-name token' lines: every call must carry one of the tokens "
+                           "(reloaded on SIGHUP; deploy/tls.md)")
+    peer_timeout_s: float = opt(5.0, PEER_TIMEOUT_HELP)
 
     @property
     def offered_modes(self) -> tuple[str, ...]:
@@ -93,6 +107,15 @@ class EdgeConfig:
     device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     compress: bool = opt(True, "zstd-compress distribution payloads")
+    tls: bool = opt(False, "talk TLS to the cloud (implied by --tls-ca; without --tls-ca the system's roots verify it)")
+    tls_ca: str = opt("", "PEM CA certificates that verify the cloud's certificate")
+    tls_cert: str = opt("", "PEM client certificate chain, for a cloud that requires one (with --tls-key)")
+    tls_key: str = opt("", "PEM private key of --tls-cert")
+    tls_server_name: str = opt("", "name to verify the cloud's certificate against when --server's host is not in "
+                               "it (e.g. an IP address)")
+    token: str = opt("", "access token for a cloud started with --auth-tokens (prefer the environment variable: "
+                     "flags show in `ps`)", secret=True)
+    peer_timeout_s: float = opt(5.0, PEER_TIMEOUT_HELP)
     wait_ready_s: float = opt(60.0, "seconds to wait for the cloud to come up, retrying and saying so on stderr")
     timeout_s: float = opt(0.0, "deadline for one generation, seconds; 0 = scaled to the work: "
                            "60 s + --timeout-per-token-s x max_new_tokens + 0.05 s per prompt token")
