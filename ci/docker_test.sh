@@ -7,6 +7,8 @@
 #   - the greedy generation in sync and pipeline modes equals the target's own (the cloud-mode run), and each of
 #     them speculated: verification rounds > 0 and acceptance >= ACCEPT_FLOOR (a draft that drafts nothing fails);
 #   - `docker-compose up --exit-code-from edge` (the demo) runs and the edge prints its table.
+# All of it with TLS, client certificates and a token (scripts/make_certs.sh, PICOSPEC_TLS_DIR: deploy/tls.md), and
+#   - an edge without the token is refused with UNAUTHENTICATED.
 # A part that the machine cannot do is skipped with the reason printed (exit 0 when that is the whole script);
 # under CI=true nothing is skipped: the same reason is printed as a FAIL and the script exits 1. Everything else
 # failing fails the script.
@@ -35,7 +37,7 @@ N_NEW=24
 MODELS=${PICOSPEC_CACHE:-${HOME:-/root}/.cache/picospec}
 T0=$(date +%s)
 
-PASSED=0 FAILED=0 SKIPPED=0  # checks: link measurement, generation equality, demo
+PASSED=0 FAILED=0 SKIPPED=0  # checks: link measurement, the refused edge without a token, generation equality, demo
 say() { echo "docker_test: $*"; }
 skip() {  # outside CI: print the reason and go on; under CI=true a skip is a failure (exit 1, reason printed)
   if [ "${CI:-}" = true ]; then FAILED=$((FAILED + 1)); say "FAIL (CI=true, no skips in CI): $*"; exit 1; fi
@@ -70,6 +72,7 @@ cleanup() {
     say "tearing down the stack"
     $COMPOSE -p "$PROJECT" -f "$REPO/docker-compose.yml" down -v --remove-orphans >/dev/null 2>&1 || true
   fi
+  [ -z "${TLS_DIR:-}" ] || rm -rf "$TLS_DIR"
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true
     for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
@@ -152,6 +155,13 @@ else
   export PICOSPEC_RTT_MS=0 PICOSPEC_UP_MBIT=0 PICOSPEC_DOWN_MBIT=0
 fi
 
+# ---------------------------------------------------------------------------------------------- TLS + token
+# a fresh private CA, certificates for the service name `cloud`, and a token, for this run only
+TLS_DIR="$WORK/tls-$PROJECT"
+rm -rf "$TLS_DIR"
+bash "$REPO/scripts/make_certs.sh" "$TLS_DIR" DNS:cloud >/dev/null || die "scripts/make_certs.sh failed"
+export PICOSPEC_TLS_DIR=$TLS_DIR
+
 # ---------------------------------------------------------------------------------------------- the stack
 DC=($COMPOSE -p "$PROJECT" -f "$REPO/docker-compose.yml")
 COMPOSE_UP=1
@@ -165,7 +175,18 @@ for _ in $(seq 1 180); do
 done
 [ "$st" = "running healthy" ] || { "${DC[@]}" logs cloud | tail -30; die "the cloud did not become healthy in 180 s"; }
 METHOD=$($DOCKER exec "$CLOUD" cat /tmp/picospec-shaping)
-say "cloud serving; its shaping: $METHOD"
+say "cloud serving; its shaping: $METHOD; $("${DC[@]}" logs cloud | grep -o 'connections: [^;]*' | tail -1)"
+
+say "an edge without the token ($(elapsed))"
+# --token '' overrides the token deploy/tls_env.sh provides; the certificates stay, so only the token is missing
+if timeout 300 "${DC[@]}" run --rm -T edge picospec-edge --server cloud:50051 --draft "$DRAFT" --threads 1 \
+     --prompt hi --max-new-tokens 2 --mode cloud --token '' >"$WORK/notoken.out" 2>"$WORK/notoken.err"; then
+  FAILED=$((FAILED + 1)); say "FAIL: an edge without the token generated"
+elif grep -q "UNAUTHENTICATED: missing token" "$WORK/notoken.err"; then
+  PASSED=$((PASSED + 1)); say "refused: $(grep -o 'UNAUTHENTICATED: missing token.*' "$WORK/notoken.err" | head -1)"
+else
+  tail -20 "$WORK/notoken.err"; FAILED=$((FAILED + 1)); say "FAIL: the edge without a token failed otherwise"
+fi
 
 if [ -n "$SHAPING" ]; then
   say "measuring the link between the containers ($(elapsed))"

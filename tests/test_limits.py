@@ -77,9 +77,9 @@ class ObservedSlots(SessionSlots):
         self.changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
+    async def hold(self, client: str = "") -> AsyncIterator[None]:
         try:
-            async with super().hold():
+            async with super().hold(client):
                 yield
         finally:
             async with self.changed:
