@@ -44,6 +44,7 @@ from picospec.edge_client.cli import CloudWaitReporter
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
 from picospec.edge_client.text import encode_messages, encode_prompt
 from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
+from picospec.shared.connection import ConnectionSettingsError
 from picospec.shared.models import LoadedModel, ModelError, load_model
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.stats import GenerationStats
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     api_key = args.api_key or os.environ.get("PICOSPEC_API_KEY") or None
     try:
         asyncio.run(serve(config, args.host, args.port, api_key, args.log_level))
-    except (EdgeError, ModelError, OSError) as e:
+    except (EdgeError, ModelError, OSError, ConnectionSettingsError) as e:
         sys.exit(f"picospec-edge serve: {e}")
     except KeyboardInterrupt:
         pass
