@@ -115,8 +115,13 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                         log.info("session %s finished (%s) after %d tokens", sid, spec.state.finished.value,
                                  len(spec.state.generated))
                 except asyncio.CancelledError:
-                    # the edge closed the call, or its connection was dropped (silent past --peer-timeout-s)
-                    log.info("session %s ended by the edge's side after %d tokens", sid, len(spec.state.generated))
+                    # the edge closed the call (after the end, or to stop early), or its connection was dropped
+                    # (silent past --peer-timeout-s)
+                    if spec.state.finished is not None:
+                        log.info("session %s finished (%s) after %d tokens", sid, spec.state.finished.value,
+                                 len(spec.state.generated))
+                    else:
+                        log.info("session %s ended by the edge's side after %d tokens", sid, len(spec.state.generated))
                     raise
                 finally:
                     await self._record(session)
