@@ -195,18 +195,7 @@ if [ -n "$SHAPING" ]; then
     --expect-up-mbit "$RATE_MBIT" --expect-down-mbit "$RATE_MBIT" >"$WORK/measure.out" 2>"$WORK/measure.err" \
     || { cat "$WORK/measure.err"; die "the measurement failed"; }
   grep -h "method=" "$WORK/measure.err" | sed 's/^/docker_test: edge /' || true
-  if $PY - "$WORK/measure.out" "$RTT_MS" "$RATE_MBIT" "$TOL" <<'EOF'
-import json, sys
-m = json.loads([l for l in open(sys.argv[1]) if l.startswith("{")][-1])
-rtt, rate, tol = map(float, sys.argv[2:5])
-checks = [("rtt_ms", m["rtt_ms"], rtt), ("up_mbit", m["up_mbit"], rate), ("down_mbit", m["down_mbit"], rate)]
-bad = 0
-for name, got, want in checks:
-    ok = abs(got - want) <= tol * want
-    bad += not ok
-    print(f"docker_test: {name}: measured {got:.2f}, configured {want:g} ({'ok' if ok else 'OUT OF RANGE'}, tolerance {tol:.0%})")
-sys.exit(1 if bad else 0)
-EOF
+  if $PY ci/checks.py link "$WORK/measure.out" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" --tol "$TOL" --prefix docker_test
   then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
 fi
 
@@ -216,24 +205,7 @@ say "generation across the link: cloud, sync, pipeline ($(elapsed))"
 timeout 600 "${DC[@]}" run --rm -T edge picospec-edge --server cloud:50051 --draft "$DRAFT" --threads 1 \
   --prompt "$PICOSPEC_PROMPT" --max-new-tokens "$N_NEW" --temperature 0 --mode cloud,sync,pipeline --decode-ahead off --json \
   >"$WORK/edge.out" 2>"$WORK/edge.err" || { tail -20 "$WORK/edge.err"; die "picospec-edge failed"; }
-if $PY - "$WORK/edge.out" "$ACCEPT_FLOOR" <<'EOF'
-import json, sys
-runs = {o["mode"]: o for o in (json.loads(l) for l in open(sys.argv[1]) if l.startswith("{"))}
-floor = float(sys.argv[2])
-ref = runs["cloud"]["token_ids"]
-bad = not ref
-for mode in ("sync", "pipeline"):
-    same = runs[mode]["token_ids"] == ref
-    st = runs[mode]["stats"]
-    acceptance = st["acceptance_rate"] or 0.0
-    speculated = st["rounds"] > 0 and acceptance >= floor
-    bad += (not same) + (not speculated)
-    print(f"docker_test: {mode}: {len(runs[mode]['token_ids'])} tokens, {'equal to' if same else 'DIFFERENT FROM'} the "
-          f"target's own greedy (cloud mode); {st['wall_s']:.2f} s, {st['rounds']} rounds, acceptance {acceptance:.2f} "
-          f"({'ok' if speculated else 'NO SPECULATION'}: needs rounds > 0 and acceptance >= {floor})")
-print(f"docker_test: text: {runs['cloud']['text']!r}")
-sys.exit(1 if bad else 0)
-EOF
+if $PY ci/checks.py greedy "$WORK/edge.out" --speculated sync,pipeline --floor "$ACCEPT_FLOOR" --prefix docker_test
 then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
 
 say "demo: docker-compose up --exit-code-from edge ($(elapsed))"
