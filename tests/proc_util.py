@@ -1,11 +1,18 @@
 """Reading a subprocess's output with a deadline that holds (tests that start servers and wait for a marker)."""
 from __future__ import annotations
 
+import contextlib
 import queue
+import re
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from typing import Iterator
+
+CLOUD_START_S = 300.0  # a cold start imports torch and transformers and loads the model: longer on a loaded machine
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> tuple[list[str], bool]:
@@ -49,3 +56,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cloud_process(target: str, *args: str, start_s: float = CLOUD_START_S) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A real `picospec-cloud` (the console script beside this interpreter) on 127.0.0.1 and an OS-chosen port:
+    (process, "127.0.0.1:PORT", read from its "serving" line, with a deadline). Killed on exit."""
+    import pytest
+
+    cmd = [str(Path(sys.executable).parent / "picospec-cloud"), "--target", target, "--host", "127.0.0.1",
+           "--port", "0", "--threads", "1", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, ok = read_until(proc, "serving", start_s)
+        if not ok:
+            pytest.fail(f"cloud did not print 'serving' within {start_s:.0f} s (or exited):\n" + "".join(lines))
+        yield proc, re.search(r" on (\S+:\d+)$", lines[-1].strip()).group(1)
+    finally:
+        proc.kill()  # a test may have killed it already
+        proc.wait(timeout=15)

@@ -21,10 +21,9 @@ from picospec.edge_client.client import EdgeClient, EdgeError
 from picospec.edge_client.text import encode_messages
 from picospec.shared.config import EdgeConfig
 from picospec.shared.models import load_model
-from tests.proc_util import free_port, read_until
+from tests.proc_util import cloud_process
 
 BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 300
 TARGET = "smollm2-135m-instruct"
 
 
@@ -164,20 +163,8 @@ def test_sigint_cancels_the_foreground_task_only():
 @pytest.fixture(scope="module")
 def cloud():
     # one session at a time: a session the chat failed to free would refuse the next turn
-    port = free_port()
-    proc = subprocess.Popen(
-        [BIN / "picospec-cloud", "--target", TARGET, "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
-         "--max-sessions", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines, ok = read_until(proc, "serving", START_TIMEOUT_S)
-    if not ok:
-        proc.kill()
-        proc.wait(timeout=15)
-        pytest.fail(f"cloud did not print 'serving' within {START_TIMEOUT_S} s (or exited):\n" + "".join(lines))
-    yield proc, f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=15)
+    with cloud_process(TARGET, "--max-sessions", "1") as started:
+        yield started
 
 
 class Terminal:

@@ -9,28 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.proc_util import free_port, read_until
+from tests.proc_util import cloud_process
 
 BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
 def cloud():
-    port = free_port()
-    proc = subprocess.Popen(
-        [BIN / "picospec-cloud", "--target", "smollm2-135m-instruct", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    # a deadline that holds: a cloud that hangs silently fails the test after START_TIMEOUT_S instead of hanging it
-    lines, ok = read_until(proc, "serving", START_TIMEOUT_S)
-    if not ok:
-        proc.kill()
-        proc.wait(timeout=15)
-        pytest.fail(f"cloud did not print 'serving' within {START_TIMEOUT_S} s (or exited):\n" + "".join(lines))
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=15)
+    with cloud_process("smollm2-135m-instruct") as (_, address):
+        yield address
 
 
 def _edge(server: str, *args: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import sys
 import time
 from typing import Iterator, Sequence
 
@@ -21,7 +20,7 @@ import torch
 
 from picospec.edge_client.client import CloudLost, EdgeError
 from tests.conftest import edge, run
-from tests.proc_util import read_until
+from tests.proc_util import cloud_process
 
 START_TIMEOUT_S = 120   # a cold start imports torch and transformers: seconds, more on a loaded machine
 DEATH_DEADLINE_S = 20   # how long the edge may take to report the death
@@ -41,19 +40,8 @@ def greedy_reference(model, prompt_ids: Sequence[int], n: int) -> list[int]:
 @pytest.fixture
 def cloud() -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A tiny-random cloud on an OS-chosen port; its address is read from its "serving" line, with a deadline."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "picospec.cloud_server.cli", "--target", "tiny-random", "--host", "127.0.0.1",
-         "--port", "0", "--threads", "1", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        lines, ok = read_until(proc, "serving", START_TIMEOUT_S)
-        if not ok:
-            pytest.fail(f"cloud did not print 'serving' within {START_TIMEOUT_S} s (or exited):\n" + "".join(lines))
-        yield proc, re.search(r" on (\S+:\d+)$", lines[-1].strip()).group(1)
-    finally:
-        proc.kill()  # the test kills it first; this covers a test that failed before it could
-        proc.wait(timeout=15)
+    with cloud_process("tiny-random", "--log-level", "WARNING", start_s=START_TIMEOUT_S) as started:
+        yield started  # the test kills it first; cloud_process covers a test that failed before it could
 
 
 async def tokens_until_death(gen, proc: subprocess.Popen[str]) -> tuple[list[int], BaseException | None, float]:

@@ -22,7 +22,19 @@ PROMPTS = [
 skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
 
+_REFERENCES: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
+
+
 def _reference(target, prompt_ids, n):
+    """The target's own greedy continuation, computed once per (model, prompt, length) for the whole module: eleven
+    tests share three prompts, and transformers' generate is the slow part of each."""
+    key = (target.name, tuple(prompt_ids), n)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _generate_reference(target, prompt_ids, n)
+    return _REFERENCES[key]
+
+
+def _generate_reference(target, prompt_ids, n):
     with torch.inference_mode():
         out = target.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n,
                                     eos_token_id=sorted(eos_token_ids(target.model, target.tokenizer)),
