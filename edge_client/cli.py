@@ -46,7 +46,7 @@ MODE_MEANINGS = {
     "edge": "the draft alone on the edge: fast, not the target's output",
     "sync": "speculation, stop and wait: draft a batch, wait for the cloud's verdict, repeat",
     "early-exit": "stop and wait, plus pre-drafting from the cloud's early-exit hints (the second paper's system)",
-    "pipeline": "ours: keeps drafting while batches are in flight; the cloud decodes ahead while it waits",
+    "pipeline": "ours: keeps drafting while batches are in flight (with decode-ahead, the cloud decodes while idle)",
     "picospec": "the PicoSpec paper's configuration (pipeline, split-topk K=10, 4 drafts per batch)",
 }
 
