@@ -20,6 +20,7 @@ from picospec.shared.protocol import ProtocolError
 from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
+from picospec.shared.verify import gumbel_argmax
 
 log = logging.getLogger("picospec.cloud")
 
@@ -109,6 +110,8 @@ class TargetCache:
         """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
         t0 = time.perf_counter()
         p = process_logits(self.backend.logits_at(committed, len(committed) - 1), self.params)[0]
+        if self.scheme is not None and self.scheme.own_token_is_verdicts:  # coupled: the Gumbel-max token a pass emits
+            return gumbel_argmax(p, self.params.seed, len(committed)), time.perf_counter() - t0
         return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0
 
     def settle(self, committed_len: int) -> None:

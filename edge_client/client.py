@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
@@ -20,11 +22,12 @@ import grpc
 
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.policy import plan_session
+from picospec.edge_client.resume import finished_before_break, gave_up_message, resume_plan
 from picospec.edge_client.session import EdgeSession
 from picospec.edge_client.text import TextStream
 from picospec.edge_client.waiting import WaitProgress
-from picospec.edge_client.transport import (CloudLost, EdgeError, EdgeHooks, StreamTransport, call_error, open_channel,
-                                            wait_for_cloud, wire_size)
+from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
+                                            call_error, open_channel, wait_for_cloud, wire_size)
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
 from picospec.shared.connection import token_metadata
 from picospec.shared.fingerprint import Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint
@@ -38,6 +41,7 @@ from picospec.shared.stats import GenerationStats
 
 __all__ = ["CloudLost", "EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
 T = TypeVar("T")
+Piece = Callable[..., AsyncIterator[list[int]]]  # piece(prompt_ids, cfg=...): one session's committed tokens
 
 
 class Generation:
@@ -194,11 +198,56 @@ class EdgeClient:
             raise ValueError(f"unknown verify mode {cfg.verify!r}; choose from {', '.join(VERIFY_MODES)}")
         stats = GenerationStats(mode=mode, verify_mode=cfg.verify if speculative else None, prompt_tokens=len(prompt_ids),
                                 exact=mode == "cloud" or (speculative and scheme(cfg.verify).exact))
-        if mode in SPECULATIVE_MODES:
-            sessions: list = []
-            return Generation(self._speculate(list(prompt_ids), params, cfg, stats, mode, sessions), stats, text, sessions)
-        run = {"cloud": self._cloud, "edge": self._edge}[mode]
-        return Generation(run(list(prompt_ids), params, cfg, stats), stats, text)
+        if mode == "edge":
+            return Generation(self._edge(list(prompt_ids), params, cfg, stats), stats, text)
+        sessions: list = []
+        if mode == "cloud":
+            piece = functools.partial(self._cloud, params=params, stats=stats)
+        else:
+            piece = functools.partial(self._speculate, params=params, stats=stats, mode=mode, session_box=sessions)
+        return Generation(self._resuming(piece, list(prompt_ids), cfg, stats), stats, text, sessions)
+
+    # ---- resume (edge_client/resume.py) ---------------------------------------------------------
+    async def _resuming(self, piece: Piece, prompt: list[int], cfg: EdgeConfig,
+                        stats: GenerationStats) -> AsyncIterator[list[int]]:
+        """Run the generation as pieces: when the connection breaks (CloudLost), reconnect for up to --reconnect-s
+        and go on from the tokens already yielded with the remaining budget. Other failures end it."""
+        committed: list[int] = []
+        lost_at: float | None = None  # when the current outage began
+        while True:
+            piece_prompt, remaining = resume_plan(prompt, committed, cfg.max_new_tokens)
+            try:
+                async with contextlib.aclosing(piece(piece_prompt, cfg=dataclasses.replace(cfg, max_new_tokens=remaining))) as chunks:
+                    async for tokens in chunks:
+                        self._recovered(stats, lost_at)
+                        lost_at = None
+                        committed += tokens
+                        yield tokens
+                self._recovered(stats, lost_at)
+                return
+            except CloudLost as lost:
+                if cfg.reconnect_s <= 0:
+                    raise
+                if finished_before_break(stats.finish_reason):
+                    self._recovered(stats, lost_at)
+                    return
+                stats.drop_tail(stats.generated - len(committed))  # committed there, never yielded: made again
+                lost_at = lost_at if lost_at is not None else time.perf_counter()
+                await self._reconnect(lost, cfg.reconnect_s - (time.perf_counter() - lost_at), cfg, len(committed))
+                stats.reconnects += 1
+
+    @staticmethod
+    def _recovered(stats: GenerationStats, lost_at: float | None) -> None:
+        """Count the time lost to an outage once the first token (or the end) after it arrived."""
+        if lost_at is not None:
+            stats.reconnect_s += time.perf_counter() - lost_at
+
+    async def _reconnect(self, lost: CloudLost, budget_s: float, cfg: EdgeConfig, committed: int) -> None:
+        try:
+            await self.connect(wait_s=max(0.0, budget_s))
+        except CloudUnreachable as e:
+            raise CloudLost(gave_up_message(self.config.server, cfg.reconnect_s, str(lost), e.progress, committed),
+                            lost.status) from None
 
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:

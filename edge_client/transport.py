@@ -50,6 +50,14 @@ class CloudLost(EdgeError):
     tokens already yielded stand: each was committed by both sides before it was yielded."""
 
 
+class CloudUnreachable(EdgeError):
+    """The cloud did not answer within the wait's budget (wait_for_cloud gave up); `progress` says how it went."""
+
+    def __init__(self, message: str, progress: WaitProgress) -> None:
+        super().__init__(message)
+        self.progress = progress
+
+
 def went_silent(e: grpc.aio.AioRpcError) -> bool:
     """Whether gRPC dropped the connection because the peer stopped answering keepalive pings."""
     details = (e.details() or "").lower()
@@ -143,7 +151,7 @@ async def wait_for_cloud(stub: pb_grpc.PicoSpecStub, server: str, budget_s: floa
                                 f"not trust (deploy/tls.md); last error: {last_error}", e.code().name) from None
         progress = WaitProgress(server, attempts, time.monotonic() - started, last_error)
         if progress.elapsed_s >= budget_s:
-            raise EdgeError(progress.give_up_message())
+            raise CloudUnreachable(progress.give_up_message(), progress)
         if on_retry is not None:
             on_retry(progress)
         await asyncio.sleep(min(retry_delay_s(attempts), budget_s - progress.elapsed_s))

@@ -117,6 +117,8 @@ class EdgeConfig:
                      "flags show in `ps`)", secret=True)
     peer_timeout_s: float = opt(5.0, PEER_TIMEOUT_HELP)
     wait_ready_s: float = opt(60.0, "seconds to wait for the cloud to come up, retrying and saying so on stderr")
+    reconnect_s: float = opt(30.0, "when the connection breaks mid-generation, seconds to keep reconnecting (with "
+                             "backoff) and resume from the tokens already committed; 0 = never resume, fail at once")
     timeout_s: float = opt(0.0, "deadline for one generation, seconds; 0 = scaled to the work: "
                            "60 s + --timeout-per-token-s x max_new_tokens + 0.05 s per prompt token")
     timeout_per_token_s: float = opt(2.0, "with --timeout-s 0: seconds allowed per token asked for (a 1.5B target "

@@ -56,6 +56,8 @@ class GenerationStats:
     drafter: Any = field(default=None, repr=False)  # the session's drafter (tests inspect its cache)
     accept_hist: Counter = field(default_factory=Counter)  # tokens committed per round -> count
     token_times: list[float] = field(default_factory=list)  # perf_counter at each commit, one per token
+    reconnects: int = 0         # times the generation resumed after the connection broke (edge_client/resume.py)
+    reconnect_s: float = 0.0    # time lost to those: from each break to the first token (or the end) after it
 
     def on_tokens(self, n: int) -> None:
         now = time.perf_counter()
@@ -141,5 +143,7 @@ class GenerationStats:
             "estimates": self.estimates.to_dict(),
             "edge_compute_s": self.draft_s + self.prefill_edge_s,
             "cloud_compute_s": self.cloud_s + self.prefill_cloud_s,
+            "reconnects": self.reconnects,
+            "reconnect_s": self.reconnect_s,
         }
         return d

@@ -59,13 +59,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cloud_process(target: str, *args: str, start_s: float = CLOUD_START_S) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A real `picospec-cloud` (the console script beside this interpreter) on 127.0.0.1 and an OS-chosen port:
-    (process, "127.0.0.1:PORT", read from its "serving" line, with a deadline). Killed on exit."""
+def cloud_process(target: str, *args: str, start_s: float = CLOUD_START_S,
+                  port: int = 0) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A real `picospec-cloud` (the console script beside this interpreter) on 127.0.0.1 and `port` (0: one the OS
+    chooses): (process, "127.0.0.1:PORT", read from its "serving" line, with a deadline). Killed on exit."""
     import pytest
 
     cmd = [str(Path(sys.executable).parent / "picospec-cloud"), "--target", target, "--host", "127.0.0.1",
-           "--port", "0", "--threads", "1", *args]
+           "--port", str(port), "--threads", "1", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines, ok = read_until(proc, "serving", start_s)

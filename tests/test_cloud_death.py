@@ -64,13 +64,17 @@ async def tokens_until_death(gen, proc: subprocess.Popen[str]) -> tuple[list[int
         return got, e, time.monotonic() - killed_at
 
 
-@pytest.mark.parametrize("mode", ["pipeline", "sync"])
-def test_cloud_killed_mid_stream_is_a_clear_error_and_the_client_survives(tiny_target, tiny_draft, cloud, mode):
+@pytest.mark.parametrize("mode,resume_s", [("pipeline", 0.0), ("sync", 1.5)])
+def test_cloud_killed_mid_stream_is_a_clear_error_and_the_client_survives(tiny_target, tiny_draft, cloud, mode,
+                                                                          resume_s):
+    """--reconnect-s 0: no resume, the break is the error at once; 1.5: the edge tries to resume for 1.5 s, then
+    gives up naming the server, its attempts and the last error (tests/test_resume.py: a cloud that comes back)."""
     proc, address = cloud
     prompt = list(tiny_target.tokenizer("hello world")["input_ids"])
 
     async def scenario():
-        async with edge(address, tiny_draft, max_new_tokens=4000, ignore_eos=True, wait_ready_s=STEP_S) as client:
+        async with edge(address, tiny_draft, max_new_tokens=4000, ignore_eos=True, wait_ready_s=STEP_S,
+                        reconnect_s=resume_s) as client:
             got, error, took = await tokens_until_death(client.generate(prompt, mode=mode), proc)
             alone = await asyncio.wait_for(client.generate(prompt, mode="edge", max_new_tokens=4).collect(), STEP_S)
             t0 = time.monotonic()
@@ -84,5 +88,8 @@ def test_cloud_killed_mid_stream_is_a_clear_error_and_the_client_survives(tiny_t
     assert isinstance(error, CloudLost), f"{type(error).__name__}: {error}"
     assert f"lost the connection to the cloud at {address}" in str(error) and "UNAVAILABLE" in str(error)
     assert took < DEATH_DEADLINE_S
+    if resume_s:
+        assert "could not resume within --reconnect-s 1.5 s (" in str(error) and "attempts; last error:" in str(error)
+        assert resume_s <= took < resume_s + 6
     assert len(got) >= TOKENS_BEFORE_KILL and got == greedy_reference(tiny_target, prompt, len(got))
     assert len(alone) == 4 and reconnect_s < 10
