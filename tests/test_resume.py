@@ -17,7 +17,7 @@ import pytest
 
 from picospec.edge_client.resume import finished_before_break, gave_up_message, resume_plan
 from picospec.edge_client.waiting import WaitProgress
-from tests.conftest import edge, run
+from tests.conftest import edge, run, serving
 from tests.proc_util import cloud_process, free_port
 
 START_TIMEOUT_S = 120
@@ -122,3 +122,53 @@ def test_killed_cloud_restarted_the_edge_resumes_exactly(tiny_target, tiny_draft
     d = stats.to_dict()
     assert d["generated_tokens"] == NEW_TOKENS and d["finish_reason"] == "length"
     assert d["reconnects"] == 1 and 0 < d["reconnect_s"] < recovered_s + 1
+
+
+# The resume property without a kill, in process: a session started from the prompt plus the tokens of the first
+# verdicts, with the rest of the budget, makes exactly the uninterrupted run's remaining tokens. Every mode whose run
+# is a function of the seed alone (edge_client/resume.py); pipeline with dense or split-exact under sampling is not
+# (its batch boundaries follow timings), so only greedy there.
+SPLICE_CASES = [  # mode, verify, temperature
+    ("sync", "dense", 1.0), ("sync", "split-exact", 1.0), ("sync", "coupled", 1.0),
+    ("early-exit", "dense", 1.0), ("pipeline", "coupled", 1.0), ("pipeline", "split-exact", 0.0),
+    ("cloud", "dense", 1.0),
+]
+
+
+@pytest.mark.parametrize("mode,verify,temperature", SPLICE_CASES)
+def test_a_session_from_the_committed_tokens_continues_the_uninterrupted_run(tiny_target, tiny_draft, mode, verify,
+                                                                             temperature):
+    prompt = list(tiny_target.tokenizer("hello world")["input_ids"])
+    kw = dict(mode=mode, verify=verify, temperature=temperature, seed=99, ignore_eos=True)
+
+    async def scenario():
+        async with serving(tiny_target) as (_, address), edge(address, tiny_draft) as client:
+            chunks = [c async for c in client.generate(prompt, max_new_tokens=NEW_TOKENS // 2, **kw)]
+            whole = [t for c in chunks for t in c]
+            tails = []
+            for cut in (1, 3, len(chunks) // 2):  # after that many verdicts
+                done = [t for c in chunks[:cut] for t in c]
+                tail = await client.generate(prompt + done, max_new_tokens=len(whole) - len(done), **kw).collect()
+                tails.append((done, tail))
+            return whole, tails
+
+    whole, tails = run(scenario())
+    assert len(whole) == NEW_TOKENS // 2
+    for done, tail in tails:
+        assert done + tail == whole, f"resumed after {len(done)} tokens"
+
+
+def test_coupled_emits_the_targets_gumbel_max_tokens_in_every_mode_decode_ahead_included(tiny_target, tiny_draft):
+    """What makes pipeline/coupled resumable: its decode-ahead tokens are the Gumbel-max tokens a pass would emit
+    (not TARGET-coin samples), so the output is a function of the seed whatever the timing: the same as sync's."""
+    prompt = list(tiny_target.tokenizer("hello world")["input_ids"])
+    kw = dict(verify="coupled", temperature=1.0, seed=99, ignore_eos=True, max_new_tokens=NEW_TOKENS // 2)
+
+    async def scenario():
+        async with serving(tiny_target) as (_, address), edge(address, tiny_draft) as client:
+            sync = await client.generate(prompt, mode="sync", **kw).collect()
+            gen = client.generate(prompt, mode="pipeline", decode_ahead="on", **kw)
+            return sync, await gen.collect(), gen.stats.cloud_tokens
+
+    sync, pipeline, decoded_ahead = run(scenario())
+    assert decoded_ahead > 0 and pipeline == sync
