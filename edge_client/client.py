@@ -216,8 +216,9 @@ class EdgeClient:
         lost_at: float | None = None  # when the current outage began
         while True:
             piece_prompt, remaining = resume_plan(prompt, committed, cfg.max_new_tokens)
+            piece_cfg = dataclasses.replace(cfg, max_new_tokens=remaining)
             try:
-                async with contextlib.aclosing(piece(piece_prompt, cfg=dataclasses.replace(cfg, max_new_tokens=remaining))) as chunks:
+                async with contextlib.aclosing(piece(piece_prompt, cfg=piece_cfg)) as chunks:
                     async for tokens in chunks:
                         self._recovered(stats, lost_at)
                         lost_at = None
@@ -228,7 +229,7 @@ class EdgeClient:
             except CloudLost as lost:
                 if cfg.reconnect_s <= 0:
                     raise
-                if finished_before_break(stats.finish_reason):
+                if finished_before_break(stats.finish_reason) and stats.generated == len(committed):
                     self._recovered(stats, lost_at)
                     return
                 stats.drop_tail(stats.generated - len(committed))  # committed there, never yielded: made again

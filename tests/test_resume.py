@@ -72,7 +72,8 @@ async def next_chunk(gen) -> list[int]:
         pytest.fail(f"no tokens within {STEP_S} s: a hang; state {gen.describe()}")
 
 
-async def killed_and_resumed(client, cloud: RestartableCloud, prompt: list[int], **kw) -> tuple[list[int], object, float]:
+async def killed_and_resumed(client, cloud: RestartableCloud, prompt: list[int],
+                             **kw) -> tuple[list[int], object, float]:
     """Generate; after TOKENS_BEFORE_KILL tokens SIGKILL the cloud and start it again (in a thread, while the edge
     retries); read to the end. Returns the tokens, the stats, and seconds from the kill to the first token after
     the resume."""
