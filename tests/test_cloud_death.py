@@ -1,6 +1,8 @@
 """The cloud process dying mid-generation, as a real `picospec-cloud` process killed with SIGKILL.
 
-What this file proves: the edge fails at once (well inside DEATH_DEADLINE_S, not at its generation deadline) with
+A cloud that comes back is tests/test_resume.py's; here it stays dead. What this file proves: with --reconnect-s 0
+the edge fails at once (with 1.5 s, once those have passed; well inside DEATH_DEADLINE_S, not at its generation
+deadline) with
 `CloudLost`, an `EdgeError` whose message names the cloud's address and says the connection was lost; the tokens
 it yielded before are the target's own greedy tokens (each was committed on both sides before it was yielded);
 and the client stays usable (the draft alone still generates, a reconnect attempt fails fast and clearly) and

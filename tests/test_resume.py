@@ -99,8 +99,7 @@ async def killed_and_resumed(client, cloud: RestartableCloud, prompt: list[int],
 CASES = [  # mode, verify, temperature
     ("pipeline", "dense", 0.0),
     ("sync", "dense", 1.0),
-    ("pipeline", "coupled", 1.0),
-    ("cloud", "dense", 1.0),
+    ("pipeline", "coupled", 1.0),  # cloud mode: the in-process splice test below (each case here is a cold start)
 ]
 
 
@@ -147,7 +146,7 @@ def test_a_session_from_the_committed_tokens_continues_the_uninterrupted_run(tin
             chunks = [c async for c in client.generate(prompt, max_new_tokens=NEW_TOKENS // 2, **kw)]
             whole = [t for c in chunks for t in c]
             tails = []
-            for cut in (1, 3, len(chunks) // 2):  # after that many verdicts
+            for cut in (2, len(chunks) // 2):  # after that many verdicts
                 done = [t for c in chunks[:cut] for t in c]
                 tail = await client.generate(prompt + done, max_new_tokens=len(whole) - len(done), **kw).collect()
                 tails.append((done, tail))
