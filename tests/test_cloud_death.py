@@ -2,8 +2,7 @@
 
 A cloud that comes back is tests/test_resume.py's; here it stays dead. What this file proves: with --reconnect-s 0
 the edge fails at once (with 1.5 s, once those have passed; well inside DEATH_DEADLINE_S, not at its generation
-deadline) with
-`CloudLost`, an `EdgeError` whose message names the cloud's address and says the connection was lost; the tokens
+deadline) with `CloudLost`, an `EdgeError` whose message names the cloud's address and says the connection was lost; the tokens
 it yielded before are the target's own greedy tokens (each was committed on both sides before it was yielded);
 and the client stays usable (the draft alone still generates, a reconnect attempt fails fast and clearly) and
 closes without hanging. The edge is in process, so its state can be inspected; the cloud is a separate process,
