@@ -88,13 +88,13 @@ class Generation:
             raise
         self.text_delta = self._text.push(tokens)
         if self._text.stopped:
-            dropped = len(tokens) - self._text.tokens_kept
             tokens = tokens[: self._text.tokens_kept]
             self._done = True
             await self._it.aclose()             # ends the session: the cloud frees it
             self.stats.finish("stop")
-            self.stats.drop_tail(dropped)
         self.token_ids.extend(tokens)
+        if self._done:  # what the session committed past the stop (in this chunk or while closing) was never given
+            self.stats.drop_tail(self.stats.generated - len(self.token_ids))
         return tokens
 
     async def stream_text(self) -> AsyncIterator[str]:
@@ -244,11 +244,22 @@ class EdgeClient:
             stats.reconnect_s += time.perf_counter() - lost_at
 
     async def _reconnect(self, lost: CloudLost, budget_s: float, cfg: EdgeConfig, committed: int) -> None:
-        try:
-            await self.connect(wait_s=max(0.0, budget_s))
-        except CloudUnreachable as e:
-            raise CloudLost(gave_up_message(self.config.server, cfg.reconnect_s, str(lost), e.progress, committed),
-                            lost.status) from None
+        """Connect again within budget_s. A refusal or failed TLS handshake from a cloud that served this edge a
+        moment ago is taken as the cloud restarting (or frozen with its port open): retried, not final."""
+        deadline = time.perf_counter() + max(0.0, budget_s)
+        while True:
+            try:
+                await self.connect(wait_s=max(0.0, deadline - time.perf_counter()))
+                return
+            except CloudUnreachable as e:
+                raise CloudLost(gave_up_message(self.config.server, cfg.reconnect_s, str(lost), e.progress, committed),
+                                lost.status) from None
+            except EdgeError as e:
+                if time.perf_counter() >= deadline:
+                    raise CloudLost(f"lost the connection to the cloud at {self.config.server} after {committed} "
+                                    f"tokens and could not resume within --reconnect-s {cfg.reconnect_s:g} s: {e}; "
+                                    f"the break: {lost}", lost.status) from None
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.perf_counter())))
 
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:

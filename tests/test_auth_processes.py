@@ -174,7 +174,9 @@ def test_a_frozen_edge_loses_its_session_within_the_peer_timeout(stack, tiny_dra
 
 def test_a_frozen_cloud_is_reported_within_the_peer_timeout(stack, tiny_draft):
     async def scenario() -> tuple[BaseException, float]:
-        async with edge(stack.address, tiny_draft, token=BOB, peer_timeout_s=PEER_TIMEOUT_S, **stack.tls) as client:
+        # reconnect_s=0: the detection itself (a resume would go on waiting for the frozen cloud: test_resume.py)
+        async with edge(stack.address, tiny_draft, token=BOB, peer_timeout_s=PEER_TIMEOUT_S, reconnect_s=0.0,
+                        **stack.tls) as client:
             gen = client.generate([1, 2, 3], mode="pipeline", max_new_tokens=4000, ignore_eos=True)
             got: list[int] = []
             while len(got) < 8:
