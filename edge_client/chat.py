@@ -19,11 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
 
-from picospec.edge_client.cli import CloudWaitReporter
+from picospec.edge_client.cli import CloudWaitReporter, load_draft
 from picospec.edge_client.client import EdgeClient, EdgeError
 from picospec.edge_client.text import encode_messages
 from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
-from picospec.shared.models import LoadedModel, ModelError, load_model
+from picospec.shared.models import LoadedModel, ModelError
 
 T = TypeVar("T")
 Message = dict[str, str]
@@ -287,11 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.mode not in EDGE_MODES:
         sys.exit(f"picospec-edge chat: --mode takes one mode: {', '.join(EDGE_MODES)}")
     try:
-        if config.threads:
-            import torch
-            torch.set_num_threads(config.threads)
         print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-        draft = load_model(config.draft, device=config.device)
+        draft = load_draft(config)
         asyncio.run(chat(config, args, draft))
     except (EdgeError, ModelError, ValueError) as e:
         sys.exit(f"picospec-edge chat: {e}")

@@ -128,14 +128,20 @@ async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
 
 
 def load_draft(config: EdgeConfig) -> Any:
-    """The draft model (torch is imported here, not at start-up); a model that cannot load ends the program."""
+    """The draft model on config.device with config.threads torch threads (torch is imported here, not at start-up,
+    so a front end can say what it is doing first). Used by the CLI, `chat` and `serve`."""
     import torch
 
-    from picospec.shared.models import ModelError, load_model
+    from picospec.shared.models import load_model
     if config.threads:
         torch.set_num_threads(config.threads)
+    return load_model(config.draft, device=config.device)
+
+
+def _load_draft_or_exit(config: EdgeConfig) -> Any:
+    from picospec.shared.models import ModelError
     try:
-        return load_model(config.draft, device=config.device)
+        return load_draft(config)
     except ModelError as e:
         raise SystemExit(f"picospec-edge: {e}") from None
 
@@ -149,7 +155,7 @@ async def draft_and_cloud(config: EdgeConfig, need_cloud: bool = True) -> tuple[
         await asyncio.wait({probe, heard}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         heard.cancel()
     print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-    loading = asyncio.ensure_future(asyncio.to_thread(load_draft, config))
+    loading = asyncio.ensure_future(asyncio.to_thread(_load_draft_or_exit, config))
     pending = {t for t in (probe, loading) if t is not None}
     while pending:
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -40,12 +40,12 @@ except ModuleNotFoundError as e:  # an optional extra: say how to get it
     raise ImportError(f"picospec-edge serve needs the 'serve' extra: pip install 'picospec[serve]' ({e})") from e
 
 from picospec.edge_client import openai_api as api
-from picospec.edge_client.cli import CloudWaitReporter
+from picospec.edge_client.cli import CloudWaitReporter, load_draft
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
 from picospec.edge_client.text import encode_messages, encode_prompt
 from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
 from picospec.shared.connection import ConnectionSettingsError
-from picospec.shared.models import LoadedModel, ModelError, load_model
+from picospec.shared.models import LoadedModel, ModelError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.stats import GenerationStats
 
@@ -476,11 +476,8 @@ def uvicorn_server(app: FastAPI, log_level: str = "info") -> uvicorn.Server:
 
 
 async def serve(config: EdgeConfig, host: str, port: int, api_key: str | None, log_level: str) -> None:
-    if config.threads:
-        import torch
-        torch.set_num_threads(config.threads)
     print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-    draft = load_model(config.draft, device=config.device)
+    draft = load_draft(config)
     client = EdgeClient(request_config(config), draft)
     try:
         info = await client.connect(wait_s=config.wait_ready_s, on_retry=CloudWaitReporter())
