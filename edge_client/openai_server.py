@@ -132,14 +132,17 @@ async def _until_disconnect(receive: Receive) -> None:
 class Job:
     """A request's generation raced against its client's disconnect; `close()` ends it exactly once.
 
-    `reason` is PicoSpec's finish reason, read as the generation ends ("cancelled" if it never ended)."""
+    `reason` is PicoSpec's finish reason ("cancelled" once a generation that never ended is closed)."""
 
     def __init__(self, gen: Generation, receive: Receive, metrics: Metrics, seed: int) -> None:
         self.gen, self.metrics, self.seed = gen, metrics, seed
-        self.reason: str | None = None
         self._ended = False
         self._gone = asyncio.ensure_future(_until_disconnect(receive))
         self._closed = False
+
+    @property
+    def reason(self) -> str | None:
+        return self.gen.stats.finish_reason
 
     async def next_piece(self) -> str | None:
         """The next released text; None at the end. ClientGone if the client left first."""
@@ -159,7 +162,6 @@ class Job:
                 await self.gen.__anext__()
             except StopAsyncIteration:
                 self._ended = True  # the natural end releases what was held (a stop string releases nothing)
-            self.reason = self.reason or self.gen.stats.finish_reason  # no await since the generation set it
             if self.gen.text_delta:
                 return self.gen.text_delta
         return None

@@ -106,7 +106,7 @@ class TextStream:
         return self.released[before:]
 
     def _release(self, text: str, hold: int) -> None:
-        stable = text.rstrip("\ufffd") if text.endswith("\ufffd") else text  # a split UTF-8 sequence waits
+        stable = text.rstrip("\ufffd")  # a split UTF-8 sequence waits for its last byte
         end = min(len(stable), len(text) - hold)
         if end > len(self.released) and text.startswith(self.released):
             self.released = text[:end]
