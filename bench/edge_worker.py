@@ -104,8 +104,8 @@ async def _run_one(client: Any, ids: list[int], req: dict[str, Any]) -> dict[str
     st = gen.stats
     extra = {"draft_s": st.draft_s, "prefill_edge_s": st.prefill_edge_s, "cloud_s": st.cloud_s,
              "prefill_cloud_s": st.prefill_cloud_s,
-             # the cloud's online cost fit (n drafts per pass; 0 = a plain decode step), for fractional draft lengths
-             "verify_at": {str(n): st.estimates.verify(n) for n in range(0, 13)},
+             # the cloud's pass cost per size as measured, read off for every size (n drafts; 0 = a decode step)
+             "verify_at": {str(n): st.estimates.passes(n) for n in range(0, 13)},
              # per-token acceptance as the i.i.d. model of docs/design.md §5 means it: accepted / (accepted + rejections); the
              # stats' acceptance_rate divides by every token sent, counting those after a rejection as failures
              "acceptance_iid": counter.rate, "acceptance_trials": counter.trials}

@@ -88,7 +88,7 @@ def components(rec: dict[str, Any], rtt_s: float, mbit: float | None) -> Compone
     cloud_tokens = st.get("cloud_tokens") or 0
     g = st.get("mean_draft_len")
     t_draft = ex["draft_s"] / made if made else None
-    if cloud_tokens:  # passes of two kinds (verify, decode): the online linear fit separates them
+    if cloud_tokens:  # passes of two kinds (verify, decode): the cost per size tells them apart
         t_decode = interp_cost(ex.get("verify_at"), 0)
         t_verify = (interp_cost(ex.get("verify_at"), g) if g else None) or ex["cloud_s"] / max(1, rounds + cloud_tokens)
     else:

@@ -125,7 +125,8 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> list[dict[str, An
             "tokens": gen,
             "tokens_per_s_median": statistics.median(s["tokens_per_s"] for s in rs),
             "acceptance_rate": accepted / drafted if drafted else None,
-            "mean_accepted_len": gen / rounds if rounds else None,
+            # tokens per round: those the rounds committed (not the first token at once, sent with the prefill)
+            "mean_accepted_len": (gen - sum(s.get("prefill_tokens", 0) for s in rs)) / rounds if rounds else None,
             "bytes_up_per_token": sum(s["bytes_up"] for s in rs) / gen,
             "bytes_down_per_token": sum(s["bytes_down"] for s in rs) / gen,
             "bytes_per_rejection": rej_bytes / rej if rej else None,

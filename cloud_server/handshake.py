@@ -44,6 +44,7 @@ class SessionSpec:
     exit_layer: int          # 0 = no early-exit hints
     exit_threshold: float
     decode_ahead: bool
+    first_token: bool        # decode the first token with the prefill and send it in Ready
 
 
 def validate_hello(hello: pb.Hello, limits: CloudConfig, target: TargetInfo, *, speculative: bool) -> SessionSpec:
@@ -71,7 +72,8 @@ def validate_hello(hello: pb.Hello, limits: CloudConfig, target: TargetInfo, *, 
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
     return SessionSpec(state, params, hello.verify_mode if speculative else "",
                        hello.residual_top_k or limits.residual_top_k, hello.tail_samples or limits.tail_samples,
-                       hello.exit_layer, hello.exit_threshold, hello.decode_ahead and speculative)
+                       hello.exit_layer, hello.exit_threshold, hello.decode_ahead and speculative,
+                       hello.first_token and speculative)
 
 
 def _check_compatible(hello: pb.Hello, limits: CloudConfig, target: TargetInfo, *, speculative: bool) -> None:

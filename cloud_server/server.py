@@ -103,12 +103,12 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                     spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold)
                 session = CloudSession(sid, spec, cache, self.worker, self.config, self.info.vocab_size, self.hooks)
                 try:
-                    prefill_s = await session.prefill()
+                    prefill_s, first_token = await session.prefill(spec.first_token)
                     log.info("session %s: %d prompt tokens, mode %s%s, prefill %.3fs", sid, len(spec.state.prompt_ids),
                              spec.verify_mode, " + decode-ahead" if spec.decode_ahead else "", prefill_s)
                     yield await self._sending(pb.CloudMessage(ready=pb.Ready(
                         session_id=sid, target_model=self.config.target, prompt_len=len(spec.state.prompt_ids),
-                        prefill_s=prefill_s, eos_token_ids=sorted(spec.state.eos_ids))))
+                        prefill_s=prefill_s, eos_token_ids=sorted(spec.state.eos_ids), first_token=first_token)))
                     async for msg in session.stream(request_iterator):
                         yield await self._sending(msg)
                     if spec.state.finished is not None:

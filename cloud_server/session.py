@@ -70,8 +70,13 @@ class CloudSession:
         self.idle_s = 0.0  # time with nothing to do since the last verdict: the pipeline bubble
         self.waiting_for: str | None = None  # what the verifier waits for from the edge, while it waits
 
-    async def prefill(self) -> float:
-        return await self.worker.run(self.cache.prefill, list(self.state.tokens))
+    async def prefill(self, first_token: bool) -> tuple[float, int | None]:
+        """Cache the prompt; with `first_token`, also decode and commit the first token in the same pass."""
+        if not first_token:
+            return await self.worker.run(self.cache.prefill, list(self.state.tokens)), None
+        token, seconds = await self.worker.run(self.cache.prefill_with_first_token, list(self.state.tokens))
+        self.queue.commit_own(token)
+        return seconds, token
 
     async def stream(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
         reader = asyncio.create_task(self._guard(self._read(request_iterator), reader=True))

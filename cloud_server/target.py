@@ -67,6 +67,12 @@ class TargetCache:
             self.backend.forward(prompt[:-1], num_logits=1)
         return time.perf_counter() - t0
 
+    def prefill_with_first_token(self, prompt: list[int]) -> tuple[int, float]:
+        """The first token at once: the whole prompt cached and the first token decoded from its last position, in
+        one pass; the cache then holds the committed tokens but the newest, as `settle` leaves it."""
+        self.backend.reset()
+        return self.decode_next(prompt)
+
     def check_resolved(self, token: int) -> None:
         """Split modes: the edge's correction must come from what we sent (top-K or tail draws)."""
         if self.open_rejection is None:

@@ -183,15 +183,21 @@ class EdgeClient:
         )
 
     def generate(self, prompt_ids: Sequence[int], *, mode: str | None = None, stop: Sequence[str] = (),
-                 **overrides: object) -> Generation:
+                 resume_from: Sequence[int] = (), **overrides: object) -> Generation:
         """Start a generation. `stop`: stop strings (edge_client/text.py); `overrides` replace EdgeConfig fields for
-        this call (e.g. temperature=0.7)."""
+        this call (e.g. temperature=0.7). `resume_from`: tokens this generation already produced (kept by the
+        caller from an earlier, interrupted run with the same settings): it goes on from them exactly as the
+        uninterrupted run would have (edge_client/resume.py), yields only the tokens after them, and
+        `max_new_tokens` counts them. Stop strings are looked for in the new text only."""
         text = TextStream(self.draft.tokenizer, stop)
         cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
         mode = mode or cfg.mode
         if mode not in EDGE_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(EDGE_MODES)}")
         cfg = with_mode_preset(mode, cfg)
+        if len(resume_from) >= cfg.max_new_tokens:
+            raise ValueError(f"resume_from holds {len(resume_from)} tokens: nothing left of max_new_tokens "
+                             f"{cfg.max_new_tokens}")
         params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
         speculative = mode in SPECULATIVE_MODES
         if speculative and cfg.verify not in VERIFY_MODES:
@@ -199,20 +205,23 @@ class EdgeClient:
         stats = GenerationStats(mode=mode, verify_mode=cfg.verify if speculative else None, prompt_tokens=len(prompt_ids),
                                 exact=mode == "cloud" or (speculative and scheme(cfg.verify).exact))
         if mode == "edge":
+            if resume_from:
+                raise ValueError("resume_from needs the cloud (the draft alone has nothing to resume exactly)")
             return Generation(self._edge(list(prompt_ids), params, cfg, stats), stats, text)
         sessions: list = []
         if mode == "cloud":
             piece = functools.partial(self._cloud, params=params, stats=stats)
         else:
             piece = functools.partial(self._speculate, params=params, stats=stats, mode=mode, session_box=sessions)
-        return Generation(self._resuming(piece, list(prompt_ids), cfg, stats), stats, text, sessions)
+        return Generation(self._resuming(piece, list(prompt_ids), cfg, stats, list(resume_from)), stats, text, sessions)
 
     # ---- resume (edge_client/resume.py) ---------------------------------------------------------
-    async def _resuming(self, piece: Piece, prompt: list[int], cfg: EdgeConfig,
-                        stats: GenerationStats) -> AsyncIterator[list[int]]:
-        """Run the generation as pieces: when the connection breaks (CloudLost), reconnect for up to --reconnect-s
-        and go on from the tokens already yielded with the remaining budget. Other failures end it."""
-        committed: list[int] = []
+    async def _resuming(self, piece: Piece, prompt: list[int], cfg: EdgeConfig, stats: GenerationStats,
+                        committed: list[int]) -> AsyncIterator[list[int]]:
+        """Run the generation as pieces, the first from `committed` (the caller's resume_from, usually empty): when
+        the connection breaks (CloudLost), reconnect for up to --reconnect-s and go on from the tokens already
+        yielded with the remaining budget. Other failures end it."""
+        resumed_from = len(committed)
         lost_at: float | None = None  # when the current outage began
         while True:
             piece_prompt, remaining = resume_plan(prompt, committed, cfg.max_new_tokens)
@@ -229,10 +238,10 @@ class EdgeClient:
             except CloudLost as lost:
                 if cfg.reconnect_s <= 0:
                     raise
-                if finished_before_break(stats.finish_reason) and stats.generated == len(committed):
+                if finished_before_break(stats.finish_reason) and stats.generated == len(committed) - resumed_from:
                     self._recovered(stats, lost_at)
                     return
-                stats.drop_tail(stats.generated - len(committed))  # committed there, never yielded: made again
+                stats.drop_tail(stats.generated - (len(committed) - resumed_from))  # committed there, never yielded
                 lost_at = lost_at if lost_at is not None else time.perf_counter()
                 await self._reconnect(lost, cfg.reconnect_s - (time.perf_counter() - lost_at), cfg, len(committed))
                 stats.reconnects += 1
@@ -312,6 +321,9 @@ class EdgeClient:
         stats.drafter = drafter
         hello = self._hello(prompt, params, cfg, cfg.verify)
         hello.decode_ahead = plan.decode_ahead
+        # the first token at once, for a fresh generation only: a resumed piece (its prompt holds tokens already
+        # generated) has its first position verified as the broken session would have, with the same coins
+        hello.first_token = len(prompt) == stats.prompt_tokens
         if plan.hints:
             hello.exit_layer, hello.exit_threshold = cfg.exit_layer or info.default_exit_layer, cfg.exit_threshold
             stats.exit_layer = hello.exit_layer

@@ -8,6 +8,7 @@ event loop keeps sending and receiving while the draft model works; the transpor
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from concurrent.futures import Executor
@@ -51,16 +52,24 @@ class EdgeSession:
         self.chunks: collections.deque[list[int]] = collections.deque()  # committed tokens not yet yielded
 
     async def run(self) -> AsyncIterator[list[int]]:
+        prefill: asyncio.Task | None = None
         try:
-            await self._open()
-            while self.state.finished is None:
-                await self._step()
+            prefill = await self._open()
+            while self.chunks:  # the first token at once, whether or not the draft has finished its prefill
+                yield self.chunks.popleft()
+            self.stats.prefill_edge_s += await prefill
+            while True:
                 while self.chunks:
                     yield self.chunks.popleft()
+                if self.state.finished is not None:
+                    break
+                await self._step()
             await self.transport.done_writing()
         except (ProtocolError, PayloadError) as e:
             raise EdgeError(f"protocol error: {e}") from None
         finally:
+            if prefill is not None:
+                prefill.cancel()  # only where the generation ended before the draft's prefill did
             st = self.state
             self.transport.close(cancel=st is None or st.finished is None)
             self.stats.finish(st.finished.value if st and st.finished else "cancelled")
@@ -69,16 +78,32 @@ class EdgeSession:
                 # model thread, after any draft still running there)
                 self.executor.submit(self.drafter.settle, list(st.tokens))
 
-    async def _open(self) -> None:
-        """Hello up; the draft's prefill overlaps the cloud's; then the cloud's Ready."""
+    async def _open(self) -> asyncio.Task:
+        """Hello up, then the cloud's Ready (with the first token, when asked), while the draft prefills alongside:
+        the returned task, which the first draft awaits."""
         await self.transport.send(pb.EdgeMessage(hello=self.hello))
-        self.stats.prefill_edge_s += await self.run_model(self.drafter.prefill, self.prompt)
+        prefill = asyncio.ensure_future(self.run_model(self.drafter.prefill, self.prompt))
         self.waiting_for = "the cloud's Ready (its prefill)"
-        ready = (await self.transport.next("ready")).ready
+        try:
+            self._ready((await self.transport.next("ready")).ready)
+        except BaseException:
+            prefill.cancel()
+            raise
+        return prefill
+
+    def _ready(self, ready: pb.Ready) -> None:
+        """The session's state from the cloud's Ready; its first token, if any, committed and queued for the user."""
         self.stats.prefill_cloud_s += ready.prefill_s
         self.state = SessionState(self.prompt, self.hello.max_new_tokens, frozenset(ready.eos_token_ids),
                                   self.drafter.vocab_size)
         self.chain = EdgeChain(self.state)
+        if ready.HasField("first_token"):  # the first token at once: drafting starts from it
+            if not self.hello.first_token:
+                raise ProtocolError("the cloud sent a first token this edge did not ask for")
+            c = self.state.commit((), 0, ready.first_token, rejected=False)
+            self.stats.prefill_tokens += len(c.new_tokens)
+            self.stats.on_tokens(len(c.new_tokens))
+            self.chunks.append(list(c.new_tokens))
 
     async def _step(self) -> None:
         await self._drain()
@@ -116,13 +141,17 @@ class EdgeSession:
     def _choose_draft_len(self) -> int:
         if self.plan.fixed is not None:
             return self.plan.fixed
-        g = choose_draft_len(self.stats.estimates, self.plan.g_cap, pipelined=self.plan.pipelined,
-                             allow_zero=self.plan.decode_ahead, default=4)
+        est = self.stats.estimates
+        choice = choose_draft_len(est, self.plan.g_cap, pipelined=self.plan.pipelined,
+                                  allow_zero=self.plan.decode_ahead, default=4)
+        g = choice.g
         steer = getattr(self.hooks, "steer_draft_len", None)
         if steer is not None:  # tests: force a decision (see EdgeHooks)
             g = steer(g, self.state.awaiting_resolution)
         g = g if self.plan.decode_ahead else max(g, 1)  # length 0 leaves the decoding to the cloud: only with decode-ahead
         self.stats.draft_len_choices[g] += 1
+        est.last_choice = {"g": g, "modelled_tokens_per_s": choice.rate, "best_speculative": choice.best_speculative,
+                           "decode_alone": choice.decode_alone}
         return g
 
     async def _drain(self) -> None:
@@ -139,14 +168,15 @@ class EdgeSession:
         await self._drain()
         if self.state.finished is not None:
             return
-        made = ChainToken(d.token_ids[0], d.q[0])
+        made = ChainToken(d.token_ids[0], d.q[0], confidence=float(d.q[0].max()))
         if self.hints.add(made, context):
             return  # ahead of the verdict, from the hint's context
         if self.chain.tokens != context:
             self.stats.wasted_draft += 1
             return  # the chain moved under us: this draft continues a dead context
         self.chain.chain.append(made)
-        if self.plan.confidence and float(d.q[0].max()) < self.plan.confidence:
+        # the confidence stop (§4.4): what drafts made this sure were seen to be accepted, not the raw probability
+        if self.plan.confidence and self.stats.estimates.by_confidence.estimate(made.confidence) < self.plan.confidence:
             self.paused = True
 
     async def _send(self) -> None:
@@ -164,10 +194,11 @@ class EdgeSession:
                 self.hints.take(msg.hint, self.chain, self.state)
             return
         v = msg.verdict
+        judged = [c.confidence for c in self.chain.chain[:v.verified]]  # before apply drops them
         a = self.chain.apply(start_pos=v.start_pos, verified=v.verified, accepted=v.accepted,
                              token=v.token if v.HasField("token") else None, rejected=v.rejected,
                              committed_len=v.committed_len, finished=v.finished, epoch=v.epoch)
-        self._account(v, a)
+        self._account(v, a, judged)
         self.paused = False
         if self.state.awaiting_resolution:
             self.chain.resolved = await self._resolve(v, a.rejected_extra)
@@ -177,18 +208,24 @@ class EdgeSession:
         if a.new_tokens:
             self.chunks.append(list(a.new_tokens))
 
-    def _account(self, v: pb.Verdict, a) -> None:
+    def _account(self, v: pb.Verdict, a, judged: list[float | None]) -> None:
+        """Statistics and estimates from one verdict; `judged`: the confidences of the drafts it verified."""
         stats, est = self.stats, self.stats.estimates
         stats.cloud_s += v.verify_s
         stats.bubble_s += v.idle_s
         stats.wasted_draft += a.dropped
-        est.verify.add(v.verified, v.verify_s)
+        if v.verify_s > 0:  # a pass ran (a verdict closing the session on our correction ran none)
+            est.passes.add(v.verified, v.verify_s)
         if v.verified:
             stats.on_round(v.verified, a.accepted, len(a.new_tokens) + self.state.awaiting_resolution)
             for _ in range(a.accepted):
                 est.acceptance.add(1.0)
             if v.rejected:
                 est.acceptance.add(0.0)
+            est.by_depth.add_verdict(a.accepted, v.rejected)
+            for k, conf in enumerate(judged[: a.accepted + v.rejected]):
+                if conf is not None:
+                    est.by_confidence.add(conf, accepted=k < a.accepted)
             self.rtt.on_verified(v.start_pos + v.verified - 1, v.verify_s + v.idle_s, time.perf_counter())
         elif v.HasField("token"):
             stats.cloud_tokens += 1

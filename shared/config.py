@@ -91,7 +91,9 @@ class EdgeConfig:
     tail_samples: int = opt(4, "split-exact: tail draws the cloud sends with each rejection")
     draft_len: int = opt(0, "draft tokens per batch; 0 = chosen online in pipeline mode (docs/design.md §4.4), 4 in sync mode")
     max_draft_len: int = opt(12, "longest draft batch the online choice may pick")
-    draft_confidence: float = opt(0.2, "pipeline: end a batch and wait when the draft's top-1 probability falls below this")
+    draft_confidence: float = opt(0.2, "pipeline: end a batch and wait when the token just drafted is unlikely to be "
+                                  "accepted: the measured acceptance of drafts this sure (its top-1 probability "
+                                  "until measured) below this")
     decode_ahead: str = opt("auto", "pipeline: the cloud decodes on its own when it has nothing to verify "
                             "(auto = with coupled or greedy, where its tokens match the drafts)", choices=("auto", "on", "off"))
     hints: str = opt("auto", "early-exit hints from the cloud's intermediate layer: the edge pre-drafts from the "

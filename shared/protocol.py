@@ -129,6 +129,7 @@ class ChainToken:
     token: int
     extra: Any = None    # what the edge keeps per draft: its q row (all modes need it for a correction)
     sent: bool = False
+    confidence: float | None = None  # the draft's top-1 probability there (the policy's acceptance by confidence)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class GenerationStats:
     residual_bytes: int = 0     # split modes: payload bytes of those corrections (top-K, tail draws)
     tail_requests: int = 0      # split-exact: times the edge asked for more tail draws
     cloud_tokens: int = 0       # pipeline: tokens the cloud decoded on its own (decode-ahead)
+    prefill_tokens: int = 0     # tokens the cloud sent with its Ready: the first token at once (one per session)
     dead_chains: int = 0        # pipeline: draft chains that contradicted a cloud token
     bubble_s: float = 0.0       # pipeline: time the cloud had nothing to verify
     drafted_total: int = 0      # draft tokens made, sent or not
@@ -112,6 +113,7 @@ class GenerationStats:
             "itl_p50_s": _quantile(gaps, 0.5),
             "itl_p95_s": _quantile(gaps, 0.95),
             "rounds": self.rounds,
+            "prefill_tokens": self.prefill_tokens,
             "drafted_tokens": self.drafted,
             "accepted_tokens": self.accepted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,

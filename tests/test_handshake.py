@@ -23,6 +23,12 @@ def hello(**over) -> pb.Hello:
     return pb.Hello(**fields)
 
 
+def test_the_first_token_at_once_is_for_speculate_streams_only():
+    assert validate_hello(hello(first_token=True), LIMITS, TARGET, speculative=True).first_token
+    assert not validate_hello(hello(first_token=True), LIMITS, TARGET, speculative=False).first_token
+    assert not validate_hello(hello(), LIMITS, TARGET, speculative=True).first_token
+
+
 def test_an_acceptable_hello_becomes_a_session_spec():
     spec = validate_hello(hello(residual_top_k=0, decode_ahead=True), LIMITS, TARGET, speculative=True)
     assert spec.state.tokens == [3, 4, 5] and spec.state.eos_ids == {2} and spec.verify_mode == "dense"

@@ -124,8 +124,9 @@ def test_killed_cloud_restarted_the_edge_resumes_exactly(tiny_target, tiny_draft
     assert d["reconnects"] == 1 and 0 < d["reconnect_s"] < recovered_s + 1
 
 
-# The resume property without a kill, in process: a session started from the prompt plus the tokens of the first
-# verdicts, with the rest of the budget, makes exactly the uninterrupted run's remaining tokens. Every mode whose run
+# The resume property without a kill, in process: a generation resumed from the tokens of the first verdicts
+# (`resume_from`: a session from the prompt plus those tokens, with the rest of the budget, and no first token at
+# once) makes exactly the uninterrupted run's remaining tokens. Every mode whose run
 # is a function of the seed alone (edge_client/resume.py); pipeline with dense or split-exact under sampling is not
 # (its batch boundaries follow timings), so only greedy there.
 SPLICE_CASES = [  # mode, verify, temperature
@@ -148,7 +149,7 @@ def test_a_session_from_the_committed_tokens_continues_the_uninterrupted_run(tin
             tails = []
             for cut in (2, len(chunks) // 2):  # after that many verdicts
                 done = [t for c in chunks[:cut] for t in c]
-                tail = await client.generate(prompt + done, max_new_tokens=len(whole) - len(done), **kw).collect()
+                tail = await client.generate(prompt, resume_from=done, max_new_tokens=len(whole), **kw).collect()
                 tails.append((done, tail))
             return whole, tails
 
