@@ -108,6 +108,24 @@ def test_on_partition_is_a_flag_and_an_environment_variable():
         config_from_args(EdgeConfig, p.parse_args([]), environ={"PICOSPEC_ON_PARTITION": "pray"})
 
 
+def test_the_front_ends_show_the_drafts_tokens():
+    """The CLI's table and legend, the chat's footer and the OpenAI server's `timings` carry the partition."""
+    from picospec.edge_client import openai_api
+    from picospec.edge_client.chat import format_footer
+    from picospec.edge_client.cli import format_legend, format_table
+    st = GenerationStats(mode="pipeline", verify_mode="dense", exact=True)
+    st.on_tokens(10)
+    st.on_draft_only(3, 7)
+    st.finish("length")
+    d = st.to_dict()
+    table, legend = format_table([{"mode": "pipeline", "stats": d}]), format_legend([{"mode": "pipeline", "stats": d}])
+    assert "| draft-only tokens (cloud unreachable) | 4 " in table and "APPROXIMATE" in table
+    assert "APPROXIMATE: 4 tokens (positions 3-6) are the draft's own" in legend
+    assert "4 draft-only tokens (cloud unreachable)" in format_footer(d)
+    t = openai_api.timings(d, seed=0)
+    assert (t["exact"], t["draft_only_tokens"], t["draft_only_spans"]) == (False, 4, [[3, 7]]) and t["inexact_reason"]
+
+
 # ---- a real partition ----------------------------------------------------------------------------------------------
 GREEDY = {"mode": "pipeline", "verify": "dense", "temperature": 0.0, "max_new_tokens": MAX_NEW}
 SAMPLED = {"mode": "sync", "verify": "dense", "temperature": 1.0, "seed": 7, "max_new_tokens": MAX_NEW}
