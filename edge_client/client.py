@@ -24,7 +24,8 @@ import grpc
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.policy import plan_session
 from picospec.edge_client.resume import (RejoinState, after_draft_token, break_action, chunk_source,
-                                         finished_before_break, gave_up_message, rejoin_budget_s, resume_plan)
+                                         finished_before_break, gave_up_message, piece_connect_s, rejoin_budget_s,
+                                         resume_plan)
 from picospec.edge_client.session import EdgeSession
 from picospec.edge_client.text import TextStream
 from picospec.edge_client.waiting import WaitProgress
@@ -235,7 +236,8 @@ class EdgeClient:
         lost_at: float | None = None  # when the current outage began
         while True:
             piece_prompt, remaining = resume_plan(prompt, committed, cfg.max_new_tokens)
-            piece_cfg = dataclasses.replace(cfg, max_new_tokens=remaining)
+            piece_cfg = dataclasses.replace(cfg, max_new_tokens=remaining, wait_ready_s=piece_connect_s(
+                cfg.on_partition, cfg.wait_ready_s, lost_at, cfg.reconnect_s, time.perf_counter()))
             try:
                 async with contextlib.aclosing(piece(piece_prompt, cfg=piece_cfg)) as chunks:
                     async for tokens in chunks:
@@ -245,7 +247,9 @@ class EdgeClient:
                         yield tokens
                 self._recovered(stats, lost_at)
                 return
-            except CloudLost as lost:
+            except (CloudLost, CloudUnreachable) as lost:
+                if isinstance(lost, CloudUnreachable) and lost_at is None:
+                    raise  # not up at the start: --wait-ready-s said so; after a break it is the outage going on
                 finished = finished_before_break(stats.finish_reason) and stats.generated == len(committed)
                 action = break_action(cfg.on_partition, cfg.reconnect_s, finished)
                 if action == "fail":
@@ -272,7 +276,7 @@ class EdgeClient:
                     return
             stats.reconnects += 1
 
-    async def _without_cloud(self, lost: CloudLost, prefix: list[int], params: SamplingParams, cfg: EdgeConfig,
+    async def _without_cloud(self, lost: EdgeError, prefix: list[int], params: SamplingParams, cfg: EdgeConfig,
                              stats: GenerationStats, lost_at: float) -> AsyncIterator[list[int]]:
         """The draft alone while the cloud is unreachable (--on-partition edge): `edge` mode's loop from `prefix`
         (prompt + every token so far) with cfg.max_new_tokens left, while a task reconnects for what is left of
@@ -302,7 +306,7 @@ class EdgeClient:
         if lost_at is not None:
             stats.reconnect_s += time.perf_counter() - lost_at
 
-    async def _reconnect(self, lost: CloudLost, budget_s: float, cfg: EdgeConfig, committed: int) -> None:
+    async def _reconnect(self, lost: EdgeError, budget_s: float, cfg: EdgeConfig, committed: int) -> None:
         """Connect again within budget_s. A refusal or failed TLS handshake from a cloud that served this edge a
         moment ago is taken as the cloud restarting (or frozen with its port open): retried, not final."""
         deadline = time.perf_counter() + max(0.0, budget_s)
@@ -322,7 +326,7 @@ class EdgeClient:
 
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
-        await self.connect()
+        await self.connect(wait_s=cfg.wait_ready_s)
         hello = self._hello(prompt, params, cfg, "")
         stats.bytes_up += wire_size(hello)
         call = self._stub.CloudGenerate(hello, timeout=cfg.deadline_s(len(prompt)), metadata=self._metadata)
@@ -364,7 +368,7 @@ class EdgeClient:
     async def _speculate(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats,
                          mode: str, session_box: list) -> AsyncIterator[list[int]]:
         """Speculative decoding (sync, early-exit, pipeline, picospec): one EdgeSession over one Speculate stream."""
-        info = await self.connect()
+        info = await self.connect(wait_s=cfg.wait_ready_s)
         verify_scheme = scheme(cfg.verify)
         plan = plan_session(mode, scheme=verify_scheme, greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,

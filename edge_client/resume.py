@@ -64,6 +64,22 @@ def rejoin_budget_s(reconnect_s: float, lost_at: float, now: float) -> float:
     return max(0.0, reconnect_s - (now - lost_at))
 
 
+REJOIN_CONNECT_S = 2.0  # --on-partition edge: how long a resumed piece may wait for Info, the output standing still
+MIN_CONNECT_S = 1.0     # the least wait for Info a resumed piece gets
+
+
+def piece_connect_s(policy: str, wait_ready_s: float, lost_at: float | None, reconnect_s: float, now: float) -> float:
+    """How long a piece may wait for the cloud before its session opens. The first piece: --wait-ready-s. A piece
+    after a break (the reconnect just succeeded, but the link may have gone again): what is left of the outage's
+    --reconnect-s in `wait` (one outage, one budget), at most REJOIN_CONNECT_S in `edge` (the draft could be making
+    tokens instead); at least MIN_CONNECT_S, so a reconnect that succeeded at the end of the budget is not undone
+    by an Info call too short to answer. Its failure is the same outage going on (EdgeClient._resuming)."""
+    if lost_at is None:
+        return wait_ready_s
+    left = rejoin_budget_s(reconnect_s, lost_at, now)
+    return max(MIN_CONNECT_S, min(left, REJOIN_CONNECT_S) if policy == "edge" else left)
+
+
 def after_draft_token(draft_finished: bool, rejoin: RejoinState) -> DraftStep:
     """After each token the draft made alone: the generation ends when the draft has finished it (its budget spent
     or an end-of-sequence token), else speculation resumes once the background reconnect has connected, else the

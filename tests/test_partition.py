@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from picospec.edge_client.resume import after_draft_token, break_action, chunk_source, rejoin_budget_s
+from picospec.edge_client.resume import (MIN_CONNECT_S, REJOIN_CONNECT_S, after_draft_token, break_action,
+                                         chunk_source, piece_connect_s, rejoin_budget_s)
 from picospec.netlab.netns import Link, shaped_link
 from picospec.netlab.shaping import LinkSpec, netns_usable
 from picospec.shared.config import EdgeConfig, add_config_args, config_from_args
@@ -61,6 +62,14 @@ def test_the_reconnect_budget_counts_from_the_break():
     assert rejoin_budget_s(30.0, lost_at=100.0, now=112.5) == 17.5
     assert rejoin_budget_s(30.0, lost_at=100.0, now=140.0) == 0.0
     assert rejoin_budget_s(0.0, lost_at=100.0, now=100.0) == 0.0
+
+
+def test_a_piece_after_a_break_waits_for_the_cloud_within_the_outages_budget():
+    assert piece_connect_s("wait", 60.0, None, 30.0, now=5.0) == 60.0     # the first piece: --wait-ready-s
+    assert piece_connect_s("edge", 60.0, None, 30.0, now=5.0) == 60.0
+    assert piece_connect_s("wait", 60.0, 100.0, 30.0, now=110.0) == 20.0  # what is left of --reconnect-s
+    assert piece_connect_s("edge", 60.0, 100.0, 30.0, now=110.0) == REJOIN_CONNECT_S  # the draft could go on
+    assert piece_connect_s("wait", 60.0, 100.0, 30.0, now=140.0) == MIN_CONNECT_S
 
 
 def test_after_a_draft_token_the_draft_ends_rejoins_or_goes_on():
