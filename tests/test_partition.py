@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MAX_NEW = 300
 PAUSE_AFTER = 20
-CUT_S = 4.0          # the link is down this long; --peer-timeout-s 2 notices the break within about 2 s of it
-PACE_S = 0.03        # the edge's draft-only tokens come at most this often (a slow device, see partition_edge.py)
+CUT_S = 3.0          # the link is down this long; --peer-timeout-s 2 notices the break within about 2 s of it
+PACE_S = 0.04       # the edge's draft-only tokens come at most this often (a slow device, see partition_edge.py)
 DEADLINE_S = 150.0
 
 
@@ -237,6 +237,7 @@ def test_a_cut_link_wait_resumes_exactly_and_edge_goes_on_with_the_draft(link: L
     t0 = time.monotonic()
     events, cuts = drive(link, edge)
     took = time.monotonic() - t0
+    cloud.kill()  # at once: the link's teardown would give it a graceful stop's seconds
     logs = f"\nedge stderr:\n{edge_log.read_text()[-3000:]}\ncloud:\n{(tmp_path / 'cloud.log').read_text()[-2000:]}"
     assert "" in events and events[""][-1]["event"] == "done", f"the edge did not finish: {dict(events)}{logs}"
     check_wait(events, cuts, logs)
@@ -273,3 +274,33 @@ def check_edge(events: dict[str, list[dict]], cuts: dict[str, tuple[float, float
     print(f"\nedge: {drafted} draft-only tokens in {spans} ({in_cut} while the link was down, {CUT_S:g} s); restore -> "
           f"first cloud token {recover_s:.2f} s; reconnects {st['reconnects']}, without the cloud "
           f"{st['reconnect_s']:.2f} s")
+
+
+def test_edge_policy_the_draft_finishes_when_the_cloud_never_returns(tiny_target, tiny_draft):
+    """The cloud process killed for good: under `edge` the generation still completes, the draft making the rest."""
+    import asyncio
+
+    from tests.conftest import edge, run
+    from tests.proc_util import cloud_process
+
+    prompt = list(tiny_target.tokenizer("hello world")["input_ids"])
+
+    async def scenario(proc: subprocess.Popen[str], address: str) -> tuple[list[int], Any]:
+        async with edge(address, tiny_draft, ignore_eos=True, reconnect_s=1.0, on_partition="edge") as client:
+            gen = client.generate(prompt, mode="pipeline", max_new_tokens=120)
+            got: list[int] = []
+            while len(got) < 8:
+                got += await asyncio.wait_for(gen.__anext__(), 60)
+            proc.kill()
+            proc.wait(timeout=15)
+            await asyncio.wait_for(gen.collect(), 60)  # reads on to the end: gen.token_ids holds every token
+            assert gen.token_ids[:len(got)] == got
+            return gen.token_ids, gen
+
+    with cloud_process("tiny-random", "--log-level", "WARNING") as (proc, address):
+        got, gen = run(scenario(proc, address))
+    d = gen.stats.to_dict()
+    assert len(got) == 120 and d["generated_tokens"] == 120 and d["finish_reason"] == "length", d
+    (start, end), = gen.draft_spans
+    assert 8 <= start and end == 120 and d["draft_only_tokens"] == 120 - start and d["reconnects"] == 0, d
+    assert d["exact"] is False and gen.last_chunk_source == "draft"
