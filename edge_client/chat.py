@@ -48,6 +48,8 @@ def format_footer(stats: dict[str, Any], *, interrupted: bool = False, sep: str 
         parts.append(f"ttft {stats['ttft_s']:.2f} s")
     if stats.get("drafted_tokens"):
         parts.append(f"accepted {stats['accepted_tokens']}/{stats['drafted_tokens']} drafts")
+    if stats.get("draft_only_tokens"):  # --on-partition edge: the cloud was unreachable for a while
+        parts.append(f"{stats['draft_only_tokens']} draft-only tokens (cloud unreachable)")
     if stats.get("bytes_up") or stats.get("bytes_down"):
         parts.append(f"{_size(stats.get('bytes_up', 0))} up {_size(stats.get('bytes_down', 0))} down")
     parts.append("interrupted" if interrupted else stats.get("finish_reason") or "?")

@@ -36,6 +36,8 @@ TABLE_ROWS = [
     ("pipeline bubbles (s)", "pipeline_bubble_s", "{:.2f}"),
     ("mean draft length", "mean_draft_len", "{:.2f}"),
     ("early-exit hint hit rate", "hint_hit_rate", "{:.2f}"),
+    ("draft-only tokens (cloud unreachable)", "draft_only_tokens", "{}"),
+    ("reconnects", "reconnects", "{}"),
     ("finish", "finish_reason", "{}"),
 ]
 
@@ -56,7 +58,8 @@ def format_legend(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         s = r["stats"]
-        exact = "exact (the target's own output law)" if s.get("exact", True) and r["mode"] != "edge" else "APPROXIMATE"
+        exact = ("exact (the target's own output law)" if s.get("exact", True) and r["mode"] != "edge"
+                 else "APPROXIMATE" + (f": {s['inexact_reason']}" if s.get("inexact_reason") else ""))
         verify = f", {s['verify_mode']} verification" if s.get("verify_mode") else ""
         lines.append(f"  {r['mode']}: {MODE_MEANINGS.get(r['mode'], '')}{verify}; {exact}")
     return "columns:\n" + "\n".join(lines)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
@@ -22,7 +23,9 @@ import grpc
 
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.policy import plan_session
-from picospec.edge_client.resume import finished_before_break, gave_up_message, resume_plan
+from picospec.edge_client.resume import (RejoinState, after_draft_token, break_action, chunk_source,
+                                         finished_before_break, gave_up_message, piece_connect_s, rejoin_budget_s,
+                                         resume_plan)
 from picospec.edge_client.session import EdgeSession
 from picospec.edge_client.text import TextStream
 from picospec.edge_client.waiting import WaitProgress
@@ -41,6 +44,7 @@ from picospec.shared.stats import GenerationStats
 
 __all__ = ["CloudLost", "EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
 T = TypeVar("T")
+log = logging.getLogger("picospec.edge")
 Piece = Callable[..., AsyncIterator[list[int]]]  # piece(prompt_ids, cfg=...): one session's committed tokens
 
 
@@ -50,6 +54,10 @@ class Generation:
     With stop strings, the iteration ends at the token that completed one: that chunk is cut after it, the
     session is closed (the cloud frees it) and `stats.finish_reason` is "stop". `text_delta` is the text the last
     chunk released (edge_client/text.py says what is held back and why); `stream_text()` yields only text.
+
+    Provenance: `last_chunk_source` is "cloud" when the last chunk's tokens were verified or decoded by the target,
+    "draft" when the draft made them alone (`edge` mode, or while the cloud was unreachable under --on-partition
+    edge); `draft_spans` lists the [start, end) positions of `token_ids` the draft made alone during partitions.
     """
 
     def __init__(self, chunks: AsyncIterator[list[int]], stats: GenerationStats, text: TextStream,
@@ -57,6 +65,7 @@ class Generation:
         self.stats = stats
         self.token_ids: list[int] = []
         self.text_delta = ""
+        self.last_chunk_source: str | None = None  # "cloud" or "draft", once a chunk has arrived
         self._text = text
         self._it = chunks
         self._done = False
@@ -66,6 +75,11 @@ class Generation:
     def text(self) -> str:
         """The released text: after the end, the whole text (without the stop string)."""
         return self._text.released
+
+    @property
+    def draft_spans(self) -> list[tuple[int, int]]:
+        """[start, end) positions of `token_ids` the draft made alone while the cloud was unreachable."""
+        return list(self.stats.draft_only_spans)
 
     def describe(self) -> dict[str, object]:
         """The protocol state now (epoch, positions, what each side awaits): for hang reports and debugging."""
@@ -92,7 +106,10 @@ class Generation:
             self._done = True
             await self._it.aclose()             # ends the session: the cloud frees it
             self.stats.finish("stop")
+        start = len(self.token_ids)
         self.token_ids.extend(tokens)
+        self.last_chunk_source = ("draft" if self.stats.mode == "edge"
+                                  else chunk_source(self.stats.draft_only_spans, start, len(self.token_ids)))
         if self._done:  # what the session committed past the stop (in this chunk or while closing) was never given
             self.stats.drop_tail(self.stats.generated - len(self.token_ids))
         return tokens
@@ -213,19 +230,23 @@ class EdgeClient:
             piece = functools.partial(self._cloud, params=params, stats=stats)
         else:
             piece = functools.partial(self._speculate, params=params, stats=stats, mode=mode, session_box=sessions)
-        return Generation(self._resuming(piece, list(prompt_ids), cfg, stats, list(resume_from)), stats, text, sessions)
+        return Generation(self._resuming(piece, list(prompt_ids), params, cfg, stats, list(resume_from)), stats, text,
+                          sessions)
 
     # ---- resume (edge_client/resume.py) ---------------------------------------------------------
-    async def _resuming(self, piece: Piece, prompt: list[int], cfg: EdgeConfig, stats: GenerationStats,
-                        committed: list[int]) -> AsyncIterator[list[int]]:
-        """Run the generation as pieces, the first from `committed` (the caller's resume_from, usually empty): when
-        the connection breaks (CloudLost), reconnect for up to --reconnect-s and go on from the tokens already
-        yielded with the remaining budget. Other failures end it."""
-        resumed_from = len(committed)
+    async def _resuming(self, piece: Piece, prompt: list[int], params: SamplingParams, cfg: EdgeConfig,
+                        stats: GenerationStats, committed: list[int]) -> AsyncIterator[list[int]]:
+        """Run the generation as pieces, the first from `committed` (the caller's resume_from, usually empty). When
+        the connection breaks (CloudLost), --on-partition says what follows (resume.break_action): `wait`
+        reconnects for up to --reconnect-s and goes on from the tokens already yielded with the remaining budget;
+        `edge` lets the draft go on alone meanwhile (_without_cloud), then goes on the same way from every token so
+        far, draft-only ones included, or ends with the draft's tokens. Other failures end it."""
+        resumed_from = len(committed)  # tokens the caller had before this generation: not in its stats or output
         lost_at: float | None = None  # when the current outage began
         while True:
             piece_prompt, remaining = resume_plan(prompt, committed, cfg.max_new_tokens)
-            piece_cfg = dataclasses.replace(cfg, max_new_tokens=remaining)
+            piece_cfg = dataclasses.replace(cfg, max_new_tokens=remaining, wait_ready_s=piece_connect_s(
+                cfg.on_partition, cfg.wait_ready_s, lost_at, cfg.reconnect_s, time.perf_counter()))
             try:
                 async with contextlib.aclosing(piece(piece_prompt, cfg=piece_cfg)) as chunks:
                     async for tokens in chunks:
@@ -235,16 +256,60 @@ class EdgeClient:
                         yield tokens
                 self._recovered(stats, lost_at)
                 return
-            except CloudLost as lost:
-                if cfg.reconnect_s <= 0:
+            except (CloudLost, CloudUnreachable) as lost:
+                if isinstance(lost, CloudUnreachable) and lost_at is None:
+                    raise  # not up at the start: --wait-ready-s said so; after a break it is the outage going on
+                yielded = len(committed) - resumed_from
+                finished = finished_before_break(stats.finish_reason) and stats.generated == yielded
+                action = break_action(cfg.on_partition, cfg.reconnect_s, finished)
+                if action == "fail":
                     raise
-                if finished_before_break(stats.finish_reason) and stats.generated == len(committed) - resumed_from:
+                if action == "done":
                     self._recovered(stats, lost_at)
                     return
-                stats.drop_tail(stats.generated - (len(committed) - resumed_from))  # committed there, never yielded
-                lost_at = lost_at if lost_at is not None else time.perf_counter()
-                await self._reconnect(lost, cfg.reconnect_s - (time.perf_counter() - lost_at), cfg, len(committed))
-                stats.reconnects += 1
+                stats.drop_tail(stats.generated - yielded)  # committed there, never yielded: made again
+                lost_at, broken = (lost_at if lost_at is not None else time.perf_counter()), lost
+            if action == "wait":
+                await self._reconnect(broken, rejoin_budget_s(cfg.reconnect_s, lost_at, time.perf_counter()), cfg,
+                                      len(committed))
+            else:
+                prefix, left = resume_plan(prompt, committed, cfg.max_new_tokens)
+                alone = self._without_cloud(broken, prefix, params, dataclasses.replace(cfg, max_new_tokens=left),
+                                            stats, lost_at)
+                async with contextlib.aclosing(alone) as chunks:
+                    async for tokens in chunks:
+                        done = len(committed) - resumed_from
+                        stats.on_draft_only(done, done + len(tokens))
+                        committed += tokens
+                        yield tokens
+                if finished_before_break(stats.finish_reason):  # the draft finished the generation
+                    self._recovered(stats, lost_at)
+                    return
+            stats.reconnects += 1
+
+    async def _without_cloud(self, lost: EdgeError, prefix: list[int], params: SamplingParams, cfg: EdgeConfig,
+                             stats: GenerationStats, lost_at: float) -> AsyncIterator[list[int]]:
+        """The draft alone while the cloud is unreachable (--on-partition edge): `edge` mode's loop from `prefix`
+        (prompt + every token so far) with cfg.max_new_tokens left, while a task reconnects for what is left of
+        --reconnect-s. The draft never waits on the network: the task runs beside it, and the loop only looks at
+        how it stands between tokens. Ends when the draft has finished the generation, or after the token in hand
+        once the task has connected (the caller then resumes speculation)."""
+        budget = rejoin_budget_s(cfg.reconnect_s, lost_at, time.perf_counter())
+        log.warning("%s; the draft goes on alone (output not exact) while reconnecting for %.0f s (--on-partition "
+                    "edge)", lost, budget)
+        rejoin = asyncio.create_task(self._reconnect(lost, budget, cfg, stats.generated)) if budget > 0 else None
+        if rejoin is not None:
+            rejoin.add_done_callback(_say_rejoin_outcome)
+        try:
+            async with contextlib.aclosing(self._edge(prefix, params, cfg, stats,
+                                                      rejoin=functools.partial(_rejoin_state, rejoin))) as chunks:
+                async for tokens in chunks:
+                    yield tokens
+        finally:
+            if rejoin is not None and not rejoin.done():
+                rejoin.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EdgeError):
+                    await rejoin
 
     @staticmethod
     def _recovered(stats: GenerationStats, lost_at: float | None) -> None:
@@ -252,7 +317,7 @@ class EdgeClient:
         if lost_at is not None:
             stats.reconnect_s += time.perf_counter() - lost_at
 
-    async def _reconnect(self, lost: CloudLost, budget_s: float, cfg: EdgeConfig, committed: int) -> None:
+    async def _reconnect(self, lost: EdgeError, budget_s: float, cfg: EdgeConfig, committed: int) -> None:
         """Connect again within budget_s. A refusal or failed TLS handshake from a cloud that served this edge a
         moment ago is taken as the cloud restarting (or frozen with its port open): retried, not final."""
         deadline = time.perf_counter() + max(0.0, budget_s)
@@ -272,7 +337,7 @@ class EdgeClient:
 
     # ---- modes -----------------------------------------------------------------------------
     async def _cloud(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
-        await self.connect()
+        await self.connect(wait_s=cfg.wait_ready_s)
         hello = self._hello(prompt, params, cfg, "")
         stats.bytes_up += wire_size(hello)
         call = self._stub.CloudGenerate(hello, timeout=cfg.deadline_s(len(prompt)), metadata=self._metadata)
@@ -292,13 +357,17 @@ class EdgeClient:
             call.cancel()
             stats.finish(reason or "cancelled")
 
-    async def _edge(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats) -> AsyncIterator[list[int]]:
+    async def _edge(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats,
+                    rejoin: Callable[[], RejoinState] = lambda: "gave_up") -> AsyncIterator[list[int]]:
+        """The draft decodes alone, one token per chunk: `edge` mode, and the draft-only stretch of a partition,
+        where `rejoin` says how the background reconnect stands and a connected one ends the stretch
+        (resume.after_draft_token)."""
         drafter = Drafter(self.draft.model, params, cfg.device)
         eos = frozenset() if cfg.ignore_eos else eos_token_ids(self.draft.model, self.draft.tokenizer)
         state = SessionState(prompt, cfg.max_new_tokens, eos, drafter.vocab_size)
         stats.prefill_edge_s += await self._run(drafter.prefill, prompt)
         try:
-            while state.finished is None:
+            while after_draft_token(state.finished is not None, rejoin()) == "draft":
                 d = await self._run(drafter.draft, state.tokens, 1)
                 stats.draft_s += d.compute_s
                 c = state.commit((), 0, d.token_ids[0], rejected=False)
@@ -310,7 +379,7 @@ class EdgeClient:
     async def _speculate(self, prompt: list[int], params: SamplingParams, cfg: EdgeConfig, stats: GenerationStats,
                          mode: str, session_box: list) -> AsyncIterator[list[int]]:
         """Speculative decoding (sync, early-exit, pipeline, picospec): one EdgeSession over one Speculate stream."""
-        info = await self.connect()
+        info = await self.connect(wait_s=cfg.wait_ready_s)
         verify_scheme = scheme(cfg.verify)
         plan = plan_session(mode, scheme=verify_scheme, greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,
@@ -338,3 +407,23 @@ class EdgeClient:
             async for tokens in tokens_stream:
                 yield tokens
 
+
+
+def _rejoin_state(task: "asyncio.Task[None] | None") -> RejoinState:
+    """How a background reconnect stands: still trying, connected (the task returned), or given up (it raised, or
+    there was none: --reconnect-s already spent)."""
+    if task is None:
+        return "gave_up"
+    if not task.done():
+        return "trying"
+    return "gave_up" if task.cancelled() or task.exception() is not None else "connected"
+
+
+def _say_rejoin_outcome(task: "asyncio.Task[None]") -> None:
+    """Tell the user (the log, stderr in the CLI) how the background reconnect of a partition ended."""
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.warning("%s; the draft finishes the generation alone", task.exception())
+    else:
+        log.warning("the cloud is reachable again: speculation resumes from the tokens so far")

@@ -283,6 +283,9 @@ def timings(stats: Mapping[str, Any], seed: int) -> dict[str, Any]:
         "cloud_tokens": stats["cloud_tokens"],
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"],
         "mode": stats["mode"], "verify_mode": stats["verify_mode"], "exact": stats["exact"], "seed": seed,
+        # --on-partition edge: generated positions [start, end) the draft made alone while the cloud was unreachable
+        "inexact_reason": stats.get("inexact_reason"), "draft_only_tokens": stats.get("draft_only_tokens", 0),
+        "draft_only_spans": stats.get("draft_only_spans", []),
     }
 
 

@@ -4,6 +4,7 @@
         server = link.popen("cloud", ["picospec-cloud", "--host", link.cloud_ip, ...])
         link.run("edge", ["picospec-edge", "--server", f"{link.cloud_ip}:50051", ...])
         link.reshape(LinkSpec(rtt_ms=200, up_mbit=1, down_mbit=1))  # in place: the server keeps running
+        with link.partitioned(): ...                                  # cut for a while (link.cut(), link.restore())
 
 Names carry the pid and a random tag so parallel runs never collide; the /24 is drawn at random from 10/8
 and checked against every route the host has, so nothing on the host can be confused with it. Setup is a
@@ -80,6 +81,25 @@ class Link:
         p = subprocess.Popen(self.argv(side, argv), **kw)  # `ip netns exec` execs, so p.pid is the command itself
         self.procs.append(p)
         return p
+
+    def cut(self) -> None:
+        """Partition the link, as when the edge device loses its network: the edge's end goes down, and with it its
+        route to the cloud, so packets in flight are lost both ways and new connections fail at once
+        (ENETUNREACH). Namespaces, addresses, shaping and the processes inside stay; `restore()` undoes it."""
+        _ip("-n", self.edge_ns, "link", "set", self.edge_dev, "down")
+
+    def restore(self) -> None:
+        """End a `cut()`: the edge's end comes up again and the kernel puts its route to the cloud back."""
+        _ip("-n", self.edge_ns, "link", "set", self.edge_dev, "up")
+
+    @contextlib.contextmanager
+    def partitioned(self) -> Iterator["Link"]:
+        """The link cut for the duration of the block, restored on exit, errors included."""
+        self.cut()
+        try:
+            yield self
+        finally:
+            self.restore()
 
     def reshape(self, spec: LinkSpec, *, features: Features | None = None, python: str = sys.executable,
                 seed: int = 0, log: Any = None) -> None:

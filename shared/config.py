@@ -22,6 +22,7 @@ EDGE_MODES = ("cloud", "edge", "sync", "early-exit", "pipeline", "picospec")
 SPECULATIVE_MODES = ("sync", "early-exit", "pipeline", "picospec")
 PIPELINED_MODES = ("pipeline", "picospec")  # draft ahead while batches are in flight; the others stop and wait
 HINTED_MODES = ("early-exit",)               # early-exit hints on unless --hints off
+PARTITION_POLICIES = ("wait", "edge")         # --on-partition: what a break in the link does (edge_client/resume.py)
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False) -> Any:
@@ -121,6 +122,11 @@ class EdgeConfig:
     wait_ready_s: float = opt(60.0, "seconds to wait for the cloud to come up, retrying and saying so on stderr")
     reconnect_s: float = opt(30.0, "when the connection breaks mid-generation, seconds to keep reconnecting (with "
                              "backoff) and resume from the tokens already committed; 0 = never resume, fail at once")
+    on_partition: str = opt("wait", "when the cloud is unreachable mid-generation: wait = reconnect for up to "
+                            "--reconnect-s, keeping the output exact, then fail; edge = the local draft goes on alone "
+                            "(its tokens marked, the generation NOT exact) while the edge reconnects for up to "
+                            "--reconnect-s in the background, and speculation resumes when the cloud is back; the "
+                            "draft finishes the generation if it never is", choices=PARTITION_POLICIES)
     timeout_s: float = opt(0.0, "deadline for one generation, seconds; 0 = scaled to the work: "
                            "60 s + --timeout-per-token-s x max_new_tokens + 0.05 s per prompt token")
     timeout_per_token_s: float = opt(2.0, "with --timeout-s 0: seconds allowed per token asked for (a 1.5B target "

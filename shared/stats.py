@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from picospec.shared.config import EXACT_VERIFY_MODES
 from picospec.shared.perf_model import Estimates
 
 
@@ -18,11 +19,44 @@ def _quantile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def add_span(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """`spans` (sorted, disjoint [start, end) ranges of generated positions) with [start, end) added: joined to the
+    last span when it continues it, so a run of the draft's tokens is one span however many chunks it came in."""
+    if end <= start:
+        return list(spans)
+    if spans and spans[-1][1] == start:
+        return [*spans[:-1], (spans[-1][0], end)]
+    if spans and spans[-1][1] > start:
+        raise ValueError(f"span [{start}, {end}) overlaps or precedes the last one {spans[-1]}")
+    return [*spans, (start, end)]
+
+
+def clip_spans(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The spans cut to the first n generated positions (what a stop string or a resume left of the output)."""
+    return [(s, min(e, n)) for s, e in spans if s < n]
+
+
+def inexact_reason(mode: str, verify_mode: str | None, draft_spans: list[tuple[int, int]]) -> str | None:
+    """Why a generation is not the target's own output law, in words (None: it is). Derived from what ran and the
+    draft-only spans, so it cannot disagree with them."""
+    reasons = []
+    if mode == "edge":
+        reasons.append("the draft alone (--mode edge)")
+    elif verify_mode is not None and verify_mode not in EXACT_VERIFY_MODES:
+        reasons.append(f"{verify_mode} verification is approximate")
+    if draft_spans:
+        n = sum(e - s for s, e in draft_spans)
+        where = ", ".join(f"{s}-{e - 1}" if e - s > 1 else str(s) for s, e in draft_spans)
+        reasons.append(f"{n} tokens (positions {where}) are the draft's own, made while the cloud was unreachable "
+                       "(--on-partition edge)")
+    return "; ".join(reasons) or None
+
+
 @dataclass
 class GenerationStats:
     mode: str
     verify_mode: str | None = None
-    exact: bool = True          # False for the draft alone and for the APPROXIMATE split-topk sampler
+    exact: bool = True          # False for the draft alone, the APPROXIMATE split-topk sampler, draft-only tokens
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -58,7 +92,20 @@ class GenerationStats:
     accept_hist: Counter = field(default_factory=Counter)  # tokens committed per round -> count
     token_times: list[float] = field(default_factory=list)  # perf_counter at each commit, one per token
     reconnects: int = 0         # times the generation resumed after the connection broke (edge_client/resume.py)
-    reconnect_s: float = 0.0    # time lost to those: from each break to the first token (or the end) after it
+    reconnect_s: float = 0.0    # time lost to those: from each break to the first token (or the end) after it;
+    #                             with --on-partition edge, to the first token from the cloud (or the end) after it
+    draft_only_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) generated positions the
+    #                             draft made alone while the cloud was unreachable (--on-partition edge)
+
+    @property
+    def draft_only(self) -> int:
+        return sum(e - s for s, e in self.draft_only_spans)
+
+    def on_draft_only(self, start: int, end: int) -> None:
+        """Mark generated positions [start, end) as made by the draft alone (the tokens are counted by on_tokens):
+        the output is no longer the target's law, whatever the mode."""
+        self.draft_only_spans = add_span(self.draft_only_spans, start, end)
+        self.exact = False
 
     def on_tokens(self, n: int) -> None:
         now = time.perf_counter()
@@ -86,6 +133,7 @@ class GenerationStats:
         if n > 0:
             self.generated -= n
             del self.token_times[-n:]
+            self.draft_only_spans = clip_spans(self.draft_only_spans, self.generated)
 
     def finish(self, reason: str | None) -> None:
         self.finished_at = time.perf_counter()
@@ -102,6 +150,7 @@ class GenerationStats:
             "mode": self.mode,
             "verify_mode": self.verify_mode,
             "exact": self.exact,
+            "inexact_reason": inexact_reason(self.mode, self.verify_mode, self.draft_only_spans),
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated,
             "finish_reason": self.finish_reason,
@@ -147,5 +196,7 @@ class GenerationStats:
             "cloud_compute_s": self.cloud_s + self.prefill_cloud_s,
             "reconnects": self.reconnects,
             "reconnect_s": self.reconnect_s,
+            "draft_only_tokens": self.draft_only,
+            "draft_only_spans": [list(span) for span in self.draft_only_spans],
         }
         return d
