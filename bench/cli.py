@@ -6,6 +6,7 @@
     picospec-bench pipeline [...]   measured tokens/s of every mode beside the model of docs/design.md §5 (root)
     picospec-bench exits [...]      calibrate the early-exit layer and threshold on a target
     picospec-bench stress [...]     hundreds of short jittered generations: reports hangs, errors, greedy mismatches
+    picospec-bench fuzz [...]       100,000 hostile messages at a live cloud: clear statuses, no crash, bounded memory
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {name: f"picospec.bench.{name}" for name in ("verify", "exits", "sweep", "pipeline", "stress")}
+    commands = {name: f"picospec.bench.{name}" for name in ("verify", "exits", "sweep", "pipeline", "stress", "fuzz")}
     if not argv or argv[0] not in commands:
         sys.exit(__doc__)
     import importlib

@@ -8,7 +8,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,6 +42,50 @@ def _status_for(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(e, (ProtocolError, PayloadError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}"
     return None
+
+
+class Malformed:
+    """A unary request whose bytes did not parse. gRPC deserializes a unary request before the handler runs, and
+    a deserializer that raises ends the call UNKNOWN ("Unexpected DecodeError", with a traceback in the log); so
+    the server's deserializers hand this to the handler instead, which refuses it INVALID_ARGUMENT like a
+    malformed stream message (found by `picospec-bench fuzz`: random bytes as an Info or CloudGenerate request)."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def lenient(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    """A request deserializer that returns `Malformed` where `parse` raises DecodeError."""
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Malformed(e)
+    return deserialize
+
+
+def parsed(request: object) -> object:
+    """The request itself, or the DecodeError it failed with (which `_status_for` maps to INVALID_ARGUMENT)."""
+    if isinstance(request, Malformed):
+        raise request.error
+    return request
+
+
+def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
+    """pb_grpc.add_PicoSpecServicer_to_server with lenient unary deserializers (see `Malformed`)."""
+    handlers = {
+        "Info": grpc.unary_unary_rpc_method_handler(
+            service.Info, request_deserializer=lenient(pb.InfoRequest.FromString),
+            response_serializer=pb.InfoReply.SerializeToString),
+        "Speculate": grpc.stream_stream_rpc_method_handler(  # a stream message that does not parse raises in the
+            service.Speculate, request_deserializer=pb.EdgeMessage.FromString,  # handler, which maps it
+            response_serializer=pb.CloudMessage.SerializeToString),
+        "CloudGenerate": grpc.unary_stream_rpc_method_handler(
+            service.CloudGenerate, request_deserializer=lenient(pb.Hello.FromString),
+            response_serializer=pb.TokenChunk.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("picospec.v1.PicoSpec", handlers),))
+    server.add_registered_method_handlers("picospec.v1.PicoSpec", handlers)
 
 
 class PicoSpecService(pb_grpc.PicoSpecServicer):
@@ -81,6 +125,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         return msg
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
+        async with self._call(context, "Info"):
+            parsed(request)
         t, c = self.info, self.config
         return pb.InfoReply(
             protocol_version=PROTOCOL_VERSION, target_model=c.target, vocab_size=t.vocab_size,
@@ -138,7 +184,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         """The baseline: the target decodes alone and streams its tokens, with the coins a bonus token would use."""
         sid = uuid.uuid4().hex[:12]
         async with self._call(context, f"cloud-only session {sid}"):
-            spec = validate_hello(request, self.config, self.info, speculative=False)
+            spec = validate_hello(parsed(request), self.config, self.info, speculative=False)
             state = spec.state
             async with self.slots.hold(client_identity(context, self.auth)):
                 cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device)  # no scheme
@@ -191,7 +237,7 @@ async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio
         log.warning("%s", warning)
     server = grpc.aio.server(options=server_options(config, service.info.vocab_size),
                              interceptors=[AuthInterceptor(service.auth)] if service.auth is not None else None)
-    pb_grpc.add_PicoSpecServicer_to_server(service, server)
+    add_service(service, server)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")

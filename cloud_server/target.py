@@ -95,6 +95,9 @@ class TargetCache:
             def tentative(logits: torch.Tensor) -> None:  # [k+1, V] after the exit layer
                 try:
                     e = expected_outcome(logits, self.params, self.scheme, draft_ids, run.extras, seed, start)
+                except ValueError as bad:  # the edge's input (e.g. a q(x) outside (0, 1]): the pass's own decide
+                    log.debug("no early-exit hint: %s", bad)  # refuses it (INVALID_ARGUMENT); no traceback per batch
+                    return
                 except Exception:  # noqa: BLE001 - a hint is advice: never let it break the pass
                     log.exception("early-exit hint failed")
                     return

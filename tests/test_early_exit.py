@@ -83,6 +83,20 @@ def test_expected_outcome_rejects_bad_shapes():
         expected_outcome(torch.zeros(2, 8), SamplingParams(), scheme("magic"), [1], [None], 0, 0)
 
 
+def test_a_hint_over_bad_draft_probabilities_logs_no_traceback(tiny_target, caplog):
+    """Regression (picospec-bench fuzz): a split batch with q(x) outside (0, 1] and hints on made the hint path log a
+    full traceback for every such batch before the pass refused it; now the pass alone refuses it (ValueError ->
+    INVALID_ARGUMENT) and the hint path says nothing above debug level."""
+    from picospec.cloud_server.drafts import DraftRun
+    from picospec.cloud_server.target import TargetCache
+    cache = TargetCache(tiny_target.model, SamplingParams(temperature=1.0), "split-exact", exit_layer=1,
+                        exit_threshold=0.0)
+    cache.prefill([3, 4, 5])
+    with caplog.at_level("INFO", logger="picospec.cloud"), pytest.raises(ValueError, match="not in \\(0, 1\\]"):
+        cache.verify_run([3, 4, 5], DraftRun(0, 3, [7, 8], [0.5, float("nan")]), on_hint=lambda e: None)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
 def test_layer_agreement_counts_coverage_and_agreement():
     final = torch.tensor([[0.0, 9.0], [9.0, 0.0], [0.0, 9.0]])
     tentative = torch.tensor([[0.0, 9.0], [0.0, 9.0], [0.0, 0.1]])  # agrees, disagrees, agrees unsure

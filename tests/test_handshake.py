@@ -53,6 +53,9 @@ REFUSALS = {
     "exit threshold": (dict(exit_layer=2, exit_threshold=1.5), grpc.StatusCode.INVALID_ARGUMENT, "threshold in"),
     "temperature": (dict(sampling=pb.SamplingParams(temperature=-1.0, top_p=1.0)), grpc.StatusCode.INVALID_ARGUMENT,
                     "bad sampling settings"),
+    # regression (picospec-bench fuzz): a denormal temperature made every row NaN and decode-ahead end UNKNOWN
+    "denormal temperature": (dict(sampling=pb.SamplingParams(temperature=1.4e-45, top_p=1.0)),
+                             grpc.StatusCode.INVALID_ARGUMENT, r"temperature must be 0 \(greedy\) or in \[0.0001, 100\]"),
     "top-p": (dict(sampling=pb.SamplingParams(temperature=1.0, top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT,
               "bad sampling settings"),
     "no tokens": (dict(max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, r"max_new_tokens must be in 1..32"),

@@ -269,6 +269,32 @@ def test_malformed_bytes_are_refused_and_server_survives(tiny_target, tiny_draft
     assert len(after) == 6
 
 
+def test_malformed_unary_requests_are_invalid_argument(tiny_target, tiny_draft):
+    """Regression (found by `picospec-bench fuzz`): gRPC parses a unary request before the handler runs, and bytes
+    that were not a protobuf ended Info and CloudGenerate UNKNOWN ("Unexpected DecodeError"), with a traceback in
+    the server's log. Now both are INVALID_ARGUMENT "malformed message", like a malformed stream message."""
+    async def scenario():
+        async with serving(tiny_target) as (_, addr):
+            async with grpc.aio.insecure_channel(addr) as ch:
+                errors = []
+                for method, call_type in (("Info", ch.unary_unary), ("CloudGenerate", ch.unary_stream)):
+                    call = call_type(f"/picospec.v1.PicoSpec/{method}")(b"\xff\xff\xff\xff not a protobuf", timeout=10)
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        if method == "Info":
+                            await call
+                        else:
+                            async for _ in call:
+                                pass
+                    errors.append(e.value)
+                info = await pb_grpc.PicoSpecStub(ch).Info(pb.InfoRequest(), timeout=10)  # a parsable one still works
+            return errors, info, await _healthy(addr, tiny_target, tiny_draft)
+
+    errors, info, after = run(scenario())
+    for e in errors:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed message" in e.details(), e
+    assert info.protocol_version == PROTOCOL_VERSION and len(after) == 6
+
+
 def test_edge_vanishing_mid_stream_frees_the_session(tiny_target, tiny_draft):
     async def scenario():
         async with serving(tiny_target) as (service, addr):

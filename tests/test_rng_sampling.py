@@ -143,7 +143,8 @@ def test_process_logits_temperature_topk_topp():
     assert torch.allclose(p, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(temperature=1.4e-45),
+                                 dict(temperature=9e-5), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1)])
 def test_sampling_params_validate(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -157,3 +158,12 @@ def test_sample_from_never_picks_zero_mass_and_follows_cdf():
     assert sample_from(probs, 1.0 - 1e-16) == 3
     with pytest.raises(ValueError):
         sample_from(torch.zeros(4), 0.5)
+
+
+def test_the_least_temperature_keeps_rows_finite():
+    """At MIN_TEMPERATURE even logits far beyond any model's divide without overflow: rows stay distributions
+    (below it a Hello could make every row NaN: found by picospec-bench fuzz)."""
+    from picospec.shared.sampling import MIN_TEMPERATURE
+    logits = torch.tensor([[3e33, -3e33, 0.0, 1e4], [1.0, 2.0, 3.0, 4.0]])
+    p = process_logits(logits, SamplingParams(temperature=MIN_TEMPERATURE))
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(2))
