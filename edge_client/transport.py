@@ -94,7 +94,9 @@ def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
         ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
         *edge_keepalive_options(config.peer_timeout_s)]
     if target.balanced:
-        options.append(("grpc.lb_policy_name", "round_robin"))
+        # subchannels of this channel's own: not shared through gRPC's global pool with other channels to the same
+        # replicas, whose reconnect backoff (a replica seen dead a moment ago) would hold this one's back
+        options += [("grpc.lb_policy_name", "round_robin"), ("grpc.use_local_subchannel_pool", 1)]
     credentials = channel_credentials(config.tls, config.tls_ca, config.tls_cert, config.tls_key)
     if credentials is None:
         if config.tls_server_name:
