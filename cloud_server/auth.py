@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -161,18 +162,80 @@ def client_identity(context: grpc.aio.ServicerContext, auth: TokenAuth | None) -
     common_name = (context.auth_context() or {}).get("x509_common_name")
     if common_name:
         return "cn=" + common_name[0].decode(errors="replace")
-    peer = context.peer() or "unknown"  # "ipv4:127.0.0.1:5678", "ipv6:[::1]:5678"
-    return peer.split(":", 1)[-1].rsplit(":", 1)[0]
+    return peer_host(context.peer() or "unknown")  # "ipv4:127.0.0.1:5678", "ipv6:[::1]:5678"
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every call carries a known token, or ends UNAUTHENTICATED before its handler runs (Info included)."""
+def peer_host(peer: str) -> str:
+    """The address part of gRPC's peer string ("ipv4:10.0.0.7:53122" -> "10.0.0.7", "ipv6:[::1]:5" -> "[::1]"):
+    one caller reconnecting from new ports is still one caller."""
+    return peer.split(":", 1)[-1].rsplit(":", 1)[0]
 
-    def __init__(self, auth: TokenAuth) -> None:
+
+@dataclass
+class _Burst:
+    started: float
+    more: int = 0  # refusals since `started` not logged one by one
+
+
+class RefusalLog:
+    """Which refusals to log, so a caller hammering the cloud with bad tokens cannot flood its log: per (caller's
+    address, reason), the first refusal is logged in full; the next ones within `interval_s` are only counted, and
+    said in one line ("N more refusals from X in the last T s") at the first refusal from there after the interval,
+    or at `flush` (the interceptor calls it on every refusal, so a burst that stopped is still reported once
+    another caller is refused). A caller quiet for a whole interval is forgotten: its next refusal is logged in
+    full. At most `max_callers` are tracked; beyond that, new ones share one entry named "other callers".
+
+    Pure: the clock is injected, and lines are returned for the caller to log. The reason is one of the fixed
+    refusal texts (MISSING_TOKEN, UNKNOWN_TOKEN), never a token."""
+
+    OTHERS = "other callers"
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_callers: int = 1024) -> None:
+        self.interval_s, self.clock, self.max_callers = interval_s, clock, max_callers
+        self._bursts: dict[tuple[str, str], _Burst] = {}
+
+    def refused(self, method: str, peer: str, why: str) -> list[str]:
+        """Lines to log for one refused call (none while its caller's burst is being counted)."""
+        now = self.clock()
+        lines = self.flush(now)
+        key = (peer_host(peer), why)
+        if key not in self._bursts and len(self._bursts) >= self.max_callers:
+            key = (self.OTHERS, why)
+        burst = self._bursts.get(key)
+        if burst is not None:
+            burst.more += 1
+            return lines
+        self._bursts[key] = _Burst(now)
+        return lines + [f"refused {method} from {peer}: UNAUTHENTICATED: {why}"]
+
+    def flush(self, now: float | None = None) -> list[str]:
+        """Summaries of the bursts whose interval is over; a burst with nothing to say is forgotten, one with
+        refusals counted starts a new interval (so a steady flood is one line per interval)."""
+        now = self.clock() if now is None else now
+        lines = []
+        for (host, why), burst in list(self._bursts.items()):
+            if now - burst.started < self.interval_s:
+                continue
+            if burst.more:
+                lines.append(f"{burst.more} more refusals from {host} (UNAUTHENTICATED: {why}) in the last "
+                             f"{now - burst.started:.0f} s")
+                self._bursts[(host, why)] = _Burst(now)
+            else:
+                del self._bursts[(host, why)]
+        return lines
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every call carries a known token, or ends UNAUTHENTICATED before its handler runs (Info included).
+    Refusals are logged through a RefusalLog (a hostile caller cannot flood the log)."""
+
+    def __init__(self, auth: TokenAuth, refusals: RefusalLog | None = None) -> None:
         self.auth = auth
+        self.refusals = refusals if refusals is not None else RefusalLog()
 
     async def intercept_service(self, continuation: Continuation,
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -182,15 +245,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         name, why = self.auth.check(details.invocation_metadata)
         if name is not None:
             return handler
-        return refusing_handler(handler, details.method, why)
+        return refusing_handler(handler, details.method, why, self.refusals)
 
 
-def refusing_handler(handler: grpc.RpcMethodHandler, method: str, why: str) -> grpc.RpcMethodHandler:
+def refusing_handler(handler: grpc.RpcMethodHandler, method: str, why: str,
+                     refusals: RefusalLog) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED without reading a request
     message it does not have to (no parsing of an unauthenticated caller's input: no deserializer)."""
 
     async def refuse(_request: object, context: grpc.aio.ServicerContext) -> None:
-        log.warning("refused %s from %s: UNAUTHENTICATED: %s", method, context.peer(), why)
+        for line in refusals.refused(method, context.peer() or "unknown", why):
+            log.warning("%s", line)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
     make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,

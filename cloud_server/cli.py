@@ -13,7 +13,7 @@ import torch
 from picospec.cloud_server.auth import TokenAuth, TokenFileError
 from picospec.cloud_server.server import PicoSpecService, start_server
 from picospec.shared.config import CloudConfig, add_config_args, config_from_args
-from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_credentials
+from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_tls_files
 from picospec.shared.models import ModelError, load_model
 
 log = logging.getLogger("picospec.cloud")
@@ -29,18 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
 def check_settings(config: CloudConfig) -> None:
     """Fail on TLS, token and keepalive settings that cannot work before minutes go into loading the model
     (raises ConnectionSettingsError or TokenFileError naming the flag or the line)."""
-    server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+    server_tls_files(config.tls_cert, config.tls_key, config.tls_ca)
     if config.auth_tokens:
         TokenAuth(config.auth_tokens)
     ping_schedule_ms(config.peer_timeout_s)
 
 
-def reload_tokens(service: PicoSpecService) -> None:
-    """SIGHUP: read the tokens file again (a bad file keeps the tokens in force; cloud_server/auth.py)."""
-    if service.auth is None:
-        log.warning("SIGHUP: nothing to reload (no --auth-tokens)")
-    else:
+def reload_on_sighup(service: PicoSpecService) -> None:
+    """SIGHUP: read the tokens file and the TLS files again; a bad file keeps what is in force
+    (cloud_server/auth.py, cloud_server/certificates.py)."""
+    if service.auth is None and service.certificates is None:
+        log.warning("SIGHUP: nothing to reload (no --auth-tokens, no --tls-cert)")
+    if service.auth is not None:
         service.auth.reload()
+    if service.certificates is not None:
+        service.certificates.reload()
 
 
 def security_summary(service: PicoSpecService) -> str:
@@ -67,7 +70,7 @@ async def serve(config: CloudConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_tokens, service)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup, service)
     log.info("connections: %s; a silent peer is dropped after %g s", security_summary(service), config.peer_timeout_s)
     # the line scripts wait for: it appears only once the model is loaded, the port bound and SIGHUP handled
     print(f"picospec-cloud: serving {config.target} on {config.host}:{port}", flush=True)

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from picospec.cloud_server.auth import AuthInterceptor, TokenAuth, client_identity, exposure_warning
+from picospec.cloud_server.certificates import ServerCertificates
 from picospec.cloud_server.handshake import Refusal, TargetInfo, validate_hello
 from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecord
 from picospec.cloud_server.slots import SessionSlots
@@ -21,7 +22,7 @@ from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
-from picospec.shared.connection import server_credentials, server_keepalive_options, split_host
+from picospec.shared.connection import server_keepalive_options, split_host
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
@@ -100,6 +101,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         self.slots = SessionSlots(config.max_sessions, config.max_sessions_per_client)
         # None: no tokens asked for (every caller may call); reloaded by the CLI on SIGHUP
         self.auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
+        # None: plaintext; else the TLS files in force, reloaded by the CLI on SIGHUP (cloud_server/certificates.py)
+        self.certificates = (ServerCertificates(config.tls_cert, config.tls_key, config.tls_ca)
+                             if config.tls_cert or config.tls_key or config.tls_ca else None)
         # the last few sessions' end state: committed tokens and what the KV cache held (tests, debugging)
         self.closed_sessions: collections.deque[SessionRecord] = collections.deque(maxlen=16)
 
@@ -230,7 +234,7 @@ async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio
     if limit > config.max_message_mb * MIB:
         log.info("message limit raised from %d MiB to %.1f MiB: a dense batch of %d drafts over %d tokens must fit",
                  config.max_message_mb, limit / MIB, config.max_draft_len, service.info.vocab_size)
-    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+    credentials = service.certificates.credentials() if service.certificates is not None else None
     warning = exposure_warning(split_host(address), credentials is not None, service.auth is not None,
                                bool(config.tls_ca))
     if warning:

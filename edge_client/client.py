@@ -32,7 +32,7 @@ from picospec.edge_client.waiting import WaitProgress
 from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
                                             call_error, open_channel, wait_for_cloud, wire_size)
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
-from picospec.shared.connection import token_metadata
+from picospec.shared.connection import server_target, token_metadata
 from picospec.shared.fingerprint import Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, SessionState
@@ -144,6 +144,7 @@ class EdgeClient:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.PicoSpecStub | None = None
+        self._info_channel: grpc.aio.Channel | None = None  # several replicas: Info's own channel (connect)
         self._metadata = token_metadata(config.token)  # sent with every call (cloud_server/auth.py checks it)
 
     async def __aenter__(self) -> "EdgeClient":
@@ -153,9 +154,10 @@ class EdgeClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        for channel in (self._channel, self._info_channel):
+            if channel is not None:
+                await channel.close()
+        self._channel = self._info_channel = None
         self.executor.shutdown(wait=False)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
@@ -168,8 +170,13 @@ class EdgeClient:
         if self._channel is None:
             self._channel = open_channel(self.config)
             self._stub = pb_grpc.PicoSpecStub(self._channel)
+            # several replicas (round_robin, one pick per call): Info on a channel of its own, or with two replicas
+            # the Info before each session would take every other pick and every session would go to one replica
+            if server_target(self.config.server).balanced:
+                self._info_channel = open_channel(self.config)
+        info_stub = pb_grpc.PicoSpecStub(self._info_channel) if self._info_channel is not None else self._stub
         budget = self.config.wait_ready_s if wait_s is None else wait_s
-        info = await wait_for_cloud(self._stub, self.config.server, budget, on_retry, self._metadata)
+        info = await wait_for_cloud(info_stub, self.config.server, budget, on_retry, self._metadata)
         if info.protocol_version != PROTOCOL_VERSION:
             raise EdgeError(f"cloud speaks protocol {info.protocol_version}, this edge speaks {PROTOCOL_VERSION}")
         theirs = Fingerprint(info.tokenizer.num_tokens, info.tokenizer.sha256)

@@ -15,7 +15,7 @@ import grpc
 from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
 from picospec.shared.config import EdgeConfig
 from picospec.shared.connection import (ConnectionSettingsError, channel_credentials, edge_keepalive_options,
-                                        is_loopback, split_host)
+                                        is_loopback, server_target)
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
@@ -80,28 +80,49 @@ def call_error(server: str, e: grpc.aio.AioRpcError, peer_timeout_s: float | Non
 
 def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
     """The edge's channel to the cloud at config.server: TLS when asked for (shared/connection.py), keepalive pings
-    that notice a silent cloud within --peer-timeout-s.
+    that notice a silent cloud within --peer-timeout-s. Several replicas (a comma-separated list, a dns:/// name)
+    are balanced with gRPC's round_robin: each call goes to the next replica that is up, so each generation's
+    stream, and each resumed piece of it, to one replica; a dead one is left out until it answers again.
 
     Receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
     default, unlimited: what the cloud accepts is its own limit, which admits every batch its max_draft_len allows
     (cloud_server/server.py:message_limit); a local cap would only add a failure. Reconnect backoff capped at 2 s
     (gRPC's default grows to 120 s): a cloud that comes up is seen at once."""
+    target = server_target(config.server)
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
         *edge_keepalive_options(config.peer_timeout_s)]
+    if target.balanced:
+        # subchannels of this channel's own: not shared through gRPC's global pool with other channels to the same
+        # replicas, whose reconnect backoff (a replica seen dead a moment ago) would hold this one's back
+        options += [("grpc.lb_policy_name", "round_robin"), ("grpc.use_local_subchannel_pool", 1)]
     credentials = channel_credentials(config.tls, config.tls_ca, config.tls_cert, config.tls_key)
     if credentials is None:
         if config.tls_server_name:
             raise ConnectionSettingsError("--tls-server-name needs TLS (--tls or --tls-ca)")
-        if config.token and not is_loopback(split_host(config.server)) and config.server not in _warned_cleartext:
+        if config.token and not all(map(is_loopback, target.hosts)) and config.server not in _warned_cleartext:
             _warned_cleartext.add(config.server)
             log.warning("sending the access token to %s without TLS, readable on the way: pass --tls-ca (deploy/tls.md)",
                         config.server)
-        return grpc.aio.insecure_channel(config.server, options=options)
-    if config.tls_server_name:
-        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
-    return grpc.aio.secure_channel(config.server, credentials, options=options)
+        return grpc.aio.insecure_channel(target.target, options=options)
+    options += tls_name_options(config.tls_server_name, target.authority, target.hosts)
+    return grpc.aio.secure_channel(target.target, credentials, options=options)
+
+
+def tls_name_options(tls_server_name: str, authority: str, hosts: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The name TLS verifies: --tls-server-name, else for an address list the host its entries share (gRPC's
+    default would be the whole list). One name is verified for every replica, so a list of different hosts needs
+    --tls-server-name, a name each replica's certificate holds."""
+    if tls_server_name:
+        return [("grpc.ssl_target_name_override", tls_server_name)]
+    if authority:
+        return [("grpc.default_authority", authority)]
+    if len(set(hosts)) > 1:
+        raise ConnectionSettingsError(f"--server lists several hosts ({', '.join(dict.fromkeys(hosts))}) and TLS "
+                                      "verifies one name for all of them: pass --tls-server-name NAME, a name every "
+                                      "replica's certificate holds (deploy/tls.md)")
+    return []
 
 
 # what a failed TLS handshake looks like in gRPC's details (the status is UNAVAILABLE, as for a cloud not up)

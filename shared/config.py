@@ -64,7 +64,8 @@ class CloudConfig(ServingLimits):
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")
     exit_layer: int = opt(0, "early-exit hints: default exit layer for edges that do not name one "
                           "(0 = three quarters of the target's depth)")
-    tls_cert: str = opt("", "PEM certificate chain to serve TLS with (with --tls-key); empty = plaintext")
+    tls_cert: str = opt("", "PEM certificate chain to serve TLS with (with --tls-key; both, and --tls-ca, "
+                       "reloaded on SIGHUP); empty = plaintext")
     tls_key: str = opt("", "PEM private key of --tls-cert")
     tls_ca: str = opt("", "PEM CA certificates: require every client to present a certificate they signed (mutual TLS)")
     auth_tokens: str = opt("", "file of 'client-name token' lines: every call must carry one of the tokens "
@@ -82,7 +83,8 @@ class CloudConfig(ServingLimits):
 
 @dataclass
 class EdgeConfig:
-    server: str = opt("localhost:50051", "cloud address host:port")
+    server: str = opt("localhost:50051", "cloud address host:port; several replicas of one target: host:port,host:port "
+                       "or a gRPC target such as dns:///name:port, balanced round_robin (deploy/README.md)")
     draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
     mode: str = opt("pipeline", "decoding mode: cloud, edge, sync, early-exit, pipeline, picospec (the paper's; APPROXIMATE); "
                     "a comma-separated list runs each and prints a table")
@@ -115,7 +117,7 @@ class EdgeConfig:
     tls_cert: str = opt("", "PEM client certificate chain, for a cloud that requires one (with --tls-key)")
     tls_key: str = opt("", "PEM private key of --tls-cert")
     tls_server_name: str = opt("", "name to verify the cloud's certificate against when --server's host is not in "
-                               "it (e.g. an IP address)")
+                               "it (e.g. an IP address), or its list names several hosts")
     token: str = opt("", "access token for a cloud started with --auth-tokens (prefer the environment variable: "
                      "flags show in `ps`)", secret=True)
     peer_timeout_s: float = opt(5.0, PEER_TIMEOUT_HELP)

@@ -7,7 +7,11 @@ Token checks live in cloud_server/auth.py.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -73,6 +77,95 @@ def split_host(address: str) -> str:
     return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
 
 
+# gRPC target schemes --server passes through as they are (dns:///name:port, ipv4:a:p,b:p, unix:/path, ...)
+TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+Resolver = Callable[[str, str], list[str]]  # (host, port) -> its IP addresses
+
+
+@dataclass(frozen=True)
+class ServerTarget:
+    """What the edge dials for --server. `target`: the gRPC target string; `hosts`: the hosts as written (for the
+    loopback check); `balanced`: several replicas, spread with gRPC's round_robin (one pick per call, so one
+    generation's stream stays on one replica); `authority`: the name TLS verifies for an address list whose
+    entries share one host ("" = gRPC's own: the host of a single address or of a dns: target)."""
+    target: str
+    hosts: tuple[str, ...]
+    balanced: bool
+    authority: str = ""
+
+
+def resolve_host(host: str, port: str) -> list[str]:
+    """The IP addresses of a name, in the resolver's order, without repeats."""
+    return list(dict.fromkeys(str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+
+
+def split_address(entry: str) -> tuple[str, str]:
+    """("host", "port") of "host:port" or "[v6]:port"; an entry without a numeric port is an error."""
+    host, port = (entry[1:].partition("]")[0], entry.rpartition("]:")[2]) if entry.startswith("[") \
+        else entry.rpartition(":")[::2]
+    if not host or not port.isdigit() or (":" in host and not entry.startswith("[")):
+        raise ConnectionSettingsError(f"--server entry {entry!r}: expected host:port or [IPv6]:port")
+    return host, port
+
+
+def _ip_version(text: str) -> int | None:
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return None
+
+
+def address_list_target(entries: list[str], resolve: Resolver = resolve_host) -> ServerTarget:
+    """An `ipv4:` or `ipv6:` target (gRPC's address lists hold one family) for several host:port entries. Names
+    are resolved here, once (a name whose set of addresses changes belongs in a dns:/// target); IPv4 is used
+    where every host has an IPv4 address (localhost resolves to both), else IPv6 where every host has one."""
+    parsed = [split_address(e) for e in entries]
+    found: list[tuple[str, list[str]]] = []
+    for host, port in parsed:
+        try:
+            found.append((port, [host] if _ip_version(host) else resolve(host, port)))
+        except OSError as e:
+            raise ConnectionSettingsError(f"--server: cannot resolve {host!r}: {e}") from None
+    for version, scheme, fmt in ((4, "ipv4", "{}:{}"), (6, "ipv6", "[{}]:{}")):
+        if all(any(_ip_version(a) == version for a in addresses) for _, addresses in found):
+            listed = [fmt.format(a.split("%")[0], port) for port, addresses in found for a in addresses
+                      if _ip_version(a) == version]
+            hosts = tuple(host for host, _ in parsed)
+            authority = "" if len(set(hosts)) > 1 else f"[{hosts[0]}]:{parsed[0][1]}" if ":" in hosts[0] \
+                else f"{hosts[0]}:{parsed[0][1]}"
+            return ServerTarget(f"{scheme}:{','.join(dict.fromkeys(listed))}", hosts, True, authority)
+    raise ConnectionSettingsError(f"--server {','.join(entries)}: no address family every host has (gRPC's address "
+                                  "lists hold IPv4 or IPv6 addresses, not both)")
+
+
+def server_target(server: str, resolve: Resolver = resolve_host) -> ServerTarget:
+    """--server as a gRPC target: one host:port as it is (pick_first, gRPC resolves it), several comma-separated
+    ones as an address list, a target with a scheme (dns:///name:port, ipv4:..., unix:...) as it is; the last
+    two balanced with round_robin."""
+    server = server.strip()
+    scheme = server.split(":", 1)[0].lower() + ":"
+    if scheme in ("ipv4:", "ipv6:"):
+        entries = [e.strip() for e in server.split(":", 1)[1].split(",") if e.strip()]
+        return address_list_target(entries, resolve)
+    if scheme in TARGET_SCHEMES:
+        return ServerTarget(server, (target_host(server),), True)
+    entries = [e.strip() for e in server.split(",") if e.strip()]
+    if len(entries) > 1:
+        return address_list_target(entries, resolve)
+    return ServerTarget(server, (split_host(server),), False)
+
+
+def target_host(target: str) -> str:
+    """The host of a dns: target (dns:name:port, dns:///name:port, dns://resolver/name:port); a unix socket's
+    is local."""
+    scheme, _, rest = target.partition(":")
+    if scheme.lower().startswith("unix"):
+        return "localhost"
+    if rest.startswith("//"):
+        rest = rest[2:].partition("/")[2]
+    return split_host(rest)
+
+
 def read_pem(path: str, flag: str) -> bytes:
     """A PEM file's bytes; a file that is missing, unreadable or not PEM is an error naming the flag."""
     try:
@@ -84,8 +177,29 @@ def read_pem(path: str, flag: str) -> bytes:
     return data
 
 
-def server_credentials(tls_cert: str, tls_key: str, tls_ca: str) -> grpc.ServerCredentials | None:
-    """TLS for the cloud, or None for plaintext. With a CA, every client must present a certificate it signed."""
+@dataclass(frozen=True)
+class ServerTlsFiles:
+    """The cloud's TLS material, read and checked: (key, certificate chain) and the client CA (None: no mutual TLS)."""
+    pair: tuple[bytes, bytes]
+    client_ca: bytes | None
+
+
+def check_key_pair(tls_cert: str, tls_key: str, tls_ca: str) -> None:
+    """That the key belongs to the certificate and the files parse (Python's ssl, the same OpenSSL checks): a
+    mismatched pair would otherwise be taken and fail every handshake."""
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_cert, tls_key)
+        if tls_ca:
+            context.load_verify_locations(cafile=tls_ca)
+    except (ssl.SSLError, OSError) as e:
+        raise ConnectionSettingsError(f"--tls-cert {tls_cert} / --tls-key {tls_key}"
+                                      + (f" / --tls-ca {tls_ca}" if tls_ca else "") + f": unusable: {e}") from None
+
+
+def server_tls_files(tls_cert: str, tls_key: str, tls_ca: str) -> ServerTlsFiles | None:
+    """The cloud's TLS files, or None for plaintext; a missing, unreadable, non-PEM or mismatched file raises
+    ConnectionSettingsError naming the flag."""
     if not (tls_cert or tls_key or tls_ca):
         return None
     if not (tls_cert and tls_key):
@@ -93,7 +207,18 @@ def server_credentials(tls_cert: str, tls_key: str, tls_ca: str) -> grpc.ServerC
                                       + (" (--tls-ca alone only says whom to trust)" if tls_ca else ""))
     pair = (read_pem(tls_key, "--tls-key"), read_pem(tls_cert, "--tls-cert"))
     roots = read_pem(tls_ca, "--tls-ca") if tls_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=roots, require_client_auth=roots is not None)
+    check_key_pair(tls_cert, tls_key, tls_ca)
+    return ServerTlsFiles(pair, roots)
+
+
+def server_credentials(tls_cert: str, tls_key: str, tls_ca: str) -> grpc.ServerCredentials | None:
+    """TLS for the cloud, or None for plaintext. With a CA, every client must present a certificate it signed.
+    Fixed credentials; the cloud itself serves reloadable ones (cloud_server/certificates.py)."""
+    files = server_tls_files(tls_cert, tls_key, tls_ca)
+    if files is None:
+        return None
+    return grpc.ssl_server_credentials([files.pair], root_certificates=files.client_ca,
+                                       require_client_auth=files.client_ca is not None)
 
 
 def channel_credentials(tls: bool, tls_ca: str, tls_cert: str, tls_key: str) -> grpc.ChannelCredentials | None:

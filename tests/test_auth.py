@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from picospec.cloud_server.auth import (MISSING_TOKEN, UNKNOWN_TOKEN, TokenFileError, bearer_token, exposure_warning,
-                                        parse_tokens, permission_warning)
+from picospec.cloud_server.auth import (MISSING_TOKEN, UNKNOWN_TOKEN, RefusalLog, TokenFileError, bearer_token,
+                                        exposure_warning, parse_tokens, peer_host, permission_warning)
 from picospec.edge_client.transport import EdgeError
 from picospec.shared.connection import (ConnectionSettingsError, is_loopback, ping_schedule_ms, server_credentials,
                                         split_host, token_metadata)
@@ -123,6 +123,32 @@ def test_unusable_tls_settings_name_the_flag(tmp_path, pki):
     (tmp_path / "x.pem").write_text("not a certificate")
     with pytest.raises(ConnectionSettingsError, match="--tls-cert .*not a PEM file"):
         server_credentials(str(tmp_path / "x.pem"), str(pki["a"] / "server.key"), "")
+
+
+def test_refusal_log_says_a_flood_in_one_line_per_interval():
+    now = [0.0]
+    refusals = RefusalLog(interval_s=60.0, clock=lambda: now[0], max_callers=2)
+    info = "/picospec.v1.PicoSpec/Info"
+    assert refusals.refused(info, "ipv4:10.0.0.7:5001", UNKNOWN_TOKEN) == [
+        f"refused {info} from ipv4:10.0.0.7:5001: UNAUTHENTICATED: {UNKNOWN_TOKEN}"]
+    for port in range(5002, 5102):  # a flood from new connections: counted, not logged
+        now[0] += 0.1
+        assert refusals.refused(info, f"ipv4:10.0.0.7:{port}", UNKNOWN_TOKEN) == []
+    assert len(refusals.refused(info, "ipv4:10.0.0.7:1", MISSING_TOKEN)) == 1  # another reason: its own line
+    now[0] = 61.0
+    assert refusals.refused(info, "ipv4:10.0.0.7:6000", UNKNOWN_TOKEN) == [
+        f"100 more refusals from 10.0.0.7 (UNAUTHENTICATED: {UNKNOWN_TOKEN}) in the last 61 s"]
+    now[0] = 130.0  # the flood stopped after one more: said at the next refusal from anyone, then forgotten
+    assert refusals.refused(info, "ipv6:[::1]:9", UNKNOWN_TOKEN) == [
+        f"1 more refusals from 10.0.0.7 (UNAUTHENTICATED: {UNKNOWN_TOKEN}) in the last 69 s",
+        f"refused {info} from ipv6:[::1]:9: UNAUTHENTICATED: {UNKNOWN_TOKEN}"]
+    assert len(refusals.refused(info, "ipv4:10.0.0.8:1", UNKNOWN_TOKEN)) == 1  # 2 callers tracked: the bound
+    assert refusals.refused(info, "ipv4:10.0.0.9:1", UNKNOWN_TOKEN) == []  # counted as "other callers"
+    now[0] = 200.0
+    assert refusals.flush() == [f"1 more refusals from other callers (UNAUTHENTICATED: {UNKNOWN_TOKEN}) in the last 70 s"]
+    now[0] = 300.0
+    assert refusals.flush() == [] and len(refusals.refused(info, "ipv4:10.0.0.7:1", UNKNOWN_TOKEN)) == 1
+    assert [peer_host(p) for p in ("ipv4:10.0.0.7:53122", "ipv6:[::1]:5", "unknown")] == ["10.0.0.7", "[::1]", "unknown"]
 
 
 # ---- tokens over the wire ----------------------------------------------------------------------------------------
@@ -238,3 +264,38 @@ def test_world_readable_tokens_file_warns(tiny_target, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="picospec.cloud"):
         TokenAuth(str(loose))
     assert f"chmod 600 {loose}" in caplog.text and ALICE not in caplog.text
+
+
+def test_certificates_reload_on_sighup_for_new_connections(tiny_target, tiny_draft, pki, tmp_path, caplog):
+    """Mutual TLS from CA a's files; the files replaced by CA b's and reloaded (the SIGHUP handler itself): new
+    connections get b's certificate and need b's client certificates; a broken file on reload keeps b's."""
+    from picospec.cloud_server.cli import reload_on_sighup
+    a, b = pki["a"], pki["b"]
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(d: Path) -> None:
+        for name in ("server.pem", "server.key", "ca.pem"):
+            (live / name).write_bytes((d / name).read_bytes())
+
+    install(a)
+
+    async def scenario():
+        async with serving(tiny_target, **tls_server(live, mutual=True)) as (service, addr):
+            assert len(await generate(addr, tiny_draft, **tls_edge(a, client=a))) == 3
+            install(b)
+            reload_on_sighup(service)
+            assert len(await generate(addr, tiny_draft, **tls_edge(b, client=b))) == 3
+            old_ca, _ = await refusal(addr, tiny_draft, **tls_edge(a, client=b))
+            assert "CERTIFICATE_VERIFY_FAILED" in str(old_ca), old_ca
+            old_client, _ = await refusal(addr, tiny_draft, **tls_edge(b, client=a))
+            assert "client certificate" in str(old_client), old_client
+            (live / "server.key").write_bytes((a / "server.key").read_bytes())  # a key that is not the certificate's
+            assert not service.certificates.reload()
+            (live / "server.pem").write_text("half-copied")
+            assert not service.certificates.reload()
+            assert len(await generate(addr, tiny_draft, **tls_edge(b, client=b))) == 3
+
+    with caplog.at_level(logging.INFO, logger="picospec.cloud"):
+        run(scenario())
+    assert "TLS certificate reloaded" in caplog.text and "TLS certificate not reloaded" in caplog.text

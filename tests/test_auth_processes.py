@@ -1,7 +1,7 @@
 """A secured cloud as a real `picospec-cloud` process (TLS, client certificates, tokens, --peer-timeout-s 2,
 --max-sessions 1), with the real edge console script and a real edge process: an edge without a token is refused
 UNAUTHENTICATED, one with the token (PICOSPEC_TOKEN) and certificates generates; SIGHUP revokes a token removed
-from the file (no token in the cloud's log); a frozen edge (SIGSTOP) loses its session and its slot within the
+from the file (no token in the cloud's log) and reloads the TLS files; a frozen edge (SIGSTOP) loses its session and its slot within the
 peer timeout; a frozen cloud is reported by the edge within the peer timeout, not at the generation's deadline.
 
 The tests run in file order against one cloud (the frozen-cloud test is last and resumes it)."""
@@ -144,6 +144,7 @@ def test_sighup_revokes_a_removed_token(stack):
         time.sleep(0.1)
     assert run(info(BOB)) is grpc.StatusCode.OK
     assert "tokens reloaded" in stack.log.read_text()
+    assert "TLS certificate reloaded" in stack.log.read_text()  # the same signal reloads the TLS files
 
 
 def test_a_frozen_edge_loses_its_session_within_the_peer_timeout(stack, tiny_draft):
