@@ -10,6 +10,7 @@ Both tasks run on the event loop and touch the model only through the worker (cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,12 +18,14 @@ from typing import AsyncIterator, Callable, Protocol
 
 import grpc
 
+from picospec.cloud_server.ahead import batch_due_at, check_next_batch_in, decode_hold_s
 from picospec.cloud_server.drafts import DraftQueue, DraftRun
 from picospec.cloud_server.handshake import Refusal, SessionSpec
 from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.config import CloudConfig
 from picospec.shared.early_exit import ExpectedOutcome
+from picospec.shared.perf_model import Ewma
 from picospec.shared.protocol import ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.schemes import ResidualPayload
@@ -68,6 +71,10 @@ class CloudSession:
         self.wake = asyncio.Event()
         self.edge_done = False
         self.idle_s = 0.0  # time with nothing to do since the last verdict: the pipeline bubble
+        self.batch_due_at: float | None = None  # when the edge's next batch is due (cloud_server/ahead.py)
+        self.decode_step = Ewma(0.3)            # seconds per decode-ahead step, as measured
+        self.decoding_since: float | None = None  # a decode-ahead step is running (started then)
+        self.arrived_while_decoding: float | None = None  # when the first batch arrived during that step
         self.waiting_for: str | None = None  # what the verifier waits for from the edge, while it waits
 
     async def prefill(self, first_token: bool) -> tuple[float, int | None]:
@@ -152,6 +159,7 @@ class CloudSession:
 
     async def _admit(self, b: pb.DraftBatch) -> None:
         st = self.state
+        check_next_batch_in(b.next_batch_in_s)
         if st.finished is not None or b.epoch < st.epoch:
             return  # drafted before the edge saw the final verdict, or before a rejection: not even decoded
         resolved = b.resolved_token if b.HasField("resolved_token") else None
@@ -162,6 +170,10 @@ class CloudSession:
         if resolved is not None and st.awaiting_resolution:
             self.cache.check_resolved(resolved)
         self.queue.admit(b.epoch, b.start_pos, list(b.token_ids), extras, self.limits.max_draft_len, resolved)
+        now = time.perf_counter()
+        self.batch_due_at = batch_due_at(now, b.next_batch_in_s)
+        if self.decoding_since is not None and self.arrived_while_decoding is None:
+            self.arrived_while_decoding = now
         if st.finished is not None:  # the edge's correction ended the session
             self._verdict(st.committed_len, 0, 0, None, False, 0.0)
         self.wake.set()
@@ -173,7 +185,11 @@ class CloudSession:
             if run is not None:
                 await self._pass(run)
             elif self._may_decode_ahead():
-                await self._decode_one()
+                hold = decode_hold_s(time.perf_counter(), self.batch_due_at, self.decode_step.value)
+                if hold > 0:
+                    await self._idle(timeout=hold)  # a batch is due before a step would end: verify it first
+                else:
+                    await self._decode_one()
             elif self.edge_done:
                 return
             else:
@@ -191,10 +207,12 @@ class CloudSession:
             run = self.queue.take(self.limits.max_draft_len)  # drafts that arrived meanwhile go first
         return run
 
-    async def _idle(self) -> None:
+    async def _idle(self, timeout: float | None = None) -> None:
+        """Wait for the edge (drafts, a correction, its end), or at most `timeout` seconds."""
         t0 = time.perf_counter()
         self.waiting_for = waits_for(self.state)
-        await self.wake.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
         self.wake.clear()
         self.waiting_for = None
         self.idle_s += time.perf_counter() - t0
@@ -202,13 +220,20 @@ class CloudSession:
     async def _decode_one(self) -> None:
         """Decode-ahead: a token from the committed prefix, committed unless the edge's correction came first."""
         committed = list(self.state.tokens)
-        token, dt = await self.worker.run(self.cache.decode_next, committed)
+        started = self.decoding_since = time.perf_counter()
+        try:
+            token, dt = await self.worker.run(self.cache.decode_next, committed)
+        finally:
+            ended = time.perf_counter()
+            waited = ended - self.arrived_while_decoding if self.arrived_while_decoding else 0.0
+            self.decoding_since = self.arrived_while_decoding = None
+        self.decode_step.add(ended - started)  # the worker's time for it, queueing behind other sessions included
         st = self.state
         if st.committed_len != len(committed) or st.awaiting_resolution or st.finished:
             return  # the edge's correction arrived meanwhile: this token is not at the front
         self.queue.commit_own(token)
         await self.worker.run(self.cache.settle, st.committed_len)
-        self._verdict(len(committed), 0, 0, token, False, dt)
+        self._verdict(len(committed), 0, 0, token, False, dt, waited_s=waited)
 
     async def _pass(self, run: DraftRun) -> None:
         out = await self.worker.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
@@ -234,13 +259,15 @@ class CloudSession:
         return send
 
     def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
-                 res: "ResidualPayload | None" = None, epoch: int | None = None) -> None:
+                 res: "ResidualPayload | None" = None, epoch: int | None = None, waited_s: float = 0.0) -> None:
         st = self.state
+        if rejected:
+            self.batch_due_at = None  # the edge's chain died: its next batch starts from our verdict, not its plan
         self.outbox.put_nowait(pb.CloudMessage(verdict=pb.Verdict(
             epoch=st.epoch if epoch is None else epoch, start_pos=start, accepted=accepted, token=token,
             committed_len=st.committed_len, next_epoch=st.epoch, finished=st.finished is not None,
             finish_reason=st.finished.value if st.finished else "", verify_s=compute_s, rejected=rejected,
-            verified=verified, idle_s=self.idle_s,
+            verified=verified, idle_s=self.idle_s, waited_s=waited_s,
             residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
             tail_payload=res.tail if res else b"",
         )))

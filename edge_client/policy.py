@@ -76,6 +76,15 @@ def should_send(s: Snapshot) -> bool:
     return batch_ready or owes_correction(s)
 
 
+def drafts_before_next_send(s: Snapshot) -> int:
+    """Taken right after a send: how many drafts the edge will make before it sends again if no news arrives. 0 when
+    no batch is planned before the cloud speaks: stop-and-wait, draft length 0, a paused or spent chain, or a full
+    lookahead. The cloud schedules decode-ahead around it (cloud_server/ahead.py)."""
+    if not s.pipelined or s.g == 0 or s.paused or s.budget <= 0 or s.last_is_eos or s.resolution_ends:
+        return 0
+    return max(0, min(s.g, 2 * s.g - s.chain_len, s.budget))
+
+
 def cloud_owes(s: Snapshot) -> str | None:
     """What the cloud owes the edge, as the edge sees the protocol state; None when it owes nothing.
 

@@ -18,7 +18,8 @@ import torch
 
 from picospec.edge_client.drafter import Drafter
 from picospec.edge_client.hints import HintTracker
-from picospec.edge_client.policy import Action, SessionPlan, Snapshot, cloud_owes, edge_owes, next_action, should_send
+from picospec.edge_client.policy import (Action, SessionPlan, Snapshot, cloud_owes, drafts_before_next_send, edge_owes,
+                                         next_action, should_send)
 from picospec.edge_client.rtt import RttTracker
 from picospec.edge_client.transport import EdgeError, StreamTransport
 from picospec.shared.codec import PayloadError, decode_list
@@ -184,6 +185,9 @@ class EdgeSession:
         batch = pb.DraftBatch(epoch=self.chain.epoch, start_pos=start, token_ids=[c.token for c in tokens],
                               resolved_token=resolved)
         self.scheme.encode_extras(batch, [c.token for c in tokens], [c.extra for c in tokens], self.cfg.compress)
+        per_draft = self.stats.estimates.draft_s.value
+        if per_draft:  # when the next batch will follow, so that the cloud's decode-ahead never delays it
+            batch.next_batch_in_s = drafts_before_next_send(self.snapshot()) * per_draft
         self.rtt.on_send(start + (resolved is not None), len(tokens), time.perf_counter())
         await self.transport.send(pb.EdgeMessage(draft=batch))
 
@@ -213,6 +217,7 @@ class EdgeSession:
         stats, est = self.stats, self.stats.estimates
         stats.cloud_s += v.verify_s
         stats.bubble_s += v.idle_s
+        stats.verify_waited_s += v.waited_s
         stats.wasted_draft += a.dropped
         if v.verify_s > 0:  # a pass ran (a verdict closing the session on our correction ran none)
             est.passes.add(v.verified, v.verify_s)

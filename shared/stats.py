@@ -80,6 +80,7 @@ class GenerationStats:
     prefill_tokens: int = 0     # tokens the cloud sent with its Ready: the first token at once (one per session)
     dead_chains: int = 0        # pipeline: draft chains that contradicted a cloud token
     bubble_s: float = 0.0       # pipeline: time the cloud had nothing to verify
+    verify_waited_s: float = 0.0  # pipeline: time drafts waited on the cloud behind a decode-ahead step
     drafted_total: int = 0      # draft tokens made, sent or not
     exit_layer: int = 0         # early exits: the target layer the hints come from (0 = none)
     hints: int = 0              # hints received
@@ -182,6 +183,7 @@ class GenerationStats:
             "cloud_tokens": self.cloud_tokens,
             "dead_chains": self.dead_chains,
             "pipeline_bubble_s": self.bubble_s,
+            "verify_waited_s": self.verify_waited_s,
             "draft_tokens_made": self.drafted_total,
             "draft_len_chosen": {str(k): v for k, v in sorted(self.draft_len_choices.items())},
             "exit_layer": self.exit_layer,

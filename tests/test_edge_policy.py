@@ -8,8 +8,8 @@ import pytest
 
 from picospec.shared.schemes import SCHEMES
 
-from picospec.edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, edge_owes, next_action, plan_session,
-                                should_send)
+from picospec.edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, drafts_before_next_send, edge_owes,
+                                         next_action, plan_session, should_send)
 
 # a pipelined session mid-generation: nothing drafted, nothing in flight, plenty of budget
 IDLE = Snapshot(g=4, pipelined=True, decode_ahead=False, budget=20, chain_len=0, unsent=0, in_flight=0,
@@ -25,6 +25,15 @@ def test_drafts_when_idle_and_below_the_lookahead():
     assert next_action(IDLE) is Action.DRAFT
     assert next_action(snap(chain_len=7, in_flight=4, unsent=3)) is Action.DRAFT  # pipelined: up to 2 g ahead
     assert next_action(snap(chain_len=8, in_flight=8)) is Action.WAIT              # lookahead full, verdicts owed
+
+
+def test_the_next_batch_announced_after_a_send_is_what_the_lookahead_leaves():
+    assert drafts_before_next_send(snap(chain_len=4, in_flight=4)) == 4      # a full batch of g
+    assert drafts_before_next_send(snap(chain_len=6, in_flight=6)) == 2      # the lookahead (2 g) cuts it
+    assert drafts_before_next_send(snap(chain_len=8, in_flight=8)) == 0      # full: next only after a verdict
+    assert drafts_before_next_send(snap(chain_len=4, in_flight=4, budget=1)) == 1
+    for no_plan in (snap(pipelined=False), snap(g=0), snap(paused=True), snap(budget=0), snap(last_is_eos=True)):
+        assert drafts_before_next_send(no_plan) == 0
 
 
 def test_sends_a_full_batch_and_in_pipeline_anything_when_nothing_is_in_flight():
