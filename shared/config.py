@@ -88,8 +88,9 @@ class EdgeConfig:
     draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
     mode: str = opt("pipeline", "decoding mode: cloud, edge, sync, early-exit, pipeline, picospec (the paper's; APPROXIMATE); "
                     "a comma-separated list runs each and prints a table")
-    verify: str = opt("dense", "verification mode: dense (full q up), split-topk (the PicoSpec paper's; APPROXIMATE), "
-                      "split-exact (exact, scalars up, top-K + tail draws down), coupled (exact, ids only)", choices=VERIFY_MODES)
+    verify: str = opt("coupled", "verification mode: coupled (the default: exact, token ids only each way), dense (exact, "
+                      "the draft's whole q up: ~0.5 MB a token under sampling), split-topk (the PicoSpec paper's; "
+                      "APPROXIMATE), split-exact (exact, scalars up, top-K + tail draws down)", choices=VERIFY_MODES)
     residual_top_k: int = opt(10, "split modes: top-K entries of p the cloud sends on a rejection")
     tail_samples: int = opt(4, "split-exact: tail draws the cloud sends with each rejection")
     draft_len: int = opt(0, "draft tokens per batch; 0 = chosen online in pipeline mode (docs/design.md §4.4), 4 in sync mode")

@@ -277,7 +277,7 @@ def test_chat_through_a_pseudo_terminal(cloud, tmp_path):
             asyncio.run(_wait_for_a_free_slot(server, target, timeout_s=10))
             reply, footer = _turn(term, text)
             assert reply == reference, (text, term.out)
-            assert re.fullmatch(r"\[pipeline dense · \d+ tokens · .* tok/s · ttft .* · eos\]", footer), footer
+            assert re.fullmatch(r"\[pipeline coupled · \d+ tokens · .* tok/s · ttft .* · eos\]", footer), footer
 
         # Ctrl-C mid-reply: the turn ends, marked interrupted; the chat goes on
         start = len(term.out)
@@ -294,7 +294,7 @@ def test_chat_through_a_pseudo_terminal(cloud, tmp_path):
         # chat's next turn, over the conversation that kept the interrupted reply
         asyncio.run(_wait_for_a_free_slot(server, target, timeout_s=10))
         reply, footer = _turn(term, "Thanks. What is 2+2?")
-        assert reply and footer.startswith("[pipeline dense · ") and footer.endswith(("· eos]", "· length]")), term.out
+        assert reply and footer.startswith("[pipeline coupled · ") and footer.endswith(("· eos]", "· length]")), term.out
         assert proc.poll() is None
         after_connecting = term.errors().split("picospec-edge: cloud serves", 1)[1].split("\n", 1)[1]
         assert not after_connecting.strip(), term.errors()  # no error, no traceback
