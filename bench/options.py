@@ -18,11 +18,10 @@ def add_common_args(p: argparse.ArgumentParser, *, rtts: str | None, mbits: str 
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"the cloud's model (default {DEFAULT_TARGET}; e.g. {DEFAULT_TARGET}:int8 for the int8 cloud)")
     p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"the edge's draft model (default {DEFAULT_DRAFT})")
-    cross = lambda other, dflt: f" (default {dflt})" if dflt else (  # noqa: E731
-        f"; crossed with {other} (alone: with its default list {','.join(map(fmt_num, DEFAULT_RTTS if other == '--rtt-ms' else DEFAULT_MBITS))})")
-    p.add_argument("--rtt-ms", default=rtts, help=f"comma-separated RTTs in ms{cross('--mbit', rtts)}; 0 = no delay stage")
-    p.add_argument("--mbit", default=mbits, help=f"comma-separated rates each way in Mbit/s{cross('--rtt-ms', mbits)}; "
-                   "0 = unshaped")
+    p.add_argument("--rtt-ms", default=rtts, help="comma-separated RTTs in ms"
+                   + _list_default(rtts, "--mbit", DEFAULT_MBITS) + "; 0 = no delay stage")
+    p.add_argument("--mbit", default=mbits, help="comma-separated rates each way in Mbit/s"
+                   + _list_default(mbits, "--rtt-ms", DEFAULT_RTTS) + "; 0 = unshaped")
     p.add_argument("--runs", type=int, default=runs, help="runs per prompt, column and cell (the median is reported)")
     labels = ", ".join(pr.label for pr in PROMPTS)
     p.add_argument("--prompts", type=int, default=prompts, help=f"how many of the {len(PROMPTS)} built-in prompts, "
@@ -41,6 +40,14 @@ def add_common_args(p: argparse.ArgumentParser, *, rtts: str | None, mbits: str 
     p.add_argument("--cloud-core", type=int, default=1)
     p.add_argument("--no-netns", action="store_true", help="plain loopback, no shaping (only RTT 0, unshaped)")
     p.add_argument("--out", default="bench_out")
+
+
+def _list_default(default: str | None, other: str, other_list: tuple[float, ...]) -> str:
+    """Help text for --rtt-ms/--mbit: their default, or (where the command has none: sweep's --cells) how they
+    make a cross product with the other flag."""
+    if default:
+        return f" (default {default})"
+    return f"; crossed with {other} (given alone: with {other} {','.join(map(fmt_num, other_list))})"
 
 
 def temperatures_of(args: argparse.Namespace) -> list[float]:

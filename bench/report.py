@@ -200,8 +200,8 @@ def detail_table(rows: Sequence[dict[str, Any]]) -> str:
             ("mean_draft_len", "{:.2f}"), ("bytes_up_per_token", "{:,.0f}"), ("bytes_down_per_token", "{:,.0f}"),
             ("edge_busy_fraction", "{:.2f}"), ("cloud_busy_fraction", "{:.2f}"), ("wasted_draft_tokens", "{:.0f}"),
             ("cloud_tokens", "{:.0f}"), ("hint_hit_rate", "{:.2f}")]
-    head = ["RTT ms", "bandwidth", "column", "runs", "tok/s", "x cloud", "decode tok/s", "decode x cloud", "TTFT s", "ITL p50 s", "ITL p95 s", "accept.",
-            "acc. len", "draft len", "B up/tok", "B down/tok", "edge busy", "cloud busy", "wasted", "cloud tok", "hint hit"]
+    head = ["RTT ms", "bandwidth", "column", "runs", "tok/s", "x cloud", "decode tok/s", "decode x cloud", "TTFT s",
+            "ITL p50 s", "ITL p95 s", "accept.", "acc. len", "draft len", "B up/tok", "B down/tok", "edge busy", "cloud busy", "wasted", "cloud tok", "hint hit"]
     body = [[fmt_num(r["rtt_ms"]), bw_name(r["mbit"]), r["column"], f"{r['runs']}" + (f" ({r['timed_out']}†)" if r["timed_out"] else "")]
             + [fmt(r.get(k), f) for k, f in cols] for r in rows]
     return markdown_table(head, body)

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(p, rtts=None, mbits=None, prompts=3, max_new_tokens=128, runs=3, temperatures=DEFAULT_TEMPERATURES)
     p.add_argument("--cells", default=None, help=f"network cells RTT_MSxMBIT, comma-separated (default {DEFAULT_CELLS}); "
                    "instead of the --rtt-ms x --mbit cross product")
-    p.add_argument("--modes", default=None, help=f"columns, [LABEL=]MODE[:VERIFY[:HINTS[:DRAFT_LEN]]] (default {DEFAULT_COLUMNS})")
+    p.add_argument("--modes", default=None,
+                   help=f"columns, [LABEL=]MODE[:VERIFY[:HINTS[:DRAFT_LEN]]]; MODE default = the edge's (default {DEFAULT_COLUMNS})")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper-table1: cloud, sync, picospec and ours side by side")
     args = p.parse_args(argv)
     if args.preset and args.modes:
