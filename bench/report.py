@@ -353,8 +353,10 @@ def default_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def report_markdown(name: str, settings: dict[str, Any], labels: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     """The sweep's Markdown: a block per temperature (main table, bytes, details)."""
-    parts = [f"# picospec-bench {name.replace('_', ' ')}\n\n{report_title(settings)}; medians, each side in its own "
-             "namespace on its own core.", NOTES, *default_notes(rows)]
+    where = ("both sides on plain loopback, unshaped (--no-netns)" if settings.get("no_netns")
+             else "each side in its own namespace on its own core")
+    parts = [f"# picospec-bench {name.replace('_', ' ')}\n\n{report_title(settings)}; medians, {where}.", NOTES,
+             *default_notes(rows)]
     if settings.get("interrupted"):
         parts.append(f"**Incomplete**: stopped early ({settings['interrupted']}).")
     for t, rs in by_temperature(rows).items():
