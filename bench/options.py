@@ -7,21 +7,32 @@ import os
 from pathlib import Path
 from typing import Any
 
-from picospec.bench.grid import DEFAULT_DRAFT, DEFAULT_TARGET, PROMPTS
+from picospec.bench.grid import DEFAULT_DRAFT, DEFAULT_MBITS, DEFAULT_RTTS, DEFAULT_TARGET, PROMPTS, fmt_num, parse_temperatures
 from picospec.bench.testbed import BenchSettings, Testbed
 
 
-def add_common_args(p: argparse.ArgumentParser, *, rtts: str, mbits: str, prompts: int, max_new_tokens: int,
-                    runs: int) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
-    p.add_argument("--rtt-ms", default=rtts, help=f"comma-separated RTTs in ms (default {rtts}); 0 = no delay stage")
-    p.add_argument("--mbit", default=mbits, help=f"comma-separated rates each way in Mbit/s (default {mbits}); 0 = unshaped")
+def add_common_args(p: argparse.ArgumentParser, *, rtts: str | None, mbits: str | None, prompts: int,
+                    max_new_tokens: int, runs: int, temperatures: str | None = None) -> None:
+    """rtts/mbits None: no default (the command has another, e.g. sweep's --cells). temperatures given: a
+    `--temperatures` list with that default instead of the single `--temperature`."""
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"the cloud's model (default {DEFAULT_TARGET}; e.g. {DEFAULT_TARGET}:int8 for the int8 cloud)")
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"the edge's draft model (default {DEFAULT_DRAFT})")
+    p.add_argument("--rtt-ms", default=rtts, help="comma-separated RTTs in ms"
+                   + _list_default(rtts, "--mbit", DEFAULT_MBITS) + "; 0 = no delay stage")
+    p.add_argument("--mbit", default=mbits, help="comma-separated rates each way in Mbit/s"
+                   + _list_default(mbits, "--rtt-ms", DEFAULT_RTTS) + "; 0 = unshaped")
     p.add_argument("--runs", type=int, default=runs, help="runs per prompt, column and cell (the median is reported)")
-    p.add_argument("--prompts", type=int, default=prompts, help=f"how many of the {len(PROMPTS)} built-in prompts")
+    labels = ", ".join(pr.label for pr in PROMPTS)
+    p.add_argument("--prompts", type=int, default=prompts, help=f"how many of the {len(PROMPTS)} built-in prompts, "
+                   f"first ones first ({labels}; default {prompts})")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature (default 1: dense then ships whole distributions, as in the papers)")
+    if temperatures is None:
+        p.add_argument("--temperature", type=float, default=1.0,
+                       help="sampling temperature (default 1: dense then ships whole distributions, as in the papers)")
+    else:
+        p.add_argument("--temperatures", default=temperatures,
+                       help=f"comma-separated sampling temperatures, each a block of the report (default {temperatures})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-timeout-s", type=float, default=120.0, help="cut a run after this long (rate over the part done)")
     p.add_argument("--port", type=int, default=BenchSettings.port)
@@ -31,9 +42,22 @@ def add_common_args(p: argparse.ArgumentParser, *, rtts: str, mbits: str, prompt
     p.add_argument("--out", default="bench_out")
 
 
+def _list_default(default: str | None, other: str, other_list: tuple[float, ...]) -> str:
+    """Help text for --rtt-ms/--mbit: their default, or (where the command has none: sweep's --cells) how they
+    make a cross product with the other flag."""
+    if default:
+        return f" (default {default})"
+    return f"; crossed with {other} (given alone: with {other} {','.join(map(fmt_num, other_list))})"
+
+
+def temperatures_of(args: argparse.Namespace) -> list[float]:
+    """The temperatures to run: --temperatures where the command has it, else the one --temperature."""
+    return parse_temperatures(args.temperatures) if hasattr(args, "temperatures") else [args.temperature]
+
+
 def settings_from(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(target=args.target, draft=args.draft, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, port=args.port, edge_core=args.edge_core,
+                         temperature=temperatures_of(args)[0], port=args.port, edge_core=args.edge_core,
                          cloud_core=args.cloud_core, run_timeout_s=args.run_timeout_s, netns=not args.no_netns,
                          out=Path(args.out))
 

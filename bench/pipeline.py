@@ -78,7 +78,7 @@ def interp_cost(verify_at: dict[str, float | None] | None, g: float) -> float | 
 
 def components(rec: dict[str, Any], rtt_s: float, mbit: float | None) -> Components:
     """The model's inputs from one run record (stats + the worker's `extra` component times)."""
-    st, ex, mode = rec.get("stats") or {}, rec.get("extra") or {}, rec["mode"]
+    st, ex, mode = rec.get("stats") or {}, rec.get("extra") or {}, rec.get("ran_mode") or rec["mode"]
     gen = st.get("generated_tokens") or 0
     if mode == "cloud":
         return Components(mode, rtt_s, t_decode=ex["cloud_s"] / gen if gen else None)
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = dict(vars(args))
     with keep_partial(settings), Testbed(settings_from(args), out / "pipeline_logs") as bed:
         settings.update(settings_json(args, bed))
-        run_grid(bed, conds, cols, prompts, args.runs, args.seed, samples, on_cell=links.__setitem__)
+        run_grid(bed, conds, cols, prompts, args.runs, args.seed, samples, on_cell=links.__setitem__,
+                 temperatures=[args.temperature])
     settings["elapsed_s"] = time.perf_counter() - t0
     if not samples:
         sys.exit(f"picospec-bench pipeline: nothing measured ({settings.get('interrupted', 'no runs')})")

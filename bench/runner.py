@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from picospec.bench.grid import Column, Condition, bw_name, fmt_num, harder_or_equal
+from picospec.bench.grid import Column, Condition, Prompt, bw_name, fmt_num, harder_or_equal
 from picospec.bench.report import METRICS, fmt
 from picospec.bench.testbed import BenchError, Testbed
 
@@ -41,15 +42,32 @@ class Progress:
             self.bar.close()
 
 
-def sample_record(cond: Condition, link: dict[str, Any], col: Column, run: int, prompt_i: int, seed: int,
-                  r: dict[str, Any]) -> dict[str, Any]:
-    """One run as a flat record (stats keys at the top level, the whole stats dict kept under `stats`)."""
+@dataclass(frozen=True)
+class RunKey:
+    """Which run a record is: its place in the grid and the seed it ran with."""
+
+    cond: Condition
+    col: Column
+    temperature: float | None
+    run: int
+    prompt_i: int
+    prompt_label: str
+    seed: int
+
+
+def sample_record(k: RunKey, link: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """One run as a flat record (stats keys at the top level, the whole stats dict kept under `stats`).
+    `mode` is the column's (`default` stays `default`); `ran_mode` what the edge ran."""
     st = r.get("stats") or {}
+    cond, col = k.cond, k.col
     rec: dict[str, Any] = {
-        "rtt_ms": cond.rtt_ms, "mbit": cond.mbit, "rtt_measured_ms": link.get("rtt_measured_ms"),
+        "rtt_ms": cond.rtt_ms, "mbit": cond.mbit, "temperature": k.temperature,
+        "rtt_measured_ms": link.get("rtt_measured_ms"),
         "link_method": link.get("method"), "column": col.label, "mode": col.mode,
+        "ran_mode": st.get("mode", col.resolved_mode),
         "verify_mode": st.get("verify_mode", col.verify), "exact": st.get("exact", col.exact),
-        "run": run, "prompt": prompt_i, "seed": seed, "timed_out": bool(r.get("timed_out")),
+        "run": k.run, "prompt": k.prompt_i, "prompt_label": k.prompt_label, "seed": k.seed,
+        "timed_out": bool(r.get("timed_out")),
         "error": None if r.get("ok") else r.get("error", "failed"),
     }
     rec.update({k: st.get(k) for k in METRICS})
@@ -58,13 +76,16 @@ def sample_record(cond: Condition, link: dict[str, Any], col: Column, run: int, 
     return rec
 
 
-def run_grid(bed: Testbed, conds: Sequence[Condition], cols: Sequence[Column], prompts: Sequence[str], runs: int,
+def run_grid(bed: Testbed, conds: Sequence[Condition], cols: Sequence[Column], prompts: Sequence[Prompt], runs: int,
              seed: int, samples: list[dict[str, Any]],
-             on_cell: Callable[[Condition, dict[str, Any]], None] | None = None) -> None:
-    """Every column on every prompt `runs` times in every cell; appends one record per run (skipped ones too)
-    to `samples` as it goes, so that the caller keeps what was measured when a long sweep is interrupted."""
-    cut: list[tuple[Condition, str]] = []  # (cell, column) where a run timed out
-    bar = Progress(len(conds) * len(cols) * len(prompts) * runs)
+             on_cell: Callable[[Condition, dict[str, Any]], None] | None = None,
+             temperatures: Sequence[float | None] = (None,)) -> None:
+    """Every column on every prompt at every temperature `runs` times in every cell; appends one record per run
+    (skipped ones too) to `samples` as it goes, so that the caller keeps what was measured when a long sweep
+    is interrupted. Temperatures and columns are interleaved per prompt: slow drift of the machine hits all alike.
+    Temperature None: the testbed's own."""
+    cut: list[tuple[Condition, str, float | None]] = []  # (cell, column, temperature) where a run timed out
+    bar = Progress(len(conds) * len(cols) * len(prompts) * len(temperatures) * runs)
     try:
         for cond in conds:
             link = bed.shape(cond)
@@ -74,25 +95,34 @@ def run_grid(bed: Testbed, conds: Sequence[Condition], cols: Sequence[Column], p
                 on_cell(cond, link)
             for run in range(runs):
                 for pi, prompt in enumerate(prompts):
-                    for col in cols:
-                        sd = seed + 1000 * run + pi  # the same seed for every column: same coins, fair comparison
-                        desc = f"{fmt_num(cond.rtt_ms)}ms {bw_name(cond.mbit)} {col.label}"
-                        if any(lb == col.label and harder_or_equal(cond, c) for c, lb in cut):
-                            samples.append({**sample_record(cond, link, col, run, pi, sd, {"ok": True}), "skipped": True})
-                            bar.step(desc, "skipped (timed out here or where easier)")
-                            continue
-                        r = bed.run(col, prompt, sd)
-                        rec = sample_record(cond, link, col, run, pi, sd, r)
-                        samples.append(rec)
-                        if rec["timed_out"]:
-                            cut.append((cond, col.label))
-                        note = (f"error: {rec['error'][:60]}" if rec["error"] else
-                                f"{fmt(rec['tokens_per_s'])} tok/s" + (" (timed out)" if rec["timed_out"] else ""))
-                        if rec["error"]:
-                            bar.write(f"{desc}: {rec['error']}")
-                        bar.step(desc, note)
+                    for t in temperatures:
+                        for col in cols:
+                            # the same seed for every column: same coins, fair comparison
+                            k = RunKey(cond, col, t, run, pi, prompt.label, seed + 1000 * run + pi)
+                            _run_one(bed, k, prompt.text, link, cut, samples, bar)
     finally:
         bar.close()
+
+
+def _run_one(bed: Testbed, k: RunKey, text: str, link: dict[str, Any], cut: list[tuple[Condition, str, float | None]],
+             samples: list[dict[str, Any]], bar: Progress) -> None:
+    """One run (or its skip, where the column timed out in an easier cell at this temperature), recorded."""
+    desc = f"{fmt_num(k.cond.rtt_ms)}ms {bw_name(k.cond.mbit)}" + ("" if k.temperature is None else f" T={k.temperature:g}") \
+        + f" {k.col.label}"
+    if any(lb == k.col.label and t == k.temperature and harder_or_equal(k.cond, c) for c, lb, t in cut):
+        samples.append({**sample_record(k, link, {"ok": True}), "skipped": True})
+        bar.step(desc, "skipped (timed out here or where easier)")
+        return
+    r = bed.run(k.col, text, k.seed, k.temperature)
+    rec = sample_record(k, link, r)
+    samples.append(rec)
+    if rec["timed_out"]:
+        cut.append((k.cond, k.col.label, k.temperature))
+    note = (f"error: {rec['error'][:60]}" if rec["error"] else
+            f"{fmt(rec['tokens_per_s'])} tok/s" + (" (timed out)" if rec["timed_out"] else ""))
+    if rec["error"]:
+        bar.write(f"{desc}: {rec['error']}")
+    bar.step(desc, note)
 
 
 @contextlib.contextmanager

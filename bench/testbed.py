@@ -204,8 +204,10 @@ class Testbed:
                     total += int(parts[2])
         return total
 
-    def run(self, col: Column, prompt: str, seed: int) -> dict[str, Any]:
-        req = {"op": "run", "prompt": prompt, "mode": col.mode, "overrides": col.overrides(), "seed": seed,
+    def run(self, col: Column, prompt: str, seed: int, temperature: float | None = None) -> dict[str, Any]:
+        """One generation of `col`; `temperature` None: the worker's (BenchSettings.temperature)."""
+        overrides = {**col.overrides(), **({} if temperature is None else {"temperature": temperature})}
+        req = {"op": "run", "prompt": prompt, "mode": col.request_mode, "overrides": overrides, "seed": seed,
                "timeout_s": self.s.run_timeout_s}
         r = self.ask(req, timeout=self.s.run_timeout_s + 300)
         if r.get("timed_out"):

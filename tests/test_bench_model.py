@@ -3,15 +3,23 @@ CSV and Markdown output, and the performance model's predictions (docs/design.md
 times. No models, no root."""
 from __future__ import annotations
 
+import argparse
 import csv
 import math
+from types import SimpleNamespace
 
 import pytest
 
+from picospec.bench import grid as grid_module
 from picospec.bench.edge_worker import _CountingEwma
-from picospec.bench.grid import PRESETS, Column, Condition, grid, harder_or_equal, parse_column, parse_columns
+from picospec.bench.grid import (DEFAULT_CELLS, DEFAULT_COLUMNS, PRESETS, PROMPTS, Column, Condition, conditions, grid,
+                                 harder_or_equal, parse_cells, parse_column, parse_columns, parse_temperatures,
+                                 pick_prompts)
+from picospec.bench.options import temperatures_of
 from picospec.bench.pipeline import Components, components, deviation, format_table, interp_cost, predict, summarize
-from picospec.bench.report import aggregate, markdown_table, pivot_table, write_csv
+from picospec.bench.report import (aggregate, block_name, by_temperature, main_table, markdown_table, pivot_table,
+                                   report_markdown, write_csv)
+from picospec.shared.config import EdgeConfig
 from picospec.shared.perf_model import Estimates, pipelined_rate, stop_and_wait_rate, tokens_per_round
 
 
@@ -58,6 +66,55 @@ def test_grid_runs_easy_cells_first_and_harder_covers_the_rest():
     assert not harder_or_equal(Condition(100, None), Condition(100, 10))
 
 
+def test_default_column_overrides_nothing_and_follows_the_edge_defaults(monkeypatch):
+    d = parse_column("default")
+    assert d == Column("default", "default") and d.overrides() == {} and d.request_mode is None
+    assert d.resolved_mode == EdgeConfig().mode
+    assert parse_column("d2=default:coupled").overrides() == {"verify": "coupled"}
+    assert parse_column("sync").request_mode == "sync"
+    # exactness is read from the defaults when it runs, not fixed here
+    monkeypatch.setattr(grid_module, "EdgeConfig", lambda: SimpleNamespace(mode="sync", verify="split-topk"))
+    assert d.resolved_mode == "sync" and not d.exact
+
+
+def test_default_columns_are_the_goals_columns():
+    cols = parse_columns(DEFAULT_COLUMNS)
+    assert [c.label for c in cols] == ["cloud", "sync", "picospec", "default", "best"]
+    assert cols[1] == Column("sync", "sync", "dense")
+    assert cols[4] == Column("best", "pipeline", "coupled", None, 0) and cols[4].exact
+    assert not cols[2].exact
+
+
+def test_cells_parse_in_running_order_and_the_defaults_are_the_three_goal_cells():
+    assert parse_cells(DEFAULT_CELLS) == [Condition(10, 100), Condition(50, 10), Condition(200, 1)]
+    assert parse_cells(" 0x0 ") == [Condition(0, None)]
+    assert parse_cells("50X10,50x10") == [Condition(50, 10)]
+    for bad in ("50", "50x", "x10", "ax1", "-1x10", "10x-1", ",", "nanx1"):
+        with pytest.raises(ValueError):
+            parse_cells(bad)
+
+
+def test_conditions_pick_cells_or_a_cross_product():
+    assert conditions(None, None, None) == parse_cells(DEFAULT_CELLS)
+    assert conditions("0x0", None, None) == [Condition(0, None)]
+    assert conditions(None, "0", "0") == [Condition(0, None)]
+    assert len(conditions(None, "10,50", None)) == 8  # with the default rates
+    assert conditions(None, "10,50", "1") == [Condition(10, 1), Condition(50, 1)]
+    with pytest.raises(ValueError, match="not both"):
+        conditions("0x0", "0", None)
+
+
+def test_temperatures_and_prompts():
+    assert parse_temperatures("0,1") == [0.0, 1.0] and parse_temperatures("1, 1,0.7") == [1.0, 0.7]
+    for bad in ("", "-1", "0,nan"):
+        with pytest.raises(ValueError):
+            parse_temperatures(bad)
+    assert temperatures_of(argparse.Namespace(temperatures="0,1")) == [0.0, 1.0]
+    assert temperatures_of(argparse.Namespace(temperature=0.5)) == [0.5]
+    assert [p.label for p in pick_prompts(3)] == ["chat", "code", "prose"]
+    assert len({p.label for p in PROMPTS}) == len(PROMPTS)
+
+
 # ----------------------------------------------------------------------------------------------- aggregation, output
 
 def _sample(col: str, mode: str, tps: float, **kw) -> dict:
@@ -97,6 +154,51 @@ def test_markdown_tables_are_aligned_and_mark_what_they_should():
     p = pivot_table(aggregate(samples, keys=("tokens_per_s",)), ["cloud", "ours", "pico", "sync"])
     assert "3.00† (1.50x)" in p and "2.50 (1.25x)" in p and "pico APPROX." in p and "| skip" in p
     assert "50 (50.3)" in p and "unshaped" in p
+
+
+def _rates(col: str, mode: str, tps: float, decode: float, ttft: float, temperature: float = 0.0, **kw) -> dict:
+    return _sample(col, mode, tps, decode_tokens_per_s=decode, ttft_s=ttft, temperature=temperature, **kw)
+
+
+def test_aggregate_gives_decode_and_e2e_ratios_of_medians_per_temperature():
+    samples = [_rates("cloud", "cloud", x, 2 * x, 1.0) for x in (1.0, 2.0, 9.0)]            # medians 2, 4
+    samples += [_rates("best", "pipeline", x, 3 * x, 2.0) for x in (2.0, 3.0, 4.0)]         # medians 3, 9
+    samples += [_rates("cloud", "cloud", 5.0, 5.0, 1.0, temperature=1.0),
+                _rates("best", "pipeline", 4.0, 10.0, 3.0, temperature=1.0)]
+    rows = aggregate(samples, keys=("tokens_per_s", "decode_tokens_per_s", "ttft_s"))
+    blocks = by_temperature(rows)
+    assert list(blocks) == [0.0, 1.0]
+    best0 = next(r for r in blocks[0.0] if r["column"] == "best")
+    assert best0["speedup_vs_cloud"] == pytest.approx(3 / 2)
+    assert best0["decode_speedup_vs_cloud"] == pytest.approx(9 / 4)  # ratio of medians, not median of ratios
+    best1 = next(r for r in blocks[1.0] if r["column"] == "best")
+    assert (best1["speedup_vs_cloud"], best1["decode_speedup_vs_cloud"]) == (pytest.approx(0.8), pytest.approx(2.0))
+
+
+def test_main_table_holds_the_three_medians_and_both_ratios():
+    samples = [_rates("cloud", "cloud", 2.0, 2.5, 1.25), _rates("best", "pipeline", 3.0, 5.0, 0.75, timed_out=True),
+               _rates("pico", "picospec", 2.5, 2.5, 2.0, exact=False), _rates("sync", "sync", None, None, None, skipped=True)]
+    rows = aggregate(samples, keys=("tokens_per_s", "decode_tokens_per_s", "ttft_s"))
+    t = main_table(rows, ["cloud", "best", "pico", "sync"])
+    head = t.splitlines()[0]
+    assert [h.strip() for h in head.strip("|").split("|")][3:] == ["decode tok/s", "TTFT s", "e2e tok/s",
+                                                                    "decode x cloud", "e2e x cloud"]
+    best = next(line for line in t.splitlines() if "| best" in line)
+    assert [c.strip() for c in best.strip("|").split("|")][3:] == ["5.00†", "0.750", "3.00†", "2.00x", "1.50x"]
+    assert "pico APPROX." in t and t.count("| skip") == 5 and "50 (50.3)" in t
+
+
+def test_report_has_a_block_per_temperature_and_names_what_default_ran():
+    samples = [_rates("cloud", "cloud", 2.0, 2.5, 1.0, temperature=t) for t in (0.0, 1.0)]
+    samples += [_rates("default", "default", 2.0, 3.0, 1.0, temperature=t, ran_mode="pipeline", verify_mode="dense")
+                for t in (0.0, 1.0)]
+    rows = aggregate(samples)  # every metric, as the sweep does: the bytes and details tables need them
+    settings = {"target": "t", "draft": "d", "max_new_tokens": 8, "temperatures": "0,1", "prompts": 3, "runs": 1,
+                "prompt_labels": ["chat", "code", "prose"]}
+    md = report_markdown("sweep", settings, ["cloud", "default"], rows)
+    assert md.count("## T=0") == 1 and md.count("## T=1") == 1 and md.count("decode x cloud") >= 2
+    assert "(chat, code, prose)" in md and "`default` ran mode pipeline, verify dense" in md
+    assert block_name("sweep", 1.0, 2) == "sweep_T1" and block_name("sweep", 1.0, 1) == "sweep"
 
 
 # ----------------------------------------------------------------------------------------------- the model
