@@ -14,11 +14,13 @@ from picospec.shared.sampling import SamplingParams
 
 
 class Refusal(Exception):
-    """A request we refuse, with the gRPC status to refuse it with."""
+    """A request we refuse, with the gRPC status to refuse it with; `retry_after_s`: when trying again may succeed
+    (sent as the call's `retry-after-ms` trailing metadata)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)

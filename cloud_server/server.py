@@ -22,7 +22,7 @@ from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
-from picospec.shared.connection import server_keepalive_options, split_host
+from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
@@ -121,6 +121,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             if status is None:
                 raise
             log.warning("%s: %s", what, status[1])
+            retry_after = getattr(e, "retry_after_s", None)
+            if retry_after is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(retry_after * 1000))),))
             await context.abort(*status)
 
     async def _sending(self, msg: pb.CloudMessage) -> pb.CloudMessage:
