@@ -14,11 +14,13 @@ from picospec.shared.sampling import SamplingParams
 
 
 class Refusal(Exception):
-    """A request we refuse, with the gRPC status to refuse it with."""
+    """A request we refuse, with the gRPC status to refuse it with. `reason`: a short label for the metrics
+    (cloud_server/metrics.py: limit, per-client, draining, shutdown), empty for the handshake's own refusals."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 @dataclass(frozen=True)
