@@ -20,6 +20,7 @@ from picospec.cloud_server.auth import exempt_from_tokens
 from picospec.cloud_server.drain import StopSignals, shutdown_message
 from picospec.cloud_server.metrics import CloudMetrics, SessionMeter, finish_label
 from picospec.cloud_server.handshake import Refusal
+from picospec.cloud_server.slots import SessionSlots
 from picospec.edge_client.transport import EdgeError
 from picospec.shared.protocol import FinishReason, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
@@ -84,6 +85,21 @@ def test_probe_tls_dir_fills_in_what_the_flags_leave_out():
     args = health_probe.build_parser().parse_args(["h:1", "--tls-dir", "/tls", "--tls-cert", "/x/me.pem"])
     assert health_probe.tls_files(args) == ("/tls/ca.pem", "/x/me.pem", "/tls/client.key")
     assert health_probe.tls_files(health_probe.build_parser().parse_args(["h:1"])) == ("", "", "")
+
+
+def test_draining_slots_refuse_new_sessions_and_say_when_idle():
+    async def scenario():
+        slots = SessionSlots(2)
+        async with slots.hold("a"):
+            slots.drain()
+            with pytest.raises(Refusal) as refused:
+                async with slots.hold("b"):
+                    pass
+            busy = await slots.wait_idle(0.01)
+        return refused.value, busy, await slots.wait_idle(0.01)
+
+    refused, busy, idle = run(scenario())
+    assert (refused.code, refused.reason, busy, idle) == (grpc.StatusCode.UNAVAILABLE, "draining", False, True)
 
 
 # ---- metrics against the generations' own statistics ---------------------------------------------------------------
@@ -179,21 +195,23 @@ def test_health_and_reflection_need_no_token_but_picospec_does(tiny_target, tmp_
     tokens.chmod(0o600)
 
     async def scenario():
-        async with serving(tiny_target, auth_tokens=str(tokens)) as (service, addr):
+        async with serving(tiny_target, auth_tokens=str(tokens), metrics_port=free_port()) as (service, addr):
             async with grpc.aio.insecure_channel(addr) as ch:
                 statuses = [await health_status(ch, name) for name in ("", "picospec.v1.PicoSpec")]
                 services = await reflected_services(ch)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await pb_grpc.PicoSpecStub(ch).Info(pb.InfoRequest())
+                unauthenticated = service.metrics.registry.get_sample_value(
+                    "picospec_cloud_sessions_refused_total", {"reason": "unauthenticated"})
                 await service.begin_drain()
                 draining = [await health_status(ch, name) for name in ("", "picospec.v1.PicoSpec")]
             probe = await asyncio.to_thread(health_probe.main, [addr])
-            return statuses, services, refused.value.code(), draining, probe
+            return statuses, services, (refused.value.code(), unauthenticated), draining, probe
 
     statuses, services, code, draining, probe = run(scenario())
     assert statuses == [SERVING, SERVING]
     assert {"picospec.v1.PicoSpec", HEALTH, "grpc.reflection.v1alpha.ServerReflection"} <= services
-    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert code == (grpc.StatusCode.UNAUTHENTICATED, 1.0)
     assert draining == [NOT_SERVING, NOT_SERVING]
     assert probe == 1  # NOT_SERVING
 
