@@ -184,8 +184,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                            self.hooks, meter)
                     self.live_sessions.add(session)
                     try:
-                        async for msg in self._run(session, spec, request_iterator):
-                            yield await self._sending(msg, meter)
+                        async with contextlib.aclosing(self._run(session, spec, request_iterator)) as messages:
+                            async for msg in messages:
+                                yield await self._sending(msg, meter)
                     finally:
                         self.live_sessions.discard(session)
                         await self._record(session)
@@ -284,9 +285,9 @@ async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio
                                bool(config.tls_ca))
     if warning:
         log.warning("%s", warning)
-    interceptor = AuthInterceptor(service.auth, on_refused=lambda: service.metrics.on_refused("unauthenticated"))
-    server = grpc.aio.server(options=server_options(config, service.info.vocab_size),
-                             interceptors=[interceptor] if service.auth is not None else None)
+    interceptors = None if service.auth is None else [
+        AuthInterceptor(service.auth, on_refused=lambda: service.metrics.on_refused("unauthenticated"))]
+    server = grpc.aio.server(options=server_options(config, service.info.vocab_size), interceptors=interceptors)
     add_service(service, server)
     service.health = await add_operations_services(server)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
