@@ -270,9 +270,9 @@ def test_sigterm_drain_lets_a_session_within_the_grace_finish(tiny_draft):
 
 
 def test_sigterm_drain_ends_a_session_past_the_grace(tiny_draft):
-    """500 tokens take the tiny target seconds (its context is 512); the grace is 1 s."""
+    """500 tokens in sync mode take the tiny pair well over 10 s (the target's context is 512); the grace is 1 s."""
     with cloud_process("tiny-random", "--grace-s", "1") as (proc, address):
-        tokens, error, seen = run(generate_until_drain(address, tiny_draft, proc, "pipeline", 500))
+        tokens, error, seen = run(generate_until_drain(address, tiny_draft, proc, "sync", 500))
         assert proc.wait(timeout=30) == 0
     assert error is not None and "the cloud is shutting down (--grace-s 1 elapsed)" in str(error), error
     assert error.status == "UNAVAILABLE" and 3 <= len(tokens) < 500
