@@ -44,6 +44,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from picospec.bench.fuzz_cases import KINDS, RPCS, Blobs, Case, CloudFacts, build_case
+from picospec.netlab.procs import stop_process
 from picospec.shared.config import CloudConfig
 
 METHODS = {rpc: f"/picospec.v1.PicoSpec/{rpc}" for rpc in RPCS}
@@ -395,12 +396,7 @@ async def own_cloud(cfg: FuzzConfig) -> AsyncIterator[Cloud]:
     try:
         yield Cloud(f"127.0.0.1:{port}", proc.pid, proc, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 @contextlib.asynccontextmanager

@@ -54,6 +54,7 @@ from picospec.bench.jitter import Jitter
 from picospec.cloud_server.server import PicoSpecService, start_server
 from picospec.edge_client.text import encode_prompt
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
+from picospec.netlab.procs import stop_process
 from picospec.shared.config import VERIFY_MODES, CloudConfig, EdgeConfig
 from picospec.shared.fingerprint import eos_token_ids
 from picospec.shared.models import LoadedModel, load_model
@@ -339,12 +340,7 @@ async def procs_cloud(cfg: StressConfig) -> AsyncIterator[tuple[str, Path, subpr
     try:
         yield f"127.0.0.1:{port}", log, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 @contextlib.asynccontextmanager

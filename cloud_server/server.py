@@ -25,7 +25,7 @@ from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
-from picospec.shared.connection import server_keepalive_options, split_host
+from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
@@ -129,7 +129,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
     def end_sessions(self, message: str) -> int:
         """End every running session with UNAVAILABLE `message` (the drain's grace is over); how many there were.
         A speculative session's stream raises it at once (its outbox), a cloud-only one at its next token."""
-        self.shutdown_refusal = Refusal(grpc.StatusCode.UNAVAILABLE, message, SHUTDOWN)
+        self.shutdown_refusal = Refusal(grpc.StatusCode.UNAVAILABLE, message, reason=SHUTDOWN)
         for session in self.live_sessions:
             session.outbox.put_nowait(self.shutdown_refusal)
         return self.slots.active
@@ -147,6 +147,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             if isinstance(e, Refusal) and e.reason in REFUSAL_REASONS:
                 self.metrics.on_refused(e.reason)
             log.warning("%s: %s", what, status[1])
+            retry_after = getattr(e, "retry_after_s", None)
+            if retry_after is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(retry_after * 1000))),))
             await context.abort(*status)
 
     async def _sending(self, msg: pb.CloudMessage, meter: SessionMeter) -> pb.CloudMessage:

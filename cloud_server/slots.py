@@ -1,15 +1,30 @@
 """Session slots: how many sessions a server runs at once, in all and per client, counted in one place; and the
-drain (SIGTERM: no new sessions while the running ones finish, cloud_server/drain.py)."""
+retry hint a refused edge gets (when a slot is likely to be free); and the drain (SIGTERM: no new sessions while
+the running ones finish, cloud_server/drain.py)."""
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import time
 from typing import AsyncIterator
 
 import grpc
 
 from picospec.cloud_server.handshake import Refusal
+from picospec.shared.perf_model import Ewma
+
+RETRY_AFTER_BOUNDS_S = (0.1, 5.0)  # the hint's range: not a busy loop, not a long sleep past a freed slot
+
+
+def retry_after_s(mean_session_s: float | None, limit: int) -> float:
+    """When a slot is likely to be free, from the sessions' mean duration D: with `limit` sessions running at
+    ages spread over D, the next one ends about D / (limit + 1) from now. 1 s before any session has ended."""
+    if mean_session_s is None:
+        return 1.0
+    low, high = RETRY_AFTER_BOUNDS_S
+    return min(high, max(low, mean_session_s / (limit + 1)))
+
 
 DRAINING = "the cloud is draining (shutting down): it starts no new sessions; retry on another replica"
 
@@ -20,6 +35,7 @@ class SessionSlots:
         self.per_client = per_client  # 0: no limit of its own
         self.active = 0
         self.by_client: collections.Counter[str] = collections.Counter()
+        self.session_s = Ewma(0.2)  # how long sessions hold a slot
         self.draining = False
         self.idle = asyncio.Event()  # set while no slot is held (the drain waits on it)
         self.idle.set()
@@ -33,20 +49,26 @@ class SessionSlots:
         """Hold a slot for the body's duration; refuse UNAVAILABLE while draining, and RESOURCE_EXHAUSTED when
         all are taken, or when `client` already holds its --max-sessions-per-client."""
         if self.draining:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, DRAINING, "draining")
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, DRAINING, reason="draining")
         if self.active >= self.limit:
-            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at its limit of {self.limit} sessions",
-                          "limit")
+            hint = retry_after_s(self.session_s.value, self.limit)
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"server is at its limit of {self.limit} sessions; retry in about {hint:.1f} s",
+                          retry_after_s=hint, reason="limit")
         if self.per_client and self.by_client[client] >= self.per_client:
+            hint = retry_after_s(self.session_s.value, self.per_client)
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"client {client!r} is at its limit of {self.per_client} concurrent sessions "
-                          "(--max-sessions-per-client)", "per-client")
+                          f"(--max-sessions-per-client); retry in about {hint:.1f} s", retry_after_s=hint,
+                          reason="per-client")
         self.active += 1
         self.by_client[client] += 1
         self.idle.clear()
+        started = time.perf_counter()
         try:
             yield
         finally:
+            self.session_s.add(time.perf_counter() - started)
             self.active -= 1
             self.by_client[client] -= 1
             if not self.by_client[client]:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Sequence, TypeVar
@@ -28,7 +29,7 @@ from picospec.edge_client.resume import (RejoinState, after_draft_token, break_a
                                          resume_plan)
 from picospec.edge_client.session import EdgeSession
 from picospec.edge_client.text import TextStream
-from picospec.edge_client.waiting import WaitProgress
+from picospec.edge_client.waiting import WaitProgress, admission_delay_s
 from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
                                             call_error, open_channel, wait_for_cloud, wire_size)
 from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
@@ -234,9 +235,10 @@ class EdgeClient:
             return Generation(self._edge(list(prompt_ids), params, cfg, stats), stats, text)
         sessions: list = []
         if mode == "cloud":
-            piece = functools.partial(self._cloud, params=params, stats=stats)
+            session = functools.partial(self._cloud, params=params, stats=stats)
         else:
-            piece = functools.partial(self._speculate, params=params, stats=stats, mode=mode, session_box=sessions)
+            session = functools.partial(self._speculate, params=params, stats=stats, mode=mode, session_box=sessions)
+        piece = functools.partial(self._admitted, session, stats=stats)
         return Generation(self._resuming(piece, list(prompt_ids), params, cfg, stats, list(resume_from)), stats, text,
                           sessions)
 
@@ -317,6 +319,31 @@ class EdgeClient:
                 rejoin.cancel()
                 with contextlib.suppress(asyncio.CancelledError, EdgeError):
                     await rejoin
+
+    async def _admitted(self, session: Piece, prompt: list[int], *, cfg: EdgeConfig,
+                        stats: GenerationStats) -> AsyncIterator[list[int]]:
+        """One session, asked for again while a full cloud refuses it (RESOURCE_EXHAUSTED before any token) at the
+        interval the cloud hints, for up to --admission-wait-s, saying so each time; then the refusal stands."""
+        deadline = time.perf_counter() + cfg.admission_wait_s
+        attempt = 0
+        while True:
+            started = False
+            try:
+                async with contextlib.aclosing(session(prompt, cfg=cfg)) as chunks:
+                    async for tokens in chunks:
+                        started = True
+                        yield tokens
+                return
+            except EdgeError as e:
+                left = deadline - time.perf_counter()
+                if started or e.status != "RESOURCE_EXHAUSTED" or left <= 0:
+                    raise
+                attempt += 1
+                delay = admission_delay_s(attempt, e.retry_after_s, left, random.uniform(0.8, 1.2))
+                log.warning("%s; asking again in %.1f s (--admission-wait-s)", e, delay)
+                stats.admission_retries += 1
+                stats.admission_wait_s += delay
+                await asyncio.sleep(delay)
 
     @staticmethod
     def _recovered(stats: GenerationStats, lost_at: float | None) -> None:

@@ -15,7 +15,7 @@ import grpc
 from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
 from picospec.shared.config import EdgeConfig
 from picospec.shared.connection import (ConnectionSettingsError, channel_credentials, edge_keepalive_options,
-                                        is_loopback, server_target)
+                                        is_loopback, retry_after_s, server_target)
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
@@ -40,9 +40,10 @@ class EdgeError(RuntimeError):
     """A generation failed: the cloud refused it, vanished, or broke the protocol. `status`: the gRPC status name
     the cloud ended the call with (e.g. "RESOURCE_EXHAUSTED"), "" when the failure was not a call's status."""
 
-    def __init__(self, message: str, status: str = "") -> None:
+    def __init__(self, message: str, status: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s  # the cloud's hint with a RESOURCE_EXHAUSTED refusal
 
 
 class CloudLost(EdgeError):
@@ -75,7 +76,7 @@ def call_error(server: str, e: grpc.aio.AioRpcError, peer_timeout_s: float | Non
         return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
                          f"{e.code().name}: {e.details()}", e.code().name)
     return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}",
-                     e.code().name)
+                     e.code().name, retry_after_s(e.trailing_metadata()))
 
 
 def open_channel(config: EdgeConfig) -> grpc.aio.Channel:

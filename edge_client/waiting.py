@@ -1,4 +1,5 @@
-"""Waiting for the cloud to come up: the retry schedule and what the user is told, as pure values.
+"""Waiting for the cloud to come up, or for a slot on a full one: the retry schedules and what the user is told, as
+pure values.
 
 The edge connects before its first generation. Each attempt is a short Info call that fails at once while nothing
 listens; between attempts the edge sleeps `retry_delay_s(attempt)` (0.25 s doubling to 2 s), and after each
@@ -14,6 +15,14 @@ ATTEMPT_TIMEOUT_S = 5.0  # one Info call: enough for a loaded cloud to answer, s
 def retry_delay_s(attempt: int) -> float:
     """Seconds to sleep after failed attempt number `attempt` (1-based)."""
     return min(0.25 * 2 ** (attempt - 1), 2.0)
+
+
+def admission_delay_s(attempt: int, hint_s: float | None, left_s: float, jitter: float) -> float:
+    """Seconds to wait before asking a full cloud (RESOURCE_EXHAUSTED) again, after refusal number `attempt`
+    (1-based): its hint if it gave one, else the backoff above, spread by `jitter` in [0.8, 1.2] (edges refused
+    together do not all come back together), and never past the time left."""
+    base = hint_s if hint_s is not None else retry_delay_s(attempt)
+    return max(0.0, min(left_s, base * jitter))
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ class EdgeConfig:
                      "flags show in `ps`)", secret=True)
     peer_timeout_s: float = opt(5.0, PEER_TIMEOUT_HELP)
     wait_ready_s: float = opt(60.0, "seconds to wait for the cloud to come up, retrying and saying so on stderr")
+    admission_wait_s: float = opt(60.0, "seconds to keep asking a cloud at its session limit (RESOURCE_EXHAUSTED) "
+                                  "for a slot, at the interval it hints, saying so on stderr; 0 = give up at once")
     reconnect_s: float = opt(30.0, "when the connection breaks mid-generation, seconds to keep reconnecting (with "
                              "backoff) and resume from the tokens already committed; 0 = never resume, fail at once")
     on_partition: str = opt("wait", "when the cloud is unreachable mid-generation: wait = reconnect for up to "

@@ -20,6 +20,19 @@ import grpc
 MIN_PING_INTERVAL_MS = 1000
 MIN_PEER_TIMEOUT_S = 2.0
 METADATA_KEY = "authorization"  # what grpc.access_token_call_credentials sends: "Bearer <token>"
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED refusal: when a slot is likely free
+
+
+def retry_after_s(trailing: object) -> float | None:
+    """The cloud's retry hint from a call's trailing metadata (pairs of key, value), None when absent or garbled."""
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = float(value)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1000 if 0 <= ms <= 3_600_000 else None
+    return None
 
 
 class ConnectionSettingsError(ValueError):

@@ -92,6 +92,8 @@ class GenerationStats:
     drafter: Any = field(default=None, repr=False)  # the session's drafter (tests inspect its cache)
     accept_hist: Counter = field(default_factory=Counter)  # tokens committed per round -> count
     token_times: list[float] = field(default_factory=list)  # perf_counter at each commit, one per token
+    admission_retries: int = 0  # times a full cloud refused a session (RESOURCE_EXHAUSTED) and the edge asked again
+    admission_wait_s: float = 0.0  # time spent waiting for those slots
     reconnects: int = 0         # times the generation resumed after the connection broke (edge_client/resume.py)
     reconnect_s: float = 0.0    # time lost to those: from each break to the first token (or the end) after it;
     #                             with --on-partition edge, to the first token from the cloud (or the end) after it
@@ -184,6 +186,8 @@ class GenerationStats:
             "dead_chains": self.dead_chains,
             "pipeline_bubble_s": self.bubble_s,
             "verify_waited_s": self.verify_waited_s,
+            "admission_retries": self.admission_retries,
+            "admission_wait_s": self.admission_wait_s,
             "draft_tokens_made": self.drafted_total,
             "draft_len_chosen": {str(k): v for k, v in sorted(self.draft_len_choices.items())},
             "exit_layer": self.exit_layer,

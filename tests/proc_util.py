@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import socket
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+ROOT = Path(__file__).resolve().parent.parent
 CLOUD_START_S = 300.0  # a cold start imports torch and transformers and loads the model: longer on a loaded machine
 
 
@@ -49,6 +51,12 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> tupl
         seen.append(line)
         if marker in line:
             return seen, True
+
+
+def checkout_env() -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH: subprocesses (in network namespaces too) import
+    picospec and netlab from the tree under test even where it is not installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def free_port() -> int:

@@ -199,7 +199,8 @@ def test_sessions_per_client(tiny_target, tiny_draft, pki):
             first = alice.generate([1, 2, 3], mode="sync", max_new_tokens=4000, ignore_eos=True)
             await asyncio.wait_for(first.__anext__(), STEP_S)  # alice's session is open
             with pytest.raises(EdgeError) as info:
-                await asyncio.wait_for(alice.generate([1, 2], mode="cloud", max_new_tokens=2).collect(), STEP_S)
+                await asyncio.wait_for(alice.generate([1, 2], mode="cloud", max_new_tokens=2, admission_wait_s=0).collect(),
+                                       STEP_S)
             assert info.value.status == "RESOURCE_EXHAUSTED"
             assert "client 'alice' is at its limit of 1 concurrent sessions" in str(info.value)
             assert len(await generate(addr, tiny_draft, token=BOB)) == 3  # bob has a slot of his own

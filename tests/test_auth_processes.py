@@ -157,7 +157,8 @@ def test_a_frozen_edge_loses_its_session_within_the_peer_timeout(stack, tiny_dra
 
     async def next_session() -> float:
         """Seconds from the freeze until the cloud (--max-sessions 1) takes a new session."""
-        async with edge(stack.address, tiny_draft, token=BOB, max_new_tokens=2, **stack.tls) as client:
+        # admission_wait_s=0: each refusal comes back at once, and this loop asks again every 0.1 s
+        async with edge(stack.address, tiny_draft, token=BOB, max_new_tokens=2, admission_wait_s=0, **stack.tls) as client:
             while True:
                 try:
                     await asyncio.wait_for(client.generate([1, 2], mode="cloud").collect(), STEP_S)

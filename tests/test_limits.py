@@ -177,7 +177,7 @@ def test_session_limit_refuses_the_extra_session_and_admits_it_once_a_slot_frees
                 refusals = []
                 for mode in ("sync", "pipeline", "cloud"):
                     with pytest.raises(EdgeError) as err:
-                        await collect(client.generate(late_prompt, mode=mode))
+                        await collect(client.generate(late_prompt, mode=mode, admission_wait_s=0))  # no asking again
                     refusals.append(str(err.value))
                 await held[0].aclose()  # the edge hangs up: its slot frees
                 await slots.wait_until_at_most(limit - 1)

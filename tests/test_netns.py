@@ -24,7 +24,7 @@ from picospec.netlab.netns import Link, shaped_link
 from picospec.netlab.shaping import LinkSpec, ShapingUnsupported, choose_method, netns_usable, probe_host
 from picospec.shared.models import MANIFEST, cache_root
 from tests.conftest import skip_or_fail
-from tests.proc_util import read_until
+from tests.proc_util import checkout_env, read_until
 
 RTT_MS = 50.0
 RATE_MBIT = 10.0
@@ -43,10 +43,6 @@ def needs_smol() -> None:
     if not (cache_root() / "models" / TARGET / MANIFEST).is_file():
         skip_or_fail(f"{TARGET} not prepared in {cache_root()} (run `make models`)")
 
-
-def _env() -> dict[str, str]:
-    # the subprocesses import netlab from this checkout even where it is not installed
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +72,11 @@ def _wait_for(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[
 
 def test_shaping_measures_as_configured(link: Link):
     server = link.popen("cloud", [sys.executable, "-m", "picospec.netlab.measure", "serve", "--host", link.cloud_ip,
-                                  "--port", "5201"], stdout=subprocess.PIPE, text=True, env=_env())
+                                  "--port", "5201"], stdout=subprocess.PIPE, text=True, env=checkout_env())
     _wait_for(server, "ready", 30)
     r = link.run("edge", [sys.executable, "-m", "picospec.netlab.measure", "client", "--host", link.cloud_ip, "--port", "5201",
                           "--json", "--expect-up-mbit", str(RATE_MBIT), "--expect-down-mbit", str(RATE_MBIT)],
-                 capture_output=True, text=True, env=_env(), timeout=120)
+                 capture_output=True, text=True, env=checkout_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     print(f"\n{link.method}: rtt {m['rtt_ms']:.1f} ms (connect {m['connect_ms']:.1f} ms), "

@@ -39,7 +39,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 def test_finish_label_says_how_a_session_ended():
     assert finish_label(FinishReason.EOS, None) == "eos"
     assert finish_label(FinishReason.LENGTH, RuntimeError()) == "length"  # it got that far
-    assert finish_label(None, Refusal(grpc.StatusCode.UNAVAILABLE, "x", "shutdown")) == "shutdown"
+    assert finish_label(None, Refusal(grpc.StatusCode.UNAVAILABLE, "x", reason="shutdown")) == "shutdown"
     assert finish_label(None, asyncio.CancelledError()) == "cancelled"
     assert finish_label(None, GeneratorExit()) == "cancelled"
     assert finish_label(None, ValueError("bad batch")) == "error"

@@ -15,7 +15,6 @@ network namespaces do not work; under CI=true that fails (tests/conftest.py skip
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from picospec.netlab.netns import Link, shaped_link
 from picospec.netlab.shaping import LinkSpec, netns_usable
 from picospec.shared.config import EdgeConfig, add_config_args, config_from_args
 from picospec.shared.stats import GenerationStats, add_span, clip_spans, inexact_reason
+from tests.proc_util import checkout_env
 from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,9 +148,6 @@ RUNS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-
 
 @pytest.fixture(scope="module")
 def link() -> Iterator[Link]:
@@ -229,11 +226,11 @@ def test_a_cut_link_wait_resumes_exactly_and_edge_goes_on_with_the_draft(link: L
     cloud_log = (tmp_path / "cloud.log").open("w")
     cloud = link.popen("cloud", [BIN / "picospec-cloud", "--target", "tiny-random", "--host", link.cloud_ip,
                                  "--port", port, "--threads", "1", "--peer-timeout-s", "2", "--log-level", "WARNING"],
-                       stdout=cloud_log, stderr=subprocess.STDOUT, text=True, env=_env())
+                       stdout=cloud_log, stderr=subprocess.STDOUT, text=True, env=checkout_env())
     edge_log = tmp_path / "edge.log"
     edge = link.popen("edge", [sys.executable, "-m", "tests.partition_edge", f"{link.cloud_ip}:{port}",
                                json.dumps(RUNS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                      stderr=edge_log.open("w"), text=True, env=_env(), cwd=ROOT)
+                      stderr=edge_log.open("w"), text=True, env=checkout_env(), cwd=ROOT)
     t0 = time.monotonic()
     events, cuts = drive(link, edge)
     took = time.monotonic() - t0

@@ -21,7 +21,7 @@ from picospec.edge_client.transport import tls_name_options
 from picospec.shared.connection import ConnectionSettingsError, server_target
 from tests.conftest import edge, run, serving
 from tests.proc_util import free_port
-from tests.test_resume import TOKENS_BEFORE_KILL, next_chunk
+from tests.test_resume import TOKENS_BEFORE_KILL, next_chunk, the_rest
 
 START_TIMEOUT_S = 120
 STEP_S = 60.0
@@ -173,17 +173,8 @@ async def killed_mid_generation(client, replicas: Replicas, prompt: list[int], *
         got += await next_chunk(gen)
     serving = [i for i in (0, 1) if len(replicas.sessions(i)) > before[i]]
     assert len(serving) == 1, serving
-    killed_at = replicas.kill(serving[0])
-    recovered_s = None
-    try:
-        while True:
-            chunk = await next_chunk(gen)
-            if recovered_s is None and gen.stats.reconnects:
-                recovered_s = time.monotonic() - killed_at
-            got += chunk
-    except StopAsyncIteration:
-        pass
-    return got, gen.stats, serving[0], recovered_s
+    rest, recovered_s = await the_rest(gen, replicas.kill(serving[0]))
+    return got + rest, gen.stats, serving[0], recovered_s
 
 
 CASES = [("pipeline", "dense", 0.0), ("sync", "dense", 1.0)]  # mode, verify, temperature

@@ -72,6 +72,21 @@ async def next_chunk(gen) -> list[int]:
         pytest.fail(f"no tokens within {STEP_S} s: a hang; state {gen.describe()}")
 
 
+async def the_rest(gen, killed_at: float) -> tuple[list[int], float | None]:
+    """Read a generation to its end after a kill: its tokens, and seconds from the kill to the first token after
+    the resume (None if none came after one)."""
+    got: list[int] = []
+    recovered_s = None
+    try:
+        while True:
+            chunk = await next_chunk(gen)
+            if recovered_s is None and gen.stats.reconnects:
+                recovered_s = time.monotonic() - killed_at
+            got += chunk
+    except StopAsyncIteration:
+        return got, recovered_s
+
+
 async def killed_and_resumed(client, cloud: RestartableCloud, prompt: list[int],
                              **kw) -> tuple[list[int], object, float]:
     """Generate; after TOKENS_BEFORE_KILL tokens SIGKILL the cloud and start it again (in a thread, while the edge
@@ -83,17 +98,9 @@ async def killed_and_resumed(client, cloud: RestartableCloud, prompt: list[int],
         got += await next_chunk(gen)
     killed_at = cloud.kill()
     restart = asyncio.create_task(asyncio.to_thread(cloud.start))
-    recovered_s = None
-    try:
-        while True:
-            chunk = await next_chunk(gen)
-            if recovered_s is None and gen.stats.reconnects:
-                recovered_s = time.monotonic() - killed_at
-            got += chunk
-    except StopAsyncIteration:
-        pass
+    rest, recovered_s = await the_rest(gen, killed_at)
     await restart
-    return got, gen.stats, recovered_s
+    return got + rest, gen.stats, recovered_s
 
 
 CASES = [  # mode, verify, temperature

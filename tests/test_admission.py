@@ -1,0 +1,67 @@
+"""Admission and backpressure: a cloud at --max-sessions refuses with RESOURCE_EXHAUSTED and a retry hint
+(`retry-after-ms` trailing metadata, cloud_server/slots.py); the edge asks again at that interval for up to
+--admission-wait-s, counting it in the statistics, and its output is unchanged. Pure parts first, then a real
+cloud on loopback with the tiny pair."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from picospec.cloud_server.slots import RETRY_AFTER_BOUNDS_S, retry_after_s
+from picospec.edge_client.client import EdgeError
+from picospec.edge_client.waiting import admission_delay_s
+from picospec.shared.connection import RETRY_AFTER_KEY
+from picospec.shared.connection import retry_after_s as hint_from_metadata
+from tests.conftest import edge, run, serving
+
+
+def test_the_hint_is_when_the_next_of_the_running_sessions_should_end():
+    assert retry_after_s(None, 4) == 1.0                  # no session has ended yet
+    assert retry_after_s(10.0, 4) == pytest.approx(2.0)   # D / (limit + 1)
+    assert retry_after_s(0.01, 4) == RETRY_AFTER_BOUNDS_S[0] and retry_after_s(600.0, 1) == RETRY_AFTER_BOUNDS_S[1]
+
+
+def test_the_edge_waits_the_hint_or_its_own_backoff_spread_and_never_past_its_budget():
+    assert admission_delay_s(1, 2.0, left_s=30.0, jitter=1.1) == pytest.approx(2.2)
+    assert admission_delay_s(1, None, left_s=30.0, jitter=1.0) == 0.25 and admission_delay_s(9, None, 30.0, 1.0) == 2.0
+    assert admission_delay_s(1, 2.0, left_s=0.5, jitter=1.2) == 0.5
+
+
+def test_the_hint_is_read_off_the_trailing_metadata_and_garbage_is_ignored():
+    assert hint_from_metadata(((RETRY_AFTER_KEY, "1500"),)) == 1.5
+    assert hint_from_metadata((("other", "1"),)) is None and hint_from_metadata(None) is None
+    for bad in ("soon", "-5", "1e12"):
+        assert hint_from_metadata(((RETRY_AFTER_KEY, bad),)) is None
+
+
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_full_cloud_refuses_with_a_hint_and_the_edge_gets_in_once_a_slot_frees(tiny_target, tiny_draft):
+    first_prompt, late_prompt = [5, 6, 7], list(tiny_target.tokenizer("let me in")["input_ids"])
+
+    async def scenario():
+        async with serving(tiny_target, max_sessions=1) as (service, addr), \
+                edge(addr, tiny_draft, ignore_eos=True) as client:
+            holder = client.generate(first_prompt, mode="sync", max_new_tokens=4000)
+            await holder.__anext__()  # the only slot is taken
+            with pytest.raises(EdgeError) as refused:  # no waiting: the refusal and its hint, at once
+                await client.generate(late_prompt, mode="cloud", max_new_tokens=8, admission_wait_s=0).collect()
+            late = client.generate(late_prompt, mode="pipeline", max_new_tokens=16)
+            waiting = asyncio.ensure_future(late.collect())
+            while late.stats.admission_retries < 2:  # refused twice meanwhile, asking again each time
+                await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await holder.aclose()  # the slot frees: the late one gets in at its next try
+            return refused.value, await asyncio.wait_for(waiting, 30), late.stats
+
+    refusal, tokens, stats = run(scenario())
+    assert refusal.status == "RESOURCE_EXHAUSTED" and refusal.retry_after_s is not None
+    assert "server is at its limit of 1 sessions; retry in about" in str(refusal)
+    assert tokens == _greedy(tiny_target.model, late_prompt, 16)  # waiting changed nothing in the output
+    assert stats.admission_retries >= 2 and stats.admission_wait_s > 0 and stats.finish_reason == "length"
