@@ -303,11 +303,12 @@ up=""
 for _ in $(seq 1 180); do
   st=$($DOCKER inspect -f '{{.State.Status}}' "$CLOUD_NAME")
   [ "$st" = running ] || { $DOCKER logs "$CLOUD_NAME" 2>&1 | tail -30; die "the cloud container is $st"; }
-  if $DOCKER exec "$CLOUD_NAME" python3 -c "import socket; socket.create_connection(('127.0.0.1', 50051), 2).close()" \
-     2>/dev/null; then up=1; break; fi
+  if $DOCKER exec "$CLOUD_NAME" python3 -m picospec.cloud_server.health_probe 127.0.0.1:50051 >/dev/null 2>&1; then
+    up=1; break
+  fi
   sleep 1
 done
-[ -n "$up" ] || { $DOCKER logs "$CLOUD_NAME" 2>&1 | tail -30; die "the cloud did not listen within 180 s"; }
+[ -n "$up" ] || { $DOCKER logs "$CLOUD_NAME" 2>&1 | tail -30; die "the cloud was not SERVING (gRPC health) within 180 s"; }
 say "cloud ($(arch_of "$CLOUD_IMAGE")) serving $TARGET; its shaping: $($DOCKER exec "$CLOUD_NAME" cat /tmp/picospec-shaping)"
 # The edge's end of the link is shaped from the host: under qemu-user, the arm64 tc and iptables cannot open
 # netlink sockets ("Cannot talk to rtnetlink: Operation not supported"), so deploy/shape.sh cannot shape from

@@ -31,6 +31,10 @@ log = logging.getLogger("picospec.cloud")
 MIN_TOKEN_CHARS = 16
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MISSING_TOKEN = "missing token: pass --token / PICOSPEC_TOKEN"
+# Services callable without a token: load balancers, kubelets and compose probe health without credentials, and
+# reflection describes only the API's shape. TLS, and client certificates with --tls-ca, still apply to them.
+TOKEN_EXEMPT_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                                   "grpc.reflection.v1.ServerReflection"})
 UNKNOWN_TOKEN = "unknown token"
 
 
@@ -229,22 +233,34 @@ class RefusalLog:
         return lines
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every call carries a known token, or ends UNAUTHENTICATED before its handler runs (Info included).
-    Refusals are logged through a RefusalLog (a hostile caller cannot flood the log)."""
+def exempt_from_tokens(method: str) -> bool:
+    """Whether a call to `method` ("/package.Service/Method") needs no token: health and reflection only."""
+    return method.lstrip("/").split("/", 1)[0] in TOKEN_EXEMPT_SERVICES
 
-    def __init__(self, auth: TokenAuth, refusals: RefusalLog | None = None) -> None:
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every call carries a known token, or ends UNAUTHENTICATED before its handler runs (Info included), except
+    health and reflection (`exempt_from_tokens`). Refusals are logged through a RefusalLog (a hostile caller
+    cannot flood the log) and reported to `on_refused` (the metrics)."""
+
+    def __init__(self, auth: TokenAuth, refusals: RefusalLog | None = None,
+                 on_refused: Callable[[], None] | None = None) -> None:
         self.auth = auth
         self.refusals = refusals if refusals is not None else RefusalLog()
+        self.on_refused = on_refused
 
     async def intercept_service(self, continuation: Continuation,
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return None  # an unknown method: gRPC's own UNIMPLEMENTED
+        if exempt_from_tokens(details.method):
+            return handler
         name, why = self.auth.check(details.invocation_metadata)
         if name is not None:
             return handler
+        if self.on_refused is not None:
+            self.on_refused()
         return refusing_handler(handler, details.method, why, self.refusals)
 
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from picospec.cloud_server.auth import TokenAuth, TokenFileError
+from picospec.cloud_server.drain import StopSignals, drain
 from picospec.cloud_server.server import PicoSpecService, start_server
 from picospec.shared.config import CloudConfig, add_config_args, config_from_args
 from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_tls_files
@@ -66,17 +67,17 @@ async def serve(config: CloudConfig) -> None:
     log.info("target loaded in %.1fs", time.perf_counter() - t0)
     service = PicoSpecService(target, config)
     server, port = await start_server(service, f"{config.host}:{config.port}")
-    stop = asyncio.Event()
+    signals = StopSignals()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.received, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_on_sighup, service)
     log.info("connections: %s; a silent peer is dropped after %g s", security_summary(service), config.peer_timeout_s)
     # the line scripts wait for: it appears only once the model is loaded, the port bound and SIGHUP handled
     print(f"picospec-cloud: serving {config.target} on {config.host}:{port}", flush=True)
-    await stop.wait()
-    log.info("shutting down")
-    await server.stop(grace=2.0)
+    await signals.first.wait()
+    await drain(service, server, signals, config.grace_s)
+    service.worker.shutdown(wait=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,12 +15,15 @@ from picospec.shared.sampling import SamplingParams
 
 class Refusal(Exception):
     """A request we refuse, with the gRPC status to refuse it with; `retry_after_s`: when trying again may succeed
-    (sent as the call's `retry-after-ms` trailing metadata)."""
+    (sent as the call's `retry-after-ms` trailing metadata); `reason`: a short label for the metrics
+    (cloud_server/metrics.py: limit, per-client, draining, shutdown), empty for the handshake's own refusals."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None,
+                 reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 @dataclass(frozen=True)

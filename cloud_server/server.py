@@ -12,10 +12,13 @@ from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from picospec.cloud_server.auth import AuthInterceptor, TokenAuth, client_identity, exposure_warning
 from picospec.cloud_server.certificates import ServerCertificates
-from picospec.cloud_server.handshake import Refusal, TargetInfo, validate_hello
+from picospec.cloud_server.handshake import Refusal, SessionSpec, TargetInfo, validate_hello
+from picospec.cloud_server.metrics import REFUSAL_REASONS, SHUTDOWN, CloudMetrics, SessionMeter
 from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecord
 from picospec.cloud_server.slots import SessionSlots
 from picospec.cloud_server.target import TargetCache
@@ -32,6 +35,8 @@ from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 __all__ = ["CloudHooks", "PicoSpecService", "Refusal", "SessionRecord", "message_limit", "server_options",
            "start_server"]
 log = logging.getLogger("picospec.cloud")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PicoSpec"].full_name  # "picospec.v1.PicoSpec"
+CLOUD_ONLY = "cloud"  # the metrics' mode label of a CloudGenerate session
 
 
 def _status_for(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -106,29 +111,51 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                              if config.tls_cert or config.tls_key or config.tls_ca else None)
         # the last few sessions' end state: committed tokens and what the KV cache held (tests, debugging)
         self.closed_sessions: collections.deque[SessionRecord] = collections.deque(maxlen=16)
+        self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
+        self.health: health.aio.HealthServicer | None = None  # set by start_server
+        self.live_sessions: set[CloudSession] = set()  # speculative sessions running (the drain ends them)
+        self.shutdown_refusal: Refusal | None = None  # set when the drain's grace is over: what sessions end with
 
     @property
     def active_sessions(self) -> int:
         return self.slots.active
 
+    async def begin_drain(self) -> None:
+        """SIGTERM's first step (cloud_server/drain.py): refuse new sessions UNAVAILABLE, health NOT_SERVING."""
+        self.slots.drain()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+
+    def end_sessions(self, message: str) -> int:
+        """End every running session with UNAVAILABLE `message` (the drain's grace is over); how many there were.
+        A speculative session's stream raises it at once (its outbox), a cloud-only one at its next token."""
+        self.shutdown_refusal = Refusal(grpc.StatusCode.UNAVAILABLE, message, reason=SHUTDOWN)
+        for session in self.live_sessions:
+            session.outbox.put_nowait(self.shutdown_refusal)
+        return self.slots.active
+
     @contextlib.asynccontextmanager
     async def _call(self, context: grpc.aio.ServicerContext, what: str) -> AsyncIterator[None]:
-        """Map what a handler raises to the call's status, logging it once."""
+        """Map what a handler raises to the call's status, logging it once (and counting refusals of a session
+        before its start in the metrics)."""
         try:
             yield
         except Exception as e:  # noqa: BLE001 - mapped below, or re-raised as it is
             status = _status_for(e)
             if status is None:
                 raise
+            if isinstance(e, Refusal) and e.reason in REFUSAL_REASONS:
+                self.metrics.on_refused(e.reason)
             log.warning("%s: %s", what, status[1])
             retry_after = getattr(e, "retry_after_s", None)
             if retry_after is not None:
                 context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(retry_after * 1000))),))
             await context.abort(*status)
 
-    async def _sending(self, msg: pb.CloudMessage) -> pb.CloudMessage:
+    async def _sending(self, msg: pb.CloudMessage, meter: SessionMeter) -> pb.CloudMessage:
         if self.hooks is not None:
             await self.hooks.before_send(msg)
+        meter.sent(msg)
         return msg
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
@@ -152,32 +179,44 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Speculate stream must be a Hello")
             spec = validate_hello(first.hello, self.config, self.info, speculative=True)
             async with self.slots.hold(client_identity(context, self.auth)):
-                cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
-                                    spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold)
-                session = CloudSession(sid, spec, cache, self.worker, self.config, self.info.vocab_size, self.hooks)
-                try:
-                    prefill_s, first_token = await session.prefill(spec.first_token)
-                    log.info("session %s: %d prompt tokens, mode %s%s, prefill %.3fs", sid, len(spec.state.prompt_ids),
-                             spec.verify_mode, " + decode-ahead" if spec.decode_ahead else "", prefill_s)
-                    yield await self._sending(pb.CloudMessage(ready=pb.Ready(
-                        session_id=sid, target_model=self.config.target, prompt_len=len(spec.state.prompt_ids),
-                        prefill_s=prefill_s, eos_token_ids=sorted(spec.state.eos_ids), first_token=first_token)))
-                    async for msg in session.stream(request_iterator):
-                        yield await self._sending(msg)
-                    if spec.state.finished is not None:
-                        log.info("session %s finished (%s) after %d tokens", sid, spec.state.finished.value,
-                                 len(spec.state.generated))
-                except asyncio.CancelledError:
-                    # the edge closed the call (after the end, or to stop early), or its connection was dropped
-                    # (silent past --peer-timeout-s)
-                    if spec.state.finished is not None:
-                        log.info("session %s finished (%s) after %d tokens", sid, spec.state.finished.value,
-                                 len(spec.state.generated))
-                    else:
-                        log.info("session %s ended by the edge's side after %d tokens", sid, len(spec.state.generated))
-                    raise
-                finally:
-                    await self._record(session)
+                with self.metrics.session(spec.verify_mode, spec.state) as meter:
+                    meter.received(first)
+                    cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
+                                        spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold)
+                    session = CloudSession(sid, spec, cache, self.worker, self.config, self.info.vocab_size,
+                                           self.hooks, meter)
+                    self.live_sessions.add(session)
+                    try:
+                        async with contextlib.aclosing(self._run(session, spec, request_iterator)) as messages:
+                            async for msg in messages:
+                                yield await self._sending(msg, meter)
+                    finally:
+                        self.live_sessions.discard(session)
+                        await self._record(session)
+
+    async def _run(self, session: CloudSession, spec: SessionSpec,
+                   request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
+        """A speculative session after its slot: prefill, Ready, then the session's stream; logged at its end."""
+        sid, state = session.sid, spec.state
+        try:
+            prefill_s, first_token = await session.prefill(spec.first_token)
+            log.info("session %s: %d prompt tokens, mode %s%s, prefill %.3fs", sid, len(state.prompt_ids),
+                     spec.verify_mode, " + decode-ahead" if spec.decode_ahead else "", prefill_s)
+            yield pb.CloudMessage(ready=pb.Ready(
+                session_id=sid, target_model=self.config.target, prompt_len=len(state.prompt_ids),
+                prefill_s=prefill_s, eos_token_ids=sorted(state.eos_ids), first_token=first_token))
+            async for msg in session.stream(request_iterator):
+                yield msg
+            if state.finished is not None:
+                log.info("session %s finished (%s) after %d tokens", sid, state.finished.value, len(state.generated))
+        except asyncio.CancelledError:
+            # the edge closed the call (after the end, or to stop early), or its connection was dropped
+            # (silent past --peer-timeout-s)
+            if state.finished is not None:
+                log.info("session %s finished (%s) after %d tokens", sid, state.finished.value, len(state.generated))
+            else:
+                log.info("session %s ended by the edge's side after %d tokens", sid, len(state.generated))
+            raise
 
     async def _record(self, session: CloudSession) -> None:
         """Keep the session's end state. Shielded: the call may be cancelled while it settles (the edge hung up),
@@ -194,17 +233,24 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             spec = validate_hello(parsed(request), self.config, self.info, speculative=False)
             state = spec.state
             async with self.slots.hold(client_identity(context, self.auth)):
-                cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device)  # no scheme
-                prefill_s = await self.worker.run(cache.prefill, list(state.tokens))
-                log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids), prefill_s)
-                while state.finished is None:
-                    token, dt = await self.worker.run(cache.decode_next, list(state.tokens))
-                    c = state.commit((), 0, token, rejected=False)
-                    yield pb.TokenChunk(
-                        token_ids=list(c.new_tokens), committed_len=state.committed_len, finished=c.finished is not None,
-                        finish_reason=c.finished.value if c.finished else "", decode_s=dt,
-                        prefill_s=prefill_s if len(state.generated) == 1 else 0.0,
-                    )
+                with self.metrics.session(CLOUD_ONLY, state) as meter:
+                    meter.received(request)
+                    cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device)
+                    prefill_s = await self.worker.run(cache.prefill, list(state.tokens))
+                    log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids),
+                             prefill_s)
+                    while state.finished is None:
+                        if self.shutdown_refusal is not None:
+                            raise self.shutdown_refusal
+                        token, dt = await self.worker.run(cache.decode_next, list(state.tokens))
+                        c = state.commit((), 0, token, rejected=False)
+                        meter.committed(len(state.generated))
+                        chunk = pb.TokenChunk(
+                            token_ids=list(c.new_tokens), committed_len=state.committed_len,
+                            finished=c.finished is not None, finish_reason=c.finished.value if c.finished else "",
+                            decode_s=dt, prefill_s=prefill_s if len(state.generated) == 1 else 0.0)
+                        meter.sent(chunk)
+                        yield chunk
 
 
 # protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and
@@ -242,11 +288,31 @@ async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio
                                bool(config.tls_ca))
     if warning:
         log.warning("%s", warning)
-    server = grpc.aio.server(options=server_options(config, service.info.vocab_size),
-                             interceptors=[AuthInterceptor(service.auth)] if service.auth is not None else None)
+    interceptors = None if service.auth is None else [
+        AuthInterceptor(service.auth, on_refused=lambda: service.metrics.on_refused("unauthenticated"))]
+    server = grpc.aio.server(options=server_options(config, service.info.vocab_size), interceptors=interceptors)
     add_service(service, server)
+    service.health = await add_operations_services(server)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    service.metrics.serve(split_host(address), config.metrics_port)  # a port in use fails before gRPC serves
     await server.start()
+    for name in HEALTH_SERVICES:  # the model is loaded (the service holds it) and the port listens
+        await service.health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+HEALTH_SERVICES = ("", SERVICE_NAME)  # "": the server as a whole, as grpc_health_probe asks by default
+
+
+async def add_operations_services(server: grpc.aio.Server) -> "health.aio.HealthServicer":
+    """The gRPC health service (NOT_SERVING until start_server has the port, and again from the drain) and
+    server reflection for PicoSpec and health. Both are callable without a token (auth.TOKEN_EXEMPT_SERVICES)."""
+    servicer = health.aio.HealthServicer()
+    for name in HEALTH_SERVICES:
+        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    return servicer

@@ -21,6 +21,7 @@ import grpc
 from picospec.cloud_server.ahead import batch_due_at, check_next_batch_in, decode_hold_s
 from picospec.cloud_server.drafts import DraftQueue, DraftRun
 from picospec.cloud_server.handshake import Refusal, SessionSpec
+from picospec.cloud_server.metrics import SessionMeter
 from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.config import CloudConfig
@@ -61,9 +62,11 @@ def waits_for(state: SessionState) -> str:
 
 class CloudSession:
     def __init__(self, sid: str, spec: SessionSpec, cache: TargetCache, worker: ModelWorker, limits: CloudConfig,
-                 vocab_size: int, hooks: "CloudHooks | None" = None) -> None:
+                 vocab_size: int, hooks: "CloudHooks | None" = None, meter: SessionMeter | None = None) -> None:
         self.sid, self.cache, self.worker, self.limits, self.vocab_size = sid, cache, worker, limits, vocab_size
         self.hooks = hooks
+        self.meter = meter if meter is not None else SessionMeter()  # the metrics (a no-op one when they are off)
+        self.queued_since: float | None = None  # admission of the oldest batch not yet taken into a pass
         self.state = spec.state
         self.queue = DraftQueue(self.state)
         self.decode_ahead = spec.decode_ahead
@@ -83,6 +86,7 @@ class CloudSession:
             return await self.worker.run(self.cache.prefill, list(self.state.tokens)), None
         token, seconds = await self.worker.run(self.cache.prefill_with_first_token, list(self.state.tokens))
         self.queue.commit_own(token)
+        self.meter.committed(len(self.state.generated))
         return seconds, token
 
     async def stream(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
@@ -135,6 +139,7 @@ class CloudSession:
     # ---- reader ------------------------------------------------------------------------------------------
     async def _read(self, request_iterator: AsyncIterator[pb.EdgeMessage]) -> None:
         async for msg in request_iterator:
+            self.meter.received(msg)
             kind = msg.WhichOneof("kind")
             if kind == "cancel":
                 log.info("session %s cancelled by the edge: %s; cloud state: %s", self.sid, msg.cancel.reason,
@@ -171,6 +176,8 @@ class CloudSession:
             self.cache.check_resolved(resolved)
         self.queue.admit(b.epoch, b.start_pos, list(b.token_ids), extras, self.limits.max_draft_len, resolved)
         now = time.perf_counter()
+        if self.queued_since is None and self.queue.pending is not None:
+            self.queued_since = now
         self.batch_due_at = batch_due_at(now, b.next_batch_in_s)
         if self.decoding_since is not None and self.arrived_while_decoding is None:
             self.arrived_while_decoding = now
@@ -232,14 +239,21 @@ class CloudSession:
         if st.committed_len != len(committed) or st.awaiting_resolution or st.finished:
             return  # the edge's correction arrived meanwhile: this token is not at the front
         self.queue.commit_own(token)
+        self.meter.on_decode_ahead()
         await self.worker.run(self.cache.settle, st.committed_len)
         self._verdict(len(committed), 0, 0, token, False, dt, waited_s=waited)
 
     async def _pass(self, run: DraftRun) -> None:
+        queued_since, self.queued_since = self.queued_since, (time.perf_counter() if self.queue.pending else None)
         out = await self.worker.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
+        pass_started = time.perf_counter() - out.compute_s  # after any wait behind other sessions' model work
         c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected)
+        if self.queue.pending is None:
+            self.queued_since = None  # nothing waits (a rejection or a new chain may have dropped what did)
         if c is None:
             return  # the edge abandoned that chain while we verified it
+        self.meter.on_pass(len(run.token_ids), c.accepted, len(c.new_tokens), out.compute_s,
+                           pass_started - queued_since if queued_since is not None else 0.0)
         if self.state.awaiting_resolution:
             self.cache.open_rejection = out.rejection
         await self.worker.run(self.cache.settle, self.state.committed_len)
@@ -261,6 +275,7 @@ class CloudSession:
     def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
                  res: "ResidualPayload | None" = None, epoch: int | None = None, waited_s: float = 0.0) -> None:
         st = self.state
+        self.meter.committed(len(st.generated))
         if rejected:
             self.batch_due_at = None  # the edge's chain died: its next batch starts from our verdict, not its plan
         self.outbox.put_nowait(pb.CloudMessage(verdict=pb.Verdict(

@@ -1,7 +1,9 @@
 """Session slots: how many sessions a server runs at once, in all and per client, counted in one place; and the
-retry hint a refused edge gets (when a slot is likely to be free)."""
+retry hint a refused edge gets (when a slot is likely to be free); and the drain (SIGTERM: no new sessions while
+the running ones finish, cloud_server/drain.py)."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import time
@@ -24,6 +26,9 @@ def retry_after_s(mean_session_s: float | None, limit: int) -> float:
     return min(high, max(low, mean_session_s / (limit + 1)))
 
 
+DRAINING = "the cloud is draining (shutting down): it starts no new sessions; retry on another replica"
+
+
 class SessionSlots:
     def __init__(self, limit: int, per_client: int = 0) -> None:
         self.limit = limit
@@ -31,23 +36,34 @@ class SessionSlots:
         self.active = 0
         self.by_client: collections.Counter[str] = collections.Counter()
         self.session_s = Ewma(0.2)  # how long sessions hold a slot
+        self.draining = False
+        self.idle = asyncio.Event()  # set while no slot is held (the drain waits on it)
+        self.idle.set()
+
+    def drain(self) -> None:
+        """From now on refuse every new session UNAVAILABLE; the ones holding slots go on."""
+        self.draining = True
 
     @contextlib.asynccontextmanager
     async def hold(self, client: str = "") -> AsyncIterator[None]:
-        """Hold a slot for the body's duration; refuse with RESOURCE_EXHAUSTED when all are taken, or when
-        `client` already holds its --max-sessions-per-client."""
+        """Hold a slot for the body's duration; refuse UNAVAILABLE while draining, and RESOURCE_EXHAUSTED when
+        all are taken, or when `client` already holds its --max-sessions-per-client."""
+        if self.draining:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, DRAINING, reason="draining")
         if self.active >= self.limit:
             hint = retry_after_s(self.session_s.value, self.limit)
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"server is at its limit of {self.limit} sessions; retry in about {hint:.1f} s",
-                          retry_after_s=hint)
+                          retry_after_s=hint, reason="limit")
         if self.per_client and self.by_client[client] >= self.per_client:
             hint = retry_after_s(self.session_s.value, self.per_client)
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"client {client!r} is at its limit of {self.per_client} concurrent sessions "
-                          f"(--max-sessions-per-client); retry in about {hint:.1f} s", retry_after_s=hint)
+                          f"(--max-sessions-per-client); retry in about {hint:.1f} s", retry_after_s=hint,
+                          reason="per-client")
         self.active += 1
         self.by_client[client] += 1
+        self.idle.clear()
         started = time.perf_counter()
         try:
             yield
@@ -57,3 +73,11 @@ class SessionSlots:
             self.by_client[client] -= 1
             if not self.by_client[client]:
                 del self.by_client[client]
+            if not self.active:
+                self.idle.set()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no slot is held, at most `timeout` seconds; whether none is."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        return self.active == 0

@@ -71,6 +71,10 @@ class CloudConfig(ServingLimits):
     auth_tokens: str = opt("", "file of 'client-name token' lines: every call must carry one of the tokens "
                            "(reloaded on SIGHUP; deploy/tls.md)")
     peer_timeout_s: float = opt(5.0, PEER_TIMEOUT_HELP)
+    metrics_port: int = opt(0, "port for Prometheus metrics over plain HTTP (/metrics) on --host; 0 = off "
+                            "(docs/design.md §14)")
+    grace_s: float = opt(30.0, "on SIGTERM: seconds running sessions get to finish while no new ones start; the "
+                         "rest are then ended UNAVAILABLE (a second SIGTERM or SIGINT stops at once)")
 
     @property
     def offered_modes(self) -> tuple[str, ...]:

@@ -68,6 +68,7 @@ async def serving(target: LoadedModel, **limits: object) -> AsyncIterator[tuple[
         yield service, f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=None)
+        service.metrics.close()
         service.worker.shutdown(wait=True)
 
 
