@@ -196,8 +196,12 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
 
     async def _run(self, session: CloudSession, spec: SessionSpec,
                    request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
-        """A speculative session after its slot: prefill, Ready, then the session's stream; logged at its end."""
+        """A speculative session after its slot: prefill, Ready, then the session's stream; logged at its end, however
+        it ends: finished; failed (the call's status, which `_call` logs); or ended by the edge's side, which it
+        closed or whose connection was dropped (silent past --peer-timeout-s). That last end reaches here as a
+        cancellation or as this generator being closed, depending on where the call was when it went."""
         sid, state = session.sid, spec.state
+        ended_by_edge = True
         try:
             prefill_s, first_token = await session.prefill(spec.first_token)
             log.info("session %s: %d prompt tokens, mode %s%s, prefill %.3fs", sid, len(state.prompt_ids),
@@ -207,16 +211,16 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 prefill_s=prefill_s, eos_token_ids=sorted(state.eos_ids), first_token=first_token))
             async for msg in session.stream(request_iterator):
                 yield msg
-            if state.finished is not None:
-                log.info("session %s finished (%s) after %d tokens", sid, state.finished.value, len(state.generated))
-        except asyncio.CancelledError:
-            # the edge closed the call (after the end, or to stop early), or its connection was dropped
-            # (silent past --peer-timeout-s)
-            if state.finished is not None:
-                log.info("session %s finished (%s) after %d tokens", sid, state.finished.value, len(state.generated))
-            else:
-                log.info("session %s ended by the edge's side after %d tokens", sid, len(state.generated))
+        except (asyncio.CancelledError, GeneratorExit):
             raise
+        except BaseException:
+            ended_by_edge = False
+            raise
+        finally:
+            if state.finished is not None:
+                log.info("session %s finished (%s) after %d tokens", sid, state.finished.value, len(state.generated))
+            elif ended_by_edge:
+                log.info("session %s ended by the edge's side after %d tokens", sid, len(state.generated))
 
     async def _record(self, session: CloudSession) -> None:
         """Keep the session's end state. Shielded: the call may be cancelled while it settles (the edge hung up),
