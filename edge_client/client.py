@@ -169,12 +169,13 @@ class EdgeClient:
         """Open the channel, wait (up to wait_s, default --wait-ready-s) for the cloud, and check it can serve this
         edge (edge_client/transport.py:wait_for_cloud)."""
         if self._channel is None:
-            self._channel = open_channel(self.config)
+            target = server_target(self.config.server)  # parsed and resolved once for both channels
+            self._channel = open_channel(self.config, target)
             self._stub = pb_grpc.PicoSpecStub(self._channel)
             # several replicas (round_robin, one pick per call): Info on a channel of its own, or with two replicas
             # the Info before each session would take every other pick and every session would go to one replica
-            if server_target(self.config.server).balanced:
-                self._info_channel = open_channel(self.config)
+            if target.balanced:
+                self._info_channel = open_channel(self.config, target)
         info_stub = pb_grpc.PicoSpecStub(self._info_channel) if self._info_channel is not None else self._stub
         budget = self.config.wait_ready_s if wait_s is None else wait_s
         info = await wait_for_cloud(info_stub, self.config.server, budget, on_retry, self._metadata)

@@ -15,7 +15,7 @@ import grpc
 from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
 from picospec.shared.config import EdgeConfig
 from picospec.shared.connection import (ConnectionSettingsError, channel_credentials, edge_keepalive_options,
-                                        is_loopback, retry_after_s, server_target)
+                                        is_loopback, retry_hint_s, ServerTarget, server_target)
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
@@ -76,10 +76,10 @@ def call_error(server: str, e: grpc.aio.AioRpcError, peer_timeout_s: float | Non
         return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
                          f"{e.code().name}: {e.details()}", e.code().name)
     return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}",
-                     e.code().name, retry_after_s(e.trailing_metadata()))
+                     e.code().name, retry_hint_s(e.trailing_metadata()))
 
 
-def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
+def open_channel(config: EdgeConfig, target: ServerTarget | None = None) -> grpc.aio.Channel:
     """The edge's channel to the cloud at config.server: TLS when asked for (shared/connection.py), keepalive pings
     that notice a silent cloud within --peer-timeout-s. Several replicas (a comma-separated list, a dns:/// name)
     are balanced with gRPC's round_robin: each call goes to the next replica that is up, so each generation's
@@ -88,8 +88,9 @@ def open_channel(config: EdgeConfig) -> grpc.aio.Channel:
     Receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
     default, unlimited: what the cloud accepts is its own limit, which admits every batch its max_draft_len allows
     (cloud_server/server.py:message_limit); a local cap would only add a failure. Reconnect backoff capped at 2 s
-    (gRPC's default grows to 120 s): a cloud that comes up is seen at once."""
-    target = server_target(config.server)
+    (gRPC's default grows to 120 s): a cloud that comes up is seen at once. `target`: config.server already
+    parsed (and its names resolved), where the caller has it."""
+    target = target or server_target(config.server)
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),

@@ -23,7 +23,7 @@ METADATA_KEY = "authorization"  # what grpc.access_token_call_credentials sends:
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED refusal: when a slot is likely free
 
 
-def retry_after_s(trailing: object) -> float | None:
+def retry_hint_s(trailing: object) -> float | None:
     """The cloud's retry hint from a call's trailing metadata (pairs of key, value), None when absent or garbled."""
     for key, value in trailing or ():
         if key == RETRY_AFTER_KEY:
@@ -222,16 +222,6 @@ def server_tls_files(tls_cert: str, tls_key: str, tls_ca: str) -> ServerTlsFiles
     roots = read_pem(tls_ca, "--tls-ca") if tls_ca else None
     check_key_pair(tls_cert, tls_key, tls_ca)
     return ServerTlsFiles(pair, roots)
-
-
-def server_credentials(tls_cert: str, tls_key: str, tls_ca: str) -> grpc.ServerCredentials | None:
-    """TLS for the cloud, or None for plaintext. With a CA, every client must present a certificate it signed.
-    Fixed credentials; the cloud itself serves reloadable ones (cloud_server/certificates.py)."""
-    files = server_tls_files(tls_cert, tls_key, tls_ca)
-    if files is None:
-        return None
-    return grpc.ssl_server_credentials([files.pair], root_certificates=files.client_ca,
-                                       require_client_auth=files.client_ca is not None)
 
 
 def channel_credentials(tls: bool, tls_ca: str, tls_cert: str, tls_key: str) -> grpc.ChannelCredentials | None:

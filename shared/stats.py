@@ -142,12 +142,25 @@ class GenerationStats:
         self.finished_at = time.perf_counter()
         self.finish_reason = reason
 
-    def to_dict(self) -> dict[str, Any]:
-        end = self.finished_at or time.perf_counter()
+    def _timing(self, end: float) -> dict[str, Any]:
+        """The figures of time as the user saw it, up to `end`: wall time, time to first token, rates, gaps."""
         wall = end - self.started
         decode_wall = end - self.first_token_at if self.first_token_at else None
         # inter-token gaps: tokens committed together share a timestamp, which is what the user sees
         gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return {
+            "wall_s": wall,
+            "ttft_s": (self.first_token_at - self.started) if self.first_token_at else None,
+            "tokens_per_s": self.generated / wall if wall > 0 else None,
+            # decode rate after the first token: excludes prefill, comparable across prompt lengths
+            "decode_tokens_per_s": (self.generated - 1) / decode_wall if decode_wall and self.generated > 1 else None,
+            "itl_p50_s": _quantile(gaps, 0.5),
+            "itl_p95_s": _quantile(gaps, 0.95),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        end = self.finished_at or time.perf_counter()
+        wall = end - self.started
         per_tok = lambda b: b / self.generated if self.generated else None  # noqa: E731
         d: dict[str, Any] = {
             "mode": self.mode,
@@ -157,13 +170,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated,
             "finish_reason": self.finish_reason,
-            "wall_s": wall,
-            "ttft_s": (self.first_token_at - self.started) if self.first_token_at else None,
-            "tokens_per_s": self.generated / wall if wall > 0 else None,
-            # decode rate after the first token: excludes prefill, comparable across prompt lengths
-            "decode_tokens_per_s": (self.generated - 1) / decode_wall if decode_wall and self.generated > 1 else None,
-            "itl_p50_s": _quantile(gaps, 0.5),
-            "itl_p95_s": _quantile(gaps, 0.95),
+            **self._timing(end),
             "rounds": self.rounds,
             "prefill_tokens": self.prefill_tokens,
             "drafted_tokens": self.drafted,

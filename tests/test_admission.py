@@ -13,7 +13,7 @@ from picospec.cloud_server.slots import RETRY_AFTER_BOUNDS_S, retry_after_s
 from picospec.edge_client.client import EdgeError
 from picospec.edge_client.waiting import admission_delay_s
 from picospec.shared.connection import RETRY_AFTER_KEY
-from picospec.shared.connection import retry_after_s as hint_from_metadata
+from picospec.shared.connection import retry_hint_s
 from tests.conftest import edge, run, serving
 
 
@@ -30,10 +30,10 @@ def test_the_edge_waits_the_hint_or_its_own_backoff_spread_and_never_past_its_bu
 
 
 def test_the_hint_is_read_off_the_trailing_metadata_and_garbage_is_ignored():
-    assert hint_from_metadata(((RETRY_AFTER_KEY, "1500"),)) == 1.5
-    assert hint_from_metadata((("other", "1"),)) is None and hint_from_metadata(None) is None
+    assert retry_hint_s(((RETRY_AFTER_KEY, "1500"),)) == 1.5
+    assert retry_hint_s((("other", "1"),)) is None and retry_hint_s(None) is None
     for bad in ("soon", "-5", "1e12"):
-        assert hint_from_metadata(((RETRY_AFTER_KEY, bad),)) is None
+        assert retry_hint_s(((RETRY_AFTER_KEY, bad),)) is None
 
 
 def _greedy(model, prompt: list[int], n: int) -> list[int]:

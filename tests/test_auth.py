@@ -18,7 +18,7 @@ import pytest
 from picospec.cloud_server.auth import (MISSING_TOKEN, UNKNOWN_TOKEN, RefusalLog, TokenFileError, bearer_token,
                                         exposure_warning, parse_tokens, peer_host, permission_warning)
 from picospec.edge_client.transport import EdgeError
-from picospec.shared.connection import (ConnectionSettingsError, is_loopback, ping_schedule_ms, server_credentials,
+from picospec.shared.connection import (ConnectionSettingsError, is_loopback, ping_schedule_ms, server_tls_files,
                                         split_host, token_metadata)
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
@@ -117,12 +117,12 @@ def test_bearer_metadata_and_ping_schedule():
 
 def test_unusable_tls_settings_name_the_flag(tmp_path, pki):
     with pytest.raises(ConnectionSettingsError, match="both --tls-cert and --tls-key"):
-        server_credentials(str(pki["a"] / "server.pem"), "", "")
+        server_tls_files(str(pki["a"] / "server.pem"), "", "")
     with pytest.raises(ConnectionSettingsError, match="--tls-key .*missing.key"):
-        server_credentials(str(pki["a"] / "server.pem"), str(tmp_path / "missing.key"), "")
+        server_tls_files(str(pki["a"] / "server.pem"), str(tmp_path / "missing.key"), "")
     (tmp_path / "x.pem").write_text("not a certificate")
     with pytest.raises(ConnectionSettingsError, match="--tls-cert .*not a PEM file"):
-        server_credentials(str(tmp_path / "x.pem"), str(pki["a"] / "server.key"), "")
+        server_tls_files(str(tmp_path / "x.pem"), str(pki["a"] / "server.key"), "")
 
 
 def test_refusal_log_says_a_flood_in_one_line_per_interval():
