@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any, Sequence
 
 from picospec.shared.protocol import Commit, ProtocolError, SessionState
+from picospec.shared.trees import check_tree
 
 MAX_PENDING_BATCHES = 8  # unverified drafts the cloud holds per session, in units of the largest batch
 
@@ -33,6 +34,7 @@ class DraftRun:
     start_pos: int
     token_ids: list[int]
     extras: list[Any]  # per token: the q row (dense), q(x) (split modes) or None (coupled)
+    parents: list[int] | None = None  # a token tree (coupled): each node's parent index (-1: the root); None: a chain
 
     @property
     def end(self) -> int:
@@ -89,6 +91,28 @@ class DraftQueue:
         self.pending.extras.extend(extras)
         return BatchStatus.CURRENT
 
+    def admit_tree(self, epoch: int, start_pos: int, tokens: Sequence[int], parents: Sequence[int],
+                   max_nodes: int) -> BatchStatus:
+        """Take a token tree (coupled). A tree is verified whole, against the committed prefix it grew from: it must
+        start at the committed length with nothing else waiting, like a stop-and-wait batch (trees run without
+        decode-ahead, so the cloud commits nothing of its own while the edge drafts one)."""
+        st = self.state
+        if st.finished is not None:
+            raise ProtocolError("draft batch after the session finished")
+        if epoch < st.epoch:
+            return BatchStatus.STALE
+        if epoch > st.epoch:
+            raise ProtocolError(f"tree from future epoch {epoch} (current {st.epoch})")
+        if self.pending is not None or self.verifying is not None:
+            raise ProtocolError("a token tree while other drafts wait for verification")
+        if start_pos != st.committed_len:
+            raise ProtocolError(f"tree at position {start_pos}, committed length is {st.committed_len}")
+        room = len(st.prompt_ids) + st.max_new_tokens - start_pos  # levels that end within the budget (_check_end)
+        check_tree(tokens, parents, max_nodes, max_depth=max(0, room))
+        st.check_ids(tokens, "token tree")
+        self.pending = DraftRun(epoch, start_pos, [int(t) for t in tokens], [None] * len(tokens), list(parents))
+        return BatchStatus.CURRENT
+
     def _check_end(self, end: int) -> None:
         """Drafts past the token budget can never be committed, and the edge never makes them (its chain stops at
         the budget): refusing them keeps every forward pass within prompt + max_new_tokens <= --max-context."""
@@ -132,6 +156,9 @@ class DraftQueue:
         run = self.pending
         if run is None:
             return None
+        if run.parents is not None:  # a tree goes whole into one pass (admit_tree bounded its size)
+            self.pending, self.verifying = None, run
+            return run
         head = DraftRun(run.epoch, run.start_pos, run.token_ids[:limit], run.extras[:limit])
         rest = DraftRun(run.epoch, head.end, run.token_ids[limit:], run.extras[limit:])
         self.pending = rest if rest.token_ids else None
@@ -154,8 +181,10 @@ class DraftQueue:
         rest = DraftRun(run.epoch, run.start_pos + n, run.token_ids[n:], run.extras[n:])
         self.pending = rest if rest.token_ids else None
 
-    def finish_pass(self, run: DraftRun, accepted: int, token: int | None, rejected: bool) -> Commit | None:
-        """Commit the outcome of verifying `run`; None when the run went stale meanwhile.
+    def finish_pass(self, run: DraftRun, accepted: int, token: int | None, rejected: bool,
+                    path: Sequence[int] = ()) -> Commit | None:
+        """Commit the outcome of verifying `run`; None when the run went stale meanwhile. A tree commits the nodes
+        of `path` (its walk), a chain its leading drafts.
 
         When every draft was accepted and more drafts of the chain are already waiting, the bonus token
         is dropped: the next draft takes its place (and its coin is never looked at, so nothing is biased)."""
@@ -163,9 +192,10 @@ class DraftQueue:
         st = self.state
         if run.epoch != st.epoch or run.start_pos != st.committed_len:
             return None  # the edge started a new chain while we verified this one
-        if not rejected and accepted == len(run.token_ids) and self.pending is not None:
+        drafts = [run.token_ids[i] for i in path] if run.parents is not None else run.token_ids
+        if not rejected and accepted == len(drafts) and self.pending is not None:
             token = None
-        c = st.commit(run.token_ids, accepted, token, rejected)
+        c = st.commit(drafts, accepted, token, rejected)
         if rejected or c.finished is not None:
             self.pending = None
         elif c.token is not None:

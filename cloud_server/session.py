@@ -167,6 +167,9 @@ class CloudSession:
         check_next_batch_in(b.next_batch_in_s)
         if st.finished is not None or b.epoch < st.epoch:
             return  # drafted before the edge saw the final verdict, or before a rejection: not even decoded
+        if b.parent_index:
+            self._admit_tree(b)
+            return
         resolved = b.resolved_token if b.HasField("resolved_token") else None
         # decoding a dense q payload is real work (up to 32 x V floats): off the loop
         extras = await asyncio.to_thread(self.cache.scheme.decode_extras, b, self.vocab_size)
@@ -183,6 +186,19 @@ class CloudSession:
             self.arrived_while_decoding = now
         if st.finished is not None:  # the edge's correction ended the session
             self._verdict(st.committed_len, 0, 0, None, False, 0.0)
+        self.wake.set()
+
+    def _admit_tree(self, b: pb.DraftBatch) -> None:
+        """A token tree (coupled only, without decode-ahead: docs/design.md §3.7); refused INVALID_ARGUMENT otherwise."""
+        if not self.cache.scheme.supports_trees:
+            raise ProtocolError(f"token trees need the coupled mode, not {self.cache.scheme.name}")
+        if self.decode_ahead:
+            raise ProtocolError("token trees need decode_ahead off: a tree is verified against the prefix it grew from")
+        if b.HasField("resolved_token") or b.draft_probs or b.q_payload:
+            raise ProtocolError("a token tree carries token ids and parent indices only")
+        self.queue.admit_tree(b.epoch, b.start_pos, list(b.token_ids), list(b.parent_index), self.limits.max_draft_len)
+        if self.queued_since is None and self.queue.pending is not None:
+            self.queued_since = time.perf_counter()
         self.wake.set()
 
     # ---- verifier ----------------------------------------------------------------------------------------
@@ -247,7 +263,7 @@ class CloudSession:
         queued_since, self.queued_since = self.queued_since, (time.perf_counter() if self.queue.pending else None)
         out = await self.worker.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
         pass_started = time.perf_counter() - out.compute_s  # after any wait behind other sessions' model work
-        c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected)
+        c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected, out.path)
         if self.queue.pending is None:
             self.queued_since = None  # nothing waits (a rejection or a new chain may have dropped what did)
         if c is None:
@@ -258,11 +274,11 @@ class CloudSession:
             self.cache.open_rejection = out.rejection
         await self.worker.run(self.cache.settle, self.state.committed_len)
         self._verdict(run.start_pos, len(run.token_ids), c.accepted, c.token, c.rejected, out.compute_s,
-                      out.rejection.payload if out.rejection else None, run.epoch)
+                      out.rejection.payload if out.rejection else None, run.epoch, path=out.path[: c.accepted])
 
     def _hint_sender(self, run: DraftRun) -> Callable[[ExpectedOutcome], None] | None:
         """Called from the model thread mid-pass: queue the hint on the loop so it leaves before the verdict."""
-        if not self.cache.exit_layer:
+        if not self.cache.exit_layer or run.parents is not None:  # no hints for trees (they run stop-and-wait)
             return None
         loop = asyncio.get_running_loop()
 
@@ -273,7 +289,8 @@ class CloudSession:
         return send
 
     def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
-                 res: "ResidualPayload | None" = None, epoch: int | None = None, waited_s: float = 0.0) -> None:
+                 res: "ResidualPayload | None" = None, epoch: int | None = None, waited_s: float = 0.0,
+                 path: tuple[int, ...] = ()) -> None:
         st = self.state
         self.meter.committed(len(st.generated))
         if rejected:
@@ -284,6 +301,6 @@ class CloudSession:
             finish_reason=st.finished.value if st.finished else "", verify_s=compute_s, rejected=rejected,
             verified=verified, idle_s=self.idle_s, waited_s=waited_s,
             residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
-            tail_payload=res.tail if res else b"",
+            tail_payload=res.tail if res else b"", path=path,
         )))
         self.idle_s = 0.0

@@ -21,6 +21,8 @@ from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
 from picospec.shared.verify import gumbel_argmax
+from picospec.shared.tree_cache import TreeKV
+from picospec.shared.trees import ROOT, verify_coupled_tree
 
 log = logging.getLogger("picospec.cloud")
 
@@ -34,6 +36,7 @@ class PassOutcome:
     rejected: bool
     compute_s: float
     rejection: "OpenRejection | None" = None  # split modes: what goes down, kept open until the correction arrives
+    path: tuple[int, ...] = ()  # a token tree: the committed nodes, root to deepest
 
 
 class TargetCache:
@@ -90,6 +93,8 @@ class TargetCache:
         draft_ids, seed, start = run.token_ids, self.params.seed, run.start_pos
         if start != len(committed):
             raise ProtocolError(f"internal: run at {start}, committed length {len(committed)}")
+        if run.parents is not None:
+            return self._verify_tree(committed, run, t0)
         hinting = contextlib.nullcontext()
         if self.exit_layer and on_hint is not None and draft_ids:
             def tentative(logits: torch.Tensor) -> None:  # [k+1, V] after the exit layer
@@ -113,6 +118,25 @@ class TargetCache:
             opened = self.scheme.open_rejection(p[d.accepted], start + d.accepted, seed, self.residual_top_k,
                                                 self.tail_samples)
         return PassOutcome(d.accepted, d.token, d.rejected, time.perf_counter() - t0, opened)
+
+    def _verify_tree(self, committed: list[int], run: DraftRun, t0: float) -> PassOutcome:
+        """A token tree in one forward pass (tree attention mask), the coupled walk, then the cache keeps only the
+        committed path: a gather of its entries (shared/tree_cache.py), no recompute."""
+        b = self.backend
+        keep = 0
+        limit = min(b.length, len(committed) - 1)  # as logits_at: the newest committed token is fed with the drafts
+        while keep < limit and b.tokens[keep] == committed[keep]:
+            keep += 1
+        b.truncate(keep)
+        rest = committed[keep:]  # >= 1 token: a chain ahead of the tree, whose last one the tree's roots hang on
+        parents = [ROOT] + list(range(len(rest) - 1)) + [len(rest) - 1 if p == ROOT else p + len(rest)
+                                                         for p in run.parents]
+        kv = TreeKV(b)
+        logits = kv.extend(rest + run.token_ids, parents)[len(rest) - 1:]  # [n+1, V]: the root's row, then each node's
+        walk = verify_coupled_tree(process_logits(logits, self.params), run.token_ids, run.parents, self.params.seed,
+                                   run.start_pos)
+        kv.keep(list(range(len(rest))) + [i + len(rest) for i in walk.path])
+        return PassOutcome(len(walk.path), walk.token, walk.rejected, time.perf_counter() - t0, path=walk.path)
 
     @torch.inference_mode()
     def decode_next(self, committed: list[int]) -> tuple[int, float]:

@@ -419,7 +419,7 @@ class EdgeClient:
         plan = plan_session(mode, scheme=verify_scheme, greedy=params.temperature == 0.0, draft_len=cfg.draft_len,
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,
                             draft_confidence=cfg.draft_confidence, cloud_max_draft_len=info.max_draft_len,
-                            cloud_exit_layer=info.default_exit_layer)
+                            cloud_exit_layer=info.default_exit_layer, tree_budget=cfg.tree_budget)
         drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify_scheme.gumbel_drafts,
                           logits_width=self.logits_width)
         stats.drafter = drafter

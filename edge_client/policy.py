@@ -128,11 +128,20 @@ class SessionPlan:
     fixed: int | None    # a fixed draft length, or None: chosen online before every decision
     decode_ahead: bool   # the cloud decodes on its own when it has nothing to verify
     confidence: float    # end a batch when the draft's top-1 probability falls under this (0 = never)
+    tree_budget: int = 0  # coupled token trees: most nodes per tree (0 = chains); trees run stop-and-wait
+    tree_online: bool = False  # the tree size is chosen online up to tree_budget (pipeline mode, no --draft-len)
 
 
 def plan_session(mode: str, *, scheme: VerifyScheme, greedy: bool, draft_len: int, max_draft_len: int,
                  decode_ahead: str, hints: str, draft_confidence: float, cloud_max_draft_len: int,
-                 cloud_exit_layer: int) -> SessionPlan:
+                 cloud_exit_layer: int, tree_budget: int = 0) -> SessionPlan:
+    # trees only where the walk is exact with ids alone (coupled); a tree's verdict is needed before the next tree
+    # (its path decides where that one grows), so trees run stop-and-wait, and decode-ahead would race them
+    trees = min(tree_budget, cloud_max_draft_len) if scheme.supports_trees else 0
+    if trees > 0:
+        return SessionPlan(pipelined=False, hints=False, g_cap=max(1, min(max_draft_len, cloud_max_draft_len)),
+                           fixed=None, decode_ahead=False, confidence=0.0, tree_budget=trees,
+                           tree_online=mode in PIPELINED_MODES and draft_len == 0)
     pipelined = mode in PIPELINED_MODES
     fixed = min(draft_len, cloud_max_draft_len) if draft_len > 0 else (None if pipelined else 4)
     # decode-ahead pays where the cloud's own token is the one verification would emit anyway (coupled, greedy)

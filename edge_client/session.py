@@ -16,7 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 
-from picospec.edge_client.drafter import Drafter
+from picospec.edge_client.drafter import Drafter, DraftTree
 from picospec.edge_client.hints import HintTracker
 from picospec.edge_client.policy import (Action, SessionPlan, Snapshot, cloud_owes, drafts_before_next_send, edge_owes,
                                          next_action, should_send)
@@ -24,11 +24,12 @@ from picospec.edge_client.rtt import RttTracker
 from picospec.edge_client.transport import EdgeError, StreamTransport
 from picospec.shared.codec import PayloadError, decode_list
 from picospec.shared.config import EdgeConfig
-from picospec.shared.perf_model import choose_draft_len
+from picospec.shared.perf_model import choose_draft_len, choose_tree_nodes
 from picospec.shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.schemes import MAX_TAIL_DRAWS, scheme
 from picospec.shared.stats import GenerationStats
+from picospec.shared.trees import check_path
 
 RunModel = Callable[..., Awaitable]
 
@@ -107,6 +108,9 @@ class EdgeSession:
             self.chunks.append(list(c.new_tokens))
 
     async def _step(self) -> None:
+        if self.plan.tree_budget:
+            await self._tree_round()
+            return
         await self._drain()
         if self.state.finished is not None:
             return
@@ -257,6 +261,54 @@ class EdgeSession:
         t = (await self.transport.next("tail")).tail
         self.stats.on_tail_request(len(t.payload))
         return decode_list(t.payload, vocab_size=self.drafter.vocab_size, max_len=MAX_TAIL_DRAWS)
+
+    # ---- token trees (coupled, stop-and-wait: docs/design.md §3.7) -------------------------------------------------
+    async def _tree_round(self) -> None:
+        """Draft a tree from the committed prefix, send it, wait for its verdict and commit the walk's path."""
+        st, est = self.state, self.stats.estimates
+        n = self.plan.tree_budget
+        if self.plan.tree_online:  # as the chain's online length: sizes by modelled rate (shared/perf_model.py)
+            n = choose_tree_nodes(est, n, default=n).nodes
+        self.stats.draft_len_choices[n] += 1
+        accept = est.acceptance.value if est.acceptance.value is not None else 0.6
+        tree = await self.run_model(self.drafter.draft_tree, self.chain.tokens, n, st.remaining, st.eos_ids,
+                                    min(max(accept, 0.05), 0.95))
+        self.stats.draft_s += tree.compute_s
+        self.stats.drafted_total += tree.steps
+        est.draft_s.add(tree.compute_s / tree.steps)
+        start = st.committed_len
+        self.rtt.on_send(start, len(tree.tokens), time.perf_counter())
+        await self.transport.send(pb.EdgeMessage(draft=pb.DraftBatch(
+            epoch=self.chain.epoch, start_pos=start, token_ids=tree.tokens, parent_index=tree.parents)))
+        self.waiting_for = f"the verdict on a tree of {len(tree.tokens)} nodes at position {start}"
+        self._apply_tree((await self.transport.next("verdict")).verdict, tree)
+
+    def _apply_tree(self, v: pb.Verdict, tree: DraftTree) -> None:
+        """Commit a tree's verdict: its path's tokens are the accepted drafts, then the cloud's token, as a chain's."""
+        path = list(v.path)
+        if v.verified != len(tree.tokens) or len(path) != v.accepted:
+            raise ProtocolError(f"tree verdict verified {v.verified} of {len(tree.tokens)} nodes, path {path} "
+                                f"for {v.accepted} accepted")
+        check_path(tree.parents, path)
+        self.chain.chain = [ChainToken(tree.tokens[i], sent=True) for i in path]  # the path, as a chain in flight
+        a = self.chain.apply(start_pos=v.start_pos, verified=len(path), accepted=v.accepted,
+                             token=v.token if v.HasField("token") else None, rejected=v.rejected,
+                             committed_len=v.committed_len, finished=v.finished, epoch=v.epoch)
+        stats, est = self.stats, self.stats.estimates
+        stats.cloud_s += v.verify_s
+        stats.bubble_s += v.idle_s
+        stats.wasted_draft += len(tree.tokens) - a.accepted
+        est.passes.add(len(tree.tokens), v.verify_s)
+        stats.on_round(len(tree.tokens), a.accepted, len(a.new_tokens))
+        for _ in range(a.accepted):
+            est.acceptance.add(1.0)
+        if v.rejected:
+            est.acceptance.add(0.0)
+        est.by_depth.add_verdict(a.accepted, v.rejected)
+        self.rtt.on_verified(v.start_pos + len(tree.tokens) - 1, v.verify_s + v.idle_s, time.perf_counter())
+        stats.on_tokens(len(a.new_tokens))
+        if a.new_tokens:
+            self.chunks.append(list(a.new_tokens))
 
     async def _stall(self, snap: Snapshot) -> None:
         """Neither side owes the other a message: tell the cloud why we hang up (it logs its own state), then fail."""

@@ -102,6 +102,9 @@ class EdgeConfig:
     draft_confidence: float = opt(0.2, "pipeline: end a batch and wait when the token just drafted is unlikely to be "
                                   "accepted: the measured acceptance of drafts this sure (its top-1 probability "
                                   "until measured) below this")
+    tree_budget: int = opt(0, "coupled: most nodes per token tree (the draft's choice plus alternatives where it is "
+                           "unsure, verified in one pass; docs/design.md §3.7), capped by the cloud's --max-draft-len; "
+                           "0 = chains. Trees run stop-and-wait, without decode-ahead")
     decode_ahead: str = opt("auto", "pipeline: the cloud decodes on its own when it has nothing to verify "
                             "(auto = with coupled or greedy, where its tokens match the drafts)", choices=("auto", "on", "off"))
     hints: str = opt("auto", "early-exit hints from the cloud's intermediate layer: the edge pre-drafts from the "

@@ -223,3 +223,40 @@ def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero:
     if allow_zero and alone is not None and best < alone:
         return DraftLenChoice(0, alone, best, alone)
     return DraftLenChoice(best_g, best, best, alone)
+
+
+# ---- token trees (coupled, docs/design.md §3.7) -----------------------------------------------------------------
+
+ALT_HIT = 0.4  # modelled share of a depth's misses that an alternative there catches (the cloud's choice is
+               # often the draft's second best under the same noise); only steers the size, never the output
+
+
+def tree_tokens(acc: Sequence[float], alternatives: int, hit: float = ALT_HIT) -> float:
+    """E[tokens a tree's pass commits]: a main chain with per-depth acceptance acc, and one alternative at each of
+    its first `alternatives` depths, which turns a share `hit` of that depth's misses into a descent."""
+    return expected_tokens([a + (1.0 - a) * hit if k < alternatives else a for k, a in enumerate(acc)])
+
+
+@dataclass(frozen=True)
+class TreeChoice:
+    nodes: int            # the node budget for the next tree
+    rate: float | None    # its modelled tokens/s (None: no estimates yet, the default)
+
+
+def choose_tree_nodes(est: Estimates, n_max: int, *, default: int) -> TreeChoice:
+    """The tree size with the highest modelled stop-and-wait rate: E[tokens] (tree_tokens) over drafting every node,
+    the round trip and the pass at that size as measured. A tree pays where a pass over more positions costs little
+    more than over fewer (a GPU, a CPU at small sizes: §5); where passes grow with their size it stays a chain.
+    A bigger tree is taken only if more than 2 % better. `default` (capped at n_max) until the estimates exist."""
+    a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
+    if a is None or td is None or rtt is None or est.passes(1) is None:
+        return TreeChoice(max(1, min(default, n_max)), None)
+    acc = est.by_depth.profile(n_max, a)
+    best_n, best = 1, -math.inf
+    for n in range(1, n_max + 1):
+        t = stop_and_wait_time(n, td, rtt, est.passes(n))
+        # a tree of n nodes: a chain of g plus n - g alternatives, one per depth from the shallowest
+        r = max(tree_tokens(acc[:g], n - g) for g in range((n + 1) // 2, n + 1)) / t
+        if r > best * 1.02:
+            best_n, best = n, r
+    return TreeChoice(best_n, best)

@@ -95,7 +95,7 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ..., vocab_size: _Optional[int] = ..., draft_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., verify_mode: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., residual_top_k: _Optional[int] = ..., tail_samples: _Optional[int] = ..., decode_ahead: _Optional[bool] = ..., exit_layer: _Optional[int] = ..., exit_threshold: _Optional[float] = ..., first_token: _Optional[bool] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload", "resolved_token", "next_batch_in_s")
+    __slots__ = ("epoch", "start_pos", "token_ids", "draft_probs", "q_payload", "resolved_token", "next_batch_in_s", "parent_index")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class DraftBatch(_message.Message):
     Q_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_BATCH_IN_S_FIELD_NUMBER: _ClassVar[int]
+    PARENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_pos: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -110,7 +111,8 @@ class DraftBatch(_message.Message):
     q_payload: bytes
     resolved_token: int
     next_batch_in_s: float
-    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., q_payload: _Optional[bytes] = ..., resolved_token: _Optional[int] = ..., next_batch_in_s: _Optional[float] = ...) -> None: ...
+    parent_index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., q_payload: _Optional[bytes] = ..., resolved_token: _Optional[int] = ..., next_batch_in_s: _Optional[float] = ..., parent_index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TailRequest(_message.Message):
     __slots__ = ("epoch", "position", "have")
@@ -157,7 +159,7 @@ class Ready(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload", "rejected", "verified", "idle_s", "waited_s")
+    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload", "rejected", "verified", "idle_s", "waited_s", "path")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +176,7 @@ class Verdict(_message.Message):
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
     WAITED_S_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_pos: int
     accepted: int
@@ -190,7 +193,8 @@ class Verdict(_message.Message):
     verified: int
     idle_s: float
     waited_s: float
-    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ..., rejected: _Optional[bool] = ..., verified: _Optional[int] = ..., idle_s: _Optional[float] = ..., waited_s: _Optional[float] = ...) -> None: ...
+    path: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ..., rejected: _Optional[bool] = ..., verified: _Optional[int] = ..., idle_s: _Optional[float] = ..., waited_s: _Optional[float] = ..., path: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hint(_message.Message):
     __slots__ = ("epoch", "start_pos", "verified", "expected_accepted", "expected_token", "confidence")

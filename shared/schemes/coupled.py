@@ -15,6 +15,7 @@ class Coupled(VerifyScheme):
     name = "coupled"
     gumbel_drafts = True
     own_token_is_verdicts = True
+    supports_trees = True  # the walk needs only ids: the cloud's own choice at each node (shared/trees.py)
 
     def decide(self, p: torch.Tensor, extras: Sequence[Any], draft_ids: Sequence[int], seed: int,
                start_pos: int) -> Decision:
