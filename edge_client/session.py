@@ -267,8 +267,10 @@ class EdgeSession:
         """Draft a tree from the committed prefix, send it, wait for its verdict and commit the walk's path."""
         st, est = self.state, self.stats.estimates
         n = self.plan.tree_budget
-        if self.plan.tree_online:  # as the chain's online length: sizes by modelled rate (shared/perf_model.py)
-            n = choose_tree_nodes(est, n, default=n).nodes
+        if self.plan.tree_online:  # as the chain's online length: sizes by modelled rate (shared/perf_model.py);
+            # starting small, since a size above the largest measured is assumed to cost what that one does (a probe
+            # upwards is cheap to correct), while below the smallest nothing would ever be learnt
+            n = choose_tree_nodes(est, n, default=4).nodes
         self.stats.draft_len_choices[n] += 1
         accept = est.acceptance.value if est.acceptance.value is not None else 0.6
         tree = await self.run_model(self.drafter.draft_tree, self.chain.tokens, n, st.remaining, st.eos_ids,

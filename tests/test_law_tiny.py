@@ -74,6 +74,15 @@ def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode
 
 
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
+def test_coupled_token_trees_follow_the_target_law(tiny_target, tiny_draft, warping):
+    """Token trees (docs/design.md §3.7) of 6 nodes: alternatives are taken as well as the main chain."""
+    law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    totals = run(_generate_all(tiny_target, tiny_draft, "sync", warping, law, verify="coupled", tree_budget=6))
+    _assert_speculated(totals, "coupled", warping)
+    law.assert_matches(f"sync/coupled trees at {warping}")
+
+
+@pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
 @pytest.mark.parametrize("decode_ahead", ["off", "on"])
 def test_pipeline_under_jitter_follows_the_target_law(tiny_target, tiny_draft, decode_ahead, verify, warping):
