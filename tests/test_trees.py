@@ -3,6 +3,8 @@ and end to end over real gRPC with the tiny pair: identical output to chains and
 decoding, more committed per pass, malformed trees refused."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import torch
@@ -292,3 +294,37 @@ def test_a_tree_by_hand_is_served_with_its_path(tiny_target):
     v = replies[1].verdict
     assert v.verified == len(TOKENS) and len(v.path) == v.accepted
     check_path(PARENTS, list(v.path))
+
+
+def _assert_cache_is_linear(backend: HFBackend, model) -> None:
+    """No tree entry left behind: the KV cache holds exactly `backend.tokens`, as a linear forward computes them."""
+    ref = HFBackend(model)
+    ref.forward(backend.tokens)
+    for mine, theirs in zip(backend.cache.layers, ref.cache.layers):
+        assert mine.keys.shape == theirs.keys.shape
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_both_caches_keep_only_the_committed_path(tiny_target, tiny_draft, temperature):
+    prompt_ids = tiny_target.tokenizer("caches")["input_ids"]
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            async with edge(addr, tiny_draft, max_new_tokens=30, ignore_eos=True, temperature=temperature) as client:
+                gen = client.generate(prompt_ids, mode="sync", tree_budget=10)
+                tokens = await gen.collect()
+                await asyncio.get_running_loop().run_in_executor(client.executor, lambda: None)  # the drafter's settle
+                for _ in range(500):
+                    if not service.active_sessions and service.closed_sessions:
+                        break
+                    await asyncio.sleep(0.01)
+                return tokens, service.closed_sessions[-1], gen.stats.drafter, gen.stats.to_dict()
+
+    tokens, record, drafter, st = run(scenario())
+    committed = prompt_ids + tokens
+    assert record.committed == committed and record.cache_tokens == committed[:-1]
+    assert st["drafted_tokens"] > st["accepted_tokens"] + st["rounds"]  # trees: more nodes than any path takes
+    assert drafter.tree is None and drafter.backend.tokens == committed[:-1]
+    _assert_cache_is_linear(drafter.backend, tiny_draft.model)
