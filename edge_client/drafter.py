@@ -1,9 +1,6 @@
 """The draft model's side of a session: propose tokens from the committed prefix. Runs in the edge executor."""
 from __future__ import annotations
 
-import heapq
-import itertools
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,6 +12,7 @@ from picospec.shared.codec import Precision, quantize
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
 from picospec.shared.rng import gumbel_noise
+from picospec.edge_client.tree_builder import TreeGrower, subtree_memo
 from picospec.shared.tree_cache import TreeKV
 from picospec.shared.trees import ROOT, match_path
 from picospec.shared.verify import gumbel_argmax
@@ -28,6 +26,7 @@ class DraftTree:
     parents: list[int]
     steps: int        # draft-model forwards it took (the root's and one per expanded node)
     compute_s: float
+    reused: int = 0   # expansions taken from the last tree's growth (no forward)
 
 
 TREE_WIDTH = 4  # candidates considered under each expanded node: its Gumbel-max choice and the next best
@@ -48,6 +47,8 @@ class Drafter:
         self.precision = precision
         self.gumbel = gumbel  # coupled mode: Gumbel-max with the noise the cloud will use
         self.tree: TreeKV | None = None  # the last tree's expanded nodes, still in the cache until the verdict's path is known
+        self.grower: TreeGrower | None = None  # ... and its growth (the memo of expansions, by path)
+        self.accept = 0.6  # the acceptance the tree's weights use (set by the session from its estimate)
 
     @property
     def vocab_size(self) -> int:
@@ -55,7 +56,7 @@ class Drafter:
 
     def prefill(self, prompt_ids: Sequence[int]) -> float:
         t0 = time.perf_counter()
-        self.tree = None
+        self.tree, self.grower = None, None
         self.backend.reset()
         if len(prompt_ids) > 1:
             self.backend.forward(prompt_ids[:-1], num_logits=1)
@@ -63,7 +64,7 @@ class Drafter:
 
     def _settle_tree(self, committed: Sequence[int]) -> None:
         """Keep the last tree's cached nodes along the path the committed tokens took (a gather), drop the others."""
-        tree, self.tree = self.tree, None
+        tree, self.tree, self.grower = self.tree, None, None
         if tree is None:
             return
         if list(committed[: tree.base]) != self.backend.tokens:
@@ -121,49 +122,48 @@ class Drafter:
     @torch.inference_mode()
     def draft_tree(self, committed: Sequence[int], budget: int, max_depth: int, stop_ids: frozenset[int],
                    accept: float = 0.6) -> DraftTree:
-        """Grow a token tree of up to `budget` nodes after `committed` (coupled mode): first the main chain (the
-        coupled choices, ceil(budget / 2) levels), so that a tree commits at least what that chain would; then, best
-        first, the alternatives and their continuations, by value: the product of the weights along the path
-        (`_candidates`; `accept`: the measured acceptance), the draft's guess of how likely the cloud's walk reaches
-        a node. A node is expanded (one draft forward, tree mask) only when its children are wanted, so no forward is
-        spent on a leaf. The expanded nodes stay cached until the next call keeps the committed path among them."""
+        """A token tree of up to `budget` nodes after `committed` (coupled mode), grown as edge_client/tree_builder.py
+        says: the main chain for ceil(budget / 2) levels, then alternatives best first. When the last tree grew past
+        the committed tokens (idle-time growth), its expansions under them are reused: no forward for those."""
         t0 = time.perf_counter()
-        self._settle_tree(committed)
-        base, main_levels = len(committed), (budget + 1) // 2
-        root_logits = self.backend.logits_at(list(committed), base - 1)[-1]  # [V]
-        kv = self.tree = TreeKV(self.backend)
-        tokens: list[int] = []
-        parents: list[int] = []
-        depth: list[int] = []
-        kv_index: dict[int, int] = {}  # tree node -> its entry in `kv` (expanded nodes only)
-        # entries (priority, order, parent or node, token or -1 = expand that node, value, on the main chain);
-        # the main chain's entries come first (priority -inf), in order
-        heap: list[tuple[float, int, int, int, float, bool]] = []
-        count = itertools.count()
+        self.accept = accept
+        memo = self._reroot(committed)
+        fresh = memo is None
+        if fresh:  # start afresh from the committed prefix
+            self._settle_tree(committed)
+            root_logits = self.backend.logits_at(list(committed), len(committed) - 1)[-1]  # [V]
+            self.tree = TreeKV(self.backend)
+            memo = {(): (ROOT, self._candidates(root_logits, len(committed), accept))}
+        g = self.grower = TreeGrower(len(committed), memo, (budget + 1) // 2, max_depth, stop_ids)
+        g.grow(budget, self._expand)
+        return DraftTree(list(g.tokens), list(g.parents), fresh + g.expansions, time.perf_counter() - t0, g.reused)
 
-        def push_children(node: int, logits: torch.Tensor, value: float, main: bool) -> None:
-            d = 0 if node == ROOT else depth[node] + 1
-            for rank, (w, t) in enumerate(self._candidates(logits, base + d, accept)):
-                on_main = main and rank == 0 and d < main_levels
-                heapq.heappush(heap, (-math.inf if on_main else -value * w, next(count), node, t, value * w, on_main))
+    @torch.inference_mode()
+    def grow_tree(self, max_nodes: int) -> tuple[bool, float]:
+        """Idle time, while the cloud verifies the tree sent: grow it by one draft forward, past what was sent, so that
+        the next tree starts from expansions already made. (False when there is nothing to grow; seconds spent.)"""
+        t0 = time.perf_counter()
+        grew = self.grower is not None and self.grower.grow_one_expansion(max_nodes, self._expand)
+        return grew, time.perf_counter() - t0
 
-        push_children(ROOT, root_logits, 1.0, True)
-        steps = 1
-        while heap and len(tokens) < budget:
-            _, _, node, tok, value, main = heapq.heappop(heap)
-            if tok >= 0:  # add a node; its children are wanted only if it is popped again, as an expansion
-                tokens.append(tok)
-                parents.append(node)
-                depth.append(0 if node == ROOT else depth[node] + 1)
-                if depth[-1] + 1 < max_depth and tok not in stop_ids:
-                    heapq.heappush(heap, (-math.inf if main else -value, next(count), len(tokens) - 1, -1, value, main))
-                continue
-            kv_parent = ROOT if parents[node] == ROOT else kv_index[parents[node]]
-            logits = kv.extend([tokens[node]], [kv_parent])[-1]  # [V]: after this node
-            kv_index[node] = len(kv.tokens) - 1
-            steps += 1
-            push_children(node, logits, value, main)
-        return DraftTree(tokens, parents, steps, time.perf_counter() - t0)
+    def _reroot(self, committed: Sequence[int]) -> dict | None:
+        """If the last tree expanded the node the committed tokens end on, keep its subtree (memo and KV entries) as
+        the start of the next tree; None when it did not."""
+        g, kv = self.grower, self.tree
+        if g is None or kv is None or list(committed[: kv.base]) != self.backend.tokens:
+            return None
+        suffix = tuple(committed[kv.base:])
+        if not suffix or suffix not in g.memo:
+            return None
+        path = [g.memo[suffix[:i]][0] for i in range(1, len(suffix) + 1)]  # every ancestor of an expanded node was
+        memo = subtree_memo(g.memo, suffix)                                  # expanded too
+        moved = kv.reroot(path, [kv_i for key, (kv_i, _) in memo.items() if key])
+        return {key: (moved[kv_i] if key else ROOT, cands) for key, (kv_i, cands) in memo.items()}
+
+    def _expand(self, kv_parent: int, token: int, children_pos: int) -> tuple[int, list[tuple[float, int]]]:
+        """One draft forward of a tree node (tree mask): its KV entry index and its children's candidates."""
+        logits = self.tree.extend([token], [kv_parent])[-1]  # [V]: after this node
+        return len(self.tree.tokens) - 1, self._candidates(logits, children_pos, self.accept)
 
     def _q(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's processed distribution at the wire precision (as `draft` samples from it)."""

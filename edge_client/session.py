@@ -32,6 +32,8 @@ from picospec.shared.stats import GenerationStats
 from picospec.shared.trees import check_path
 
 RunModel = Callable[..., Awaitable]
+TREE_GROWTH = 4             # idle-time growth: a tree may grow to this many times the nodes sent ...
+MAX_TREE_NODES_GROWN = 128  # ... and never past this many nodes (each expanded one holds a KV entry)
 
 
 class EdgeSession:
@@ -277,13 +279,29 @@ class EdgeSession:
                                     min(max(accept, 0.05), 0.95))
         self.stats.draft_s += tree.compute_s
         self.stats.drafted_total += tree.steps
-        est.draft_s.add(tree.compute_s / tree.steps)
+        self.stats.tree_reused += tree.reused
+        if tree.steps:
+            est.draft_s.add(tree.compute_s / tree.steps)
         start = st.committed_len
         self.rtt.on_send(start, len(tree.tokens), time.perf_counter())
         await self.transport.send(pb.EdgeMessage(draft=pb.DraftBatch(
             epoch=self.chain.epoch, start_pos=start, token_ids=tree.tokens, parent_index=tree.parents)))
         self.waiting_for = f"the verdict on a tree of {len(tree.tokens)} nodes at position {start}"
+        await self._grow_while_waiting(len(tree.tokens))
         self._apply_tree((await self.transport.next("verdict")).verdict, tree)
+
+    async def _grow_while_waiting(self, sent: int) -> None:
+        """The edge's idle time while the cloud verifies (a pass is much longer than drafting): grow the tree past
+        what was sent, one draft forward at a time, looking for the verdict in between (it waits at most one
+        forward), so that the next tree starts from expansions already made under the committed tokens."""
+        cap = min(TREE_GROWTH * sent, MAX_TREE_NODES_GROWN)
+        while not self.transport.has_news():
+            grew, seconds = await self.run_model(self.drafter.grow_tree, cap)
+            self.stats.draft_s += seconds
+            if not grew:
+                return
+            self.stats.tree_idle_forwards += 1
+            self.stats.drafted_total += 1
 
     def _apply_tree(self, v: pb.Verdict, tree: DraftTree) -> None:
         """Commit a tree's verdict: its path's tokens are the accepted drafts, then the cloud's token, as a chain's."""

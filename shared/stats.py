@@ -87,6 +87,8 @@ class GenerationStats:
     hint_hits: int = 0          # hinted passes whose verdict committed the expected context: pre-drafts adopted
     hint_misses: int = 0        # hinted passes that went otherwise: pre-drafts discarded
     predrafted_used: int = 0    # pre-drafted tokens adopted after hits
+    tree_idle_forwards: int = 0  # token trees: draft forwards spent growing a tree while the cloud verified it
+    tree_reused: int = 0        # token trees: expansions the next tree took from that growth (forwards saved)
     draft_len_choices: Counter = field(default_factory=Counter)  # online draft length -> times chosen
     estimates: Estimates = field(default_factory=Estimates)
     drafter: Any = field(default=None, repr=False)  # the session's drafter (tests inspect its cache)
@@ -203,6 +205,8 @@ class GenerationStats:
             "hint_misses": self.hint_misses,
             "hint_hit_rate": self.hint_hits / (self.hint_hits + self.hint_misses) if self.hint_hits + self.hint_misses else None,
             "predrafted_used": self.predrafted_used,
+            "tree_idle_forwards": self.tree_idle_forwards,
+            "tree_reused_expansions": self.tree_reused,
             "mean_draft_len": self.drafted / self.rounds if self.rounds else None,
             "estimates": self.estimates.to_dict(),
             "edge_compute_s": self.draft_s + self.prefill_edge_s,

@@ -59,28 +59,38 @@ class TreeKV:
         self.parents = all_parents
         return _fit_width(out.logits[0].float(), b.vocab_size)  # [n, V]
 
-    @torch.inference_mode()
     def keep(self, path: Sequence[int]) -> None:
         """Keep the linear part and the nodes of `path` (root-descending indices), in that order; drop the rest."""
-        b = self.backend
-        prev = ROOT
+        self.reroot(path, [])
+
+    @torch.inference_mode()
+    def reroot(self, path: Sequence[int], subtree: Sequence[int]) -> dict[int, int]:
+        """Move `path` (root-descending) into the linear part and keep `subtree` (nodes under the path's end, each
+        with its parent on the path's end or in `subtree`) as the new tree; drop the rest. A gather of the cache's
+        entries along the sequence dimension. Returns old -> new tree index of the kept subtree nodes."""
+        b, prev = self.backend, ROOT
         for node in path:
             if not 0 <= node < len(self.tokens) or self.parents[node] != prev:
                 raise ValueError(f"path {list(path)} does not descend through the tree")
             prev = node
-        if len(path) == len(self.tokens) and list(path) == list(range(len(path))):
-            idx = None  # the path is every node in order (a chain): the cache is already right
-        else:
-            idx = torch.cat([torch.arange(self.base), torch.tensor(list(path), dtype=torch.long) + self.base])
-        for layer in b.cache.layers:
-            if type(layer).__name__ != "DynamicLayer":
-                raise ValueError(f"token trees need plain DynamicCache layers, not {type(layer).__name__}")
-            if idx is not None and layer.keys is not None and layer.keys.numel():
-                i = idx.to(layer.keys.device)
-                layer.keys = layer.keys.index_select(-2, i)      # [B, H, base + len(path), D]
-                layer.values = layer.values.index_select(-2, i)
+        kept = sorted(set(subtree))  # expansion order: parents before children
+        new_index = {old: i for i, old in enumerate(kept)}
+        parents = [ROOT if self.parents[old] == prev else new_index.get(self.parents[old], -2) for old in kept]
+        if -2 in parents or prev in new_index:
+            raise ValueError(f"subtree {kept} does not hang under the end of path {list(path)}")
+        order = list(path) + kept
+        if order != list(range(len(self.tokens))):  # else every node is kept in place: nothing to move
+            idx = torch.cat([torch.arange(self.base), torch.tensor(order, dtype=torch.long) + self.base])
+            for layer in b.cache.layers:
+                if type(layer).__name__ != "DynamicLayer":
+                    raise ValueError(f"token trees need plain DynamicCache layers, not {type(layer).__name__}")
+                if layer.keys is not None and layer.keys.numel():
+                    i = idx.to(layer.keys.device)
+                    layer.keys = layer.keys.index_select(-2, i)      # [B, H, base + len(order), D]
+                    layer.values = layer.values.index_select(-2, i)
         b.tokens.extend(self.tokens[i] for i in path)
-        self.base, self.tokens, self.parents = b.length, [], []
+        self.base, self.tokens, self.parents = b.length, [self.tokens[i] for i in kept], parents
+        return new_index
 
     def drop(self) -> None:
         """Forget every tree node: the backend holds its linear part again."""

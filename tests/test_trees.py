@@ -328,3 +328,91 @@ def test_both_caches_keep_only_the_committed_path(tiny_target, tiny_draft, tempe
     assert st["drafted_tokens"] > st["accepted_tokens"] + st["rounds"]  # trees: more nodes than any path takes
     assert drafter.tree is None and drafter.backend.tokens == committed[:-1]
     _assert_cache_is_linear(drafter.backend, tiny_draft.model)
+
+
+class _SlowVerdicts:
+    """Cloud hook: every verdict leaves 30 ms late, as if the pass were long (the edge's idle time)."""
+
+    async def before_send(self, msg: pb.CloudMessage) -> None:
+        if msg.WhichOneof("kind") == "verdict":
+            await asyncio.sleep(0.03)
+
+
+def test_idle_time_grows_the_tree_and_the_next_tree_reuses_it(tiny_target):
+    """With the target as its own draft every walk takes the main chain to its end and the cloud's token there is the
+    draft's own next choice: the growth made while the cloud verified already expanded it, so the next tree starts
+    from those expansions. The output is still the chain's (growth changes what is drafted, never what is emitted)."""
+    prompt_ids = tiny_target.tokenizer("idle time")["input_ids"]
+
+    async def scenario():
+        out = {}
+        async with serving(tiny_target) as (service, addr):
+            service.hooks = _SlowVerdicts()
+            async with edge(addr, tiny_target, max_new_tokens=40, ignore_eos=True, temperature=1.0, seed=5) as client:
+                for name, kw in (("chain", dict(draft_len=4)), ("tree", dict(tree_budget=6))):
+                    gen = client.generate(prompt_ids, mode="sync", **kw)
+                    out[name] = (await gen.collect(), gen.stats.to_dict())
+        return out
+
+    out = run(scenario())
+    (chain, _), (tree, st) = out["chain"], out["tree"]
+    assert tree == chain
+    assert st["tree_idle_forwards"] > 0 and st["tree_reused_expansions"] > 0, st
+
+
+# ---- growth bookkeeping (edge_client/tree_builder.py), with a fake draft --------------------------------------------
+
+def _fake_expand(calls: list):
+    """Every node's candidates: tokens 1, 2, 3 (weights .6, .3, .1); kv indices count up."""
+    def expand(kv_parent: int, token: int, pos: int):
+        calls.append((kv_parent, token, pos))
+        return len(calls) - 1, [(0.6, 1), (0.3, 2), (0.1, 3)]
+    return expand
+
+
+def test_grower_puts_the_main_chain_first_and_every_prefix_is_a_tree():
+    from picospec.edge_client.tree_builder import TreeGrower
+
+    calls: list = []
+    g = TreeGrower(10, {(): (ROOT, [(0.6, 1), (0.3, 2), (0.1, 3)])}, main_levels=3, max_depth=5, stop_ids=frozenset())
+    g.grow(9, _fake_expand(calls))
+    assert g.keys[:3] == [(1,), (1, 1), (1, 1, 1)]  # the coupled choices, three levels, before any alternative
+    for n in range(1, 10):
+        check_tree(g.tokens[:n], g.parents[:n], max_nodes=9, max_depth=5)
+    assert g.expansions == len(calls) and all(pos >= 11 for _, _, pos in calls)
+    assert calls[0] == (ROOT, 1, 11)  # node (1,) sits at 10; its children at 11
+    assert max(len(k) for k in g.keys) <= 5
+    # idle growth: one forward at a time, capped by the node count
+    before = g.expansions
+    assert g.grow_one_expansion(40, _fake_expand(calls)) and g.expansions == before + 1
+    while g.grow_one_expansion(40, _fake_expand(calls)):
+        pass
+    assert len(g.tokens) == 40  # adds one node per step, and stops at the cap
+
+
+def test_grower_reuses_memoised_expansions_after_rerooting():
+    from picospec.edge_client.tree_builder import TreeGrower, subtree_memo
+
+    calls: list = []
+    g = TreeGrower(0, {(): (ROOT, [(0.6, 1), (0.3, 2), (0.1, 3)])}, main_levels=2, max_depth=6, stop_ids=frozenset())
+    g.grow(20, _fake_expand(calls))
+    sub = subtree_memo(g.memo, (1, 1))  # the committed tokens went 1, 1
+    assert () in sub and all(k == () or (1, 1) + k in g.memo for k in sub)
+    again = TreeGrower(2, sub, main_levels=2, max_depth=6, stop_ids=frozenset())
+    again.grow(4, _fake_expand(calls))
+    assert again.reused > 0  # expansions under (1, 1) came from the memo, without a forward
+
+
+def test_reroot_keeps_a_path_and_the_subtree_under_it(tiny_target):
+    model, prefix = tiny_target.model, [5, 9, 13]
+    b = HFBackend(model)
+    b.forward(prefix)
+    kv = TreeKV(b)
+    kv.extend([11, 12, 20, 21, 30], [ROOT, ROOT, 0, 0, 2])  # 11 -> 20 -> 30, 11 -> 21, 12
+    moved = kv.reroot([0], [2, 3, 4])  # commit 11; keep 20, 21, 30 as the new tree
+    assert b.tokens == prefix + [11] and kv.tokens == [20, 21, 30] and kv.parents == [ROOT, ROOT, 0]
+    assert moved == {2: 0, 3: 1, 4: 2}
+    last = kv.extend([40], [moved[4]])[-1]  # under 11 -> 20 -> 30, computed from the gathered entries
+    torch.testing.assert_close(last, HFBackend(model).forward(prefix + [11, 20, 30, 40])[-1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="does not hang under"):
+        kv.reroot([0], [3])  # 40 without its parent
