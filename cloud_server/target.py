@@ -119,6 +119,11 @@ class TargetCache:
                                                 self.tail_samples)
         return PassOutcome(d.accepted, d.token, d.rejected, time.perf_counter() - t0, opened)
 
+    @property
+    def supports_trees(self) -> bool:
+        """Token trees need a transformers DynamicCache to mask and gather (shared/tree_cache.py)."""
+        return isinstance(self.backend, HFBackend)
+
     def _verify_tree(self, committed: list[int], run: DraftRun, t0: float) -> PassOutcome:
         """A token tree in one forward pass (tree attention mask), the coupled walk, then the cache keeps only the
         committed path: a gather of its entries (shared/tree_cache.py), no recompute."""
