@@ -59,6 +59,8 @@ class CloudConfig(ServingLimits):
     device: str = opt("cpu", "torch device", choices=("cpu", "cuda"))
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+    engine: str = opt("auto", "target backend: static (preallocated KV slots, CUDA graphs per pass size on a GPU), hf "
+                      "(transformers' own cache), auto = static on cuda, hf on cpu", choices=("auto", "static", "hf"))
     verify_modes: str = opt(",".join(VERIFY_MODES), "verification modes this server offers (comma-separated)")
     residual_top_k: int = opt(10, "split modes: top-K entries of p sent on a rejection, unless the edge asks")
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")

@@ -5,6 +5,9 @@ A name is `BASE[:SUFFIX]...`. BASE is one of
     size and sha256, dequantized once into a safetensors copy under cache_root(), and that copy is checked
     against its manifest on every load: unverified bytes are never loaded;
   * `tiny-random`, `tiny-random-b`: tiny random Llamas with a character tokenizer, built in code (tests);
+  * `random:SHAPE` (RANDOM_SHAPES: e.g. `random:qwen2.5-7b`, `random:llama-3.1-8b`): random weights in the exact
+    shapes of a real model, built from a config in code on the device asked for, with a filler tokenizer of the
+    same width: for timing engines where the real weights are not available (never for output quality);
   * a local directory, or else a hub id, handed to `from_pretrained`.
 SUFFIXES apply left to right: `int8` (dynamic int8 Linear layers, CPU only) and `layers=N` (the first N
 decoder layers, weights shared). `derive_model` applies suffixes to an already loaded model.
@@ -87,6 +90,25 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }
                       "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
+# `random:NAME` shapes: the real models' published configs (hidden, MLP, layers, heads, vocab, RoPE), no weights.
+_QWEN = dict(model_type="qwen2", rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(_QWEN, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, tie_word_embeddings=False,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0,
+                                              low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_position_embeddings=8192)),
+}
+RANDOM_PREFIX = "random:"
+
+
 @dataclass
 class LoadedModel:
     name: str                  # the full name asked for, suffixes included
@@ -97,8 +119,14 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------- names
 
 def parse_model_name(name: str) -> tuple[str, list[tuple[str, str | None]]]:
-    """"base:int8:layers=8" -> ("base", [("int8", None), ("layers", "8")]); a bad suffix is a ModelError."""
-    base, *parts = name.split(":")
+    """"base:int8:layers=8" -> ("base", [("int8", None), ("layers", "8")]); a bad suffix is a ModelError.
+    A `random:SHAPE` base keeps its prefix: "random:qwen2.5-7b:layers=4" -> ("random:qwen2.5-7b", [("layers", "4")])."""
+    shaped = name.startswith(RANDOM_PREFIX)
+    base, *parts = name[len(RANDOM_PREFIX) if shaped else 0:].split(":")
+    base = RANDOM_PREFIX + base if shaped else base
+    if shaped and base[len(RANDOM_PREFIX):] not in RANDOM_SHAPES:
+        raise ModelError(f"unknown shape in {name!r}: choose from "
+                         + ", ".join(RANDOM_PREFIX + s for s in RANDOM_SHAPES))
     if not base:
         raise ModelError(f"model name {name!r} has no base model")
     suffixes: list[tuple[str, str | None]] = []
@@ -406,6 +434,37 @@ def _tiny_random(seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, _tiny_tokenizer()
 
 
+def _shape_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
+    """The tiny character tokenizer's 64 entries, then fillers `<|tN|>` up to `vocab_size`: text encodes to the
+    first 64 ids, and every id a random model emits decodes to something. Built in code, identical on each side."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = (*TINY_SPECIALS, *TINY_CHARS)
+    vocab = {t: i for i, t in enumerate(names)}
+    vocab.update({f"<|t{i}|>": i for i in range(len(names), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=TINY_CHAT_TEMPLATE)
+
+
+def _random_shape(base: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """`random:SHAPE`: a transformers model from the shape's config with seeded random weights, made on `device` in
+    `dtype` (a 7B shape never passes through the CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(RANDOM_SHAPES[base[len(RANDOM_PREFIX):]])
+    config = AutoConfig.for_model(shape.pop("model_type"), bos_token_id=0, eos_token_id=1, **shape)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, _shape_tokenizer(config.vocab_size)
+
+
 # ---------------------------------------------------------------------------------------------- suffixes
 
 def _neutral_generation_config(model: nn.Module) -> None:
@@ -499,8 +558,11 @@ def _from_pretrained(src: str, dtype: torch.dtype, what: str) -> tuple[nn.Module
         raise ModelError(f"could not load {src!r} ({what}): {type(e).__name__}: {e}") from e
 
 
-def _load_base(base: str, dtype: torch.dtype, progress: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    if base in TINY_SEEDS:
+def _load_base(base: str, dtype: torch.dtype, progress: bool,
+               device: str = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    if base.startswith(RANDOM_PREFIX):
+        model, tokenizer = _random_shape(base, dtype, device)
+    elif base in TINY_SEEDS:
         model, tokenizer = _tiny_random(TINY_SEEDS[base])
         model.to(dtype)
     elif base in BUILTIN_MODELS:
@@ -510,7 +572,7 @@ def _load_base(base: str, dtype: torch.dtype, progress: bool) -> tuple[nn.Module
     elif Path(base).expanduser().is_dir():
         model, tokenizer = _from_pretrained(str(Path(base).expanduser()), dtype, "a local directory")
     else:
-        builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS])
+        builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS, RANDOM_PREFIX + "SHAPE"])
         model, tokenizer = _from_pretrained(base, dtype, f"not a built-in ({builtins}) nor a local directory, "
                                                          "so tried as a hub id")
     _neutral_generation_config(model)
@@ -523,7 +585,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.flo
     base, suffixes = parse_model_name(name)
     if any(k == "int8" for k, _ in suffixes) and torch.device(device).type != "cpu":
         raise ModelError(f"{name}: int8 runs on the cpu only, not on {device!r}")
-    model, tokenizer = _load_base(base, dtype, progress)
+    model, tokenizer = _load_base(base, dtype, progress, device)
     model = _apply_suffixes(model, suffixes, owned=True)
     return LoadedModel(name, _finish(model.to(device)), tokenizer)
 
