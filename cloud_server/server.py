@@ -28,7 +28,7 @@ from picospec.shared.config import CloudConfig
 from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
 from picospec.shared.engine import EngineOptions, StaticBackend, StaticEngine
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
-from picospec.shared.models import LoadedModel
+from picospec.shared.models import LoadedModel, ModelError
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
@@ -95,9 +95,17 @@ def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers("picospec.v1.PicoSpec", handlers)
 
 
+def uses_static_engine(config: CloudConfig) -> bool:
+    """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
+    mapped = config.device_map not in ("", "none")
+    if config.engine == "static" and mapped:  # its cache lives on one device; a mapped model's layers do not
+        raise ModelError("--engine static keeps the whole KV cache on one device: use --engine hf with --device-map")
+    return config.engine == "static" or (config.engine == "auto" and config.device == "cuda" and not mapped)
+
+
 def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | None:
-    """The static engine for --engine static (auto: on cuda), one slot per session --max-sessions allows."""
-    if config.engine == "hf" or (config.engine == "auto" and config.device != "cuda"):
+    """The static engine where the config asks for it, one slot per session --max-sessions allows."""
+    if not uses_static_engine(config):
         return None
     options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda")
     return StaticEngine(target.model, options)

@@ -23,6 +23,7 @@ SPECULATIVE_MODES = ("sync", "early-exit", "pipeline", "picospec")
 PIPELINED_MODES = ("pipeline", "picospec")  # draft ahead while batches are in flight; the others stop and wait
 HINTED_MODES = ("early-exit",)               # early-exit hints on unless --hints off
 PARTITION_POLICIES = ("wait", "edge")         # --on-partition: what a break in the link does (edge_client/resume.py)
+DEVICE_MAPS = ("none", "auto", "balanced")     # --device-map: none = the whole target on --device
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False) -> Any:
@@ -57,6 +58,9 @@ class CloudConfig(ServingLimits):
                     "deploy/tls.md)")
     port: int = opt(50051, "port to listen on")
     device: str = opt("cpu", "torch device", choices=("cpu", "cuda"))
+    device_map: str = opt("none", "spread the target over every GPU, layer by layer, for a model too big for one "
+                          "(transformers' device_map via accelerate: auto, or balanced; none = all of it on --device, "
+                          "which a map replaces); not with :int8", choices=DEVICE_MAPS)
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     engine: str = opt("auto", "target backend: static (preallocated KV slots, CUDA graphs per pass size on a GPU), hf "

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from picospec.shared.config import DEVICE_MAPS
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -549,45 +551,83 @@ def _finish(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _from_pretrained(src: str, dtype: torch.dtype, what: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _from_pretrained(src: str, dtype: torch.dtype, what: str,
+                     device_map: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = {"device_map": device_map} if device_map else {}  # transformers places the weights itself
     try:
-        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype), AutoTokenizer.from_pretrained(src)
+        return (AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **placement),
+                AutoTokenizer.from_pretrained(src))
     except Exception as e:
         raise ModelError(f"could not load {src!r} ({what}): {type(e).__name__}: {e}") from e
 
 
-def _load_base(base: str, dtype: torch.dtype, progress: bool,
-               device: str = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
+    """What from_pretrained(device_map=...) does (transformers 5: "auto" and "balanced" alike balance the memory
+    over the GPUs), for a model built in code (tiny-random): accelerate maps its modules over the devices there
+    are, decoder layers kept whole, and moves them there."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    return dispatch_model(model, infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split))
+
+
+def _load_base(base: str, dtype: torch.dtype, progress: bool, device: str = "cpu",
+               device_map: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if base.startswith(RANDOM_PREFIX):
-        model, tokenizer = _random_shape(base, dtype, device)
+        model, tokenizer = _random_shape(base, dtype, "cpu" if device_map else device)
+        if device_map:
+            model = _dispatch(model, device_map)
     elif base in TINY_SEEDS:
         model, tokenizer = _tiny_random(TINY_SEEDS[base])
         model.to(dtype)
+        if device_map:
+            model = _dispatch(model, device_map)
     elif base in BUILTIN_MODELS:
         path = prepare_model(base, progress=progress)
         _verify_converted(path, progress)
-        model, tokenizer = _from_pretrained(str(path), dtype, f"the converted copy of {base}")
+        model, tokenizer = _from_pretrained(str(path), dtype, f"the converted copy of {base}", device_map)
     elif Path(base).expanduser().is_dir():
-        model, tokenizer = _from_pretrained(str(Path(base).expanduser()), dtype, "a local directory")
+        model, tokenizer = _from_pretrained(str(Path(base).expanduser()), dtype, "a local directory", device_map)
     else:
         builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS, RANDOM_PREFIX + "SHAPE"])
         model, tokenizer = _from_pretrained(base, dtype, f"not a built-in ({builtins}) nor a local directory, "
-                                                         "so tried as a hub id")
+                                                         "so tried as a hub id", device_map)
     _neutral_generation_config(model)
     return model, tokenizer
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> LoadedModel:
-    """Load `name` (see the module docstring) in eval mode with gradients off, on `device`."""
+               progress: bool = True, device_map: str | None = None) -> LoadedModel:
+    """Load `name` (see the module docstring) in eval mode with gradients off, on `device`.
+
+    `device_map` ("auto", "balanced"; None or "none" = off) replaces `device`: transformers and accelerate spread the
+    weights over every GPU there is, layer by layer (all on the cpu where there is none), for a model too big for
+    one GPU. Input ids then go to `input_device(model)`; accelerate's hooks carry activations between devices and
+    bring the logits back to that device."""
     base, suffixes = parse_model_name(name)
-    if any(k == "int8" for k, _ in suffixes) and torch.device(device).type != "cpu":
-        raise ModelError(f"{name}: int8 runs on the cpu only, not on {device!r}")
-    model, tokenizer = _load_base(base, dtype, progress, device)
+    device_map = None if device_map in (None, "", "none") else device_map
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ModelError(f"device map {device_map!r}: choose from {', '.join(DEVICE_MAPS)}")
+    if any(k == "int8" for k, _ in suffixes):
+        if device_map is not None:
+            raise ModelError(f"{name}: int8 runs on the cpu only and cannot be spread over devices "
+                             f"(device map {device_map!r}); drop :int8 or the device map")
+        if torch.device(device).type != "cpu":
+            raise ModelError(f"{name}: int8 runs on the cpu only, not on {device!r}")
+    model, tokenizer = _load_base(base, dtype, progress, device, device_map)
     model = _apply_suffixes(model, suffixes, owned=True)
-    return LoadedModel(name, _finish(model.to(device)), tokenizer)
+    if device_map is None:  # a dispatched model must not be moved: accelerate placed every module already
+        model = model.to(device)
+    return LoadedModel(name, _finish(model), tokenizer)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device (with a device map, the first of its devices)."""
+    return next(model.get_input_embeddings().parameters()).device
 
 
 def derive_model(base: LoadedModel, suffixes: str) -> LoadedModel:
