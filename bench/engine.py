@@ -117,7 +117,7 @@ def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def time_target(name: str, dtype: str, args: argparse.Namespace) -> list[Timing]:
+def time_target(name: str, dtype: str, args: argparse.Namespace) -> tuple[list[Timing], list[RowsTiming]]:
     """Load `name` once; time each backend asked for on it (graphs only on CUDA)."""
     from picospec.shared.backend import HFBackend
     from picospec.shared.engine import EngineOptions, StaticEngine
@@ -144,10 +144,67 @@ def time_target(name: str, dtype: str, args: argparse.Namespace) -> list[Timing]
         out.append(Timing(name, dtype, backend, pass_s))
         _say("  " + "  ".join(f"pass({n}) {1e3 * t:.2f} ms" for n, t in pass_s.items()))
         del be
+    rows = time_rows(model, name, dtype, args) if args.rows else []
     del model
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
+    return out, rows
+
+
+@dataclass
+class RowsTiming:
+    target: str
+    dtype: str
+    backend: str
+    size: int                     # tokens per row (a verification of size - 1 drafts)
+    pass_s: dict[int, float]      # rows -> median seconds of one pass over that many sessions' rows
+
+
+def time_rows(model: torch.nn.Module, name: str, dtype: str, args: argparse.Namespace) -> list[RowsTiming]:
+    """One pass over B sessions' rows of --rows-size tokens each (each on its own slot with --context cached), for
+    B in --rows: what batched verification costs on the engine, graphs (CUDA) and eager."""
+    from picospec.shared.engine import EngineOptions, StaticEngine
+    from picospec.shared.engine.model import Row
+
+    out, size, sync = [], args.rows_size, _sync(args.device)
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, min(vocab, 1000), (args.context + size,)).tolist()
+    for backend in [b for b in args.backends if b != "hf"]:
+        if backend == "graphs" and torch.device(args.device).type != "cuda":
+            continue
+        pass_s = {}
+        for rows in args.rows:
+            opts = EngineOptions(slots=rows + 1, max_len=args.context + size, buckets=(size,), batch_buckets=(rows,),
+                                 graphs=backend == "graphs")
+            engine = StaticEngine(model, opts)
+            slots = [engine.backend() for _ in range(rows)]
+            for be in slots:
+                be.prefill(ids[:args.context])
+            batch = [Row(be.slot, ids[args.context:], args.context) for be in slots]
+            samples = []
+            for i in range(args.repeats + 2):
+                sync()
+                t0 = time.perf_counter()
+                engine.run(batch)
+                sync()
+                samples.append(time.perf_counter() - t0)
+            pass_s[rows] = statistics.median(samples[2:])
+            _say(f"{name} {dtype} {backend}: {rows} rows x {size} tokens: {1e3 * pass_s[rows]:.2f} ms a pass")
+            del engine, slots
+        out.append(RowsTiming(name, dtype, backend, size, pass_s))
     return out
+
+
+def render_rows(timings: list[RowsTiming]) -> list[str]:
+    lines = ["", "One pass over B sessions' rows (batched verification), ms; aggregate = rows x tokens per second, "
+             "against one row's.", "", "| target | dtype | backend | tokens/row | B | pass ms | aggregate tok/s | x one row |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in timings:
+        one = t.pass_s[min(t.pass_s)] / min(t.pass_s)
+        for rows, sec in t.pass_s.items():
+            lines.append(f"| {t.target} | {t.dtype} | {t.backend} | {t.size} | {rows} | {1e3 * sec:.2f} | "
+                         f"{rows * t.size / sec:,.0f} | {one * rows / sec:.2f}x |")
+    return lines
 
 
 def render(timings: list[Timing], preds: dict[tuple[str, str, str], list[Prediction]], args: argparse.Namespace,
@@ -215,6 +272,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--draft-ms", type=float, default=20.0, help="edge milliseconds per draft token for the "
                    "'with edge' prediction")
     p.add_argument("--rtt-ms", type=float, default=20.0)
+    p.add_argument("--rows", default="", help="also time one pass over B sessions' rows, for B in this comma-separated "
+                   "list (batched verification; e.g. 1,2,4,8,16,32,64)")
+    p.add_argument("--rows-size", type=int, default=5, help="tokens per row with --rows (5 = a verification of 4 drafts)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--out", default="bench_out/engine")
     args = p.parse_args(argv)
@@ -222,6 +282,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.backends = [b for b in args.backends.split(",") if b]
     args.sizes = sorted({int(n) for n in args.sizes.split(",")} | {1})
+    args.rows = sorted({int(n) for n in args.rows.split(",") if n})
     if bad := [b for b in args.backends if b not in BACKENDS]:
         p.error(f"unknown backend {bad[0]!r}")
     return args
@@ -237,19 +298,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         acceptance = measured_acceptance(ACCEPTANCE_CSV)
         args.acceptance_source = ("measured on the real pair (qwen2.5-coder 0.5b int8 drafting for 1.5b fp32), the "
                                   "`sync` column at T=0 of docs/results/sweep_fp32")
-    timings = [t for name in args.targets for dtype in args.dtypes for t in time_target(name, dtype, args)]
+    measured = [time_target(name, dtype, args) for name in args.targets for dtype in args.dtypes]
+    timings = [t for ts, _ in measured for t in ts]
+    rows = [r for _, rs in measured for r in rs]
     preds = {(t.target, t.dtype, t.backend): predictions(t, acceptance, args.draft_ms / 1e3, args.rtt_ms / 1e3)
              for t in timings}
     cuda = torch.device(args.device).type == "cuda"
     device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} torch threads"
-    text = render(timings, preds, args, device_name)
+    text = render(timings, preds, args, device_name) + ("\n".join(render_rows(rows)) + "\n" if rows else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.md").write_text(text)
     (out / "engine.json").write_text(json.dumps({
         "device": device_name, "torch": torch.__version__, "context": args.context, "repeats": args.repeats,
         "acceptance": acceptance, "acceptance_source": args.acceptance_source, "draft_ms": args.draft_ms,
-        "rtt_ms": args.rtt_ms, "timings": [asdict(t) for t in timings],
+        "rtt_ms": args.rtt_ms, "timings": [asdict(t) for t in timings], "rows": [asdict(r) for r in rows],
         "predictions": {"|".join(k): [asdict(p) for p in v] for k, v in preds.items()}}, indent=1))
     plot(timings, out / "engine.png")
     print(text)

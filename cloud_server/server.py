@@ -27,6 +27,7 @@ from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
 from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
 from picospec.shared.engine import EngineOptions, StaticBackend, StaticEngine
+from picospec.shared.engine.batcher import Batcher, BatchOptions
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel, ModelError
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
@@ -98,16 +99,26 @@ def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
 def uses_static_engine(config: CloudConfig) -> bool:
     """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
     mapped = config.device_map not in ("", "none")
-    if config.engine == "static" and mapped:  # its cache lives on one device; a mapped model's layers do not
-        raise ModelError("--engine static keeps the whole KV cache on one device: use --engine hf with --device-map")
-    return config.engine == "static" or (config.engine == "auto" and config.device == "cuda" and not mapped)
+    if (config.engine == "static" or config.batching == "on") and mapped:  # the cache lives on one device
+        raise ModelError("the static engine (--engine static, --batching on) keeps the whole KV cache on one device: "
+                         "use --engine hf --batching off with --device-map")
+    if config.batching == "on" and config.engine == "hf":
+        raise ModelError("--batching on needs the static engine: --engine static (or auto)")
+    return config.engine == "static" or (config.engine == "auto" and not mapped
+                                         and (config.device == "cuda" or config.batching == "on"))
+
+
+def uses_batching(config: CloudConfig) -> bool:
+    return config.batching == "on" or (config.batching == "auto" and uses_static_engine(config))
 
 
 def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | None:
     """The static engine where the config asks for it, one slot per session --max-sessions allows."""
     if not uses_static_engine(config):
         return None
-    options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda")
+    batch_rows = (1, 2, 4, 8) if uses_batching(config) else (1,)  # captured on CUDA; wider batches run eager
+    options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda",
+                            batch_buckets=tuple(b for b in batch_rows if b <= config.max_sessions))
     return StaticEngine(target.model, options)
 
 
@@ -119,8 +130,13 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         self.info = TargetInfo(config.target, int(target.model.config.vocab_size), tokenizer_fingerprint(target.tokenizer),
                                eos_token_ids(target.model, target.tokenizer), num_layers)
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
-        self.worker = ModelWorker()
+        self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
         self.engine = make_engine(target, config)  # None: each session gets transformers' own cache
+        self.batcher = (Batcher(self.engine, BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3),
+                                self.metrics.on_engine_pass)
+                        if self.engine is not None and uses_batching(config) else None)
+        # batching: each session's jobs on a thread of their own, their passes gathered by the batcher
+        self.worker = ModelWorker(threads=config.max_sessions + 1 if self.batcher else 1)
         self.slots = SessionSlots(config.max_sessions, config.max_sessions_per_client)
         # None: no tokens asked for (every caller may call); reloaded by the CLI on SIGHUP
         self.auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
@@ -129,7 +145,6 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                              if config.tls_cert or config.tls_key or config.tls_ca else None)
         # the last few sessions' end state: committed tokens and what the KV cache held (tests, debugging)
         self.closed_sessions: collections.deque[SessionRecord] = collections.deque(maxlen=16)
-        self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
         self.health: health.aio.HealthServicer | None = None  # set by start_server
         self.live_sessions: set[CloudSession] = set()  # speculative sessions running (the drain ends them)
         self.shutdown_refusal: Refusal | None = None  # set when the drain's grace is over: what sessions end with
@@ -243,7 +258,9 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 log.info("session %s ended by the edge's side after %d tokens", sid, len(state.generated))
 
     def _engine_slot(self) -> StaticBackend | None:
-        return self.engine.backend() if self.engine is not None else None
+        if self.engine is None:
+            return None
+        return self.engine.backend(passes=self.batcher.submit if self.batcher is not None else None)
 
     async def _close(self, cache: TargetCache) -> None:
         """Give the session's engine slot back, on the model worker after its last pass (shielded like _record)."""

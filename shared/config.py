@@ -64,7 +64,14 @@ class CloudConfig(ServingLimits):
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
     engine: str = opt("auto", "target backend: static (preallocated KV slots, CUDA graphs per pass size on a GPU), hf "
-                      "(transformers' own cache), auto = static on cuda, hf on cpu", choices=("auto", "static", "hf"))
+                      "(transformers' own cache), auto = static on cuda or with --batching on, else hf",
+                      choices=("auto", "static", "hf"))
+    batching: str = opt("auto", "verify every session's ready drafts in one pass of the static engine (on), or each "
+                        "session's passes one after another (off); auto = on with the static engine",
+                        choices=("auto", "on", "off"))
+    max_batch_tokens: int = opt(512, "batching: most tokens in one pass across sessions (a longer row runs alone)")
+    max_wait_ms: float = opt(250.0, "batching: a session's work should wait at most this long for a pass; waits "
+                             "past it are counted (picospec_cloud_batch_wait_seconds)")
     verify_modes: str = opt(",".join(VERIFY_MODES), "verification modes this server offers (comma-separated)")
     residual_top_k: int = opt(10, "split modes: top-K entries of p sent on a rejection, unless the edge asks")
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")

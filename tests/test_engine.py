@@ -83,6 +83,8 @@ def test_rows_outside_the_cache_or_on_scratch_are_refused(engine):
         engine.run([Row(engine.scratch, [5], 0)])
     with pytest.raises(ValueError, match="outside"):
         engine.run([Row(slot, [], 0)])
+    with pytest.raises(ValueError, match="at most 512 tokens"):
+        engine.run([Row(slot, [5] * 513, 0)])
 
 
 def test_graph_choice_is_the_smallest_that_fits(engine):

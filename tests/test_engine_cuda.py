@@ -60,3 +60,23 @@ def test_greedy_through_graphs_is_the_targets_own():
     rows = be.logits_at(prompt + out, len(prompt) - 1)[:-1].clone()
     rows[:, 1] = float("-inf")
     assert rows.argmax(-1).tolist() == out
+
+
+def test_batched_rows_in_a_graph_equal_each_row_alone():
+    """Three sessions' rows of 1, 3 and 5 tokens replay the (4 rows, 8 tokens) graph: the padding row and the
+    padded tokens change no real row's logits."""
+    from picospec.shared.engine.model import Row
+
+    model = load_model("random:qwen2.5-0.5b:layers=4", device="cuda", dtype=torch.float32, progress=False).model
+    opts = EngineOptions(slots=5, max_len=600, buckets=(1, 8), batch_buckets=(1, 4))
+    graphs, eager = StaticEngine(model, opts), StaticEngine(model, EngineOptions(**{**opts.__dict__, "graphs": False}))
+    rows = []
+    for i, n in enumerate((1, 3, 5)):
+        seq = _ids(300 + 40 * i + n, model.config.vocab_size, 10 + i)
+        for engine in (graphs, eager):
+            engine.backend().prefill(seq[:-n])
+        rows.append(Row(i, seq[-n:], len(seq) - n))
+    assert graphs._graph_for(3, 5, max(r.start for r in rows) + 5) is graphs.graphs[(4, 8, 512)]
+    together = graphs.run(rows)
+    for row, got in zip(rows, together):
+        assert _rel(got, eager.run([row])[0]) < 1e-4

@@ -6,8 +6,8 @@ H hidden size, h query heads, kvh key/value heads, hd head size, L = the cache's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
-import contextlib
+import threading
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +29,18 @@ class EngineOptions:
     min_kv_bucket: int = 512                         # graphs read keys 0..K-1, K a power of two from this (or L)
 
 
+ExitHook = tuple[int, int, Callable[[torch.Tensor], None]]  # (layer, rows, on_logits): see StaticEngine.early_exit
+
+
 class Row(NamedTuple):
-    """One sequence's part of a pass: tokens at positions start.., logits for the last `num_logits` (0 = all)."""
+    """One sequence's part of a pass: tokens at positions start.., logits for the last `num_logits` (0 = all);
+    `exit`: early-exit logits wanted from this row (the pass then runs eager, this row alone)."""
 
     slot: int
     token_ids: Sequence[int]
     start: int
     num_logits: int = 0
+    exit: ExitHook | None = None
 
 
 class SlotCache:
@@ -59,6 +64,16 @@ class SlotCache:
         if kv_len < self.length:
             ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
         return ck.index_select(0, slots), cv.index_select(0, slots)
+
+
+def check_row(r: Row, options: EngineOptions, scratch: int) -> None:
+    """A clear ValueError for a row the cache cannot take."""
+    if not 0 <= r.slot < options.slots or r.slot == scratch:
+        raise ValueError(f"row slot {r.slot} is not a session slot")
+    if not r.token_ids or r.start < 0 or r.start + len(r.token_ids) > options.max_len:
+        raise ValueError(f"row of {len(r.token_ids)} tokens at {r.start}: outside the engine's max_len {options.max_len}")
+    if len(r.token_ids) > PREFILL_CHUNK:
+        raise ValueError(f"a row holds at most {PREFILL_CHUNK} tokens, not {len(r.token_ids)}")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,59 +106,52 @@ class StaticEngine:
         self._inv_freq = body.rotary_emb.inv_freq.to(self.device, torch.float32)              # [hd / 2]
         self._rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
         self._free = list(range(self.scratch))
-        self._exit: tuple[int, int, Callable[[torch.Tensor], None]] | None = None  # see early_exit
+        self._slots_lock = threading.Lock()  # slots are taken on the event loop and given back on job threads
+        self._exit: ExitHook | None = None  # the running pass's early-exit hook (eager, one row)
         self.graphs: dict[tuple[int, int, int], CapturedPass] = {}  # (rows, bucket, keys read) -> its graph
         if options.graphs and self.device.type == "cuda":
             self.graphs = capture_all(self)
 
     # ------------------------------------------------------------------------------------------------ slots
     def acquire(self) -> int:
-        if not self._free:
-            raise RuntimeError(f"all {self.scratch} engine slots are in use")
-        return self._free.pop(0)
+        with self._slots_lock:
+            if not self._free:
+                raise RuntimeError(f"all {self.scratch} engine slots are in use")
+            return self._free.pop(0)
 
     def release(self, slot: int) -> None:
-        if not 0 <= slot < self.scratch or slot in self._free:
-            raise ValueError(f"slot {slot} is not held")
-        self._free.append(slot)
+        with self._slots_lock:
+            if not 0 <= slot < self.scratch or slot in self._free:
+                raise ValueError(f"slot {slot} is not held")
+            self._free.append(slot)
 
-    def backend(self, logits_width: int = 0) -> "StaticBackend":
+    def backend(self, logits_width: int = 0, passes: "Callable[[Row], torch.Tensor] | None" = None) -> "StaticBackend":
+        """A backend over a free slot; `passes` runs its rows (a Batcher's submit; default: this engine, at once)."""
         from picospec.shared.engine.backend import StaticBackend
-        return StaticBackend(self, self.acquire(), logits_width)
-
-    @contextlib.contextmanager
-    def early_exit(self, layer: int, rows: int, on_logits: Callable[[torch.Tensor], None]) -> Iterator[None]:
-        """As HFBackend.early_exit: while active, every pass (eager, one row) also hands tentative logits [rows, V]
-        from after decoder layer `layer` (1-based) to `on_logits` before the remaining layers run."""
-        n_layers = len(self.body.layers)
-        if not 1 <= layer < n_layers:
-            raise ValueError(f"exit layer {layer} outside 1..{n_layers - 1}")
-        self._exit = (layer, rows, on_logits)
-        try:
-            yield
-        finally:
-            self._exit = None
+        return StaticBackend(self, self.acquire(), logits_width, passes)
 
     # ------------------------------------------------------------------------------------------------ passes
     @torch.inference_mode()
     def run(self, rows: Sequence[Row]) -> list[torch.Tensor]:
-        """Each row's logits [num_logits or len(token_ids), V_own], float32, from one pass over all rows (a graph
-        when one fits), or from eager pieces of at most PREFILL_CHUNK tokens."""
+        """Each row's logits [num_logits or len(token_ids), V_own], float32, from one pass over all rows: a graph
+        when one fits, else eager. Rows hold at most PREFILL_CHUNK tokens (StaticBackend cuts longer input)."""
         n = max(len(r.token_ids) for r in rows)
         for r in rows:
-            if not 0 <= r.slot < self.options.slots or r.slot == self.scratch:
-                raise ValueError(f"row slot {r.slot} is not a session slot")
-            if not r.token_ids or r.start < 0 or r.start + len(r.token_ids) > self.options.max_len:
-                raise ValueError(f"row of {len(r.token_ids)} tokens at {r.start}: outside the engine's "
-                                 f"max_len {self.options.max_len}")
-        graph = self._graph_for(len(rows), n, max(r.start for r in rows) + n)
-        if graph is not None and self._exit is None:
+            check_row(r, self.options, self.scratch)
+        hooks = [r.exit for r in rows if r.exit is not None]
+        if hooks and len(rows) > 1:
+            raise ValueError("a row with an early-exit hook runs alone")
+        graph = None if hooks else self._graph_for(len(rows), n, max(r.start for r in rows) + n)
+        if graph is not None:
             ids, pos, slots = self._padded(rows, graph.rows, graph.size)
             return self._cut(rows, graph(ids, pos, slots), graph.size)
-        if n > PREFILL_CHUNK:
-            return [self._chunked(r) for r in rows]
         ids, pos, slots = self._padded(rows, len(rows), n)
-        return self._cut(rows, self.forward(ids, pos, slots, max(r.start for r in rows) + n, self._keep(rows)), n)
+        self._exit = hooks[0] if hooks else None
+        try:
+            logits = self.forward(ids, pos, slots, max(r.start for r in rows) + n, self._keep(rows))
+        finally:
+            self._exit = None
+        return self._cut(rows, logits, n)
 
     def _graph_for(self, rows: int, n: int, keys: int) -> CapturedPass | None:
         """The smallest captured pass with room for `rows` rows of `n` tokens whose last position is keys - 1; a
@@ -189,19 +197,6 @@ class StaticEngine:
             end = len(r.token_ids) - offset  # just past the row's last real position, in the window
             k = r.num_logits or len(r.token_ids)
             out.append(logits[b, end - k:end].to(torch.float32, copy=True))
-        return out
-
-    def _chunked(self, row: Row) -> torch.Tensor:
-        """A long row (a prompt) in eager pieces of PREFILL_CHUNK tokens; the logits come from the last piece, or
-        from a recompute of the last num_logits tokens when they reach back further (same keys, rewritten)."""
-        ids, k = list(row.token_ids), row.num_logits or len(row.token_ids)
-        if k > PREFILL_CHUNK:
-            raise ValueError(f"a chunked pass returns at most {PREFILL_CHUNK} rows of logits, not {k}")
-        for s in range(0, len(ids), PREFILL_CHUNK):
-            piece = ids[s:s + PREFILL_CHUNK]
-            out = self.run([Row(row.slot, piece, row.start + s, min(k, len(piece)))])[0]
-        if k > len(piece):
-            out = self.run([Row(row.slot, ids[-k:], row.start + len(ids) - k)])[0]
         return out
 
     # ------------------------------------------------------------------------------------------------ the model
