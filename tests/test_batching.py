@@ -123,3 +123,30 @@ def test_under_sampling_each_session_gets_what_it_gets_alone(tiny_target, tiny_d
     alone, none = run(_sessions(tiny_target, tiny_draft, "off", 1.0))
     assert batched == alone and none is None
     assert stats.mean_rows > 1
+
+
+def test_batch_metrics_scraped_over_http_match_the_batcher(tiny_target, tiny_draft):
+    from tests.proc_util import free_port
+    from tests.test_operations import scrape, total
+
+    port = free_port()
+
+    async def scenario():
+        async with serving(tiny_target, batching="on", max_sessions=3, metrics_port=port) as (service, addr):
+            async def one(i: int) -> list[int]:
+                prompt = tiny_target.tokenizer(f"metered {i}")["input_ids"]
+                async with edge(addr, tiny_draft, max_new_tokens=20, ignore_eos=True, seed=i) as client:
+                    return await client.generate(prompt, mode="pipeline").collect()
+
+            await asyncio.gather(*(one(i) for i in range(3)))
+            for _ in range(500):  # the last session's close (and its slot's last pass) lands after the edge is done
+                if service.active_sessions == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return service.batcher.stats, scrape(port)
+
+    stats, s = run(scenario())
+    assert total(s, "picospec_cloud_batch_rows_count") == stats.passes > 0
+    assert total(s, "picospec_cloud_batch_rows_sum") == stats.rows
+    assert total(s, "picospec_cloud_batch_tokens_sum") == stats.tokens
+    assert total(s, "picospec_cloud_batch_wait_seconds_count") == stats.passes
