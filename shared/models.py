@@ -93,7 +93,10 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }
 
 
 # `random:NAME` shapes: the real models' published configs (hidden, MLP, layers, heads, vocab, RoPE), no weights.
-_QWEN = dict(model_type="qwen2", rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
+# tokenizer_size: the real family's tokenizer (Qwen2.5: 151,665 tokens at every size, its output layers padded past
+# it), so that, as with the real models, a random:qwen2.5-0.5b draft and a random:qwen2.5-7b target share one
+_QWEN = dict(model_type="qwen2", rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+             tokenizer_size=151665)
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(_QWEN, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
@@ -101,7 +104,7 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
                          num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-7b": dict(_QWEN, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, tokenizer_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                          max_position_embeddings=131072, tie_word_embeddings=False,
                          rope_parameters=dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0,
@@ -437,8 +440,8 @@ def _tiny_random(seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
 
 
 def _shape_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
-    """The tiny character tokenizer's 64 entries, then fillers `<|tN|>` up to `vocab_size`: text encodes to the
-    first 64 ids, and every id a random model emits decodes to something. Built in code, identical on each side."""
+    """The tiny character tokenizer's 64 entries, then fillers `<|tN|>` up to `vocab_size` tokens: text encodes to
+    the first 64 ids, and every id below it decodes to something. Built in code, identical on each side."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -459,12 +462,13 @@ def _random_shape(base: str, dtype: torch.dtype, device: str) -> tuple[nn.Module
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(RANDOM_SHAPES[base[len(RANDOM_PREFIX):]])
+    tokenizer_size = shape.pop("tokenizer_size")
     config = AutoConfig.for_model(shape.pop("model_type"), bos_token_id=0, eos_token_id=1, **shape)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model, _shape_tokenizer(config.vocab_size)
+    return model, _shape_tokenizer(tokenizer_size)
 
 
 # ---------------------------------------------------------------------------------------------- suffixes

@@ -129,8 +129,17 @@ def test_other_architectures_are_refused(tiny_target):
 def test_random_shapes_have_the_real_models_parameters(shape):
     model, tokenizer = _random_shape(f"random:{shape}", torch.bfloat16, "meta")  # no memory: shapes only
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[shape]
-    assert len(tokenizer) == model.config.vocab_size
+    assert len(tokenizer) == RANDOM_SHAPES[shape]["tokenizer_size"] <= model.config.vocab_size
     assert tokenizer.decode(tokenizer("hi")["input_ids"]) == "hi"
+
+
+def test_random_qwen_shapes_share_a_tokenizer_as_the_real_family_does():
+    """So a random:qwen2.5-0.5b draft serves a random:qwen2.5-7b target (fingerprints equal, widths reconciled)."""
+    from picospec.shared.fingerprint import tokenizer_fingerprint
+
+    prints = {tokenizer_fingerprint(_random_shape(f"random:{s}", torch.bfloat16, "meta")[1])
+              for s in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")}
+    assert len(prints) == 1
 
 
 def test_random_names_parse_and_unknown_shapes_are_refused():
