@@ -7,6 +7,7 @@
     picospec-bench exits [...]      calibrate the early-exit layer and threshold on a target
     picospec-bench stress [...]     hundreds of short jittered generations: reports hangs, errors, greedy mismatches
     picospec-bench fuzz [...]       100,000 hostile messages at a live cloud: clear statuses, no crash, bounded memory
+    picospec-bench engine [...]     target pass time by size: transformers, the static engine, CUDA graphs (GPU)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {name: f"picospec.bench.{name}" for name in ("verify", "exits", "sweep", "pipeline", "stress", "fuzz")}
+    commands = {name: f"picospec.bench.{name}" for name in ("verify", "exits", "sweep", "pipeline", "stress", "fuzz", "engine")}
     if not argv or argv[0] not in commands:
         sys.exit(__doc__)
     import importlib

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import dataclasses
 import logging
 import signal
 import sys
@@ -12,10 +14,10 @@ import torch
 
 from picospec.cloud_server.auth import TokenAuth, TokenFileError
 from picospec.cloud_server.drain import StopSignals, drain
-from picospec.cloud_server.server import PicoSpecService, start_server
+from picospec.cloud_server.server import PicoSpecService, start_server, uses_static_engine
 from picospec.shared.config import CloudConfig, add_config_args, config_from_args
 from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_tls_files
-from picospec.shared.models import ModelError, load_model
+from picospec.shared.models import LoadedModel, ModelError, input_device, load_model
 
 log = logging.getLogger("picospec.cloud")
 
@@ -29,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_settings(config: CloudConfig) -> None:
     """Fail on TLS, token and keepalive settings that cannot work before minutes go into loading the model
-    (raises ConnectionSettingsError or TokenFileError naming the flag or the line)."""
+    (raises ConnectionSettingsError, TokenFileError or ModelError naming the flag or the line)."""
     server_tls_files(config.tls_cert, config.tls_key, config.tls_ca)
     if config.auth_tokens:
         TokenAuth(config.auth_tokens)
     ping_schedule_ms(config.peer_timeout_s)
+    uses_static_engine(config)  # --engine static with --device-map: refused before the model loads
 
 
 def reload_on_sighup(service: PicoSpecService) -> None:
@@ -57,13 +60,31 @@ def security_summary(service: PicoSpecService) -> str:
     return ", ".join(parts)
 
 
+def load_target(config: CloudConfig) -> tuple[LoadedModel, CloudConfig]:
+    """The target, and the config the service runs with. With --device-map the weights sit where the map put
+    them, and `device` becomes the model's input device (its embedding's, the map's first): the sessions build
+    their input ids and their own tensors there, and accelerate's hooks return the logits there too."""
+    mapped = config.device_map != "none"
+    log.info("loading target %s on %s (%s)", config.target,
+             f"device map {config.device_map}" if mapped else config.device, config.dtype)
+    target = load_model(config.target, device=config.device, dtype=getattr(torch, config.dtype),
+                        device_map=config.device_map)
+    if not mapped:
+        return target, config
+    mapping = getattr(target.model, "hf_device_map", None) or {}  # set only where the map spans several devices
+    placed = collections.Counter(f"cuda:{d}" if isinstance(d, int) else str(d) for d in mapping.values())
+    config = dataclasses.replace(config, device=str(input_device(target.model)))
+    log.info("device map %s: %s; inputs on %s", config.device_map,
+             ", ".join(f"{n} modules on {d}" for d, n in sorted(placed.items())) or "one device", config.device)
+    return target, config
+
+
 async def serve(config: CloudConfig) -> None:
     check_settings(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
-    log.info("loading target %s on %s (%s)", config.target, config.device, config.dtype)
-    target = load_model(config.target, device=config.device, dtype=getattr(torch, config.dtype))
+    target, config = load_target(config)
     log.info("target loaded in %.1fs", time.perf_counter() - t0)
     service = PicoSpecService(target, config)
     server, port = await start_server(service, f"{config.host}:{config.port}")

@@ -1,12 +1,15 @@
 """A grpc_health_probe of our own: exit 0 when the cloud's health service says SERVING, 1 otherwise.
 
-    python -m picospec.cloud_server.health_probe HOST:PORT [--service NAME] [--timeout-s 3]
+    python -m picospec.cloud_server.health_probe HOST:PORT [--service NAME] [--live] [--timeout-s 3]
            [--tls-dir DIR | --tls-ca F [--tls-cert F --tls-key F]] [--tls-server-name N]
 
 Health needs no token (cloud_server/auth.py: TOKEN_EXEMPT_SERVICES), but TLS applies as to any call: a cloud with
 --tls-cert needs --tls-ca (and with --tls-ca on the cloud, a client certificate). `--tls-dir DIR` takes ca.pem,
 client.pem and client.key from a directory scripts/make_certs.sh wrote (the compose stack mounts it at /tls).
-Used by docker-compose.yml's health check; prints one line saying what it saw.
+Used by docker-compose.yml's health check and deploy/k8s/cloud.yaml's probes; prints one line saying what it saw.
+`--live` passes on any answer of the health service, NOT_SERVING included: a liveness check, which a draining
+cloud (NOT_SERVING for up to --grace-s) must pass, while a frozen one (no answer: the asyncio loop that answers
+health is the one that runs the sessions) fails it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", help="HOST:PORT of the cloud")
     p.add_argument("--service", default="", help="service to ask about: '' (the server, default) or "
                    "picospec.v1.PicoSpec")
+    p.add_argument("--live", action="store_true", help="exit 0 on any answer, NOT_SERVING (draining) included: "
+                   "the process is alive")
     p.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check")
     p.add_argument("--tls-dir", default="", help="directory with ca.pem, client.pem, client.key (make_certs.sh)")
     p.add_argument("--tls-ca", default="", help="PEM CA certificates that verify the cloud (turns TLS on)")
@@ -46,8 +51,9 @@ def tls_files(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def check(address: str, service: str = "", timeout_s: float = 3.0,
-          credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> tuple[bool, str]:
-    """(SERVING?, what was seen) for one Health/Check call."""
+          credentials: grpc.ChannelCredentials | None = None, server_name: str = "",
+          live: bool = False) -> tuple[bool, str]:
+    """(SERVING?, what was seen) for one Health/Check call; with `live`, (answered at all?, what was seen)."""
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
                else grpc.insecure_channel(address, options))
@@ -58,7 +64,7 @@ def check(address: str, service: str = "", timeout_s: float = 3.0,
         except grpc.RpcError as e:
             return False, f"{e.code().name}: {e.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return reply.status == SERVING, status
+    return live or reply.status == SERVING, status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionSettingsError as e:
         print(f"health_probe: {e}", file=sys.stderr)
         return 2
-    ok, seen = check(args.address, args.service, args.timeout_s, credentials, args.tls_server_name)
+    ok, seen = check(args.address, args.service, args.timeout_s, credentials, args.tls_server_name, args.live)
     print(f"{args.address} {args.service or '(server)'}: {seen}")
     return 0 if ok else 1
 

@@ -25,6 +25,7 @@ log = logging.getLogger("picospec.cloud")
 
 PREFIX = "picospec_cloud_"
 DRAFT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REFUSAL_REASONS = ("limit", "per-client", "draining", "unauthenticated")
 SHUTDOWN = "shutdown"  # finish reason of a session the cloud ended because it was shutting down
@@ -135,6 +136,13 @@ class CloudMetrics:
         self.tokens_emitted = counter("tokens_emitted", "tokens committed (generated), by mode", "mode")
         self.bytes_received = counter("bytes_received", "serialized bytes of messages from edges", "mode")
         self.bytes_sent = counter("bytes_sent", "serialized bytes of messages to edges", "mode")
+        # batching (--batching on): one observation per model pass of the static engine, all sessions together
+        self.batch_rows = Histogram(PREFIX + "batch_rows", "sessions' rows in one model pass", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_tokens = Histogram(PREFIX + "batch_tokens", "tokens in one model pass (padding excluded)",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.batch_wait = Histogram(PREFIX + "batch_wait_seconds", "the longest wait of a pass's rows for the engine",
+                                    buckets=SECONDS_BUCKETS, registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on host:port (prometheus_client's own HTTP server, a daemon thread)."""
@@ -150,6 +158,13 @@ class CloudMetrics:
             self.http.shutdown()
             self.http.server_close()
             self.http = None
+
+    def on_engine_pass(self, rows: int, tokens: int, oldest_wait_s: float) -> None:
+        """The batcher's observer (shared/engine/batcher.py), called on its thread (prometheus_client is thread-safe)."""
+        if self.enabled:
+            self.batch_rows.observe(rows)
+            self.batch_tokens.observe(tokens)
+            self.batch_wait.observe(oldest_wait_s)
 
     def on_refused(self, reason: str) -> None:
         if self.enabled:

@@ -26,9 +26,11 @@ from picospec.cloud_server.worker import ModelWorker
 from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
 from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
+from picospec.shared.engine import EngineOptions, StaticBackend, StaticEngine
+from picospec.shared.engine.batcher import Batcher, BatchOptions
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
-from picospec.shared.models import LoadedModel
-from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError
+from picospec.shared.models import LoadedModel, ModelError
+from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 
@@ -94,6 +96,32 @@ def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers("picospec.v1.PicoSpec", handlers)
 
 
+def uses_static_engine(config: CloudConfig) -> bool:
+    """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
+    mapped = config.device_map not in ("", "none")
+    if (config.engine == "static" or config.batching == "on") and mapped:  # the cache lives on one device
+        raise ModelError("the static engine (--engine static, --batching on) keeps the whole KV cache on one device: "
+                         "use --engine hf --batching off with --device-map")
+    if config.batching == "on" and config.engine == "hf":
+        raise ModelError("--batching on needs the static engine: --engine static (or auto)")
+    return config.engine == "static" or (config.engine == "auto" and not mapped
+                                         and (config.device == "cuda" or config.batching == "on"))
+
+
+def uses_batching(config: CloudConfig) -> bool:
+    return config.batching == "on" or (config.batching == "auto" and uses_static_engine(config))
+
+
+def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | None:
+    """The static engine where the config asks for it, one slot per session --max-sessions allows."""
+    if not uses_static_engine(config):
+        return None
+    batch_rows = (1, 2, 4, 8) if uses_batching(config) else (1,)  # captured on CUDA; wider batches run eager
+    options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda",
+                            batch_buckets=tuple(b for b in batch_rows if b <= config.max_sessions))
+    return StaticEngine(target.model, options)
+
+
 class PicoSpecService(pb_grpc.PicoSpecServicer):
     def __init__(self, target: LoadedModel, config: CloudConfig, hooks: "CloudHooks | None" = None) -> None:
         self.target, self.config = target, config
@@ -102,7 +130,13 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         self.info = TargetInfo(config.target, int(target.model.config.vocab_size), tokenizer_fingerprint(target.tokenizer),
                                eos_token_ids(target.model, target.tokenizer), num_layers)
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
-        self.worker = ModelWorker()
+        self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
+        self.engine = make_engine(target, config)  # None: each session gets transformers' own cache
+        self.batcher = (Batcher(self.engine, BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3),
+                                self.metrics.on_engine_pass)
+                        if self.engine is not None and uses_batching(config) else None)
+        # batching: each session's jobs on a thread of their own, their passes gathered by the batcher
+        self.worker = ModelWorker(threads=config.max_sessions + 1 if self.batcher else 1)
         self.slots = SessionSlots(config.max_sessions, config.max_sessions_per_client)
         # None: no tokens asked for (every caller may call); reloaded by the CLI on SIGHUP
         self.auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
@@ -111,7 +145,6 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                              if config.tls_cert or config.tls_key or config.tls_ca else None)
         # the last few sessions' end state: committed tokens and what the KV cache held (tests, debugging)
         self.closed_sessions: collections.deque[SessionRecord] = collections.deque(maxlen=16)
-        self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
         self.health: health.aio.HealthServicer | None = None  # set by start_server
         self.live_sessions: set[CloudSession] = set()  # speculative sessions running (the drain ends them)
         self.shutdown_refusal: Refusal | None = None  # set when the drain's grace is over: what sessions end with
@@ -182,7 +215,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 with self.metrics.session(spec.verify_mode, spec.state) as meter:
                     meter.received(first)
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
-                                        spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold)
+                                        spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold,
+                                        self._engine_slot())
                     session = CloudSession(sid, spec, cache, self.worker, self.config, self.info.vocab_size,
                                            self.hooks, meter)
                     self.live_sessions.add(session)
@@ -193,6 +227,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     finally:
                         self.live_sessions.discard(session)
                         await self._record(session)
+                        await self._close(cache)
 
     async def _run(self, session: CloudSession, spec: SessionSpec,
                    request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
@@ -222,6 +257,18 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             elif ended_by_edge:
                 log.info("session %s ended by the edge's side after %d tokens", sid, len(state.generated))
 
+    def _engine_slot(self) -> StaticBackend | None:
+        if self.engine is None:
+            return None
+        return self.engine.backend(passes=self.batcher.submit if self.batcher is not None else None)
+
+    async def _close(self, cache: TargetCache) -> None:
+        """Give the session's engine slot back, on the model worker after its last pass (shielded like _record)."""
+        try:
+            await asyncio.shield(self.worker.run(cache.close))
+        except (RuntimeError, asyncio.CancelledError):
+            pass
+
     async def _record(self, session: CloudSession) -> None:
         """Keep the session's end state. Shielded: the call may be cancelled while it settles (the edge hung up),
         and the settling must happen and be recorded regardless."""
@@ -239,22 +286,32 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             async with self.slots.hold(client_identity(context, self.auth)):
                 with self.metrics.session(CLOUD_ONLY, state) as meter:
                     meter.received(request)
-                    cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device)
-                    prefill_s = await self.worker.run(cache.prefill, list(state.tokens))
-                    log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids),
-                             prefill_s)
-                    while state.finished is None:
-                        if self.shutdown_refusal is not None:
-                            raise self.shutdown_refusal
-                        token, dt = await self.worker.run(cache.decode_next, list(state.tokens))
-                        c = state.commit((), 0, token, rejected=False)
-                        meter.committed(len(state.generated))
-                        chunk = pb.TokenChunk(
-                            token_ids=list(c.new_tokens), committed_len=state.committed_len,
-                            finished=c.finished is not None, finish_reason=c.finished.value if c.finished else "",
-                            decode_s=dt, prefill_s=prefill_s if len(state.generated) == 1 else 0.0)
-                        meter.sent(chunk)
-                        yield chunk
+                    cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
+                                        backend=self._engine_slot())
+                    try:
+                        async for chunk in self._decode_alone(sid, state, cache, meter):
+                            yield chunk
+                    finally:
+                        await self._close(cache)
+
+    async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache,
+                            meter: SessionMeter) -> AsyncIterator[pb.TokenChunk]:
+        """CloudGenerate after its slot: prefill, then one decode step per token, each streamed."""
+        prefill_s = await self.worker.run(cache.prefill, list(state.tokens))
+        log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids),
+                 prefill_s)
+        while state.finished is None:
+            if self.shutdown_refusal is not None:
+                raise self.shutdown_refusal
+            token, dt = await self.worker.run(cache.decode_next, list(state.tokens))
+            c = state.commit((), 0, token, rejected=False)
+            meter.committed(len(state.generated))
+            chunk = pb.TokenChunk(
+                token_ids=list(c.new_tokens), committed_len=state.committed_len,
+                finished=c.finished is not None, finish_reason=c.finished.value if c.finished else "",
+                decode_s=dt, prefill_s=prefill_s if len(state.generated) == 1 else 0.0)
+            meter.sent(chunk)
+            yield chunk
 
 
 # protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and

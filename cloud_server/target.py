@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from picospec.cloud_server.drafts import DraftRun
-from picospec.shared.backend import HFBackend
+from picospec.shared.backend import HFBackend, PrefixCache
 from picospec.shared.early_exit import ExpectedOutcome, expected_outcome
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.schemes import OpenRejection, scheme
@@ -52,8 +52,10 @@ class TargetCache:
         tail_samples: int = 4,
         exit_layer: int = 0,
         exit_threshold: float = 1.0,
+        backend: PrefixCache | None = None,
     ) -> None:
-        self.backend = HFBackend(model, device)
+        # a slot of the static engine (--engine static), else transformers' own cache over `model`
+        self.backend = backend if backend is not None else HFBackend(model, device)
         self.exit_layer = exit_layer          # early-exit hints after this layer (0 = none)
         self.exit_threshold = exit_threshold  # ... when the tentative confidence reaches this
         self.params = params
@@ -75,6 +77,12 @@ class TargetCache:
         one pass; the cache then holds the committed tokens but the newest, as `settle` leaves it."""
         self.backend.reset()
         return self.decode_next(prompt)
+
+    def close(self) -> None:
+        """Give back what the backend holds (the static engine's slot); on the model worker, after the last pass."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def check_resolved(self, token: int) -> None:
         """Split modes: the edge's correction must come from what we sent (top-K or tail draws)."""

@@ -23,7 +23,37 @@ class ModelBackend(Protocol):
     def truncate(self, length: int) -> None: ...
 
 
-class HFBackend:
+class PrefixCache:
+    """What every backend shares: `tokens`, the sequence its cache holds, and `logits_at` over it."""
+
+    tokens: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError
+
+    def logits_at(self, sequence: Sequence[int], first: int) -> torch.Tensor:
+        """Logits [len(sequence) - first, V] at positions first .. len(sequence)-1 of `sequence`.
+
+        Row j predicts the token at position first + j + 1. Reuses the cached prefix shared with
+        `sequence`, truncating any divergent (stale) suffix first."""
+        if not 0 <= first < len(sequence):
+            raise ValueError(f"first={first} outside a {len(sequence)}-token sequence")
+        keep = 0
+        limit = min(self.length, first)
+        while keep < limit and self.tokens[keep] == sequence[keep]:
+            keep += 1
+        self.truncate(keep)
+        return self.forward(sequence[keep:], num_logits=len(sequence) - first)
+
+
+class HFBackend(PrefixCache):
     """A transformers causal LM with a DynamicCache. Not thread-safe: one per session, one caller at a time."""
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", logits_width: int = 0) -> None:
@@ -40,10 +70,6 @@ class HFBackend:
         self.vocab_size = logits_width or self.own_width  # the logits width (may exceed the tokenizer's size)
         self.tokens: list[int] = []  # what the cache holds, position by position
         self.cache = None
-
-    @property
-    def length(self) -> int:
-        return len(self.tokens)
 
     def reset(self) -> None:
         self.tokens = []
@@ -106,20 +132,6 @@ class HFBackend:
         if length < self.length:
             self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5
             del self.tokens[length:]
-
-    def logits_at(self, sequence: Sequence[int], first: int) -> torch.Tensor:
-        """Logits [len(sequence) - first, V] at positions first .. len(sequence)-1 of `sequence`.
-
-        Row j predicts the token at position first + j + 1. Reuses the cached prefix shared with
-        `sequence`, truncating any divergent (stale) suffix first."""
-        if not 0 <= first < len(sequence):
-            raise ValueError(f"first={first} outside a {len(sequence)}-token sequence")
-        keep = 0
-        limit = min(self.length, first)
-        while keep < limit and self.tokens[keep] == sequence[keep]:
-            keep += 1
-        self.truncate(keep)
-        return self.forward(sequence[keep:], num_logits=len(sequence) - first)
 
 
 def _fit_width(logits: torch.Tensor, width: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ SPECULATIVE_MODES = ("sync", "early-exit", "pipeline", "picospec")
 PIPELINED_MODES = ("pipeline", "picospec")  # draft ahead while batches are in flight; the others stop and wait
 HINTED_MODES = ("early-exit",)               # early-exit hints on unless --hints off
 PARTITION_POLICIES = ("wait", "edge")         # --on-partition: what a break in the link does (edge_client/resume.py)
+DEVICE_MAPS = ("none", "auto", "balanced")     # --device-map: none = the whole target on --device
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False) -> Any:
@@ -57,8 +58,20 @@ class CloudConfig(ServingLimits):
                     "deploy/tls.md)")
     port: int = opt(50051, "port to listen on")
     device: str = opt("cpu", "torch device", choices=("cpu", "cuda"))
+    device_map: str = opt("none", "spread the target over every GPU, layer by layer, for a model too big for one "
+                          "(transformers' device_map via accelerate: auto, or balanced; none = all of it on --device, "
+                          "which a map replaces); not with :int8", choices=DEVICE_MAPS)
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
     threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+    engine: str = opt("auto", "target backend: static (preallocated KV slots, CUDA graphs per pass size on a GPU), hf "
+                      "(transformers' own cache), auto = static on cuda or with --batching on, else hf",
+                      choices=("auto", "static", "hf"))
+    batching: str = opt("auto", "verify every session's ready drafts in one pass of the static engine (on), or each "
+                        "session's passes one after another (off); auto = on with the static engine",
+                        choices=("auto", "on", "off"))
+    max_batch_tokens: int = opt(512, "batching: most tokens in one pass across sessions (a longer row runs alone)")
+    max_wait_ms: float = opt(250.0, "batching: a session's work should wait at most this long for a pass; waits "
+                             "past it are counted (picospec_cloud_batch_wait_seconds)")
     verify_modes: str = opt(",".join(VERIFY_MODES), "verification modes this server offers (comma-separated)")
     residual_top_k: int = opt(10, "split modes: top-K entries of p sent on a rejection, unless the edge asks")
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")

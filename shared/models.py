@@ -5,6 +5,9 @@ A name is `BASE[:SUFFIX]...`. BASE is one of
     size and sha256, dequantized once into a safetensors copy under cache_root(), and that copy is checked
     against its manifest on every load: unverified bytes are never loaded;
   * `tiny-random`, `tiny-random-b`: tiny random Llamas with a character tokenizer, built in code (tests);
+  * `random:SHAPE` (RANDOM_SHAPES: e.g. `random:qwen2.5-7b`, `random:llama-3.1-8b`): random weights in the exact
+    shapes of a real model, built from a config in code on the device asked for, with a filler tokenizer of the
+    same width: for timing engines where the real weights are not available (never for output quality);
   * a local directory, or else a hub id, handed to `from_pretrained`.
 SUFFIXES apply left to right: `int8` (dynamic int8 Linear layers, CPU only) and `layers=N` (the first N
 decoder layers, weights shared). `derive_model` applies suffixes to an already loaded model.
@@ -35,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from picospec.shared.config import DEVICE_MAPS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -87,6 +92,28 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }
                       "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
+# `random:NAME` shapes: the real models' published configs (hidden, MLP, layers, heads, vocab, RoPE), no weights.
+# tokenizer_size: the real family's tokenizer (Qwen2.5: 151,665 tokens at every size, its output layers padded past
+# it), so that, as with the real models, a random:qwen2.5-0.5b draft and a random:qwen2.5-7b target share one
+_QWEN = dict(model_type="qwen2", rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+             tokenizer_size=151665)
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(_QWEN, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, tokenizer_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, tie_word_embeddings=False,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0,
+                                              low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_position_embeddings=8192)),
+}
+RANDOM_PREFIX = "random:"
+
+
 @dataclass
 class LoadedModel:
     name: str                  # the full name asked for, suffixes included
@@ -97,8 +124,14 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------- names
 
 def parse_model_name(name: str) -> tuple[str, list[tuple[str, str | None]]]:
-    """"base:int8:layers=8" -> ("base", [("int8", None), ("layers", "8")]); a bad suffix is a ModelError."""
-    base, *parts = name.split(":")
+    """"base:int8:layers=8" -> ("base", [("int8", None), ("layers", "8")]); a bad suffix is a ModelError.
+    A `random:SHAPE` base keeps its prefix: "random:qwen2.5-7b:layers=4" -> ("random:qwen2.5-7b", [("layers", "4")])."""
+    shaped = name.startswith(RANDOM_PREFIX)
+    base, *parts = name[len(RANDOM_PREFIX) if shaped else 0:].split(":")
+    base = RANDOM_PREFIX + base if shaped else base
+    if shaped and base[len(RANDOM_PREFIX):] not in RANDOM_SHAPES:
+        raise ModelError(f"unknown shape in {name!r}: choose from "
+                         + ", ".join(RANDOM_PREFIX + s for s in RANDOM_SHAPES))
     if not base:
         raise ModelError(f"model name {name!r} has no base model")
     suffixes: list[tuple[str, str | None]] = []
@@ -406,6 +439,38 @@ def _tiny_random(seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, _tiny_tokenizer()
 
 
+def _shape_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
+    """The tiny character tokenizer's 64 entries, then fillers `<|tN|>` up to `vocab_size` tokens: text encodes to
+    the first 64 ids, and every id below it decodes to something. Built in code, identical on each side."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = (*TINY_SPECIALS, *TINY_CHARS)
+    vocab = {t: i for i, t in enumerate(names)}
+    vocab.update({f"<|t{i}|>": i for i in range(len(names), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=TINY_CHAT_TEMPLATE)
+
+
+def _random_shape(base: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """`random:SHAPE`: a transformers model from the shape's config with seeded random weights, made on `device` in
+    `dtype` (a 7B shape never passes through the CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(RANDOM_SHAPES[base[len(RANDOM_PREFIX):]])
+    tokenizer_size = shape.pop("tokenizer_size")
+    config = AutoConfig.for_model(shape.pop("model_type"), bos_token_id=0, eos_token_id=1, **shape)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, _shape_tokenizer(tokenizer_size)
+
+
 # ---------------------------------------------------------------------------------------------- suffixes
 
 def _neutral_generation_config(model: nn.Module) -> None:
@@ -490,42 +555,83 @@ def _finish(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _from_pretrained(src: str, dtype: torch.dtype, what: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _from_pretrained(src: str, dtype: torch.dtype, what: str,
+                     device_map: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = {"device_map": device_map} if device_map else {}  # transformers places the weights itself
     try:
-        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype), AutoTokenizer.from_pretrained(src)
+        return (AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **placement),
+                AutoTokenizer.from_pretrained(src))
     except Exception as e:
         raise ModelError(f"could not load {src!r} ({what}): {type(e).__name__}: {e}") from e
 
 
-def _load_base(base: str, dtype: torch.dtype, progress: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    if base in TINY_SEEDS:
+def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
+    """What from_pretrained(device_map=...) does (transformers 5: "auto" and "balanced" alike balance the memory
+    over the GPUs), for a model built in code (tiny-random): accelerate maps its modules over the devices there
+    are, decoder layers kept whole, and moves them there."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    return dispatch_model(model, infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split))
+
+
+def _load_base(base: str, dtype: torch.dtype, progress: bool, device: str = "cpu",
+               device_map: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    if base.startswith(RANDOM_PREFIX):
+        model, tokenizer = _random_shape(base, dtype, "cpu" if device_map else device)
+        if device_map:
+            model = _dispatch(model, device_map)
+    elif base in TINY_SEEDS:
         model, tokenizer = _tiny_random(TINY_SEEDS[base])
         model.to(dtype)
+        if device_map:
+            model = _dispatch(model, device_map)
     elif base in BUILTIN_MODELS:
         path = prepare_model(base, progress=progress)
         _verify_converted(path, progress)
-        model, tokenizer = _from_pretrained(str(path), dtype, f"the converted copy of {base}")
+        model, tokenizer = _from_pretrained(str(path), dtype, f"the converted copy of {base}", device_map)
     elif Path(base).expanduser().is_dir():
-        model, tokenizer = _from_pretrained(str(Path(base).expanduser()), dtype, "a local directory")
+        model, tokenizer = _from_pretrained(str(Path(base).expanduser()), dtype, "a local directory", device_map)
     else:
-        builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS])
+        builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS, RANDOM_PREFIX + "SHAPE"])
         model, tokenizer = _from_pretrained(base, dtype, f"not a built-in ({builtins}) nor a local directory, "
-                                                         "so tried as a hub id")
+                                                         "so tried as a hub id", device_map)
     _neutral_generation_config(model)
     return model, tokenizer
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> LoadedModel:
-    """Load `name` (see the module docstring) in eval mode with gradients off, on `device`."""
+               progress: bool = True, device_map: str | None = None) -> LoadedModel:
+    """Load `name` (see the module docstring) in eval mode with gradients off, on `device`.
+
+    `device_map` ("auto", "balanced"; None or "none" = off) replaces `device`: transformers and accelerate spread the
+    weights over every GPU there is, layer by layer (all on the cpu where there is none), for a model too big for
+    one GPU. Input ids then go to `input_device(model)`; accelerate's hooks carry activations between devices and
+    bring the logits back to that device."""
     base, suffixes = parse_model_name(name)
-    if any(k == "int8" for k, _ in suffixes) and torch.device(device).type != "cpu":
-        raise ModelError(f"{name}: int8 runs on the cpu only, not on {device!r}")
-    model, tokenizer = _load_base(base, dtype, progress)
+    device_map = None if device_map in (None, "", "none") else device_map
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ModelError(f"device map {device_map!r}: choose from {', '.join(DEVICE_MAPS)}")
+    if any(k == "int8" for k, _ in suffixes):
+        if device_map is not None:
+            raise ModelError(f"{name}: int8 runs on the cpu only and cannot be spread over devices "
+                             f"(device map {device_map!r}); drop :int8 or the device map")
+        if torch.device(device).type != "cpu":
+            raise ModelError(f"{name}: int8 runs on the cpu only, not on {device!r}")
+    model, tokenizer = _load_base(base, dtype, progress, device, device_map)
     model = _apply_suffixes(model, suffixes, owned=True)
-    return LoadedModel(name, _finish(model.to(device)), tokenizer)
+    if device_map is None:  # a dispatched model must not be moved: accelerate placed every module already
+        model = model.to(device)
+    return LoadedModel(name, _finish(model), tokenizer)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device (with a device map, the first of its devices)."""
+    return next(model.get_input_embeddings().parameters()).device
 
 
 def derive_model(base: LoadedModel, suffixes: str) -> LoadedModel:

@@ -1,0 +1,83 @@
+"""One engine slot behind the ModelBackend interface (shared/backend.py): what a cloud session's TargetCache uses
+when the cloud runs the static engine. Rollback is bookkeeping: truncation forgets tokens, whose keys the next
+tokens at those positions overwrite. Input longer than PREFILL_CHUNK goes in pieces, each its own pass, so that
+with batching a long prompt's prefill lets other sessions' passes run between its pieces."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from picospec.shared.backend import PrefixCache, _fit_width
+from picospec.shared.engine.model import PREFILL_CHUNK, ExitHook, Row, StaticEngine
+
+
+class StaticBackend(PrefixCache):
+    """Not thread-safe: one per session, one caller at a time. `passes` runs one row: the engine at once, or a
+    Batcher that runs it with other sessions' rows (shared/engine/batcher.py)."""
+
+    def __init__(self, engine: StaticEngine, slot: int, logits_width: int = 0,
+                 passes: Callable[[Row], torch.Tensor] | None = None) -> None:
+        self.engine, self.slot = engine, slot
+        self.passes = passes or (lambda row: engine.run([row])[0])
+        self.own_width = engine.vocab_size
+        self.vocab_size = logits_width or self.own_width  # see HFBackend: the width the session speaks
+        self.tokens: list[int] = []
+        self.closed = False
+        self._exit: ExitHook | None = None
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
+        """Append tokens; return float32 logits [n or num_logits, V] for the last `num_logits` of them (0 = all)."""
+        ids = [int(t) for t in token_ids]
+        k = num_logits or len(ids)
+        if not ids:
+            raise ValueError("forward needs at least one token")
+        if self.closed:
+            raise RuntimeError(f"engine slot {self.slot} was given back")
+        if k > PREFILL_CHUNK:
+            raise ValueError(f"a pass returns at most {PREFILL_CHUNK} rows of logits, not {k}")
+        for s in range(0, len(ids), PREFILL_CHUNK):
+            piece = ids[s:s + PREFILL_CHUNK]
+            logits = self.passes(Row(self.slot, piece, self.length, min(k, len(piece)), self._exit))
+            self.tokens.extend(piece)
+        if k > len(piece):  # the logits wanted reach back into an earlier piece: recompute them (same keys)
+            self.truncate(len(self.tokens) - k)
+            logits = self.passes(Row(self.slot, ids[-k:], self.length, k, self._exit))
+            self.tokens.extend(ids[-k:])
+        return _fit_width(logits, self.vocab_size)
+
+    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Start a new sequence; return the logits after its last token [V]."""
+        self.reset()
+        return self.forward(token_ids, num_logits=1)[-1]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a {self.length}-token cache to {length}")
+        del self.tokens[length:]
+
+    def close(self) -> None:
+        """Give the slot back (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self.engine.release(self.slot)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.engine.model.config.num_hidden_layers)
+
+    @contextlib.contextmanager
+    def early_exit(self, layer: int, rows: int, on_logits: Callable[[torch.Tensor], None]) -> Iterator[None]:
+        """As HFBackend.early_exit: while active, each pass also hands tentative logits [rows, V] from after decoder
+        layer `layer` (1-based) to `on_logits` before the remaining layers run (that pass runs eager, alone)."""
+        if not 1 <= layer < self.num_layers:
+            raise ValueError(f"exit layer {layer} outside 1..{self.num_layers - 1}")
+        self._exit = (layer, rows, on_logits)
+        try:
+            yield
+        finally:
+            self._exit = None

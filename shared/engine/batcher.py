@@ -1,0 +1,139 @@
+"""Batched verification across sessions: one engine thread runs every session's ready rows as one pass.
+
+Sessions' model jobs run on threads of their own (cloud_server/worker.py with batching on); when a job needs a pass
+it submits its row here and blocks. The engine thread owns the device: whenever it is free it takes what is
+queued, oldest first, up to `max_batch_tokens` tokens, and runs it as one `StaticEngine.run`. Nothing waits for
+company: rows that arrive while a pass runs form the next batch, so under load batches fill by themselves and a
+lone session pays no delay. A row's wait is bounded by the pass ahead of it and the rows queued before it;
+`max_wait_s` is that bound's target: each batch's oldest wait is recorded, and the stats count rows past it.
+
+A row with an early-exit hook runs alone (its hook reads one row's hidden state mid-pass). Each row's result is
+its own: rows share matrix products, never keys (each attends only to its own slot), so a session's tokens are
+the ones it would get alone (tests/test_batching.py).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from picospec.shared.engine.model import Row, StaticEngine
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    max_batch_tokens: int = 512   # most tokens (padding excluded) in one pass; a longer row still runs, alone
+    max_wait_s: float = 0.25      # the target bound on a row's time in the queue (counted when exceeded)
+
+
+@dataclass
+class BatchStats:
+    passes: int = 0
+    rows: int = 0
+    tokens: int = 0
+    max_wait_s: float = 0.0
+    rows_over_wait: int = 0  # rows that waited in the queue past max_wait_s
+
+    @property
+    def mean_rows(self) -> float:
+        return self.rows / self.passes if self.passes else 0.0
+
+
+@dataclass
+class _Request:
+    row: Row
+    queued_at: float
+    done: threading.Event = field(default_factory=threading.Event)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+def take_batch(queue: Sequence[_Request], max_tokens: int) -> int:
+    """How many of the queue's oldest requests the next pass takes: at least one; then while the tokens fit;
+    a request with an early-exit hook only ever alone."""
+    if queue[0].row.exit is not None:
+        return 1
+    taken, tokens = 1, len(queue[0].row.token_ids)
+    for req in queue[1:]:
+        n = len(req.row.token_ids)
+        if req.row.exit is not None or tokens + n > max_tokens:
+            break
+        taken, tokens = taken + 1, tokens + n
+    return taken
+
+
+PassObserver = Callable[[int, int, float], None]  # (rows, tokens, oldest wait in seconds) after each pass
+
+
+class Batcher:
+    def __init__(self, engine: StaticEngine, options: BatchOptions = BatchOptions(),
+                 on_pass: PassObserver | None = None) -> None:
+        self.engine, self.options, self.on_pass = engine, options, on_pass
+        self.stats = BatchStats()
+        self._queue: list[_Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: Row) -> torch.Tensor:
+        """Run `row` in the next pass that has room for it; its logits (as StaticEngine.run gives them)."""
+        req = _Request(row, time.perf_counter())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine's batcher has stopped")
+            self._queue.append(req)
+            self._cond.notify()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def close(self) -> None:
+        """Stop after the pass in flight; rows still queued fail with RuntimeError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+
+    def _next(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                for req in self._queue:
+                    req.error = RuntimeError("the engine's batcher has stopped")
+                    req.done.set()
+                self._queue.clear()
+                return None
+            n = take_batch(self._queue, self.options.max_batch_tokens)
+            batch, self._queue = self._queue[:n], self._queue[n:]
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next()) is not None:
+            started = time.perf_counter()
+            waits = [started - req.queued_at for req in batch]
+            try:
+                results = self.engine.run([req.row for req in batch])
+                for req, out in zip(batch, results):
+                    req.result = out
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting job, which raises it as its own
+                for req in batch:
+                    req.error = e
+            self._record(batch, waits)
+            for req in batch:
+                req.done.set()
+
+    def _record(self, batch: list[_Request], waits: list[float]) -> None:
+        st, tokens = self.stats, sum(len(req.row.token_ids) for req in batch)
+        st.passes += 1
+        st.rows += len(batch)
+        st.tokens += tokens
+        st.max_wait_s = max(st.max_wait_s, *waits)
+        st.rows_over_wait += sum(w > self.options.max_wait_s for w in waits)
+        if self.on_pass is not None:
+            self.on_pass(len(batch), tokens, max(waits))

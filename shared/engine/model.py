@@ -1,0 +1,232 @@
+"""The static engine's forward pass: a transformers Llama/Qwen2 model's own modules over a preallocated slot cache.
+
+See shared/engine/__init__.py for the terms (slot, row, bucket, eager). Shapes: B rows, n tokens per row,
+H hidden size, h query heads, kvh key/value heads, hd head size, L = the cache's length per slot, V the vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import threading
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from picospec.shared.engine.graphs import CapturedPass, capture_all
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+PREFILL_CHUNK = 512  # eager passes longer than this run in pieces: the scores of one piece are [h, 512, L]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    slots: int = 2                                   # sequences held at once, the scratch slot included
+    max_len: int = 4096                              # most tokens (prompt + generated) of one sequence
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # pass sizes captured as graphs (CUDA)
+    batch_buckets: tuple[int, ...] = (1,)            # rows per captured pass (CUDA)
+    graphs: bool = True                              # capture CUDA graphs; ignored on the CPU
+    min_kv_bucket: int = 512                         # graphs read keys 0..K-1, K a power of two from this (or L)
+
+
+ExitHook = tuple[int, int, Callable[[torch.Tensor], None]]  # (layer, rows, on_logits): see StaticEngine.early_exit
+
+
+class Row(NamedTuple):
+    """One sequence's part of a pass: tokens at positions start.., logits for the last `num_logits` (0 = all);
+    `exit`: early-exit logits wanted from this row (the pass then runs eager, this row alone)."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    num_logits: int = 0
+    exit: ExitHook | None = None
+
+
+class SlotCache:
+    """keys and values, one pair per layer, each [slots, kvh, L, hd]; L leaves room for a bucket's padding."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (slots, kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.length = length
+
+    def write_and_read(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n, kvh, hd] at (slot, position) and return each row's keys and values [B, kvh, kv_len, hd].
+
+        Index writes and an index_select: no host sync, so the same code runs inside a captured graph."""
+        ck, cv = self.keys[layer], self.values[layer]
+        ck[slots[:, None], :, pos] = k  # advanced indices first: the target is [B, n, kvh, hd]
+        cv[slots[:, None], :, pos] = v
+        if kv_len < self.length:
+            ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
+        return ck.index_select(0, slots), cv.index_select(0, slots)
+
+
+def check_row(r: Row, options: EngineOptions, scratch: int) -> None:
+    """A clear ValueError for a row the cache cannot take."""
+    if not 0 <= r.slot < options.slots or r.slot == scratch:
+        raise ValueError(f"row slot {r.slot} is not a session slot")
+    if not r.token_ids or r.start < 0 or r.start + len(r.token_ids) > options.max_len:
+        raise ValueError(f"row of {len(r.token_ids)} tokens at {r.start}: outside the engine's max_len {options.max_len}")
+    if len(r.token_ids) > PREFILL_CHUNK:
+        raise ValueError(f"a row holds at most {PREFILL_CHUNK} tokens, not {len(r.token_ids)}")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions, transformers' convention: x [B, heads, n, hd], cos/sin [B, 1, n, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class StaticEngine:
+    """The target's passes over a slot cache; on CUDA with graphs on, passes that fit a bucket replay a graph."""
+
+    def __init__(self, model: nn.Module, options: EngineOptions = EngineOptions()) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"the static engine runs {', '.join(SUPPORTED_TYPES)} models, not {config.model_type!r}")
+        if options.slots < 2:
+            raise ValueError("the static engine needs at least 2 slots (one is scratch)")
+        body = model.model
+        self.model, self.body, self.options = model, body, options
+        self.device = body.embed_tokens.weight.device
+        self.dtype = body.embed_tokens.weight.dtype
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.vocab_size = int(config.vocab_size)
+        self.scratch = options.slots - 1
+        margin = max(options.buckets, default=1)
+        self.cache = SlotCache(config.num_hidden_layers, options.slots, config.num_key_value_heads,
+                               options.max_len + margin, self.head_dim, self.dtype, self.device)
+        self._key_index = torch.arange(self.cache.length, device=self.device)                 # [L]
+        self._inv_freq = body.rotary_emb.inv_freq.to(self.device, torch.float32)              # [hd / 2]
+        self._rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
+        self._free = list(range(self.scratch))
+        self._slots_lock = threading.Lock()  # slots are taken on the event loop and given back on job threads
+        self._exit: ExitHook | None = None  # the running pass's early-exit hook (eager, one row)
+        self.graphs: dict[tuple[int, int, int], CapturedPass] = {}  # (rows, bucket, keys read) -> its graph
+        if options.graphs and self.device.type == "cuda":
+            self.graphs = capture_all(self)
+
+    # ------------------------------------------------------------------------------------------------ slots
+    def acquire(self) -> int:
+        with self._slots_lock:
+            if not self._free:
+                raise RuntimeError(f"all {self.scratch} engine slots are in use")
+            return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        with self._slots_lock:
+            if not 0 <= slot < self.scratch or slot in self._free:
+                raise ValueError(f"slot {slot} is not held")
+            self._free.append(slot)
+
+    def backend(self, logits_width: int = 0, passes: "Callable[[Row], torch.Tensor] | None" = None) -> "StaticBackend":
+        """A backend over a free slot; `passes` runs its rows (a Batcher's submit; default: this engine, at once)."""
+        from picospec.shared.engine.backend import StaticBackend
+        return StaticBackend(self, self.acquire(), logits_width, passes)
+
+    # ------------------------------------------------------------------------------------------------ passes
+    @torch.inference_mode()
+    def run(self, rows: Sequence[Row]) -> list[torch.Tensor]:
+        """Each row's logits [num_logits or len(token_ids), V_own], float32, from one pass over all rows: a graph
+        when one fits, else eager. Rows hold at most PREFILL_CHUNK tokens (StaticBackend cuts longer input)."""
+        n = max(len(r.token_ids) for r in rows)
+        for r in rows:
+            check_row(r, self.options, self.scratch)
+        hooks = [r.exit for r in rows if r.exit is not None]
+        if hooks and len(rows) > 1:
+            raise ValueError("a row with an early-exit hook runs alone")
+        graph = None if hooks else self._graph_for(len(rows), n, max(r.start for r in rows) + n)
+        if graph is not None:
+            ids, pos, slots = self._padded(rows, graph.rows, graph.size)
+            return self._cut(rows, graph(ids, pos, slots), graph.size)
+        ids, pos, slots = self._padded(rows, len(rows), n)
+        self._exit = hooks[0] if hooks else None
+        try:
+            logits = self.forward(ids, pos, slots, max(r.start for r in rows) + n, self._keep(rows))
+        finally:
+            self._exit = None
+        return self._cut(rows, logits, n)
+
+    def _graph_for(self, rows: int, n: int, keys: int) -> CapturedPass | None:
+        """The smallest captured pass with room for `rows` rows of `n` tokens whose last position is keys - 1; a
+        row's padding runs up to start + bucket - 1, so the keys read must cover that too."""
+        fits = [k for k, g in self.graphs.items() if k[0] >= rows and k[1] >= n and k[2] >= keys - n + k[1]]
+        return self.graphs[min(fits, key=lambda k: (k[1], k[2], k[0]))] if fits else None
+
+    def kv_buckets(self) -> list[int]:
+        """Key counts graphs are captured for: powers of two from min_kv_bucket, then the whole cache length."""
+        out, k = [], self.options.min_kv_bucket
+        while k < self.cache.length:
+            out.append(k)
+            k *= 2
+        return out + [self.cache.length]
+
+    def _padded(self, rows: Sequence[Row], height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """ids, pos [height, width] and slots [height]: each row's tokens then padding (id 0, positions running on);
+        rows past the real ones are scratch."""
+        ids = torch.zeros(height, width, dtype=torch.long)
+        pos = torch.arange(width).repeat(height, 1)
+        slots = torch.full((height,), self.scratch, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :len(r.token_ids)] = torch.tensor(list(r.token_ids), dtype=torch.long)
+            pos[b] += r.start
+            slots[b] = r.slot
+        ids = torch.where(ids < self.vocab_size, ids, 0)  # an id past the model's own width (padding) is fed as 0
+        return ids.to(self.device), pos.to(self.device), slots.to(self.device)
+
+    @staticmethod
+    def _keep(rows: Sequence[Row]) -> int:
+        """Trailing positions whose logits some row needs (0 = all); rows are left-aligned, so count from the end."""
+        n = max(len(r.token_ids) for r in rows)
+        need = [n - len(r.token_ids) + (r.num_logits or len(r.token_ids)) for r in rows]
+        return max(need) if max(need) < n else 0
+
+    @staticmethod
+    def _cut(rows: Sequence[Row], logits: torch.Tensor, n_pad: int) -> list[torch.Tensor]:
+        """logits [B, m, V] over the last m of n_pad padded positions -> each row's own [k, V], float32 copies (a
+        graph's output buffer is overwritten by its next replay)."""
+        offset = n_pad - logits.shape[1]  # padded positions before the kept window
+        out = []
+        for b, r in enumerate(rows):
+            end = len(r.token_ids) - offset  # just past the row's last real position, in the window
+            k = r.num_logits or len(r.token_ids)
+            out.append(logits[b, end - k:end].to(torch.float32, copy=True))
+        return out
+
+    # ------------------------------------------------------------------------------------------------ the model
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int,
+                keep: int = 0) -> torch.Tensor:
+        """Logits [B, keep or n, V_own] in the model's dtype for ids, pos [B, n] over slots [B]; keys past kv_len
+        are not read (a graph reads them all: kv_len = L)."""
+        h = self.body.embed_tokens(ids)                                    # [B, n, H]
+        freqs = pos[..., None].float() * self._inv_freq                    # [B, n, hd / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, n, hd]
+        cos = (angles.cos() * self._rope_scale).to(h.dtype)
+        sin = (angles.sin() * self._rope_scale).to(h.dtype)
+        mask = (self._key_index[:kv_len] <= pos[..., None])[:, None]       # [B, 1, n, kv_len]
+        for i, layer in enumerate(self.body.layers):
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, mask, pos, slots, kv_len)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if self._exit is not None and i + 1 == self._exit[0]:  # eager only: run() takes no graph meanwhile
+                self._exit[2](self.model.lm_head(self.body.norm(h[0, -self._exit[1]:])).float())
+        if keep:
+            h = h[:, -keep:]
+        return self.model.lm_head(self.body.norm(h))                       # [B, keep or n, V_own]
+
+    def _attention(self, layer: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        hd = self.head_dim
+        q = attn.q_proj(x).view(b, n, -1, hd).transpose(1, 2)              # [B, h, n, hd]
+        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)              # [B, kvh, n, hd]
+        v = attn.v_proj(x).view(b, n, -1, hd)                              # [B, n, kvh, hd]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values = self.cache.write_and_read(layer, slots, pos, k.transpose(1, 2), v, kv_len)  # [B, kvh, kv_len, hd]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, h, n, hd]
+        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))          # [B, n, H]

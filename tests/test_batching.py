@@ -1,0 +1,152 @@
+"""Batched verification across sessions (shared/engine/batcher.py, --batching on): which rows a pass takes, rows
+gathered into one pass giving what each gives alone, and a cloud serving concurrent edges of mixed modes, lengths
+and draft sizes, joining and leaving, each getting exactly its own tokens."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from picospec.cloud_server.server import uses_batching, uses_static_engine
+from picospec.shared.backend import HFBackend
+from picospec.shared.config import CloudConfig
+from picospec.shared.engine import EngineOptions, StaticEngine
+from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, take_batch
+from picospec.shared.engine.model import Row
+from picospec.shared.models import ModelError
+from tests.conftest import edge, run, serving
+
+
+def _req(n: int, exit_hook: bool = False) -> _Request:
+    return _Request(Row(0, [5] * n, 0, 0, (1, 1, print) if exit_hook else None), 0.0)
+
+
+def test_a_pass_takes_the_oldest_rows_that_fit():
+    assert take_batch([_req(4), _req(4), _req(4)], 512) == 3
+    assert take_batch([_req(300), _req(200), _req(100)], 512) == 2   # oldest first: never skips ahead
+    assert take_batch([_req(600), _req(1)], 512) == 1                # a row past the budget still runs, alone
+    assert take_batch([_req(1), _req(2, exit_hook=True), _req(1)], 512) == 1
+    assert take_batch([_req(2, exit_hook=True), _req(1)], 512) == 1
+
+
+def test_config_picks_the_engine_and_refuses_what_cannot_work():
+    assert not uses_static_engine(CloudConfig()) and not uses_batching(CloudConfig())           # cpu: hf, off
+    assert uses_static_engine(CloudConfig(device="cuda")) and uses_batching(CloudConfig(device="cuda"))
+    assert uses_static_engine(CloudConfig(batching="on"))                                      # on implies static
+    assert not uses_batching(CloudConfig(device="cuda", batching="off"))
+    with pytest.raises(ModelError, match="needs the static engine"):
+        uses_static_engine(CloudConfig(batching="on", engine="hf"))
+    with pytest.raises(ModelError, match="one device"):
+        uses_static_engine(CloudConfig(batching="on", device_map="auto"))
+
+
+def test_rows_queued_behind_a_pass_run_together_and_each_gets_its_own(tiny_target):
+    """The first pass is held at a gate until three more rows queue behind it: those three run as one pass, and
+    each row's logits are what the row gives alone (and what transformers gives for that sequence)."""
+    engine = StaticEngine(tiny_target.model, EngineOptions(slots=5, max_len=256))
+    gate, entered, real_run = threading.Event(), threading.Event(), engine.run
+
+    def gated_run(rows):
+        entered.set()
+        gate.wait(timeout=30)
+        return real_run(rows)
+
+    engine.run = gated_run
+    batcher = Batcher(engine, BatchOptions(max_batch_tokens=64, max_wait_s=60))
+    seqs = [torch.randint(3, 64, (20 + 7 * i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+    backends = [engine.backend(passes=batcher.submit) for _ in seqs]
+    out: dict[int, torch.Tensor] = {}
+
+    def job(i: int) -> None:
+        out[i] = backends[i].prefill(seqs[i][:-3]), backends[i].forward(seqs[i][-3:])
+
+    first = threading.Thread(target=job, args=(0,))
+    first.start()
+    assert entered.wait(timeout=30)
+    others = [threading.Thread(target=job, args=(i,)) for i in (1, 2, 3)]
+    for t in others:
+        t.start()
+    while len(batcher._queue) < 3:  # the three prefills queue behind the held pass
+        threading.Event().wait(0.001)
+    gate.set()
+    for t in (first, *others):
+        t.join(timeout=60)
+    batcher.close()
+    assert batcher.stats.mean_rows > 1 and batcher.stats.passes < 8  # 8 rows alone would be 8 passes
+    for i, s in enumerate(seqs):
+        hf = HFBackend(tiny_target.model)
+        torch.testing.assert_close(out[i][0], hf.prefill(s[:-3]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i][1], hf.forward(s[-3:]), atol=1e-5, rtol=1e-5)
+
+
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    backend, out = HFBackend(model), []
+    logits = backend.prefill(prompt)
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = backend.forward([out[-1]])[-1]
+    return out
+
+
+# (mode, verify, draft_len, tokens, start delay in turns of the event loop): mixed, joining and leaving mid-batch
+SESSIONS = [("pipeline", "coupled", 0, 48, 0), ("sync", "dense", 3, 24, 0), ("cloud", "coupled", 0, 32, 2),
+            ("sync", "split-exact", 6, 16, 5), ("pipeline", "coupled", 2, 40, 9), ("sync", "coupled", 4, 12, 20)]
+
+
+async def _sessions(target, draft, batching: str, temperature: float) -> tuple[list[list[int]], object]:
+    async with serving(target, batching=batching, max_sessions=4, metrics_port=0) as (service, addr):
+        async def one(i: int, mode: str, verify: str, g: int, n: int, delay: int) -> list[int]:
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            prompt = target.tokenizer(f"session {i} says")["input_ids"]
+            async with edge(addr, draft, max_new_tokens=n, ignore_eos=True, verify=verify, temperature=temperature,
+                            seed=100 + i, draft_len=g, admission_wait_s=60.0) as client:
+                return await client.generate(prompt, mode=mode).collect()
+
+        outs = await asyncio.gather(*(one(i, *s) for i, s in enumerate(SESSIONS)))
+        return outs, service.batcher and service.batcher.stats
+
+
+def test_concurrent_sessions_get_the_targets_greedy_tokens(tiny_target, tiny_draft):
+    outs, stats = run(_sessions(tiny_target, tiny_draft, "on", 0.0))
+    for i, (out, s) in enumerate(zip(outs, SESSIONS)):
+        assert out == _greedy(tiny_target.model, tiny_target.tokenizer(f"session {i} says")["input_ids"], s[3]), s
+    assert stats.mean_rows > 1, "the sessions never shared a pass"
+    assert stats.rows_over_wait == 0 and stats.max_wait_s < 0.25  # nobody waited past --max-wait-ms
+
+
+def test_under_sampling_each_session_gets_what_it_gets_alone(tiny_target, tiny_draft):
+    """Same seeds with batching on (concurrent, sharing passes) and off (today's order): the same tokens."""
+    batched, stats = run(_sessions(tiny_target, tiny_draft, "on", 1.0))
+    alone, none = run(_sessions(tiny_target, tiny_draft, "off", 1.0))
+    assert batched == alone and none is None
+    assert stats.mean_rows > 1
+
+
+def test_batch_metrics_scraped_over_http_match_the_batcher(tiny_target, tiny_draft):
+    from tests.proc_util import free_port
+    from tests.test_operations import scrape, total
+
+    port = free_port()
+
+    async def scenario():
+        async with serving(tiny_target, batching="on", max_sessions=3, metrics_port=port) as (service, addr):
+            async def one(i: int) -> list[int]:
+                prompt = tiny_target.tokenizer(f"metered {i}")["input_ids"]
+                async with edge(addr, tiny_draft, max_new_tokens=20, ignore_eos=True, seed=i) as client:
+                    return await client.generate(prompt, mode="pipeline").collect()
+
+            await asyncio.gather(*(one(i) for i in range(3)))
+            for _ in range(500):  # the last session's close (and its slot's last pass) lands after the edge is done
+                if service.active_sessions == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return service.batcher.stats, scrape(port)
+
+    stats, s = run(scenario())
+    assert total(s, "picospec_cloud_batch_rows_count") == stats.passes > 0
+    assert total(s, "picospec_cloud_batch_rows_sum") == stats.rows
+    assert total(s, "picospec_cloud_batch_tokens_sum") == stats.tokens
+    assert total(s, "picospec_cloud_batch_wait_seconds_count") == stats.passes

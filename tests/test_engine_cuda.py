@@ -1,0 +1,82 @@
+"""The static engine on CUDA: captured graphs give what eager passes give, and what transformers gives, and a
+greedy decode through graphs is the target's own. Skipped without a GPU (an allowed skip, also under CI).
+
+Imports nothing from tests/conftest.py, so that a bare GPU machine runs it with `pytest --noconftest`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from picospec.shared.backend import HFBackend
+from picospec.shared.engine import EngineOptions, StaticEngine
+from picospec.shared.models import load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device: the engine's graphs need a GPU (allowed skip, also under CI)")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(3, min(vocab, 5000), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_graph_passes_equal_eager_and_transformers(dtype, tolerance):
+    model = load_model("random:qwen2.5-0.5b:layers=4", device="cuda", dtype=dtype, progress=False).model
+    opts = EngineOptions(slots=3, max_len=1200, buckets=(1, 2, 4, 8, 16, 32))
+    graphs, eager = StaticEngine(model, opts), StaticEngine(model, EngineOptions(**{**opts.__dict__, "graphs": False}))
+    assert graphs.graphs and not eager.graphs
+    seq = _ids(1100, model.config.vocab_size, 0)
+    g, e, h = graphs.backend(), eager.backend(), HFBackend(model, "cuda")
+    for be in (g, e, h):
+        be.prefill(seq[:600])
+    for n, start in ((1, 600), (3, 601), (16, 604), (32, 620), (5, 1000)):  # 3 and 5: padded to buckets 4 and 8
+        outs = [be.logits_at(seq[:start + n], start - 1) for be in (g, e, h)]
+        assert _rel(outs[0], outs[1]) < tolerance, (n, start)
+        assert _rel(outs[0], outs[2]) < tolerance, (n, start)
+
+
+def test_greedy_through_graphs_is_the_targets_own():
+    """tiny-random's peaked distributions: argmax is far from ties, so float32 passes of any size agree."""
+    model = load_model("tiny-random", device="cuda", progress=False).model
+    engine = StaticEngine(model, EngineOptions(slots=2, max_len=512))
+    prompt = _ids(20, 64, 1)
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([prompt], device="cuda"), do_sample=False, max_new_tokens=60,
+                             min_new_tokens=60, pad_token_id=0)[0, len(prompt):].tolist()
+    be, out = engine.backend(), []
+    logits = be.prefill(prompt)
+    eos_free = logits.clone()
+    for _ in range(60):
+        eos_free = logits.clone()
+        eos_free[1] = float("-inf")  # min_new_tokens above: generate never picks EOS
+        out.append(int(eos_free.argmax()))
+        logits = be.forward([out[-1]])[-1]
+    assert out == ref
+    # a verification-sized pass over the same tokens picks the same argmaxes (drafts all accepted under greedy)
+    rows = be.logits_at(prompt + out, len(prompt) - 1)[:-1].clone()
+    rows[:, 1] = float("-inf")
+    assert rows.argmax(-1).tolist() == out
+
+
+def test_batched_rows_in_a_graph_equal_each_row_alone():
+    """Three sessions' rows of 1, 3 and 5 tokens replay the (4 rows, 8 tokens) graph: the padding row and the
+    padded tokens change no real row's logits."""
+    from picospec.shared.engine.model import Row
+
+    model = load_model("random:qwen2.5-0.5b:layers=4", device="cuda", dtype=torch.float32, progress=False).model
+    opts = EngineOptions(slots=5, max_len=600, buckets=(1, 8), batch_buckets=(1, 4))
+    graphs, eager = StaticEngine(model, opts), StaticEngine(model, EngineOptions(**{**opts.__dict__, "graphs": False}))
+    rows = []
+    for i, n in enumerate((1, 3, 5)):
+        seq = _ids(300 + 40 * i + n, model.config.vocab_size, 10 + i)
+        for engine in (graphs, eager):
+            engine.backend().prefill(seq[:-n])
+        rows.append(Row(i, seq[-n:], len(seq) - n))
+    assert graphs._graph_for(3, 5, max(r.start for r in rows) + 5) is graphs.graphs[(4, 8, 512)]
+    together = graphs.run(rows)
+    for row, got in zip(rows, together):
+        assert _rel(got, eager.run([row])[0]) < 1e-4
