@@ -416,3 +416,14 @@ def test_reroot_keeps_a_path_and_the_subtree_under_it(tiny_target):
     torch.testing.assert_close(last, HFBackend(model).forward(prefix + [11, 20, 30, 40])[-1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="does not hang under"):
         kv.reroot([0], [3])  # 40 without its parent
+
+
+def test_a_cloud_on_the_static_engine_refuses_trees_clearly(tiny_target):
+    """The static engine's slots cannot be masked per node or gathered: INVALID_ARGUMENT, naming the way out."""
+    async def scenario():
+        async with serving(tiny_target, engine="static") as (_, addr):
+            return await _exchange(addr, [_coupled(tiny_target), _tree(TOKENS, PARENTS)])
+
+    replies, err = run(scenario())
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, (replies, err)
+    assert "--engine hf" in err.details()
