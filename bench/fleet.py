@@ -272,3 +272,15 @@ def drive(fleet: Fleet, run: Any, server: str, groups: Sequence[Sequence[int]], 
             if kind != "done":
                 problems.append(f"worker {ev['worker']}: {ev.get('error') or 'exited (' + str(ev.get('returncode')) + ')'}")
     return problems
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU time of these processes so far (those gone count 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total

@@ -131,12 +131,13 @@ def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: d
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["batching", "sessions", "gens", "fail", "aggregate tok/s", "decode tok/s p50", "p95", "p5", "TTFT p50 s",
-            "TTFT p95 s", "mean batch", "drafts/pass", "committed/pass"]
+            "TTFT p95 s", "mean batch", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU"]
     body = [[r["batching"], str(r["sessions"]), str(r["generations"]), str(r["failures"]),
              fmt(r["aggregate_tokens_per_s"]), fmt(r["decode_tokens_per_s_p50"]), fmt(r["decode_tokens_per_s_p95"]),
              fmt(r["decode_tokens_per_s_p5"]), fmt(r["ttft_s_p50"], "{:.3f}"), fmt(r["ttft_s_p95"], "{:.3f}"),
              "n/a" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.2f}",
-             fmt(r["drafts_per_pass"]), fmt(r["committed_per_pass"])] for r in rows]
+             fmt(r["drafts_per_pass"]), fmt(r["committed_per_pass"]), fmt(r.get("cloud_cpu_util")),
+             fmt(r.get("edge_cpu_util"))] for r in rows]
     return markdown_table(head, body)
 
 
@@ -145,7 +146,9 @@ NOTES = ("aggregate tok/s: every token generated at that N over the span from th
          "at that N (p5 is the slow tail). TTFT: from the request to the first token (admission and prefill "
          "included). mean batch: sessions per batched verification pass, from the cloud's batching histogram (n/a: "
          "the cloud has none). drafts/pass, committed/pass: per verification pass of one session "
-         f"({DRAFTS_METRIC}, {COMMITTED_METRIC}), means over that N's runs.")
+         f"({DRAFTS_METRIC}, {COMMITTED_METRIC}), means over that N's runs. cloud CPU, edge CPU: CPU seconds per "
+         "second of the cloud process and of all edge processes over that N's runs (1.00 = a whole core: that side "
+         "is the bottleneck).")
 
 
 def report_markdown(settings: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
@@ -174,6 +177,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
         b.errorbar(xs, mid, yerr=[lo, hi], marker="o", capsize=3, label=f"batching {batching}")
     for ax, ylabel in ((a, "aggregate tokens/s"), (b, "per-session decode tokens/s\n(p50, bars p5-p95)")):
         ax.set_xscale("log", base=2)
+        ns = sorted({r["sessions"] for r in rows})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_ylim(bottom=0)  # rates from zero: a small dip must not look like a collapse
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -210,12 +216,19 @@ def run_n(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc, batching: str,
             if ev["error"]:
                 bar.write(f"batching {batching} N={n} session {ev['session']}: {ev['error']}")
 
-    before = cloud.metrics()
+    before, cpu0, t0 = cloud.metrics(), _cpu(fleet, cloud), time.monotonic()
     problems = fl.drive(fleet, f"{batching}-{n}", cloud.address, fl.split_sessions(n, len(fleet.procs)), plan, on_gen,
                         timeout_s=cfg.run_timeout_s)
+    cpu1, wall = _cpu(fleet, cloud), time.monotonic() - t0
     means = fl.histogram_means(before, cloud.metrics())
     records += recs
-    return {**summarize(recs, batching, n, means), "problems": problems}
+    # which side is saturated: CPU seconds per second of each side (1.0 = its whole core)
+    util = {"cloud_cpu_util": (cpu1[0] - cpu0[0]) / wall, "edge_cpu_util": (cpu1[1] - cpu0[1]) / wall}
+    return {**summarize(recs, batching, n, means), **util, "problems": problems}
+
+
+def _cpu(fleet: fl.Fleet, cloud: fl.CloudProc) -> tuple[float, float]:
+    return fl.cpu_seconds([cloud.pid]), fl.cpu_seconds([p.pid for p in fleet.procs])
 
 
 def warm_up(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc) -> None:

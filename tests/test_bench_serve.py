@@ -170,6 +170,7 @@ def test_serve_runs_sessions_against_a_cloud_process(tmp_path: Path) -> None:
         assert r["generations"] == r["sessions"] and r["tokens"] == 8 * r["sessions"]
         assert r["aggregate_tokens_per_s"] > 0 and r["decode_tokens_per_s_p50"] > 0 and r["ttft_s_p95"] > 0
         assert r["committed_per_pass"] is not None  # read from the cloud's metrics
+        assert r["cloud_cpu_util"] > 0 and r["edge_cpu_util"] > 0
     assert {g["worker"] for g in result["generations"] if g["sessions"] == 2} == {0, 1}
     assert all((tmp_path / f).exists() for f in ("serve.json", "serve.md", "serve.png"))
 
