@@ -10,8 +10,9 @@ prompt (the built-in ones in turn) and seed; all sessions start together.
 
 Reported per (batching, N): aggregate tokens/s (all tokens generated over the span from the first start to the
 last end), per-session decode tokens/s (after the first token) p50 and p95 (and p5, the slow tail) over the
-generations, TTFT p50 and p95, and from the cloud's metrics over that N's runs: the mean batch size (the
-batching histogram where the cloud has one, else n/a), drafts and committed tokens per verification pass.
+generations, TTFT p50 and p95, and from the cloud's metrics over that N's runs: the mean batch size and tokens
+per model pass (the batching engine's histograms; n/a with batching off), drafts and committed tokens per
+verification pass of one session, and each side's CPU use.
 
 Batching: `--batching on,off` (default both) passes `--batching X` (and --max-batch-tokens, --max-wait-ms where
 given) to the cloud. The cloud's `--help` is read once at start; a cloud that does not know `--batching` runs
@@ -39,8 +40,11 @@ from picospec.bench.report import fmt, markdown_table, pyplot
 from picospec.bench.runner import Progress
 
 BATCHING_FLAG = "--batching"
-# names of the batching histograms this benchmark recognises as "sessions per batched pass", most specific first
-BATCH_SIZE_NAMES = ("batch_size", "batch_sessions", "batched_sessions", "batch_requests")
+# the batching histograms (cloud_server/metrics.py, observed once per model pass with --batching on): sessions' rows
+# and tokens in one pass, and the longest wait of a pass's rows
+BATCH_ROWS_METRIC = "picospec_cloud_batch_rows"
+BATCH_TOKENS_METRIC = "picospec_cloud_batch_tokens"
+BATCH_WAIT_METRIC = "picospec_cloud_batch_wait_seconds"
 DRAFTS_METRIC = "picospec_cloud_pass_drafts"
 COMMITTED_METRIC = "picospec_cloud_pass_committed_tokens"
 STARTUP_S = 1.0  # from sending a run to its sessions' common start: the workers connect every session meanwhile
@@ -98,15 +102,6 @@ def cloud_flags(cfg: ServeConfig, batching: str, supported: bool) -> list[str]:
     return flags
 
 
-def batch_size_metric(means: dict[str, float | None]) -> tuple[str | None, float | None]:
-    """(name, mean) of the cloud's sessions-per-batched-pass histogram, (None, None) where it has none."""
-    for key in BATCH_SIZE_NAMES:
-        for name, v in means.items():
-            if key in name:
-                return name, v
-    return None, None
-
-
 def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: dict[str, float | None]) -> dict[str, Any]:
     """One (batching, N) row from its generation records and the cloud's histogram means over its runs."""
     ok = [r for r in records if not r.get("error")]
@@ -114,7 +109,6 @@ def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: d
     span = (max(r["end"] for r in records) - min(r["start"] for r in records)) if records else 0.0
     decode = [r.get("decode_tokens_per_s") for r in ok]
     ttft = [r.get("ttft_s") for r in ok]
-    bname, bsize = batch_size_metric(means)
     return {
         "batching": batching, "sessions": n, "generations": len(records), "failures": len(records) - len(ok),
         "errors": sorted({r["error"] for r in records if r.get("error")})[:5],
@@ -123,7 +117,9 @@ def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: d
         "decode_tokens_per_s_p95": fl.percentile(decode, 0.95),
         "ttft_s_p50": fl.percentile(ttft, 0.5), "ttft_s_p95": fl.percentile(ttft, 0.95),
         "e2e_tokens_per_s_p50": fl.percentile([r.get("tokens_per_s") for r in ok], 0.5),
-        "mean_batch_size": bsize, "batch_size_metric": bname,
+        # None where the cloud observed no batched pass (batching off, or a cloud without the histograms)
+        "mean_batch_size": means.get(BATCH_ROWS_METRIC), "tokens_per_pass": means.get(BATCH_TOKENS_METRIC),
+        "batch_wait_s": means.get(BATCH_WAIT_METRIC),
         "drafts_per_pass": means.get(DRAFTS_METRIC), "committed_per_pass": means.get(COMMITTED_METRIC),
         "cloud_histogram_means": means,
     }
@@ -131,21 +127,26 @@ def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: d
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["batching", "sessions", "gens", "fail", "aggregate tok/s", "decode tok/s p50", "p95", "p5", "TTFT p50 s",
-            "TTFT p95 s", "mean batch", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU"]
+            "TTFT p95 s", "mean batch", "tokens/pass", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU"]
     body = [[r["batching"], str(r["sessions"]), str(r["generations"]), str(r["failures"]),
              fmt(r["aggregate_tokens_per_s"]), fmt(r["decode_tokens_per_s_p50"]), fmt(r["decode_tokens_per_s_p95"]),
              fmt(r["decode_tokens_per_s_p5"]), fmt(r["ttft_s_p50"], "{:.3f}"), fmt(r["ttft_s_p95"], "{:.3f}"),
-             "n/a" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.2f}",
+             _na(r["mean_batch_size"]), _na(r["tokens_per_pass"]),
              fmt(r["drafts_per_pass"]), fmt(r["committed_per_pass"]), fmt(r.get("cloud_cpu_util")),
              fmt(r.get("edge_cpu_util"))] for r in rows]
     return markdown_table(head, body)
 
 
+def _na(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 NOTES = ("aggregate tok/s: every token generated at that N over the span from the first generation's start to the "
          "last one's end. decode tok/s: one generation's rate after its first token; p50/p95/p5 over all generations "
          "at that N (p5 is the slow tail). TTFT: from the request to the first token (admission and prefill "
-         "included). mean batch: sessions per batched verification pass, from the cloud's batching histogram (n/a: "
-         "the cloud has none). drafts/pass, committed/pass: per verification pass of one session "
+         "included). mean batch, tokens/pass: sessions' rows and tokens per model pass of the batching engine "
+         f"({BATCH_ROWS_METRIC}, {BATCH_TOKENS_METRIC}; n/a: no batched pass, as with batching off). drafts/pass, "
+         "committed/pass: per verification pass of one session "
          f"({DRAFTS_METRIC}, {COMMITTED_METRIC}), means over that N's runs. cloud CPU, edge CPU: CPU seconds per "
          "second of the cloud process and of all edge processes over that N's runs (1.00 = a whole core: that side "
          "is the bottleneck).")

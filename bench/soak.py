@@ -58,6 +58,7 @@ class SoakConfig:
     edge_core: int | None = 1
     device: str | None = None
     dtype: str | None = None
+    batching: str | None = None  # the cloud's --batching, where given
     progress_every_s: float = 15.0
     out: Path = Path("bench_out/soak")
     quiet: bool = False
@@ -220,7 +221,8 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     n_procs = min(cfg.edge_procs, cfg.sessions)
     logdir = cfg.out / "soak_logs"
     extra = ["--max-sessions", str(2 * cfg.sessions)]  # headroom: a slot is freed a moment after its stream ends
-    extra += [x for flag, v in (("--device", cfg.device), ("--dtype", cfg.dtype)) if v for x in (flag, v)]
+    passed = (("--device", cfg.device), ("--dtype", cfg.dtype), ("--batching", cfg.batching))
+    extra += [x for flag, v in passed if v for x in (flag, v)]
     with fl.edge_fleet(n_procs, cfg.draft, edge_core, logdir) as fleet, \
             fl.cloud_process(cfg.target, cloud_core, logdir / "cloud.log", extra) as cloud:
         fleet.wait_ready()
@@ -263,6 +265,7 @@ def parse_args(argv: list[str] | None) -> SoakConfig:
     p.add_argument("--edge-core", type=int, default=d.edge_core)
     p.add_argument("--device", default=None, help="passed to the cloud (cpu, cuda)")
     p.add_argument("--dtype", default=None, help="passed to the cloud")
+    p.add_argument("--batching", default=None, choices=("auto", "on", "off"), help="passed to the cloud")
     p.add_argument("--progress-every-s", type=float, default=d.progress_every_s)
     p.add_argument("--out", type=Path, default=d.out)
     a = p.parse_args(argv)

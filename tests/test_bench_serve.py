@@ -75,16 +75,17 @@ def _gen(session: int, start: float, end: float, tokens: int, decode: float, ttf
 def test_a_row_aggregates_over_the_whole_span_and_takes_percentiles_per_generation() -> None:
     recs = [_gen(0, 10.0, 12.0, 20, 12.0, 0.1), _gen(1, 10.0, 14.0, 20, 6.0, 0.3),
             _gen(2, 10.5, 11.0, 0, 0.0, 0.0, error="EdgeError: boom")]
-    means = {serve.DRAFTS_METRIC: 3.5, serve.COMMITTED_METRIC: 2.0, "picospec_cloud_batch_size": 2.5}
+    means = {serve.DRAFTS_METRIC: 3.5, serve.COMMITTED_METRIC: 2.0, serve.BATCH_ROWS_METRIC: 2.5,
+             serve.BATCH_TOKENS_METRIC: 9.0}
     row = serve.summarize(recs, "on", 3, means)
     assert row["generations"] == 3 and row["failures"] == 1 and row["errors"] == ["EdgeError: boom"]
     assert row["tokens"] == 40 and row["span_s"] == 4.0 and row["aggregate_tokens_per_s"] == 10.0
     assert row["decode_tokens_per_s_p50"] == 9.0 and row["decode_tokens_per_s_p95"] == pytest.approx(11.7)
     assert row["ttft_s_p95"] == pytest.approx(0.29)
-    assert (row["mean_batch_size"], row["batch_size_metric"]) == (2.5, "picospec_cloud_batch_size")
+    assert (row["mean_batch_size"], row["tokens_per_pass"]) == (2.5, 9.0)
     assert (row["drafts_per_pass"], row["committed_per_pass"]) == (3.5, 2.0)
     bare = serve.summarize(recs[:1], "off", 1, {})
-    assert bare["mean_batch_size"] is None and bare["drafts_per_pass"] is None
+    assert bare["mean_batch_size"] is None and bare["tokens_per_pass"] is None and bare["drafts_per_pass"] is None
 
 
 def test_the_serve_report_shows_n_a_where_the_cloud_has_no_batch_metric() -> None:
@@ -94,7 +95,7 @@ def test_the_serve_report_shows_n_a_where_the_cloud_has_no_batch_metric() -> Non
                 "notes": ["only off ran"]}
     md = serve.report_markdown(settings, rows)
     line = next(x for x in md.splitlines() if x.startswith("| off"))
-    assert "| n/a" in line and "5.00" in line and "3.00" in line
+    assert line.count("| n/a") == 2 and "5.00" in line and "3.00" in line
     assert "**Note**: only off ran" in md
 
 
@@ -171,6 +172,8 @@ def test_serve_runs_sessions_against_a_cloud_process(tmp_path: Path) -> None:
         assert r["aggregate_tokens_per_s"] > 0 and r["decode_tokens_per_s_p50"] > 0 and r["ttft_s_p95"] > 0
         assert r["committed_per_pass"] is not None  # read from the cloud's metrics
         assert r["cloud_cpu_util"] > 0 and r["edge_cpu_util"] > 0
+    for r in rows:
+        assert (r["mean_batch_size"] is not None) == (r["batching"] == "on")  # batched passes only with batching on
     assert {g["worker"] for g in result["generations"] if g["sessions"] == 2} == {0, 1}
     assert all((tmp_path / f).exists() for f in ("serve.json", "serve.md", "serve.png"))
 
