@@ -60,6 +60,17 @@ def parse_list(text: str, conv: Any = str) -> list[Any]:
     return [conv(x.strip()) for x in text.split(",") if x.strip()]
 
 
+PROMPT_ROOM = 256  # tokens: more than the longest built-in prompt in a chat template (bench/grid.py PROMPTS)
+
+
+def cloud_limits(sessions: int, max_new_tokens: int) -> list[str]:
+    """--max-sessions and --max-context for a benchmark cloud: exactly what its sessions need, because the static
+    engine (--batching on) preallocates KV slots for max-sessions x max-context (the defaults, 8 x 8192, are
+    gigabytes; 128 x 8192 on SmolLM2 is ~48 GB). A stream a moment too early for a freed slot is retried by the
+    edge (admission), not failed."""
+    return ["--max-sessions", str(sessions), "--max-context", str(PROMPT_ROOM + max_new_tokens)]
+
+
 def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
     """Prometheus text exposition -> {histogram name: (sum, count)}, summed over all label sets."""
     from prometheus_client.parser import text_string_to_metric_families

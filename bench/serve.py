@@ -89,7 +89,7 @@ def batching_plan(asked: Sequence[str], supported: bool) -> tuple[list[str], str
 
 def cloud_flags(cfg: ServeConfig, batching: str, supported: bool) -> list[str]:
     """What the cloud is started with beyond the common flags: room for every session, batching, device."""
-    flags = ["--max-sessions", str(2 * max(cfg.sessions))]  # headroom: a slot is freed a moment after its stream ends
+    flags = fl.cloud_limits(max(cfg.sessions), cfg.max_new_tokens)
     if supported:
         flags += [BATCHING_FLAG, batching]
         if cfg.max_batch_tokens is not None:

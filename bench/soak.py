@@ -220,7 +220,7 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     cloud_core, edge_core = (cfg.cloud_core, cfg.edge_core) if pinned else (None, None)
     n_procs = min(cfg.edge_procs, cfg.sessions)
     logdir = cfg.out / "soak_logs"
-    extra = ["--max-sessions", str(2 * cfg.sessions)]  # headroom: a slot is freed a moment after its stream ends
+    extra = fl.cloud_limits(cfg.sessions, cfg.max_tokens)
     passed = (("--device", cfg.device), ("--dtype", cfg.dtype), ("--batching", cfg.batching))
     extra += [x for flag, v in passed if v for x in (flag, v)]
     with fl.edge_fleet(n_procs, cfg.draft, edge_core, logdir) as fleet, \

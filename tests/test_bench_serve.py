@@ -62,7 +62,7 @@ def test_without_cloud_support_only_off_runs_and_the_report_says_so() -> None:
     configs, note = serve.batching_plan(["on", "off"], False)
     assert configs == ["off"] and "no --batching" in note
     cfg = serve.ServeConfig(sessions=(1, 8), max_batch_tokens=256, max_wait_ms=2.5, device="cuda", dtype="bfloat16")
-    assert serve.cloud_flags(cfg, "on", True) == ["--max-sessions", "16", "--batching", "on", "--max-batch-tokens", "256",
+    assert serve.cloud_flags(cfg, "on", True) == ["--max-sessions", "8", "--max-context", "320", "--batching", "on", "--max-batch-tokens", "256",
                                                   "--max-wait-ms", "2.5", "--device", "cuda", "--dtype", "bfloat16"]
     assert "--batching" not in serve.cloud_flags(cfg, "off", False)
 
