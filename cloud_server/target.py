@@ -40,6 +40,12 @@ class PassOutcome:
     path: tuple[int, ...] = ()  # a token tree: the committed nodes, root to deepest
 
 
+def on_cpu(logits: torch.Tensor) -> torch.Tensor:
+    """The verification maths (sampling, the schemes, the codec) runs on the CPU, as tested, whatever device ran
+    the pass: one copy of the pass's logits [n, V] (0.6 MB a row for Qwen), small beside a GPU pass."""
+    return logits if logits.device.type == "cpu" else logits.cpu()
+
+
 class TargetCache:
     """The target model over one session's KV cache, with the split modes' open residual."""
 
@@ -108,7 +114,7 @@ class TargetCache:
         if self.exit_layer and on_hint is not None and draft_ids:
             def tentative(logits: torch.Tensor) -> None:  # [k+1, V] after the exit layer
                 try:
-                    e = expected_outcome(logits, self.params, self.scheme, draft_ids, run.extras, seed, start)
+                    e = expected_outcome(on_cpu(logits), self.params, self.scheme, draft_ids, run.extras, seed, start)
                 except ValueError as bad:  # the edge's input (e.g. a q(x) outside (0, 1]): the pass's own decide
                     log.debug("no early-exit hint: %s", bad)  # refuses it (INVALID_ARGUMENT); no traceback per batch
                     return
@@ -120,7 +126,7 @@ class TargetCache:
             hinting = self.backend.early_exit(self.exit_layer, len(draft_ids) + 1, tentative)
         with hinting:
             logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)  # [k+1, V]
-        p = process_logits(logits, self.params)
+        p = process_logits(on_cpu(logits), self.params)
         d = self.scheme.decide(p, run.extras, draft_ids, seed, start)
         opened = None
         if d.rejected and d.token is None:  # a split rejection: the edge samples the correction from what we send
@@ -148,7 +154,7 @@ class TargetCache:
                                                          for p in run.parents]
         kv = TreeKV(b) if isinstance(b, HFBackend) else StaticTreeKV(b)
         logits = kv.extend(rest + run.token_ids, parents)[len(rest) - 1:]  # [n+1, V]: the root's row, then each node's
-        walk = verify_coupled_tree(process_logits(logits, self.params), run.token_ids, run.parents, self.params.seed,
+        walk = verify_coupled_tree(process_logits(on_cpu(logits), self.params), run.token_ids, run.parents, self.params.seed,
                                    run.start_pos)
         kv.keep(list(range(len(rest))) + [i + len(rest) for i in walk.path])
         return PassOutcome(len(walk.path), walk.token, walk.rejected, time.perf_counter() - t0, path=walk.path)
@@ -157,7 +163,7 @@ class TargetCache:
     def decode_next(self, committed: list[int]) -> tuple[int, float]:
         """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
         t0 = time.perf_counter()
-        p = process_logits(self.backend.logits_at(committed, len(committed) - 1), self.params)[0]
+        p = process_logits(on_cpu(self.backend.logits_at(committed, len(committed) - 1)), self.params)[0]
         if self.scheme is not None and self.scheme.own_token_is_verdicts:  # coupled: the Gumbel-max token a pass emits
             return gumbel_argmax(p, self.params.seed, len(committed)), time.perf_counter() - t0
         return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0

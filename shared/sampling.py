@@ -69,7 +69,8 @@ def sample_from(probs: torch.Tensor, u: float) -> int:
     total = float(cdf[-1])
     if not total > 0.0:
         raise ValueError("cannot sample from a distribution with no mass")
-    idx = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64), right=True)[0])
+    target = torch.tensor([u * total], dtype=torch.float64, device=cdf.device)  # the row's device: a CUDA cloud's p
+    idx = int(torch.searchsorted(cdf, target, right=True)[0])
     if idx >= probs.shape[-1] or probs[idx] <= 0:
         idx = int(torch.nonzero(probs > 0)[-1])  # u * total rounded up to the last step
     return idx

@@ -111,7 +111,7 @@ def tail_draws(p_row: torch.Tensor, exclude: torch.Tensor, seed: int, pos: int, 
     total = float(cdf[-1])
     if count <= 0 or not total > 0.0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    us = uniforms(seed, pos, Stream.TAIL, start, count) * total
+    us = uniforms(seed, pos, Stream.TAIL, start, count).to(cdf.device) * total
     ids = torch.searchsorted(cdf, us, right=True).clamp(max=p_row.shape[-1] - 1)
     # rounding at the very top can land on a zero entry: move it to the last id with mass
     last = int(torch.nonzero(tail > 0)[-1])

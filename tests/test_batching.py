@@ -25,10 +25,26 @@ def _req(n: int, exit_hook: bool = False) -> _Request:
 
 def test_a_pass_takes_the_oldest_rows_that_fit():
     assert take_batch([_req(4), _req(4), _req(4)], 512) == 3
-    assert take_batch([_req(300), _req(200), _req(100)], 512) == 2   # oldest first: never skips ahead
-    assert take_batch([_req(600), _req(1)], 512) == 1                # a row past the budget still runs, alone
+    assert take_batch([_req(30), _req(20), _req(10)], 50) == 2       # oldest first: never skips ahead
+    assert take_batch([_req(600), _req(1)], 512, 1024) == 1          # a row past the budget still runs, alone
     assert take_batch([_req(1), _req(2, exit_hook=True), _req(1)], 512) == 1
     assert take_batch([_req(2, exit_hook=True), _req(1)], 512) == 1
+    assert take_batch([_req(90), _req(1)], 512, max_shared_row=32) == 1  # a prompt's piece runs alone
+    assert take_batch([_req(1), _req(90), _req(1)], 512, max_shared_row=32) == 1
+    assert take_batch([_req(32), _req(1)], 512, max_shared_row=32) == 2
+
+
+def test_rows_whose_padding_would_run_off_a_slot_run_one_by_one(tiny_target):
+    """A decode row near the end of its slot beside a long row: padded together, the short one would write past
+    the cache (what an H100 reported as an index out of bounds); the engine runs them apart instead."""
+    engine = StaticEngine(tiny_target.model, EngineOptions(slots=3, max_len=100, buckets=(1, 8)))
+    a, b = engine.backend(), engine.backend()
+    seq = torch.randint(3, 64, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    a.prefill(seq[:95])
+    rows = [Row(a.slot, seq[95:96], 95), Row(b.slot, seq[:60], 0)]
+    together = engine.run(rows)
+    torch.testing.assert_close(together[0], HFBackend(tiny_target.model).forward(seq[:96])[-1:], atol=1e-5, rtol=1e-5)
+    assert together[1].shape[0] == 60
 
 
 def test_config_picks_the_engine_and_refuses_what_cannot_work():

@@ -104,3 +104,24 @@ def test_a_tree_row_through_a_graph_equals_linear_forwards():
     ref = HFBackend(model, "cuda")
     ref.forward(prefix + [11, 20, 30])
     assert _rel(be.forward([40])[-1], ref.forward([40])[-1]) < 1e-4
+
+
+def test_a_batch_of_prefill_and_decode_rows_runs_eager_on_cuda():
+    """What failed in cuDNN's attention on an H100 (serve, 16 sessions): 16 rows, prompts of ~90 tokens beside
+    single decode tokens, in one eager pass; each row as it gives alone."""
+    from picospec.shared.engine.model import Row
+
+    model = load_model("random:qwen2.5-0.5b:layers=2", device="cuda", dtype=torch.bfloat16, progress=False).model
+    engine = StaticEngine(model, EngineOptions(slots=17, max_len=320, batch_buckets=(1, 2, 4, 8)))
+    rows = []
+    for i in range(16):
+        be = engine.backend()
+        seq = _ids(120, model.config.vocab_size, 40 + i)
+        if i % 2:
+            be.prefill(seq[:100])
+            rows.append(Row(be.slot, seq[100:101], 100))
+        else:
+            rows.append(Row(be.slot, seq[:80 + i], 0))
+    together = engine.run(rows)
+    for row, got in zip(rows, together):
+        assert torch.isfinite(got).all() and _rel(got, engine.run([row])[0]) < 3e-2

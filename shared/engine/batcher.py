@@ -7,7 +7,9 @@ company: rows that arrive while a pass runs form the next batch, so under load b
 lone session pays no delay. A row's wait is bounded by the pass ahead of it and the rows queued before it;
 `max_wait_s` is that bound's target: each batch's oldest wait is recorded, and the stats count rows past it.
 
-A row with an early-exit hook runs alone (its hook reads one row's hidden state mid-pass). Each row's result is
+A row with an early-exit hook runs alone (its hook reads one row's hidden state mid-pass), and so does a row longer
+than the largest graph bucket (a prompt's piece: the rows of a pass are padded to its longest, and a decode row
+padded to a prompt's length would cost the prompt's pass and could pad past its slot's end). Each row's result is
 its own: rows share matrix products, never keys (each attends only to its own slot), so a session's tokens are
 the ones it would get alone (tests/test_batching.py).
 """
@@ -51,15 +53,21 @@ class _Request:
     error: BaseException | None = None
 
 
-def take_batch(queue: Sequence[_Request], max_tokens: int) -> int:
-    """How many of the queue's oldest requests the next pass takes: at least one; then while the tokens fit;
-    a request with an early-exit hook only ever alone."""
-    if queue[0].row.exit is not None:
+def alone(row: Row, max_shared_row: int) -> bool:
+    """A row that runs in a pass of its own: one with an early-exit hook (it reads one row's hidden state), or one
+    longer than `max_shared_row` (a prompt's piece: every row of a pass is padded to its longest)."""
+    return row.exit is not None or len(row.token_ids) > max_shared_row
+
+
+def take_batch(queue: Sequence[_Request], max_tokens: int, max_shared_row: int = 32) -> int:
+    """How many of the queue's oldest requests the next pass takes: at least one; then while the tokens fit and
+    no row must run alone."""
+    if alone(queue[0].row, max_shared_row):
         return 1
     taken, tokens = 1, len(queue[0].row.token_ids)
     for req in queue[1:]:
         n = len(req.row.token_ids)
-        if req.row.exit is not None or tokens + n > max_tokens:
+        if alone(req.row, max_shared_row) or tokens + n > max_tokens:
             break
         taken, tokens = taken + 1, tokens + n
     return taken
@@ -109,7 +117,7 @@ class Batcher:
                     req.done.set()
                 self._queue.clear()
                 return None
-            n = take_batch(self._queue, self.options.max_batch_tokens)
+            n = take_batch(self._queue, self.options.max_batch_tokens, max(self.engine.options.buckets, default=1))
             batch, self._queue = self._queue[:n], self._queue[n:]
             return batch
 

@@ -122,6 +122,11 @@ class StaticEngine:
         self._slots_lock = threading.Lock()  # slots are taken on the event loop and given back on job threads
         self._exit: ExitHook | None = None  # the running pass's early-exit hook (eager, one row)
         self.graphs: dict[tuple[int, int, int], CapturedPass] = {}  # (rows, bucket, keys read) -> its graph
+        if self.device.type == "cuda":
+            # cuDNN's attention failed ("mha_graph.execute ... is_good()", then a device-side assert) on an H100 for
+            # a batch of prefill and decode rows under a boolean mask; the memory-efficient and math kernels take
+            # any mask. Process-wide: the cloud process runs one engine.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if options.graphs and self.device.type == "cuda":
             self.graphs = capture_all(self)
 
@@ -154,6 +159,8 @@ class StaticEngine:
         hooks = [r.exit for r in rows if r.exit is not None]
         if hooks and len(rows) > 1:
             raise ValueError("a row with an early-exit hook runs alone")
+        if len(rows) > 1 and max(r.start for r in rows) + n > self.cache.length:  # padding would run off a slot
+            return [self.run([r])[0] for r in rows]
         graph = None if hooks else self._graph_for(len(rows), n, max(r.start for r in rows) + n)
         if graph is not None:
             return self._cut(rows, graph(self._padded(rows, graph.rows, graph.size)), graph.size)
