@@ -21,6 +21,7 @@ from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
 from picospec.shared.verify import gumbel_argmax
+from picospec.shared.engine.backend import StaticBackend, StaticTreeKV
 from picospec.shared.tree_cache import TreeKV
 from picospec.shared.trees import ROOT, verify_coupled_tree
 
@@ -129,8 +130,9 @@ class TargetCache:
 
     @property
     def supports_trees(self) -> bool:
-        """Token trees need a transformers DynamicCache to mask and gather (shared/tree_cache.py)."""
-        return isinstance(self.backend, HFBackend)
+        """Token trees need a cache that can mask per node and gather a path: transformers' DynamicCache
+        (shared/tree_cache.py) or a static engine slot (shared/engine/backend.py)."""
+        return isinstance(self.backend, (HFBackend, StaticBackend))
 
     def _verify_tree(self, committed: list[int], run: DraftRun, t0: float) -> PassOutcome:
         """A token tree in one forward pass (tree attention mask), the coupled walk, then the cache keeps only the
@@ -144,7 +146,7 @@ class TargetCache:
         rest = committed[keep:]  # >= 1 token: a chain ahead of the tree, whose last one the tree's roots hang on
         parents = [ROOT] + list(range(len(rest) - 1)) + [len(rest) - 1 if p == ROOT else p + len(rest)
                                                          for p in run.parents]
-        kv = TreeKV(b)
+        kv = TreeKV(b) if isinstance(b, HFBackend) else StaticTreeKV(b)
         logits = kv.extend(rest + run.token_ids, parents)[len(rest) - 1:]  # [n+1, V]: the root's row, then each node's
         walk = verify_coupled_tree(process_logits(logits, self.params), run.token_ids, run.parents, self.params.seed,
                                    run.start_pos)

@@ -80,3 +80,27 @@ def test_batched_rows_in_a_graph_equal_each_row_alone():
     together = graphs.run(rows)
     for row, got in zip(rows, together):
         assert _rel(got, eager.run([row])[0]) < 1e-4
+
+
+def test_a_tree_row_through_a_graph_equals_linear_forwards():
+    """A token tree (shared/trees.py) as one row replaying a graph: each node's logits are those of a linear
+    forward of its path, and after compacting the kept path the slot continues as a linear cache."""
+    from picospec.shared.engine.model import Row
+    from picospec.shared.trees import ROOT, path_to
+
+    model = load_model("random:qwen2.5-0.5b:layers=4", device="cuda", dtype=torch.float32, progress=False).model
+    engine = StaticEngine(model, EngineOptions(slots=2, max_len=600, buckets=(1, 8)))
+    prefix = _ids(200, model.config.vocab_size, 3)
+    tokens, parents = [prefix[-1], 11, 12, 20, 21, 30], [ROOT, 0, 0, 1, 2, 3]
+    be = engine.backend()
+    be.prefill(prefix[:-1])
+    assert engine._graph_for(1, len(tokens), be.length + len(tokens)) is not None
+    logits = engine.run([Row(be.slot, tokens, be.length, 0, None, parents)])[0]
+    for node in range(len(tokens)):
+        ref = HFBackend(model, "cuda").forward(prefix[:-1] + [tokens[i] for i in path_to(parents, node)])[-1]
+        assert _rel(logits[node], ref) < 1e-4, node
+    engine.compact(be.slot, [be.length + i for i in (0, 1, 3, 5)], be.length)
+    be.tokens.extend([prefix[-1], 11, 20, 30])
+    ref = HFBackend(model, "cuda")
+    ref.forward(prefix + [11, 20, 30])
+    assert _rel(be.forward([40])[-1], ref.forward([40])[-1]) < 1e-4

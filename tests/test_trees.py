@@ -192,9 +192,10 @@ RUNS = {"chain4": dict(mode="sync", draft_len=4), "tree8": dict(mode="sync", tre
         "tree16-online": dict(mode="pipeline", tree_budget=16)}
 
 
-async def _generate_all(target, draft, prompt_ids, **cfg) -> dict[str, tuple[list[int], dict]]:
+async def _generate_all(target, draft, prompt_ids, cloud: dict | None = None,
+                        **cfg) -> dict[str, tuple[list[int], dict]]:
     out = {}
-    async with serving(target) as (_, addr), edge(addr, draft, ignore_eos=True, **cfg) as client:
+    async with serving(target, **(cloud or {})) as (_, addr), edge(addr, draft, ignore_eos=True, **cfg) as client:
         for name, kw in RUNS.items():
             gen = client.generate(prompt_ids, **kw)
             out[name] = (await gen.collect(), gen.stats.to_dict())
@@ -418,12 +419,44 @@ def test_reroot_keeps_a_path_and_the_subtree_under_it(tiny_target):
         kv.reroot([0], [3])  # 40 without its parent
 
 
-def test_a_cloud_on_the_static_engine_refuses_trees_clearly(tiny_target):
-    """The static engine's slots cannot be masked per node or gathered: INVALID_ARGUMENT, naming the way out."""
-    async def scenario():
-        async with serving(tiny_target, engine="static") as (_, addr):
-            return await _exchange(addr, [_coupled(tiny_target), _tree(TOKENS, PARENTS)])
+def test_static_engine_tree_rows_match_linear_forwards_and_keep_moves_the_path(tiny_target):
+    """The engine's tree rows (rotary position = depth, ancestors visible) and its compaction of the kept path,
+    against transformers' linear forwards; a second session's chain row in the same pass is unaffected."""
+    from picospec.shared.engine import EngineOptions, StaticEngine
+    from picospec.shared.engine.backend import StaticTreeKV
+    from picospec.shared.engine.model import Row
 
-    replies, err = run(scenario())
-    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, (replies, err)
-    assert "--engine hf" in err.details()
+    model, prefix = tiny_target.model, [5, 9, 13, 2, 7]
+    engine = StaticEngine(model, EngineOptions(slots=3, max_len=64))
+    b, other = engine.backend(), engine.backend()
+    b.forward(prefix[:-1])
+    other.forward([3, 4, 5, 6])
+    kv = StaticTreeKV(b)
+    tree_tokens, tree_parents = [prefix[-1]] + TOKENS, [ROOT] + [0 if p == ROOT else p + 1 for p in PARENTS]
+    logits, chain = engine.run([Row(b.slot, tree_tokens, b.length, 0, None, tree_parents),
+                                Row(other.slot, [8, 9], other.length)])
+    kv.tokens = tree_tokens  # what extend records (the pass above ran the tree with another session's row)
+    for node in range(len(TOKENS)):
+        ref = HFBackend(model).forward(prefix + [TOKENS[i] for i in path_to(PARENTS, node)])[-1]
+        torch.testing.assert_close(logits[node + 1], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chain, HFBackend(model).forward([3, 4, 5, 6, 8, 9])[-2:], atol=1e-4, rtol=1e-4)
+    kv.keep([0, 1, 3, 5])  # the prefix's last token, 11, 20, 30
+    assert b.tokens == prefix + [11, 20, 30]
+    ref = HFBackend(model)
+    ref.forward(prefix + [11, 20, 30])
+    torch.testing.assert_close(b.forward([40]), ref.forward([40]), atol=1e-4, rtol=1e-4)  # linear again
+    with pytest.raises(ValueError, match="once per pass"):
+        kv2 = StaticTreeKV(b)
+        kv2.extend([1], [ROOT])
+        kv2.extend([2], [0])
+
+
+@pytest.mark.parametrize("batching", ["off", "on"])
+def test_trees_on_the_static_engine_emit_what_they_emit_on_transformers(tiny_target, tiny_draft, batching):
+    prompt_ids = tiny_target.tokenizer("the cat")["input_ids"]
+    params = SamplingParams(temperature=1.0, seed=1)
+    ref = _gumbel_reference(tiny_target.model, prompt_ids, 32, params)
+    out = run(_generate_all(tiny_target, tiny_draft, prompt_ids, cloud=dict(engine="static", batching=batching),
+                            max_new_tokens=32, temperature=1.0, seed=1))
+    for name in RUNS:
+        assert out[name][0] == ref, name

@@ -81,3 +81,32 @@ class StaticBackend(PrefixCache):
             yield
         finally:
             self._exit = None
+
+
+class StaticTreeKV:
+    """shared/tree_cache.py's TreeKV for an engine slot: tree nodes appended after the backend's tokens in one pass
+    (a tree row: rotary position = depth, each node sees the prefix, its ancestors and itself), then `keep` moves one
+    root-descending path into line (StaticEngine.compact) and forgets the rest. The pass goes through the backend's
+    `passes`, so with batching a tree shares its pass with other sessions' rows."""
+
+    def __init__(self, backend: StaticBackend) -> None:
+        self.backend = backend
+        self.base = backend.length
+        self.tokens: list[int] = []
+
+    def extend(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+        """Logits [n, V], row i after node i (parents index this call's nodes; ROOT = after the backend's tokens)."""
+        if self.tokens:
+            raise ValueError("a static tree is extended once per pass")
+        b = self.backend
+        logits = b.passes(Row(b.slot, [int(t) for t in tokens], self.base, 0, None, list(parents)))
+        self.tokens = [int(t) for t in tokens]
+        return _fit_width(logits, b.vocab_size)
+
+    def keep(self, path: Sequence[int]) -> None:
+        """Keep the nodes of `path` (root-descending indices) after the backend's tokens; drop the rest."""
+        b = self.backend
+        if list(path) != list(range(len(path))):  # nodes already in place need no move
+            b.engine.compact(b.slot, [self.base + i for i in path], self.base)
+        b.tokens.extend(self.tokens[i] for i in path)
+        self.tokens = []

@@ -1,7 +1,7 @@
 """CUDA graphs of the static engine's passes, one per (rows, bucket, keys read), as gpt-fast's `--compile` captures
 decode. Keys read come in powers of two, so a short sequence does not pay for reading the whole cache.
 
-A captured pass owns static input buffers (ids, positions, slots) and one output buffer; a call copies the inputs
+A captured pass owns static input buffers (a PassInputs) and one output buffer; a call copies the inputs
 in, replays, and returns the output buffer (overwritten by the next replay: callers copy what they keep). All
 graphs share one memory pool, so their activations cost the largest one's memory, not the sum. Capture runs the
 pass on the scratch slot, whose contents nobody reads.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from picospec.shared.engine.model import StaticEngine
+    from picospec.shared.engine.model import PassInputs, StaticEngine
 
 log = logging.getLogger("picospec.engine")
 WARMUP_PASSES = 3  # on a side stream before capture: cuBLAS handles and workspaces exist before the graph records
@@ -24,13 +24,10 @@ WARMUP_PASSES = 3  # on a side stream before capture: cuBLAS handles and workspa
 class CapturedPass:
     def __init__(self, engine: StaticEngine, rows: int, size: int, kv_len: int, pool: object) -> None:
         self.rows, self.size, self.kv_len = rows, size, kv_len
-        device = engine.device
-        self.ids = torch.zeros(rows, size, dtype=torch.long, device=device)                     # [B, n]
-        self.pos = torch.arange(size, device=device).repeat(rows, 1)                            # [B, n]
-        self.slots = torch.full((rows,), engine.scratch, dtype=torch.long, device=device)       # [B]
+        self.inputs = engine._padded([], rows, size)  # static buffers: scratch rows of padding
 
         def pass_() -> torch.Tensor:
-            return engine.forward(self.ids, self.pos, self.slots, kv_len)                       # [B, n, V_own]
+            return engine.forward(self.inputs, kv_len)                                           # [B, n, V_own]
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -42,10 +39,9 @@ class CapturedPass:
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = pass_()
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        self.ids.copy_(ids, non_blocking=True)
-        self.pos.copy_(pos, non_blocking=True)
-        self.slots.copy_(slots, non_blocking=True)
+    def __call__(self, inputs: "PassInputs") -> torch.Tensor:
+        for static, given in zip(self.inputs, inputs):
+            static.copy_(given, non_blocking=True)
         self.graph.replay()
         return self.out
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picospec.shared.engine.graphs import CapturedPass, capture_all
+from picospec.shared.trees import ancestor_mask, depths_of
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 PREFILL_CHUNK = 512  # eager passes longer than this run in pieces: the scores of one piece are [h, 512, L]
@@ -33,14 +34,26 @@ ExitHook = tuple[int, int, Callable[[torch.Tensor], None]]  # (layer, rows, on_l
 
 
 class Row(NamedTuple):
-    """One sequence's part of a pass: tokens at positions start.., logits for the last `num_logits` (0 = all);
-    `exit`: early-exit logits wanted from this row (the pass then runs eager, this row alone)."""
+    """One sequence's part of a pass: tokens at cache positions start.., logits for the last `num_logits` (0 = all);
+    `exit`: early-exit logits wanted from this row (the pass then runs eager, this row alone).
+    `parents`: a token tree (shared/trees.py: ROOT = a child of what is cached before `start`): token i still goes
+    to cache position start + i, but its rotary position is start + its depth, and it sees the cached prefix, its
+    ancestors and itself. StaticEngine.compact then keeps one path."""
 
     slot: int
     token_ids: Sequence[int]
     start: int
     num_logits: int = 0
     exit: ExitHook | None = None
+    parents: Sequence[int] | None = None
+
+
+class PassInputs(NamedTuple):
+    ids: torch.Tensor        # [B, n] token ids
+    pos: torch.Tensor        # [B, n] rotary positions (a tree node's: the row's start + its depth)
+    cache_pos: torch.Tensor  # [B, n] where each token's key and value go in its row's slot: start + i
+    visible: torch.Tensor    # [B, n, n] bool: which of its row's own tokens each token sees (causal, or ancestors)
+    slots: torch.Tensor      # [B] each row's slot
 
 
 class SlotCache:
@@ -143,12 +156,11 @@ class StaticEngine:
             raise ValueError("a row with an early-exit hook runs alone")
         graph = None if hooks else self._graph_for(len(rows), n, max(r.start for r in rows) + n)
         if graph is not None:
-            ids, pos, slots = self._padded(rows, graph.rows, graph.size)
-            return self._cut(rows, graph(ids, pos, slots), graph.size)
-        ids, pos, slots = self._padded(rows, len(rows), n)
+            return self._cut(rows, graph(self._padded(rows, graph.rows, graph.size)), graph.size)
+        inputs = self._padded(rows, len(rows), n)
         self._exit = hooks[0] if hooks else None
         try:
-            logits = self.forward(ids, pos, slots, max(r.start for r in rows) + n, self._keep(rows))
+            logits = self.forward(inputs, max(r.start for r in rows) + n, self._keep(rows))
         finally:
             self._exit = None
         return self._cut(rows, logits, n)
@@ -167,18 +179,28 @@ class StaticEngine:
             k *= 2
         return out + [self.cache.length]
 
-    def _padded(self, rows: Sequence[Row], height: int, width: int) -> tuple[torch.Tensor, ...]:
-        """ids, pos [height, width] and slots [height]: each row's tokens then padding (id 0, positions running on);
-        rows past the real ones are scratch."""
+    def _padded(self, rows: Sequence[Row], height: int, width: int) -> PassInputs:
+        """Each row's tokens then padding (id 0, positions running on, seeing what comes before); rows past the real
+        ones are scratch. A tree row's rotary positions are its depths and its visibility its ancestors."""
         ids = torch.zeros(height, width, dtype=torch.long)
-        pos = torch.arange(width).repeat(height, 1)
+        cache_pos = torch.arange(width).repeat(height, 1)
+        pos = cache_pos.clone()
+        visible = torch.ones(width, width, dtype=torch.bool).tril().repeat(height, 1, 1)
         slots = torch.full((height,), self.scratch, dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, :len(r.token_ids)] = torch.tensor(list(r.token_ids), dtype=torch.long)
+            n = len(r.token_ids)
+            ids[b, :n] = torch.tensor(list(r.token_ids), dtype=torch.long)
+            cache_pos[b] += r.start
             pos[b] += r.start
+            if r.parents is not None:
+                depth = torch.tensor(depths_of(r.parents))
+                pos[b, :n] = r.start + depth
+                pos[b, n:] = r.start + int(depth.max()) + 1 + torch.arange(width - n)
+                visible[b, :n, :n] = ancestor_mask(r.parents)
             slots[b] = r.slot
         ids = torch.where(ids < self.vocab_size, ids, 0)  # an id past the model's own width (padding) is fed as 0
-        return ids.to(self.device), pos.to(self.device), slots.to(self.device)
+        to = self.device
+        return PassInputs(ids.to(to), pos.to(to), cache_pos.to(to), visible.to(to), slots.to(to))
 
     @staticmethod
     def _keep(rows: Sequence[Row]) -> int:
@@ -199,19 +221,33 @@ class StaticEngine:
             out.append(logits[b, end - k:end].to(torch.float32, copy=True))
         return out
 
+    @torch.inference_mode()
+    def compact(self, slot: int, sources: Sequence[int], dest: int) -> None:
+        """Move the keys and values at cache positions `sources` of `slot` to dest, dest + 1, ...: a tree's committed
+        path into line after its pass (a gather, no recompute; the source is read whole before it is written)."""
+        if not sources:
+            return
+        src = torch.tensor(list(sources), dtype=torch.long, device=self.device)
+        for ck, cv in zip(self.cache.keys, self.cache.values):
+            ck[slot, :, dest:dest + len(sources)] = ck[slot, :, src]
+            cv[slot, :, dest:dest + len(sources)] = cv[slot, :, src]
+
     # ------------------------------------------------------------------------------------------------ the model
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int,
-                keep: int = 0) -> torch.Tensor:
-        """Logits [B, keep or n, V_own] in the model's dtype for ids, pos [B, n] over slots [B]; keys past kv_len
-        are not read (a graph reads them all: kv_len = L)."""
-        h = self.body.embed_tokens(ids)                                    # [B, n, H]
-        freqs = pos[..., None].float() * self._inv_freq                    # [B, n, hd / 2]
+    def forward(self, x: PassInputs, kv_len: int, keep: int = 0) -> torch.Tensor:
+        """Logits [B, keep or n, V_own] in the model's dtype; keys past kv_len are not read (a graph's kv_len is
+        its bucket's). Row b's query i sees the keys before the row's first cache position and, of the row's own,
+        those `visible[b, i]` marks. Host-sync free, so the same code runs inside a captured graph."""
+        n = x.ids.shape[1]
+        h = self.body.embed_tokens(x.ids)                                  # [B, n, H]
+        freqs = x.pos[..., None].float() * self._inv_freq                  # [B, n, hd / 2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, n, hd]
         cos = (angles.cos() * self._rope_scale).to(h.dtype)
         sin = (angles.sin() * self._rope_scale).to(h.dtype)
-        mask = (self._key_index[:kv_len] <= pos[..., None])[:, None]       # [B, 1, n, kv_len]
+        rel = self._key_index[:kv_len][None, :] - x.cache_pos[:, :1]       # [B, kv_len]: key index within the row
+        own = x.visible.gather(2, rel.clamp(0, n - 1)[:, None, :].expand(-1, n, -1))  # [B, n, kv_len]
+        mask = ((rel < 0)[:, None, :] | (own & (rel < n)[:, None, :]))[:, None]       # [B, 1, n, kv_len]
         for i, layer in enumerate(self.body.layers):
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, mask, pos, slots, kv_len)
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, mask, x, kv_len)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if self._exit is not None and i + 1 == self._exit[0]:  # eager only: run() takes no graph meanwhile
                 self._exit[2](self.model.lm_head(self.body.norm(h[0, -self._exit[1]:])).float())
@@ -220,13 +256,14 @@ class StaticEngine:
         return self.model.lm_head(self.body.norm(h))                       # [B, keep or n, V_own]
 
     def _attention(self, layer: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+                   mask: torch.Tensor, inputs: PassInputs, kv_len: int) -> torch.Tensor:
         b, n, _ = x.shape
         hd = self.head_dim
         q = attn.q_proj(x).view(b, n, -1, hd).transpose(1, 2)              # [B, h, n, hd]
         k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)              # [B, kvh, n, hd]
         v = attn.v_proj(x).view(b, n, -1, hd)                              # [B, n, kvh, hd]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = self.cache.write_and_read(layer, slots, pos, k.transpose(1, 2), v, kv_len)  # [B, kvh, kv_len, hd]
+        keys, values = self.cache.write_and_read(layer, inputs.slots, inputs.cache_pos, k.transpose(1, 2), v,
+                                                 kv_len)                  # [B, kvh, kv_len, hd]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, h, n, hd]
         return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))          # [B, n, H]
