@@ -5,7 +5,7 @@ on each backend:
   * hf: transformers with its DynamicCache (the cloud's `--engine hf`);
   * eager: the static engine without graphs (shared/engine; the CPU path);
   * graphs: the static engine with CUDA graphs per bucket (CUDA only).
-Then, from those times, the speedup the SPEC §3.5 model predicts (shared/perf_model.py) at the acceptance the real
+Then, from those times, the speedup the performance model (docs/design.md §5) predicts (shared/perf_model.py) at the acceptance the real
 pair measured (by default the `sync` column of the committed fp32 sweep, per prompt): once verification-bound
 (drafting and the network free: what the cloud allows) and once with --draft-ms per draft token and --rtt-ms.
 
@@ -222,7 +222,7 @@ def render(timings: list[Timing], preds: dict[tuple[str, str, str], list[Predict
         vs = f"{e / t.pass_s[1]:.2f}x" if e else "n/a"
         lines.append(f"| {t.target} | {t.dtype} | {t.backend} | "
                      + " | ".join(f"{1e3 * t.pass_s[n]:.2f}" for n in sizes) + f" | {ratio16} | {vs} |")
-    lines += ["", f"Modelled speedup over decoding alone (SPEC §3.5, pipelined, i.i.d. acceptance a, best draft length g "
+    lines += ["", f"Modelled speedup over decoding alone (docs/design.md §5, pipelined, i.i.d. acceptance a, best draft length g "
               f"in brackets): verification-bound (drafting and network free), and with {args.draft_ms:g} ms per draft "
               f"token and {args.rtt_ms:g} ms RTT. Acceptance: {args.acceptance_source}.", "",
               "| target | dtype | backend | prompt | a | verification-bound | with edge |", "|---|---|---|---|---|---|---|"]

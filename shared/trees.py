@@ -1,4 +1,4 @@
-"""Token trees in `coupled` mode (docs/design.md §3.7, SPEC §9): pure helpers, no models, no gRPC.
+"""Token trees in `coupled` mode (docs/design.md §3.7): pure helpers, no models, no gRPC.
 
 A tree is a list of nodes in the order they travel: `tokens[i]` with `parents[i]`, the index of an earlier node, or
 -1 for a child of the root (the committed prefix). Parents come before children, so one pass over the list knows
