@@ -166,3 +166,13 @@ def test_batch_metrics_scraped_over_http_match_the_batcher(tiny_target, tiny_dra
     assert total(s, "picospec_cloud_batch_rows_sum") == stats.rows
     assert total(s, "picospec_cloud_batch_tokens_sum") == stats.tokens
     assert total(s, "picospec_cloud_batch_wait_seconds_count") == stats.passes
+
+
+def test_the_cloud_caps_malloc_arenas_unless_told(monkeypatch):
+    """One thread per session's jobs under batching: glibc's arenas (8 per core) let the cloud's memory creep."""
+    from picospec.cloud_server.cli import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the operator's own setting stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas() is True   # glibc (Debian, the images): mallopt(M_ARENA_MAX, 2) took
