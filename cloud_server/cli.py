@@ -66,7 +66,7 @@ def load_target(config: CloudConfig) -> tuple[LoadedModel, CloudConfig]:
     """The target, and the config the service runs with. With --device-map the weights sit where the map put
     them, and `device` becomes the model's input device (its embedding's, the map's first): the sessions build
     their input ids and their own tensors there, and accelerate's hooks return the logits there too."""
-    mapped = config.device_map != "none"
+    mapped = config.device_mapped
     log.info("loading target %s on %s (%s)", config.target,
              f"device map {config.device_map}" if mapped else config.device, config.dtype)
     target = load_model(config.target, device=config.device, dtype=getattr(torch, config.dtype),

@@ -98,7 +98,7 @@ def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
 
 def uses_static_engine(config: CloudConfig) -> bool:
     """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
-    mapped = config.device_map not in ("", "none")
+    mapped = config.device_mapped
     if (config.engine == "static" or config.batching == "on") and mapped:  # the cache lives on one device
         raise ModelError("the static engine (--engine static, --batching on) keeps the whole KV cache on one device: "
                          "use --engine hf --batching off with --device-map")

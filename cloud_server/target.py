@@ -87,9 +87,7 @@ class TargetCache:
 
     def close(self) -> None:
         """Give back what the backend holds (the static engine's slot); on the model worker, after the last pass."""
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def check_resolved(self, token: int) -> None:
         """Split modes: the edge's correction must come from what we sent (top-K or tail draws)."""
@@ -144,11 +142,7 @@ class TargetCache:
         """A token tree in one forward pass (tree attention mask), the coupled walk, then the cache keeps only the
         committed path: a gather of its entries (shared/tree_cache.py), no recompute."""
         b = self.backend
-        keep = 0
-        limit = min(b.length, len(committed) - 1)  # as logits_at: the newest committed token is fed with the drafts
-        while keep < limit and b.tokens[keep] == committed[keep]:
-            keep += 1
-        b.truncate(keep)
+        keep = b.keep_shared(committed, len(committed) - 1)  # as logits_at: the newest committed token is fed again
         rest = committed[keep:]  # >= 1 token: a chain ahead of the tree, whose last one the tree's roots hang on
         parents = [ROOT] + list(range(len(rest) - 1)) + [len(rest) - 1 if p == ROOT else p + len(rest)
                                                          for p in run.parents]

@@ -77,11 +77,7 @@ class Drafter:
         Cutting by length alone is not enough: a rejected draft sits at a committed position until the next draft
         crops it, and when the generation ends right after the rejection no next draft comes."""
         self._settle_tree(committed)
-        tokens, keep = self.backend.tokens, 0
-        limit = min(len(tokens), len(committed) - 1)
-        while keep < limit and tokens[keep] == committed[keep]:
-            keep += 1
-        self.backend.truncate(keep)
+        self.backend.keep_shared(committed, len(committed) - 1)
 
     @torch.inference_mode()
     def draft(self, committed: Sequence[int], k: int, stream: Stream = Stream.DRAFT) -> DraftResult:

@@ -24,7 +24,8 @@ class ModelBackend(Protocol):
 
 
 class PrefixCache:
-    """What every backend shares: `tokens`, the sequence its cache holds, and `logits_at` over it."""
+    """What every backend shares: `tokens`, the sequence its cache holds; `logits_at` and `keep_shared` over it;
+    `prefill`; the checks of `truncate`. A backend supplies `reset`, `forward` and `_drop_after`."""
 
     tokens: list[int]
 
@@ -32,11 +33,38 @@ class PrefixCache:
     def length(self) -> int:
         return len(self.tokens)
 
+    def reset(self) -> None:
+        raise NotImplementedError
+
     def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
-    def truncate(self, length: int) -> None:
+    def _drop_after(self, length: int) -> None:
+        """Forget the cache's entries from `length` on (`tokens` is cut by `truncate`)."""
         raise NotImplementedError
+
+    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Start a new sequence; return the logits after its last token [V]."""
+        self.reset()
+        return self.forward(token_ids, num_logits=1)[-1]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a {self.length}-token cache to {length}")
+        if length < self.length:
+            self._drop_after(length)
+            del self.tokens[length:]
+
+    def close(self) -> None:
+        """Give back what the backend holds beyond itself (an engine slot); nothing here."""
+
+    def keep_shared(self, sequence: Sequence[int], limit: int) -> int:
+        """Truncate to the longest cached prefix of `sequence`, at most `limit` tokens long; its length."""
+        keep, limit = 0, min(self.length, limit)
+        while keep < limit and self.tokens[keep] == sequence[keep]:
+            keep += 1
+        self.truncate(keep)
+        return keep
 
     def logits_at(self, sequence: Sequence[int], first: int) -> torch.Tensor:
         """Logits [len(sequence) - first, V] at positions first .. len(sequence)-1 of `sequence`.
@@ -45,11 +73,7 @@ class PrefixCache:
         `sequence`, truncating any divergent (stale) suffix first."""
         if not 0 <= first < len(sequence):
             raise ValueError(f"first={first} outside a {len(sequence)}-token sequence")
-        keep = 0
-        limit = min(self.length, first)
-        while keep < limit and self.tokens[keep] == sequence[keep]:
-            keep += 1
-        self.truncate(keep)
+        keep = self.keep_shared(sequence, first)
         return self.forward(sequence[keep:], num_logits=len(sequence) - first)
 
 
@@ -98,11 +122,6 @@ class HFBackend(PrefixCache):
         self.tokens.extend(int(t) for t in token_ids)
         return _fit_width(out.logits[0].float(), self.vocab_size)  # [n or num_logits, V]
 
-    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Start a new sequence; return the logits after its last token [V]."""
-        self.reset()
-        return self.forward(token_ids, num_logits=1)[-1]
-
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
@@ -126,12 +145,8 @@ class HFBackend(PrefixCache):
         finally:
             handle.remove()
 
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a {self.length}-token cache to {length}")
-        if length < self.length:
-            self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5
-            del self.tokens[length:]
+    def _drop_after(self, length: int) -> None:
+        self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5
 
 
 def _fit_width(logits: torch.Tensor, width: int) -> torch.Tensor:

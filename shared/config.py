@@ -90,6 +90,11 @@ class CloudConfig(ServingLimits):
                          "rest are then ended UNAVAILABLE (a second SIGTERM or SIGINT stops at once)")
 
     @property
+    def device_mapped(self) -> bool:
+        """--device-map spreads the target over devices (its weights then are not all on --device)."""
+        return self.device_map not in ("", "none")
+
+    @property
     def offered_modes(self) -> tuple[str, ...]:
         modes = tuple(m.strip() for m in self.verify_modes.split(",") if m.strip())
         unknown = [m for m in modes if m not in VERIFY_MODES]

@@ -50,15 +50,8 @@ class StaticBackend(PrefixCache):
             self.tokens.extend(ids[-k:])
         return _fit_width(logits, self.vocab_size)
 
-    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Start a new sequence; return the logits after its last token [V]."""
-        self.reset()
-        return self.forward(token_ids, num_logits=1)[-1]
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a {self.length}-token cache to {length}")
-        del self.tokens[length:]
+    def _drop_after(self, length: int) -> None:
+        """Nothing: keys past `length` are never read and the next tokens there overwrite them."""
 
     def close(self) -> None:
         """Give the slot back (idempotent)."""

@@ -159,15 +159,16 @@ class StaticEngine:
         hooks = [r.exit for r in rows if r.exit is not None]
         if hooks and len(rows) > 1:
             raise ValueError("a row with an early-exit hook runs alone")
-        if len(rows) > 1 and max(r.start for r in rows) + n > self.cache.length:  # padding would run off a slot
+        keys = max(r.start for r in rows) + n  # keys the pass reads: through the furthest row's padded end
+        if len(rows) > 1 and keys > self.cache.length:  # padding would run off a slot
             return [self.run([r])[0] for r in rows]
-        graph = None if hooks else self._graph_for(len(rows), n, max(r.start for r in rows) + n)
+        graph = None if hooks else self._graph_for(len(rows), n, keys)
         if graph is not None:
             return self._cut(rows, graph(self._padded(rows, graph.rows, graph.size)), graph.size)
         inputs = self._padded(rows, len(rows), n)
         self._exit = hooks[0] if hooks else None
         try:
-            logits = self.forward(inputs, max(r.start for r in rows) + n, self._keep(rows))
+            logits = self.forward(inputs, keys, self._keep(rows))
         finally:
             self._exit = None
         return self._cut(rows, logits, n)
