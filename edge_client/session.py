@@ -57,6 +57,7 @@ class EdgeSession:
 
     async def run(self) -> AsyncIterator[list[int]]:
         prefill: asyncio.Task | None = None
+        finish_recorded = False
         try:
             prefill = await self._open()
             while self.chunks:  # the first token at once, whether or not the draft has finished its prefill
@@ -66,9 +67,12 @@ class EdgeSession:
                 while self.chunks:
                     yield self.chunks.popleft()
                 if self.state.finished is not None:
+                    self.stats.finish(self.state.finished.value)  # the user's last token: the wall time ends here
+                    finish_recorded = True
                     break
                 await self._step()
             await self.transport.done_writing()
+            await self.transport.ended()
         except (ProtocolError, PayloadError) as e:
             raise EdgeError(f"protocol error: {e}") from None
         finally:
@@ -76,7 +80,8 @@ class EdgeSession:
                 prefill.cancel()  # only where the generation ended before the draft's prefill did
             st = self.state
             self.transport.close(cancel=st is None or st.finished is None)
-            self.stats.finish(st.finished.value if st and st.finished else "cancelled")
+            if not finish_recorded:
+                self.stats.finish(st.finished.value if st and st.finished else "cancelled")
             if st is not None:
                 # drafts that were not committed are dead once the generation ends: drop them from the cache (on the
                 # model thread, after any draft still running there)

@@ -65,3 +65,23 @@ def test_a_full_cloud_refuses_with_a_hint_and_the_edge_gets_in_once_a_slot_frees
     assert "server is at its limit of 1 sessions; retry in about" in str(refusal)
     assert tokens == _greedy(tiny_target.model, late_prompt, 16)  # waiting changed nothing in the output
     assert stats.admission_retries >= 2 and stats.admission_wait_s > 0 and stats.finish_reason == "length"
+
+
+def test_back_to_back_generations_find_the_slot_their_last_one_freed(tiny_target, tiny_draft):
+    """A generation returns once the cloud has freed its session (the call's status came), so a client's next one
+    never meets its own previous session at --max-sessions 1: no refusal, no wait. Before, the next Hello could win
+    the race with the cloud's settling and was refused (one CI run in a few)."""
+    prompt = list(tiny_target.tokenizer("again and again")["input_ids"])
+
+    async def scenario():
+        async with serving(tiny_target, max_sessions=1) as (service, addr), \
+                edge(addr, tiny_draft, ignore_eos=True, max_new_tokens=6, admission_wait_s=0) as client:
+            outputs = []
+            for mode in ("sync", "pipeline", "picospec", "sync", "cloud", "pipeline") * 2:
+                gen = client.generate(prompt, mode=mode)
+                outputs.append(await gen.collect())
+                assert service.active_sessions == 0, f"{mode}: the generation returned before its slot came back"
+            return outputs
+
+    outputs = run(scenario())
+    assert all(out == _greedy(tiny_target.model, prompt, 6) for out in outputs)
