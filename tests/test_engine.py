@@ -54,12 +54,20 @@ def test_rows_batched_in_one_pass_equal_each_row_alone(engine):
     seqs = [_seq(80, 1), _seq(30, 2), _seq(50, 3)]
     for be, s in zip((a, b, c), seqs):
         be.prefill(s[:-6])
-    rows = [Row(be.slot, s[len(s) - 6:len(s) - 6 + k], len(s) - 6) for be, s, k in zip((a, b, c), seqs, (1, 4, 6))]
+    rows = [Row(be.slot, s[len(s) - 6:len(s) - 6 + k], len(s) - 6, num_logits=m)
+            for be, s, k, m in zip((a, b, c), seqs, (1, 4, 6), (0, 0, 2))]
     alone = [engine.run([r])[0] for r in rows]
+    packed = []
+    engine._packed = lambda rows, n, pack=engine._packed: packed.append(n) or pack(rows, n)
     together = engine.run(rows)
-    for x, y in zip(alone, together):  # shorter rows were padded to 6 tokens: their padding changed nothing
+    assert packed == [6]  # rows of unequal length: the token-wise work ran on their 11 real tokens, not 3 x 6
+    for x, y in zip(alone, together):  # ...and each row's logits are what it gives alone
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-    assert [t.shape[0] for t in together] == [1, 4, 6]
+    assert [t.shape[0] for t in together] == [1, 4, 2]
+    equal = [Row(be.slot, s[len(s) - 6:len(s) - 3], len(s) - 6) for be, s in zip((a, b, c), seqs)]
+    for x, y in zip([engine.run([r])[0] for r in equal], engine.run(equal)):  # equal lengths: padded path
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert packed == [6]
 
 
 def test_slots_are_bounded_and_given_back(engine):

@@ -166,6 +166,10 @@ class StaticEngine:
         if graph is not None:
             return self._cut(rows, graph(self._padded(rows, graph.rows, graph.size)), graph.size)
         inputs = self._padded(rows, len(rows), n)
+        if sum(len(r.token_ids) for r in rows) < len(rows) * n:  # rows of unequal length: leave the padding out
+            real, wanted = self._packed(rows, n)
+            logits = self.forward(inputs, keys, real=real, wanted=wanted)  # [K, V]
+            return [t.to(torch.float32, copy=True) for t in logits.split([r.num_logits or len(r.token_ids) for r in rows])]
         self._exit = hooks[0] if hooks else None
         try:
             logits = self.forward(inputs, keys, self._keep(rows))
@@ -210,6 +214,17 @@ class StaticEngine:
         to = self.device
         return PassInputs(ids.to(to), pos.to(to), cache_pos.to(to), visible.to(to), slots.to(to))
 
+    def _packed(self, rows: Sequence[Row], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices into a [B * n] padded pass: every row's real tokens [T], and the positions whose logits
+        the rows want [K], row by row (a row's last num_logits, or all of its tokens)."""
+        real, wanted = [], []
+        for b, r in enumerate(rows):
+            length = len(r.token_ids)
+            real.extend(range(b * n, b * n + length))
+            wanted.extend(range(b * n + length - (r.num_logits or length), b * n + length))
+        return (torch.tensor(real, dtype=torch.long, device=self.device),
+                torch.tensor(wanted, dtype=torch.long, device=self.device))
+
     @staticmethod
     def _keep(rows: Sequence[Row]) -> int:
         """Trailing positions whose logits some row needs (0 = all); rows are left-aligned, so count from the end."""
@@ -241,10 +256,16 @@ class StaticEngine:
             cv[slot, :, dest:dest + len(sources)] = cv[slot, :, src]
 
     # ------------------------------------------------------------------------------------------------ the model
-    def forward(self, x: PassInputs, kv_len: int, keep: int = 0) -> torch.Tensor:
+    def forward(self, x: PassInputs, kv_len: int, keep: int = 0, real: torch.Tensor | None = None,
+                wanted: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, keep or n, V_own] in the model's dtype; keys past kv_len are not read (a graph's kv_len is
         its bucket's). Row b's query i sees the keys before the row's first cache position and, of the row's own,
-        those `visible[b, i]` marks. Host-sync free, so the same code runs inside a captured graph."""
+        those `visible[b, i]` marks. Host-sync free, so the same code runs inside a captured graph.
+
+        Packed (eager, rows of unequal length): `real` [T] and `wanted` [K] index the flat [B * n] positions (see
+        _packed). The token-wise work (projections, MLP, LM head: nearly all of a pass) then runs on the T real
+        tokens alone, and the logits are [K, V_own]. Padding still flows through attention, which is per row anyway;
+        its keys land past its row's end, where no real query looks and the row's next pass writes."""
         n = x.ids.shape[1]
         h = self.body.embed_tokens(x.ids)                                  # [B, n, H]
         freqs = x.pos[..., None].float() * self._inv_freq                  # [B, n, hd / 2]
@@ -255,23 +276,48 @@ class StaticEngine:
         own = x.visible.gather(2, rel.clamp(0, n - 1)[:, None, :].expand(-1, n, -1))  # [B, n, kv_len]
         mask = ((rel < 0)[:, None, :] | (own & (rel < n)[:, None, :]))[:, None]       # [B, 1, n, kv_len]
         for i, layer in enumerate(self.body.layers):
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, mask, x, kv_len)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = _add(h, self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, mask, x, kv_len, real),
+                     real)
+            h = _add(h, layer.mlp(layer.post_attention_layernorm(_take(h, real))), real)
             if self._exit is not None and i + 1 == self._exit[0]:  # eager only: run() takes no graph meanwhile
                 self._exit[2](self.model.lm_head(self.body.norm(h[0, -self._exit[1]:])).float())
+        if wanted is not None:
+            return self.model.lm_head(self.body.norm(h.flatten(0, 1).index_select(0, wanted)))  # [K, V_own]
         if keep:
             h = h[:, -keep:]
         return self.model.lm_head(self.body.norm(h))                       # [B, keep or n, V_own]
 
     def _attention(self, layer: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, inputs: PassInputs, kv_len: int) -> torch.Tensor:
+                   mask: torch.Tensor, inputs: PassInputs, kv_len: int, real: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """The layer's attention output, [B, n, H]; packed (`real` [T]): [T, H], for the real tokens alone."""
         b, n, _ = x.shape
         hd = self.head_dim
-        q = attn.q_proj(x).view(b, n, -1, hd).transpose(1, 2)              # [B, h, n, hd]
-        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)              # [B, kvh, n, hd]
-        v = attn.v_proj(x).view(b, n, -1, hd)                              # [B, n, kvh, hd]
+        xs = _take(x, real)                                                # [B, n, H] or [T, H]
+        q = _spread(attn.q_proj(xs), real, b, n).view(b, n, -1, hd).transpose(1, 2)  # [B, h, n, hd]
+        k = _spread(attn.k_proj(xs), real, b, n).view(b, n, -1, hd).transpose(1, 2)  # [B, kvh, n, hd]
+        v = _spread(attn.v_proj(xs), real, b, n).view(b, n, -1, hd)                   # [B, n, kvh, hd]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = self.cache.write_and_read(layer, inputs.slots, inputs.cache_pos, k.transpose(1, 2), v,
                                                  kv_len)                  # [B, kvh, kv_len, hd]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, h, n, hd]
-        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))          # [B, n, H]
+        return attn.o_proj(_take(out.transpose(1, 2).reshape(b, n, -1), real))       # [B, n, H] or [T, H]
+
+
+def _take(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """x [B, n, D] -> its real tokens [T, D] (packed), or x itself (padded)."""
+    return x if real is None else x.flatten(0, 1).index_select(0, real)
+
+
+def _spread(y: torch.Tensor, real: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
+    """The inverse of _take: [T, D] back to [B, n, D], zeros at the padding (y itself when not packed)."""
+    if real is None:
+        return y
+    return y.new_zeros(b * n, y.shape[-1]).index_copy_(0, real, y).view(b, n, -1)
+
+
+def _add(h: torch.Tensor, delta: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """The residual: h + delta, where a packed delta [T, H] updates the real tokens alone (in place)."""
+    if real is None:
+        return h + delta
+    return h.flatten(0, 1).index_add_(0, real, delta).view_as(h)
