@@ -132,7 +132,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
         self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
         self.engine = make_engine(target, config)  # None: each session gets transformers' own cache
-        self.batcher = (Batcher(self.engine, BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3),
+        self.batcher = (Batcher(self.engine, BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3, config.batch_hold),
                                 self.metrics.on_engine_pass)
                         if self.engine is not None and uses_batching(config) else None)
         # batching: each session's jobs on a thread of their own, their passes gathered by the batcher
@@ -211,7 +211,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             if first is None or first.WhichOneof("kind") != "hello":
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Speculate stream must be a Hello")
             spec = validate_hello(first.hello, self.config, self.info, speculative=True)
-            async with self.slots.hold(client_identity(context, self.auth)):
+            async with self.slots.hold(client_identity(context, self.auth)) as held:
                 with self.metrics.session(spec.verify_mode, spec.state) as meter:
                     meter.received(first)
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
@@ -225,6 +225,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                             async for msg in messages:
                                 yield await self._sending(msg, meter)
                     finally:
+                        held.ending()
                         self.live_sessions.discard(session)
                         await self._record(session)
                         await self._close(cache)
@@ -283,7 +284,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         async with self._call(context, f"cloud-only session {sid}"):
             spec = validate_hello(parsed(request), self.config, self.info, speculative=False)
             state = spec.state
-            async with self.slots.hold(client_identity(context, self.auth)):
+            async with self.slots.hold(client_identity(context, self.auth)) as held:
                 with self.metrics.session(CLOUD_ONLY, state) as meter:
                     meter.received(request)
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
@@ -292,6 +293,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                         async for chunk in self._decode_alone(sid, state, cache, meter):
                             yield chunk
                     finally:
+                        held.ending()
                         await self._close(cache)
 
     async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache,

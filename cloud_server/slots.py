@@ -29,6 +29,18 @@ def retry_after_s(mean_session_s: float | None, limit: int) -> float:
 DRAINING = "the cloud is draining (shutting down): it starts no new sessions; retry on another replica"
 
 
+class HeldSlot:
+    """A held slot; `ending()` marks its session as past its last message, only settling before it lets go."""
+
+    def __init__(self, slots: "SessionSlots", client: str) -> None:
+        self.slots, self.client, self.is_ending = slots, client, False
+
+    def ending(self) -> None:
+        if not self.is_ending:
+            self.is_ending = True
+            self.slots.ending[self.client] += 1
+
+
 class SessionSlots:
     def __init__(self, limit: int, per_client: int = 0) -> None:
         self.limit = limit
@@ -36,6 +48,8 @@ class SessionSlots:
         self.active = 0
         self.by_client: collections.Counter[str] = collections.Counter()
         self.session_s = Ewma(0.2)  # how long sessions hold a slot
+        # per client: held slots whose sessions have ended and only settle (milliseconds) before they let go
+        self.ending: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.idle = asyncio.Event()  # set while no slot is held (the drain waits on it)
         self.idle.set()
@@ -45,18 +59,20 @@ class SessionSlots:
         self.draining = True
 
     @contextlib.asynccontextmanager
-    async def hold(self, client: str = "") -> AsyncIterator[None]:
+    async def hold(self, client: str = "") -> AsyncIterator[HeldSlot]:
         """Hold a slot for the body's duration; refuse UNAVAILABLE while draining, and RESOURCE_EXHAUSTED when
-        all are taken, or when `client` already holds its --max-sessions-per-client."""
+        all are taken, or when `client` already holds its --max-sessions-per-client. The refusal's hint is the
+        shortest while a slot it waits for is ending (a client's next generation right after one it cancelled)."""
         if self.draining:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, DRAINING, reason="draining")
+        soon = RETRY_AFTER_BOUNDS_S[0]
         if self.active >= self.limit:
-            hint = retry_after_s(self.session_s.value, self.limit)
+            hint = soon if sum(self.ending.values()) else retry_after_s(self.session_s.value, self.limit)
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"server is at its limit of {self.limit} sessions; retry in about {hint:.1f} s",
                           retry_after_s=hint, reason="limit")
         if self.per_client and self.by_client[client] >= self.per_client:
-            hint = retry_after_s(self.session_s.value, self.per_client)
+            hint = soon if self.ending[client] else retry_after_s(self.session_s.value, self.per_client)
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"client {client!r} is at its limit of {self.per_client} concurrent sessions "
                           f"(--max-sessions-per-client); retry in about {hint:.1f} s", retry_after_s=hint,
@@ -64,10 +80,14 @@ class SessionSlots:
         self.active += 1
         self.by_client[client] += 1
         self.idle.clear()
-        started = time.perf_counter()
+        started, held = time.perf_counter(), HeldSlot(self, client)
         try:
-            yield
+            yield held
         finally:
+            if held.is_ending:
+                self.ending[client] -= 1
+                if not self.ending[client]:
+                    del self.ending[client]
             self.session_s.add(time.perf_counter() - started)
             self.active -= 1
             self.by_client[client] -= 1

@@ -72,6 +72,9 @@ class CloudConfig(ServingLimits):
     max_batch_tokens: int = opt(512, "batching: most tokens in one pass across sessions (a longer row runs alone)")
     max_wait_ms: float = opt(250.0, "batching: a session's work should wait at most this long for a pass; waits "
                              "past it are counted (picospec_cloud_batch_wait_seconds)")
+    batch_hold: float = opt(0.1, "batching: while fewer rows are queued than sessions are open, a free engine waits "
+                            "up to this fraction of its last pass (and --max-wait-ms at most) for the sessions it "
+                            "just served to submit again, so that they share the next pass (0 = never wait)")
     verify_modes: str = opt(",".join(VERIFY_MODES), "verification modes this server offers (comma-separated)")
     residual_top_k: int = opt(10, "split modes: top-K entries of p sent on a rejection, unless the edge asks")
     tail_samples: int = opt(4, "split-exact: tail draws sent with each rejection, unless the edge asks")

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from picospec.cloud_server.slots import RETRY_AFTER_BOUNDS_S, retry_after_s
+from picospec.cloud_server.handshake import Refusal
+from picospec.cloud_server.slots import RETRY_AFTER_BOUNDS_S, SessionSlots, retry_after_s
 from picospec.edge_client.client import EdgeError
 from picospec.edge_client.waiting import admission_delay_s
 from picospec.shared.connection import RETRY_AFTER_KEY
@@ -34,6 +35,35 @@ def test_the_hint_is_read_off_the_trailing_metadata_and_garbage_is_ignored():
     assert retry_hint_s((("other", "1"),)) is None and retry_hint_s(None) is None
     for bad in ("soon", "-5", "1e12"):
         assert retry_hint_s(((RETRY_AFTER_KEY, bad),)) is None
+
+
+def test_a_refusal_while_the_slot_it_waits_for_is_ending_says_retry_at_once():
+    """A client's next generation right after one it cancelled can reach the cloud before the cancelled session
+    has settled: refused, but told to retry in the shortest hint, not in a session's mean duration."""
+    async def refusal(slots: SessionSlots, client: str) -> float:
+        with pytest.raises(Refusal) as refused:
+            async with slots.hold(client):
+                pass
+        return refused.value.retry_after_s
+
+    async def scenario():
+        slots = SessionSlots(1)
+        slots.session_s.add(40.0)  # sessions have lasted 40 s: the usual hint is 5 s
+        async with slots.hold("a") as held:
+            usual = await refusal(slots, "b")
+            held.ending()
+            held.ending()  # idempotent
+            soon = await refusal(slots, "b")
+        per_client = SessionSlots(4, per_client=1)
+        per_client.session_s.add(40.0)
+        async with per_client.hold("a") as held:
+            held.ending()
+            mine = await refusal(per_client, "a")
+        return usual, soon, mine, dict(slots.ending), dict(per_client.ending)
+
+    usual, soon, mine, left, left_per_client = run(scenario())
+    assert usual == RETRY_AFTER_BOUNDS_S[1] and soon == mine == RETRY_AFTER_BOUNDS_S[0]
+    assert left == left_per_client == {}  # released with the slot
 
 
 def _greedy(model, prompt: list[int], n: int) -> list[int]:

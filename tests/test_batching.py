@@ -13,7 +13,7 @@ from picospec.cloud_server.server import uses_batching, uses_static_engine
 from picospec.shared.backend import HFBackend
 from picospec.shared.config import CloudConfig
 from picospec.shared.engine import EngineOptions, StaticEngine
-from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, take_batch
+from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, hold_s, take_batch
 from picospec.shared.engine.model import Row
 from picospec.shared.models import ModelError
 from tests.conftest import edge, run, serving
@@ -32,6 +32,43 @@ def test_a_pass_takes_the_oldest_rows_that_fit():
     assert take_batch([_req(90), _req(1)], 512, max_shared_row=32) == 1  # a prompt's piece runs alone
     assert take_batch([_req(1), _req(90), _req(1)], 512, max_shared_row=32) == 1
     assert take_batch([_req(32), _req(1)], 512, max_shared_row=32) == 2
+
+
+def test_a_free_engine_holds_a_short_while_for_the_sessions_it_just_served():
+    opts = BatchOptions(max_wait_s=0.25, hold=0.1)
+    assert hold_s(1, 1, 0.0, 2.0, opts) == 0.0                     # a lone session never waits
+    assert hold_s(8, 8, 0.0, 2.0, opts) == 0.0                     # every open session is queued: run
+    assert hold_s(3, 8, 0.0, None, opts) == 0.0                    # no pass yet to scale the hold by
+    assert hold_s(3, 8, 0.0, 2.0, opts) == pytest.approx(0.2)      # 0.1 x a 2 s pass
+    assert hold_s(3, 8, 0.15, 2.0, opts) == pytest.approx(0.05)    # ...of which 0.15 s are spent
+    assert hold_s(3, 8, 0.0, 10.0, opts) == pytest.approx(0.25)    # never past max_wait_s
+    assert hold_s(3, 8, 0.3, 2.0, opts) == 0.0
+    assert hold_s(3, 8, 0.0, 2.0, BatchOptions(hold=0.0)) == 0.0   # --batch-hold 0: never
+
+
+def test_with_the_hold_sessions_that_submit_again_at_once_share_every_pass(tiny_target):
+    """Four sessions each run ten passes back to back. The hold (here up to 1 s) lets the engine wait for all four:
+    ten passes of four rows. Without it the first row to come back would start a pass of its own."""
+    engine = StaticEngine(tiny_target.model, EngineOptions(slots=6, max_len=256))
+    batcher = Batcher(engine, BatchOptions(max_wait_s=1.0, hold=1000.0))
+    primer = engine.backend(passes=batcher.submit)
+    primer.prefill(list(range(3, 20)))  # one pass first, so that the hold has a pass time to scale
+    primer.close()
+    backends = [engine.backend(passes=batcher.submit) for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def session(be) -> None:
+        start.wait()
+        for i in range(10):
+            be.forward([3 + i])
+
+    threads = [threading.Thread(target=session, args=(be,)) for be in backends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    batcher.close()
+    assert (batcher.stats.passes, batcher.stats.rows) == (11, 41)  # the primer's pass, then ten of four rows
 
 
 def test_rows_whose_padding_would_run_off_a_slot_run_one_by_one(tiny_target):

@@ -2,10 +2,12 @@
 
 Sessions' model jobs run on threads of their own (cloud_server/worker.py with batching on); when a job needs a pass
 it submits its row here and blocks. The engine thread owns the device: whenever it is free it takes what is
-queued, oldest first, up to `max_batch_tokens` tokens, and runs it as one `StaticEngine.run`. Nothing waits for
-company: rows that arrive while a pass runs form the next batch, so under load batches fill by themselves and a
-lone session pays no delay. A row's wait is bounded by the pass ahead of it and the rows queued before it;
-`max_wait_s` is that bound's target: each batch's oldest wait is recorded, and the stats count rows past it.
+queued, oldest first, up to `max_batch_tokens` tokens, and runs it as one `StaticEngine.run`. Rows that arrive
+while a pass runs form the next batch. When fewer rows are queued than sessions are open, a free engine holds the
+pass a little (a fraction of a pass, `hold_s`) for the sessions its last pass served, which are about to submit
+again; a lone session pays no delay. A row's wait is bounded by the pass ahead of it, that hold and the rows
+queued before it; `max_wait_s` is that bound's target: each batch's oldest wait is recorded, and the stats count
+rows past it.
 
 A row with an early-exit hook runs alone (its hook reads one row's hidden state mid-pass), and so does a row longer
 than the largest graph bucket (a prompt's piece: the rows of a pass are padded to its longest, and a decode row
@@ -29,6 +31,21 @@ from picospec.shared.engine.model import Row, StaticEngine
 class BatchOptions:
     max_batch_tokens: int = 512   # most tokens (padding excluded) in one pass; a longer row still runs, alone
     max_wait_s: float = 0.25      # the target bound on a row's time in the queue (counted when exceeded)
+    hold: float = 0.1             # a free engine waits for company up to this fraction of its last pass (hold_s)
+
+
+def hold_s(queued: int, open_sessions: int, free_for_s: float, last_pass_s: float | None, options: BatchOptions
+           ) -> float:
+    """How much longer a free engine holds its next pass for more rows: 0 runs it now.
+
+    Without a hold the sessions split into groups that alternate: the ones served by a pass need a few ms to
+    turn its logits into a verdict and submit their next rows, and by then the engine has started on the rows that
+    queued meanwhile, so they wait a whole pass for the next. Held for a small part of a pass, they join. It holds
+    only while fewer rows are queued than sessions are open (a lone session never waits), for at most
+    `hold` x the last pass's time and never past `max_wait_s` since the engine became free (`free_for_s` ago)."""
+    if queued >= open_sessions or last_pass_s is None:
+        return 0.0
+    return max(0.0, min(options.hold * last_pass_s, options.max_wait_s) - free_for_s)
 
 
 @dataclass
@@ -84,6 +101,8 @@ class Batcher:
         self._queue: list[_Request] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._free_since = time.perf_counter()  # when the engine last finished a pass
+        self._last_pass_s: float | None = None
         self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
         self._thread.start()
 
@@ -109,8 +128,15 @@ class Batcher:
 
     def _next(self) -> list[_Request] | None:
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
+            while not self._closed:
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                free_for = time.perf_counter() - self._free_since
+                delay = hold_s(len(self._queue), self.engine.slots_in_use, free_for, self._last_pass_s, self.options)
+                if delay <= 0.0:
+                    break
+                self._cond.wait(delay)  # a row submitted meanwhile wakes it to look again
             if self._closed:
                 for req in self._queue:
                     req.error = RuntimeError("the engine's batcher has stopped")
@@ -132,6 +158,8 @@ class Batcher:
             except BaseException as e:  # noqa: BLE001 - handed to every waiting job, which raises it as its own
                 for req in batch:
                     req.error = e
+            self._free_since = time.perf_counter()
+            self._last_pass_s = self._free_since - started
             self._record(batch, waits)
             for req in batch:
                 req.done.set()

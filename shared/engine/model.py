@@ -137,6 +137,11 @@ class StaticEngine:
                 raise RuntimeError(f"all {self.scratch} engine slots are in use")
             return self._free.pop(0)
 
+    @property
+    def slots_in_use(self) -> int:
+        """Session slots held now (each an open session's cache)."""
+        return self.scratch - len(self._free)
+
     def release(self, slot: int) -> None:
         with self._slots_lock:
             if not 0 <= slot < self.scratch or slot in self._free:
