@@ -93,6 +93,8 @@ def test_rows_outside_the_cache_or_on_scratch_are_refused(engine):
         engine.run([Row(slot, [], 0)])
     with pytest.raises(ValueError, match="at most 512 tokens"):
         engine.run([Row(slot, [5] * 513, 0)])
+    with pytest.raises(ValueError, match="cannot give logits for 3"):  # packed, it would read the row before
+        engine.run([Row(slot, [5] * 4, 0), Row(slot, [5, 6], 10, num_logits=3)])
 
 
 def test_graph_choice_is_the_smallest_that_fits(engine):

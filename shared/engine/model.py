@@ -87,6 +87,8 @@ def check_row(r: Row, options: EngineOptions, scratch: int) -> None:
         raise ValueError(f"row of {len(r.token_ids)} tokens at {r.start}: outside the engine's max_len {options.max_len}")
     if len(r.token_ids) > PREFILL_CHUNK:
         raise ValueError(f"a row holds at most {PREFILL_CHUNK} tokens, not {len(r.token_ids)}")
+    if not 0 <= r.num_logits <= len(r.token_ids):
+        raise ValueError(f"a row of {len(r.token_ids)} tokens cannot give logits for {r.num_logits}")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
