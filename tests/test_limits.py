@@ -30,7 +30,7 @@ import torch
 
 from picospec.bench.jitter import Jitter
 from picospec.cloud_server.server import PicoSpecService, message_limit
-from picospec.cloud_server.slots import SessionSlots
+from picospec.cloud_server.slots import HeldSlot, SessionSlots
 from picospec.edge_client.client import EdgeError, Generation
 from picospec.shared.codec import dense_payload_bound, encode_probs
 from picospec.shared.config import CloudConfig
@@ -77,10 +77,10 @@ class ObservedSlots(SessionSlots):
         self.changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def hold(self, client: str = "") -> AsyncIterator[None]:
+    async def hold(self, client: str = "") -> AsyncIterator[HeldSlot]:
         try:
-            async with super().hold(client):
-                yield
+            async with super().hold(client) as held:
+                yield held
         finally:
             async with self.changed:
                 self.changed.notify_all()
