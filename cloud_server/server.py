@@ -132,8 +132,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
         self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
         self.engine = make_engine(target, config)  # None: each session gets transformers' own cache
-        self.batcher = (Batcher(self.engine, BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3, config.batch_hold),
-                                self.metrics.on_engine_pass)
+        batching = BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3, config.batch_hold)
+        self.batcher = (Batcher(self.engine, batching, self.metrics.on_engine_pass)
                         if self.engine is not None and uses_batching(config) else None)
         # batching: each session's jobs on a thread of their own, their passes gathered by the batcher
         self.worker = ModelWorker(threads=config.max_sessions + 1 if self.batcher else 1)

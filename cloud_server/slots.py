@@ -29,6 +29,13 @@ def retry_after_s(mean_session_s: float | None, limit: int) -> float:
 DRAINING = "the cloud is draining (shutting down): it starts no new sessions; retry on another replica"
 
 
+def _decrement(counts: collections.Counter[str], key: str) -> None:
+    """One fewer for `key`, dropping it at zero (the counters list only clients that hold something)."""
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
+
+
 class HeldSlot:
     """A held slot; `ending()` marks its session as past its last message, only settling before it lets go."""
 
@@ -85,14 +92,10 @@ class SessionSlots:
             yield held
         finally:
             if held.is_ending:
-                self.ending[client] -= 1
-                if not self.ending[client]:
-                    del self.ending[client]
+                _decrement(self.ending, client)
             self.session_s.add(time.perf_counter() - started)
             self.active -= 1
-            self.by_client[client] -= 1
-            if not self.by_client[client]:
-                del self.by_client[client]
+            _decrement(self.by_client, client)
             if not self.active:
                 self.idle.set()
 

@@ -176,7 +176,8 @@ class StaticEngine:
         if sum(len(r.token_ids) for r in rows) < len(rows) * n:  # rows of unequal length: leave the padding out
             real, wanted = self._packed(rows, n)
             logits = self.forward(inputs, keys, real=real, wanted=wanted)  # [K, V]
-            return [t.to(torch.float32, copy=True) for t in logits.split([r.num_logits or len(r.token_ids) for r in rows])]
+            per_row = [r.num_logits or len(r.token_ids) for r in rows]
+            return [t.to(torch.float32, copy=True) for t in logits.split(per_row)]
         self._exit = hooks[0] if hooks else None
         try:
             logits = self.forward(inputs, keys, self._keep(rows))
