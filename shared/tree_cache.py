@@ -53,7 +53,7 @@ class TreeKV:
             ids = torch.where(ids < b.own_width, ids, 0)
         positions = torch.tensor(depth, device=b.device) + self.base       # [n]: RoPE position = base + depth
         slots = torch.arange(self.base + old, self.base + old + n, device=b.device)  # [n]: where they land in the cache
-        out = b.model(input_ids=ids, past_key_values=b.cache, use_cache=True, position_ids=positions.unsqueeze(0),
+        out = b.model(input_ids=ids, **{b.cache_keyword: b.cache}, use_cache=True, position_ids=positions.unsqueeze(0),
                       cache_position=slots, attention_mask=mask[None, None].to(b.device))
         self.tokens.extend(int(t) for t in tokens)
         self.parents = all_parents

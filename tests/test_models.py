@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from picospec.shared import models
+from picospec.shared.backend import cache_keyword
 from picospec.shared.models import (BUILTIN_MODELS, BuiltinModel, ModelError, ModelIntegrityError, ModelNotInstalledError,
                            derive_model, load_model, parse_model_name, required_packages)
 
@@ -193,8 +194,8 @@ def test_kv_cache_matches_full_forward(name: str) -> None:
     ids = list(range(3, 20))
     cache = DynamicCache(config=m.config)
     with torch.inference_mode():
-        head = m(torch.tensor([ids[:10]]), past_key_values=cache, use_cache=True).logits[0]
-        tail = m(torch.tensor([ids[10:]]), past_key_values=cache, use_cache=True).logits[0]
+        head = m(torch.tensor([ids[:10]]), **{cache_keyword(m): cache}, use_cache=True).logits[0]
+        tail = m(torch.tensor([ids[10:]]), **{cache_keyword(m): cache}, use_cache=True).logits[0]
     assert cache.get_seq_length() == len(ids)
     cached, full = torch.cat([head, tail]), logits(m, ids)
     if "int8" not in name:
