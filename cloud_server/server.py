@@ -8,7 +8,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -223,6 +223,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     try:
                         async with contextlib.aclosing(self._run(session, spec, request_iterator)) as messages:
                             async for msg in messages:
+                                if spec.state.finished is not None:
+                                    held.ending()  # before the last message: a next Hello waits for this slot
                                 yield await self._sending(msg, meter)
                     finally:
                         held.ending()
@@ -264,19 +266,13 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         return self.engine.backend(passes=self.batcher.submit if self.batcher is not None else None)
 
     async def _close(self, cache: TargetCache) -> None:
-        """Give the session's engine slot back, on the model worker after its last pass (shielded like _record)."""
-        try:
-            await asyncio.shield(self.worker.run(cache.close))
-        except (RuntimeError, asyncio.CancelledError):
-            pass
+        """Give the session's engine slot back, on the model worker after its last pass. Its session slot is given
+        back only after this, so a new session never finds the engine without the slot it was admitted for."""
+        await _despite_cancellation(self.worker.run(cache.close))
 
     async def _record(self, session: CloudSession) -> None:
-        """Keep the session's end state. Shielded: the call may be cancelled while it settles (the edge hung up),
-        and the settling must happen and be recorded regardless."""
-        try:
-            await asyncio.shield(session.record(self.closed_sessions.append))
-        except (RuntimeError, asyncio.CancelledError):  # the worker shut down with the server, or the call ended
-            pass
+        """Keep the session's end state: the settling must happen and be recorded however the call ends."""
+        await _despite_cancellation(session.record(self.closed_sessions.append))
 
     async def CloudGenerate(self, request: pb.Hello, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenChunk]:
         """The baseline: the target decodes alone and streams its tokens, with the coins a bonus token would use."""
@@ -291,6 +287,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                         backend=self._engine_slot())
                     try:
                         async for chunk in self._decode_alone(sid, state, cache, meter):
+                            if chunk.finished:
+                                held.ending()  # before the last message: a next Hello waits for this slot
                             yield chunk
                     finally:
                         held.ending()
@@ -335,6 +333,18 @@ def server_options(config: CloudConfig, vocab_size: int) -> list[tuple[str, int]
     limit = message_limit(config, vocab_size)
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             *server_keepalive_options(config.peer_timeout_s)]
+
+
+async def _despite_cancellation(job: Awaitable[None]) -> None:
+    """Await a session's last job on the model worker to its end, even where the call is cancelled meanwhile (the
+    edge hung up, or cancelled right after its last token): each cancellation is absorbed, so what comes after the
+    job (the slot given back) never overtakes it. A worker shut down with the server ends it (RuntimeError)."""
+    task = asyncio.ensure_future(job)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            await asyncio.shield(task)
+    with contextlib.suppress(RuntimeError, asyncio.CancelledError):
+        task.result()
 
 
 async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio.Server, int]:

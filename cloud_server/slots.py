@@ -15,6 +15,7 @@ from picospec.cloud_server.handshake import Refusal
 from picospec.shared.perf_model import Ewma
 
 RETRY_AFTER_BOUNDS_S = (0.1, 5.0)  # the hint's range: not a busy loop, not a long sleep past a freed slot
+ENDING_WAIT_S = 5.0  # how long a new session waits for a slot whose session is past its last message (settling)
 
 
 def retry_after_s(mean_session_s: float | None, limit: int) -> float:
@@ -34,6 +35,13 @@ def _decrement(counts: collections.Counter[str], key: str) -> None:
     counts[key] -= 1
     if not counts[key]:
         del counts[key]
+
+
+def worth_waiting(full: bool, any_ending: bool, client_full: bool, client_ending: bool) -> bool:
+    """Whether a new session refused now should rather wait: every limit that stops it (the server's, its
+    client's) has a slot whose session is past its last message, which frees once it has settled (milliseconds,
+    up to a model pass in flight)."""
+    return (full or client_full) and (any_ending or not full) and (client_ending or not client_full)
 
 
 class HeldSlot:
@@ -60,6 +68,7 @@ class SessionSlots:
         self.draining = False
         self.idle = asyncio.Event()  # set while no slot is held (the drain waits on it)
         self.idle.set()
+        self.freed = asyncio.Event()  # set (and replaced) each time a slot is given back
 
     def drain(self) -> None:
         """From now on refuse every new session UNAVAILABLE; the ones holding slots go on."""
@@ -68,8 +77,10 @@ class SessionSlots:
     @contextlib.asynccontextmanager
     async def hold(self, client: str = "") -> AsyncIterator[HeldSlot]:
         """Hold a slot for the body's duration; refuse UNAVAILABLE while draining, and RESOURCE_EXHAUSTED when
-        all are taken, or when `client` already holds its --max-sessions-per-client. The refusal's hint is the
-        shortest while a slot it waits for is ending (a client's next generation right after one it cancelled)."""
+        all are taken, or when `client` already holds its --max-sessions-per-client. Where the slot it needs is
+        ending (a client's next generation right after its last one), it waits for it first, at most
+        ENDING_WAIT_S, and a refusal after that hints the shortest retry."""
+        await self._wait_for_ending(client)
         if self.draining:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, DRAINING, reason="draining")
         soon = RETRY_AFTER_BOUNDS_S[0]
@@ -98,6 +109,19 @@ class SessionSlots:
             _decrement(self.by_client, client)
             if not self.active:
                 self.idle.set()
+            self.freed.set()  # wakes the sessions waiting for an ending slot (_wait_for_ending)
+            self.freed = asyncio.Event()
+
+    async def _wait_for_ending(self, client: str) -> None:
+        deadline = time.perf_counter() + ENDING_WAIT_S
+        while not self.draining and worth_waiting(
+                self.active >= self.limit, bool(self.ending), bool(self.per_client) and
+                self.by_client[client] >= self.per_client, bool(self.ending[client])):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.freed.wait(), left)
 
     async def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no slot is held, at most `timeout` seconds; whether none is."""

@@ -383,9 +383,11 @@ class EdgeClient:
                 stats.cloud_s += chunk.decode_s
                 stats.prefill_cloud_s += chunk.prefill_s
                 stats.on_tokens(len(chunk.token_ids))
-                yield list(chunk.token_ids)
                 if chunk.finished:
                     reason = chunk.finish_reason
+                yield list(chunk.token_ids)
+                if reason:
+                    break  # the last token: not waiting for the call's status (the cloud settles on its own)
         except grpc.aio.AioRpcError as e:
             raise call_error(self.config.server, e, self.config.peer_timeout_s) from None
         finally:

@@ -56,8 +56,11 @@ class EdgeSession:
         self.chunks: collections.deque[list[int]] = collections.deque()  # committed tokens not yet yielded
 
     async def run(self) -> AsyncIterator[list[int]]:
+        """The committed tokens, chunk by chunk; the generation ends at its last token. The edge then half-closes the
+        call and goes: the cloud settles the session on its own (and admits the next one into its slot, even at
+        --max-sessions: cloud_server/slots.py), so no one waits here for the call's status."""
         prefill: asyncio.Task | None = None
-        finish_recorded = False
+        half_closed = False
         try:
             prefill = await self._open()
             while self.chunks:  # the first token at once, whether or not the draft has finished its prefill
@@ -67,20 +70,20 @@ class EdgeSession:
                 while self.chunks:
                     yield self.chunks.popleft()
                 if self.state.finished is not None:
-                    self.stats.finish(self.state.finished.value)  # the user's last token: the wall time ends here
-                    finish_recorded = True
                     break
                 await self._step()
+            self.stats.finish(self.state.finished.value)  # the user's last token: the wall time ends here
             await self.transport.done_writing()
-            await self.transport.ended()
+            half_closed = True
         except (ProtocolError, PayloadError) as e:
             raise EdgeError(f"protocol error: {e}") from None
         finally:
             if prefill is not None:
                 prefill.cancel()  # only where the generation ended before the draft's prefill did
             st = self.state
-            self.transport.close(cancel=st is None or st.finished is None)
-            if not finish_recorded:
+            # any other end (cancelled, failed, the consumer gone): the cloud drops the session at once
+            self.transport.close(cancel=not half_closed)
+            if not half_closed:
                 self.stats.finish(st.finished.value if st and st.finished else "cancelled")
             if st is not None:
                 # drafts that were not committed are dead once the generation ends: drop them from the cache (on the
