@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from picospec.bench.ports import free_port
 from picospec.netlab.procs import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,12 +107,6 @@ def pinning_possible() -> bool:
 
 def pin(core: int | None, argv: list[str]) -> list[str]:
     return argv if core is None else ["taskset", "-c", str(core), *argv]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cloud_help() -> str:

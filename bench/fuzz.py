@@ -44,6 +44,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from picospec.bench.fuzz_cases import KINDS, RPCS, Blobs, Case, CloudFacts, build_case
+from picospec.bench.ports import free_port
 from picospec.netlab.procs import stop_process
 from picospec.shared.config import CloudConfig
 
@@ -359,12 +360,6 @@ class HonestSessions:
 
 # ---- the cloud ---------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
 class Cloud:
@@ -387,7 +382,7 @@ class Cloud:
 @contextlib.asynccontextmanager
 async def own_cloud(cfg: FuzzConfig) -> AsyncIterator[Cloud]:
     """A picospec-cloud subprocess on a free loopback port, its log in a temporary file; stopped on exit."""
-    port = _free_port()
+    port = free_port()
     log = Path(tempfile.mkstemp(prefix="picospec-fuzz-cloud-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "picospec.cloud_server.cli", "--target", cfg.target, "--host", "127.0.0.1",
            "--port", str(port), "--max-sessions", str(cfg.max_sessions), *OWN_CLOUD_ARGS]

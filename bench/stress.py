@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from typing import Any, AsyncIterator, Sequence
 import torch
 
 from picospec.bench.jitter import Jitter
+from picospec.bench.ports import free_port
 from picospec.cloud_server.server import PicoSpecService, start_server
 from picospec.edge_client.text import encode_prompt
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
@@ -305,12 +305,6 @@ async def inproc_cloud(target: LoadedModel) -> AsyncIterator[tuple[str, PicoSpec
                 pool.shutdown(wait=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cloud_command(target: str, port: int) -> list[str]:
     exe = Path(sys.executable).with_name("picospec-cloud")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "picospec.cloud_server.cli"]
@@ -332,7 +326,7 @@ async def _wait_for_cloud(proc: subprocess.Popen, client: EdgeClient, log: Path,
 
 @contextlib.asynccontextmanager
 async def procs_cloud(cfg: StressConfig) -> AsyncIterator[tuple[str, Path, subprocess.Popen]]:
-    port = _free_port()
+    port = free_port()
     cfg.out.mkdir(parents=True, exist_ok=True)
     log = cfg.out / "cloud_procs.log"
     with log.open("w") as fh:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from picospec.bench.grid import Column, Condition
+from picospec.bench.ports import free_port
 from picospec.netlab.netns import shaped_link
 from picospec.netlab.procs import stop_process
 from picospec.netlab.shaping import LinkSpec, netns_usable, probe_host
@@ -123,7 +124,7 @@ class Testbed:
             if "ready" not in (ms.stdout.readline() if ms.stdout else ""):
                 raise BenchError("the RTT probe's echo server did not start")
         elif s.port == BenchSettings.port:
-            s.port = _free_port()
+            s.port = free_port()
         cloud_log = self.logdir / "cloud.log"
         cloud_out = self.stack.enter_context(open(cloud_log, "w"))
         cloud = self._popen("cloud", _pin(s.cloud_core, [str(BIN / "picospec-cloud"), "--target", s.target, "--host",
@@ -216,11 +217,3 @@ class Testbed:
             with contextlib.suppress(BenchError):
                 self.shape(self.cond)  # a fresh channel after a failure
         return r
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -5,13 +5,14 @@ import contextlib
 import os
 import queue
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
+
+from picospec.bench.ports import free_port  # noqa: F401 - the tests' import point
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD_START_S = 300.0  # a cold start imports torch and transformers and loads the model: longer on a loaded machine
@@ -59,11 +60,6 @@ def checkout_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it; the socket is closed again on return)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
