@@ -114,14 +114,16 @@ class SessionSlots:
 
     async def _wait_for_ending(self, client: str) -> None:
         deadline = time.perf_counter() + ENDING_WAIT_S
-        while not self.draining and worth_waiting(
-                self.active >= self.limit, bool(self.ending), bool(self.per_client) and
-                self.by_client[client] >= self.per_client, bool(self.ending[client])):
+        while not self.draining and self._stopped_by_ending_slots(client):
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.freed.wait(), left)
+
+    def _stopped_by_ending_slots(self, client: str) -> bool:
+        client_full = bool(self.per_client) and self.by_client[client] >= self.per_client
+        return worth_waiting(self.active >= self.limit, bool(self.ending), client_full, bool(self.ending[client]))
 
     async def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no slot is held, at most `timeout` seconds; whether none is."""
