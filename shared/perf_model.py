@@ -204,9 +204,14 @@ class DraftLenChoice:
     decode_alone: float | None = None      # 1 / the cloud's decode time
 
 
+SPECULATION_MARGIN = 1.1  # speculate only where modelled at least this much faster than the cloud decoding alone
+
+
 def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero: bool, default: int) -> DraftLenChoice:
     """The draft length with the highest modelled rate (per-depth acceptance, pass cost per size as measured); 0
-    (the cloud decodes alone) where speculating would be slower than that and the cloud may decode ahead.
+    (the cloud decodes alone) where speculating would not be SPECULATION_MARGIN faster than that and the cloud may
+    decode ahead: the modelled rate comes from running averages, and a marginal bet on it loses more (a pass that
+    commits little costs up to two decode steps) than it wins.
     `default` until the estimates exist. A longer length is taken only if it is more than 2 % better: a shorter
     batch wastes less when acceptance is misjudged."""
     a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
@@ -220,7 +225,7 @@ def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero:
             best_g, best = g, r
     decode = est.passes.measured(0)
     alone = 1.0 / decode if decode else None
-    if allow_zero and alone is not None and best < alone:
+    if allow_zero and alone is not None and best < alone * SPECULATION_MARGIN:
         return DraftLenChoice(0, alone, best, alone)
     return DraftLenChoice(best_g, best, best, alone)
 
