@@ -73,7 +73,7 @@ class EdgeSession:
                     break
                 await self._step()
             self.stats.finish(self.state.finished.value)  # the user's last token: the wall time ends here
-            await self.transport.done_writing()
+            self.transport.half_close()  # nothing awaited from here on: the generation has ended
             half_closed = True
         except (ProtocolError, PayloadError) as e:
             raise EdgeError(f"protocol error: {e}") from None

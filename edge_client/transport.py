@@ -66,6 +66,16 @@ def went_silent(e: grpc.aio.AioRpcError) -> bool:
     return e.code() is grpc.StatusCode.UNAVAILABLE and ("keepalive" in details or "ping timeout" in details)
 
 
+CORE_INTERNAL = "Internal error from Core"
+
+
+def masked_break(e: grpc.aio.AioRpcError) -> bool:
+    """gRPC asyncio's own INTERNAL status for a write that failed because the stream had just ended: it replaces the
+    real status (grpc/grpc#36066), e.g. UNAVAILABLE when the cloud's process died while the edge was sending. No
+    cloud sends it; it is taken as the break it almost always hides."""
+    return e.code() is grpc.StatusCode.INTERNAL and (e.details() or "") == CORE_INTERNAL
+
+
 def call_error(server: str, e: grpc.aio.AioRpcError, peer_timeout_s: float | None = None) -> EdgeError:
     """What a failed call means to the user, naming the cloud: UNAVAILABLE on an open call is a connection that
     broke (gRPC's code for a closed or reset socket; a cloud that went silent is said so), anything else is the
@@ -73,7 +83,7 @@ def call_error(server: str, e: grpc.aio.AioRpcError, peer_timeout_s: float | Non
     if peer_timeout_s is not None and went_silent(e):
         return CloudLost(f"no answer from the cloud at {server} for {peer_timeout_s:g} s: it stopped answering "
                          "keepalive pings (frozen, overloaded or cut off; --peer-timeout-s)", e.code().name)
-    if e.code() is grpc.StatusCode.UNAVAILABLE:
+    if e.code() is grpc.StatusCode.UNAVAILABLE or masked_break(e):
         return CloudLost(f"lost the connection to the cloud at {server} during the generation: "
                          f"{e.code().name}: {e.details()}", e.code().name)
     return EdgeError(f"cloud at {server} refused or failed the generation: {e.code().name}: {e.details()}",
@@ -194,6 +204,7 @@ class StreamTransport:
         self.server = server  # named in every error, so a user with several clouds knows which one failed
         self.peer_timeout_s = peer_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue()
+        self.closing: asyncio.Future | None = None  # the half-close's write (half_close)
         self.pump = asyncio.create_task(self._pump())
 
     def has_news(self) -> bool:
@@ -223,8 +234,12 @@ class StreamTransport:
                 raise ProtocolError(f"expected {' or '.join(expected)}, got {kind}")
             return msg
 
-    async def done_writing(self) -> None:
-        """Half-close: the edge sends nothing more. The cloud may have ended the call already; that is no error."""
+    def half_close(self) -> None:
+        """The edge sends nothing more. Not awaited: the generation ends at its last token (the write of the
+        half-close goes on in the background; the cloud may have ended the call already, which is no error)."""
+        self.closing = asyncio.ensure_future(self._done_writing())
+
+    async def _done_writing(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await self.call.done_writing()
 

@@ -13,9 +13,11 @@ import contextlib
 import time
 from typing import Iterator
 
+import grpc
 import pytest
 
 from picospec.edge_client.resume import finished_before_break, gave_up_message, resume_plan
+from picospec.edge_client.transport import CORE_INTERNAL, CloudLost, call_error
 from picospec.edge_client.waiting import WaitProgress
 from tests.conftest import edge, run, serving
 from tests.proc_util import cloud_process, free_port
@@ -24,6 +26,19 @@ START_TIMEOUT_S = 120
 STEP_S = 60.0
 TOKENS_BEFORE_KILL = 8
 NEW_TOKENS = 120  # far more than the cloud commits between the 8th token and the kill
+
+
+def test_grpc_asyncios_masked_status_for_a_write_into_a_broken_stream_counts_as_a_break():
+    """A killed cloud surfaces as UNAVAILABLE, or, when the edge was writing just then, as gRPC asyncio's own
+    "INTERNAL: Internal error from Core" (grpc/grpc#36066): both are a lost connection, which the edge resumes. A
+    cloud's own INTERNAL is not."""
+    def status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    assert isinstance(call_error("c:1", status(grpc.StatusCode.UNAVAILABLE, "Socket closed")), CloudLost)
+    assert isinstance(call_error("c:1", status(grpc.StatusCode.INTERNAL, CORE_INTERNAL)), CloudLost)
+    own = call_error("c:1", status(grpc.StatusCode.INTERNAL, "the verifier failed: boom"))
+    assert not isinstance(own, CloudLost) and own.status == "INTERNAL"
 
 
 def test_resume_plan_extends_the_prompt_and_spends_the_rest_of_the_budget():
