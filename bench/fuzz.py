@@ -360,7 +360,6 @@ class HonestSessions:
 
 # ---- the cloud ---------------------------------------------------------------------------------------------------
 
-
 @dataclass
 class Cloud:
     address: str

@@ -22,8 +22,8 @@ def free_port() -> int:
     bind or an outgoing connection (those come from the ephemeral range): a port the OS chose and this closed again
     can be handed to the next port-0 server in the same test before ours binds it (CI saw exactly that). Never the
     same port twice in one run."""
-    low, _ = _ephemeral_range()
-    first, last = (10000, low - 1) if low > 11000 else (_ephemeral_range()[1] + 1, 65535)
+    low, high = _ephemeral_range()
+    first, last = (10000, low - 1) if low > 11000 else (high + 1, 65535)
     rng = random.Random()
     for _ in range(1000):
         port = rng.randint(first, last)

@@ -60,8 +60,6 @@ def checkout_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-
-
 @contextlib.contextmanager
 def cloud_process(target: str, *args: str, start_s: float = CLOUD_START_S,
                   port: int = 0) -> Iterator[tuple[subprocess.Popen[str], str]]:
