@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from picospec.shared.protocol import FinishReason, SessionState
+
+if TYPE_CHECKING:
+    from picospec.shared.engine.batcher import PassRecord
 
 log = logging.getLogger("picospec.cloud")
 
@@ -143,6 +146,10 @@ class CloudMetrics:
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.batch_wait = Histogram(PREFIX + "batch_wait_seconds", "the longest wait of a pass's rows for the engine",
                                     buckets=SECONDS_BUCKETS, registry=r)
+        self.batch_pass = Histogram(PREFIX + "batch_pass_seconds", "wall time of one model pass", buckets=SECONDS_BUCKETS,
+                                    registry=r)
+        self.batch_pass_cpu = Histogram(PREFIX + "batch_pass_cpu_seconds", "the engine thread's CPU time in one model "
+                                        "pass", buckets=SECONDS_BUCKETS, registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on host:port (prometheus_client's own HTTP server, a daemon thread)."""
@@ -159,12 +166,14 @@ class CloudMetrics:
             self.http.server_close()
             self.http = None
 
-    def on_engine_pass(self, rows: int, tokens: int, oldest_wait_s: float) -> None:
+    def on_engine_pass(self, p: PassRecord) -> None:
         """The batcher's observer (shared/engine/batcher.py), called on its thread (prometheus_client is thread-safe)."""
         if self.enabled:
-            self.batch_rows.observe(rows)
-            self.batch_tokens.observe(tokens)
-            self.batch_wait.observe(oldest_wait_s)
+            self.batch_rows.observe(p.rows)
+            self.batch_tokens.observe(p.tokens)
+            self.batch_wait.observe(p.oldest_wait_s)
+            self.batch_pass.observe(p.pass_s)
+            self.batch_pass_cpu.observe(p.cpu_s)
 
     def on_refused(self, reason: str) -> None:
         if self.enabled:

@@ -22,7 +22,7 @@ from picospec.cloud_server.metrics import REFUSAL_REASONS, SHUTDOWN, CloudMetric
 from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecord
 from picospec.cloud_server.slots import SessionSlots
 from picospec.cloud_server.target import TargetCache
-from picospec.cloud_server.worker import ModelWorker
+from picospec.cloud_server.worker import Lane, ModelWorker
 from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
 from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
@@ -112,13 +112,29 @@ def uses_batching(config: CloudConfig) -> bool:
     return config.batching == "on" or (config.batching == "auto" and uses_static_engine(config))
 
 
+MAX_GRAPH_ROWS = 64     # the widest batch captured as a CUDA graph; wider ones run eager
+MAX_GRAPH_TOKENS = 256  # ... and no graph pads more tokens than this (rows x bucket): each keeps its own logits
+
+
+def graph_rows(max_sessions: int, batching: bool) -> tuple[int, ...]:
+    """Rows per captured pass: powers of two up to the first that holds every session (at most MAX_GRAPH_ROWS), so
+    a batch of any size the cloud admits replays a graph (8 sessions: 1, 2, 4, 8; 24: up to 32); 1 without
+    batching."""
+    if not batching:
+        return (1,)
+    rows = [1]
+    while rows[-1] < min(max_sessions, MAX_GRAPH_ROWS):
+        rows.append(rows[-1] * 2)
+    return tuple(rows)
+
+
 def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | None:
     """The static engine where the config asks for it, one slot per session --max-sessions allows."""
     if not uses_static_engine(config):
         return None
-    batch_rows = (1, 2, 4, 8) if uses_batching(config) else (1,)  # captured on CUDA; wider batches run eager
     options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda",
-                            batch_buckets=tuple(b for b in batch_rows if b <= config.max_sessions))
+                            batch_buckets=graph_rows(config.max_sessions, uses_batching(config)),
+                            max_graph_tokens=MAX_GRAPH_TOKENS)
     return StaticEngine(target.model, options)
 
 
@@ -135,8 +151,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         batching = BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3, config.batch_hold)
         self.batcher = (Batcher(self.engine, batching, self.metrics.on_engine_pass)
                         if self.engine is not None and uses_batching(config) else None)
-        # batching: each session's jobs on a thread of their own, their passes gathered by the batcher
-        self.worker = ModelWorker(threads=config.max_sessions + 1 if self.batcher else 1)
+        # batching: each session's jobs on a thread of their own (its lane), their passes gathered by the batcher
+        self.worker = ModelWorker(thread_per_session=self.batcher is not None)
         self.slots = SessionSlots(config.max_sessions, config.max_sessions_per_client)
         # None: no tokens asked for (every caller may call); reloaded by the CLI on SIGHUP
         self.auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
@@ -217,7 +233,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
                                         spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold,
                                         self._engine_slot())
-                    session = CloudSession(sid, spec, cache, self.worker, self.config, self.info.vocab_size,
+                    lane = self.worker.lane()
+                    session = CloudSession(sid, spec, cache, lane, self.config, self.info.vocab_size,
                                            self.hooks, meter)
                     self.live_sessions.add(session)
                     try:
@@ -230,7 +247,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                         held.ending()
                         self.live_sessions.discard(session)
                         await self._record(session)
-                        await self._close(cache)
+                        await self._close(cache, lane)
 
     async def _run(self, session: CloudSession, spec: SessionSpec,
                    request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
@@ -265,10 +282,14 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             return None
         return self.engine.backend(passes=self.batcher.submit if self.batcher is not None else None)
 
-    async def _close(self, cache: TargetCache) -> None:
-        """Give the session's engine slot back, on the model worker after its last pass. Its session slot is given
-        back only after this, so a new session never finds the engine without the slot it was admitted for."""
-        await _despite_cancellation(self.worker.run(cache.close))
+    async def _close(self, cache: TargetCache, lane: Lane) -> None:
+        """Give the session's engine slot back, on its lane after its last pass (one the call's end left running
+        included), and end the lane. Its session slot is given back only after this, so a new session never finds
+        the engine without the slot it was admitted for."""
+        try:
+            await _despite_cancellation(lane.run(cache.close))
+        finally:
+            lane.close()
 
     async def _record(self, session: CloudSession) -> None:
         """Keep the session's end state: the settling must happen and be recorded however the call ends."""
@@ -285,33 +306,45 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     meter.received(request)
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
                                         backend=self._engine_slot())
+                    lane = self.worker.lane()
                     try:
-                        async for chunk in self._decode_alone(sid, state, cache, meter):
-                            if chunk.finished:
-                                held.ending()  # before the last message: a next Hello waits for this slot
-                            yield chunk
+                        async with contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks:
+                            async for chunk in chunks:
+                                if chunk.finished:
+                                    held.ending()  # before the last message: a next Hello waits for this slot
+                                yield chunk
                     finally:
                         held.ending()
-                        await self._close(cache)
+                        await self._close(cache, lane)
 
-    async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache,
+    async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache, lane: Lane,
                             meter: SessionMeter) -> AsyncIterator[pb.TokenChunk]:
-        """CloudGenerate after its slot: prefill, then one decode step per token, each streamed."""
-        prefill_s = await self.worker.run(cache.prefill, list(state.tokens))
+        """CloudGenerate after its slot: prefill, then one decode step per token, each streamed.
+
+        The next token's step is queued before this token's chunk is written, so the model never waits for a write
+        (with batching, a session whose row missed a pass would wait a whole pass). A step the call's end leaves
+        running still ends before the cache's close (the lane runs them in order); its result is dropped."""
+        prefill_s = await lane.run(cache.prefill, list(state.tokens))
         log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids),
                  prefill_s)
-        while state.finished is None:
-            if self.shutdown_refusal is not None:
-                raise self.shutdown_refusal
-            token, dt = await self.worker.run(cache.decode_next, list(state.tokens))
-            c = state.commit((), 0, token, rejected=False)
-            meter.committed(len(state.generated))
-            chunk = pb.TokenChunk(
-                token_ids=list(c.new_tokens), committed_len=state.committed_len,
-                finished=c.finished is not None, finish_reason=c.finished.value if c.finished else "",
-                decode_s=dt, prefill_s=prefill_s if len(state.generated) == 1 else 0.0)
-            meter.sent(chunk)
-            yield chunk
+        step = asyncio.ensure_future(lane.run(cache.decode_next, list(state.tokens)))
+        try:
+            while state.finished is None:
+                if self.shutdown_refusal is not None:
+                    raise self.shutdown_refusal
+                token, dt = await step
+                c = state.commit((), 0, token, rejected=False)
+                if state.finished is None:
+                    step = asyncio.ensure_future(lane.run(cache.decode_next, list(state.tokens)))
+                meter.committed(len(state.generated))
+                chunk = pb.TokenChunk(
+                    token_ids=list(c.new_tokens), committed_len=state.committed_len,
+                    finished=c.finished is not None, finish_reason=c.finished.value if c.finished else "",
+                    decode_s=dt, prefill_s=prefill_s if len(state.generated) == 1 else 0.0)
+                meter.sent(chunk)
+                yield chunk
+        finally:
+            step.cancel()  # its job still runs to its end on the lane; no one will read its outcome
 
 
 # protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and

@@ -5,7 +5,8 @@
                with nothing to verify and decode-ahead on, decode a token alone and send that instead
     stream():  yields the outbox to the gRPC handler until the session ends (or raises what went wrong)
 
-Both tasks run on the event loop and touch the model only through the worker (cloud_server/worker.py).
+Both tasks run on the event loop and touch the model only through the session's lane of the model worker
+(cloud_server/worker.py): its jobs run one at a time, in order, even those whose awaiting task was cancelled.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from picospec.cloud_server.drafts import DraftQueue, DraftRun
 from picospec.cloud_server.handshake import Refusal, SessionSpec
 from picospec.cloud_server.metrics import SessionMeter
 from picospec.cloud_server.target import TargetCache
-from picospec.cloud_server.worker import ModelWorker
+from picospec.cloud_server.worker import Lane
 from picospec.shared.config import CloudConfig
 from picospec.shared.early_exit import ExpectedOutcome
 from picospec.shared.perf_model import Ewma
@@ -61,9 +62,9 @@ def waits_for(state: SessionState) -> str:
 
 
 class CloudSession:
-    def __init__(self, sid: str, spec: SessionSpec, cache: TargetCache, worker: ModelWorker, limits: CloudConfig,
+    def __init__(self, sid: str, spec: SessionSpec, cache: TargetCache, lane: Lane, limits: CloudConfig,
                  vocab_size: int, hooks: "CloudHooks | None" = None, meter: SessionMeter | None = None) -> None:
-        self.sid, self.cache, self.worker, self.limits, self.vocab_size = sid, cache, worker, limits, vocab_size
+        self.sid, self.cache, self.lane, self.limits, self.vocab_size = sid, cache, lane, limits, vocab_size
         self.hooks = hooks
         self.meter = meter if meter is not None else SessionMeter()  # the metrics (a no-op one when they are off)
         self.queued_since: float | None = None  # admission of the oldest batch not yet taken into a pass
@@ -83,8 +84,8 @@ class CloudSession:
     async def prefill(self, first_token: bool) -> tuple[float, int | None]:
         """Cache the prompt; with `first_token`, also decode and commit the first token in the same pass."""
         if not first_token:
-            return await self.worker.run(self.cache.prefill, list(self.state.tokens)), None
-        token, seconds = await self.worker.run(self.cache.prefill_with_first_token, list(self.state.tokens))
+            return await self.lane.run(self.cache.prefill, list(self.state.tokens)), None
+        token, seconds = await self.lane.run(self.cache.prefill_with_first_token, list(self.state.tokens))
         self.queue.commit_own(token)
         self.meter.committed(len(self.state.generated))
         return seconds, token
@@ -112,7 +113,7 @@ class CloudSession:
             self.cache.settle(self.state.committed_len)
             sink(SessionRecord(self.sid, list(self.state.tokens), list(self.cache.backend.tokens),
                                self.queue.dead_chains))
-        await self.worker.run(settle)
+        await self.lane.run(settle)
 
     def describe(self) -> dict[str, object]:
         """The protocol state as the cloud sees it (logged when an edge hangs up, e.g. on a stall it detected)."""
@@ -159,7 +160,7 @@ class CloudSession:
             return  # stale: asked before a verdict the edge had not yet seen
         if tr.epoch > st.epoch:
             raise ProtocolError(f"tail request from future epoch {tr.epoch} (current {st.epoch})")
-        payload = await self.worker.run(self.cache.more_tail, tr.position, tr.have, st.committed_len)
+        payload = await self.lane.run(self.cache.more_tail, tr.position, tr.have, st.committed_len)
         self.outbox.put_nowait(pb.CloudMessage(tail=pb.TailSamples(epoch=tr.epoch, position=tr.position, payload=payload)))
 
     async def _admit(self, b: pb.DraftBatch) -> None:
@@ -248,7 +249,7 @@ class CloudSession:
         committed = list(self.state.tokens)
         started = self.decoding_since = time.perf_counter()
         try:
-            token, dt = await self.worker.run(self.cache.decode_next, committed)
+            token, dt = await self.lane.run(self.cache.decode_next, committed)
         finally:
             ended = time.perf_counter()
             waited = ended - self.arrived_while_decoding if self.arrived_while_decoding else 0.0
@@ -259,12 +260,12 @@ class CloudSession:
             return  # the edge's correction arrived meanwhile: this token is not at the front
         self.queue.commit_own(token)
         self.meter.on_decode_ahead()
-        await self.worker.run(self.cache.settle, st.committed_len)
+        await self.lane.run(self.cache.settle, st.committed_len)
         self._verdict(len(committed), 0, 0, token, False, dt, waited_s=waited)
 
     async def _pass(self, run: DraftRun) -> None:
         queued_since, self.queued_since = self.queued_since, (time.perf_counter() if self.queue.pending else None)
-        out = await self.worker.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
+        out = await self.lane.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
         pass_started = time.perf_counter() - out.compute_s  # after any wait behind other sessions' model work
         c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected, out.path)
         if self.queue.pending is None:
@@ -275,7 +276,7 @@ class CloudSession:
                            pass_started - queued_since if queued_since is not None else 0.0)
         if self.state.awaiting_resolution:
             self.cache.open_rejection = out.rejection
-        await self.worker.run(self.cache.settle, self.state.committed_len)
+        await self.lane.run(self.cache.settle, self.state.committed_len)
         self._verdict(run.start_pos, len(run.token_ids), c.accepted, c.token, c.rejected, out.compute_s,
                       out.rejection.payload if out.rejection else None, run.epoch, path=out.path[: c.accepted])
 

@@ -157,7 +157,10 @@ class TargetCache:
     def decode_next(self, committed: list[int]) -> tuple[int, float]:
         """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
         t0 = time.perf_counter()
-        p = process_logits(on_cpu(self.backend.logits_at(committed, len(committed) - 1)), self.params)[0]
+        logits = self.backend.logits_at(committed, len(committed) - 1)  # [1, V], on the pass's device
+        if self.params.greedy:  # p is one-hot at the argmax, so every draw from it is that token: no V-wide work
+            return int(logits[0].argmax()), time.perf_counter() - t0
+        p = process_logits(on_cpu(logits), self.params)[0]
         if self.scheme is not None and self.scheme.own_token_is_verdicts:  # coupled: the Gumbel-max token a pass emits
             return gumbel_argmax(p, self.params.seed, len(committed)), time.perf_counter() - t0
         return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0

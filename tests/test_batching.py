@@ -9,11 +9,13 @@ import threading
 import pytest
 import torch
 
-from picospec.cloud_server.server import uses_batching, uses_static_engine
+from picospec.cloud_server.target import TargetCache
+from picospec.cloud_server.server import MAX_GRAPH_ROWS, graph_rows, uses_batching, uses_static_engine
 from picospec.shared.backend import HFBackend
 from picospec.shared.config import CloudConfig
 from picospec.shared.engine import EngineOptions, StaticEngine
 from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, hold_s, take_batch
+from picospec.shared.engine.graphs import capture_plan
 from picospec.shared.engine.model import Row
 from picospec.shared.models import ModelError
 from tests.conftest import edge, run, serving
@@ -93,6 +95,24 @@ def test_config_picks_the_engine_and_refuses_what_cannot_work():
         uses_static_engine(CloudConfig(batching="on", engine="hf"))
     with pytest.raises(ModelError, match="one device"):
         uses_static_engine(CloudConfig(batching="on", device_map="auto"))
+
+
+def test_every_batch_the_cloud_admits_has_a_graph_of_its_width():
+    assert graph_rows(8, batching=True) == (1, 2, 4, 8)
+    assert graph_rows(5, batching=True) == (1, 2, 4, 8)       # 5 rows replay the 8-row graph, padded
+    assert graph_rows(24, batching=True) == (1, 2, 4, 8, 16, 32)
+    assert graph_rows(1, batching=True) == (1,)
+    assert graph_rows(500, batching=True)[-1] == MAX_GRAPH_ROWS  # wider batches run eager
+    assert graph_rows(64, batching=False) == (1,)
+
+
+def test_the_capture_plan_leaves_out_passes_past_the_token_cap_largest_first():
+    every = capture_plan((1, 4, 16), (1, 8, 32), (512, 1024))
+    assert len(every) == 3 * 3 * 2 and every[0] == (16, 32, 1024) and every[-1] == (1, 1, 512)
+    capped = capture_plan((1, 4, 16), (1, 8, 32), (512, 1024), max_tokens=64)
+    assert set(capped) == {k for k in every if k[0] * k[1] <= 64}
+    assert (16, 8, 512) not in capped and (16, 1, 512) in capped and (1, 32, 1024) in capped
+    assert capped == sorted(capped, reverse=True)
 
 
 def test_rows_queued_behind_a_pass_run_together_and_each_gets_its_own(tiny_target):
@@ -203,6 +223,10 @@ def test_batch_metrics_scraped_over_http_match_the_batcher(tiny_target, tiny_dra
     assert total(s, "picospec_cloud_batch_rows_sum") == stats.rows
     assert total(s, "picospec_cloud_batch_tokens_sum") == stats.tokens
     assert total(s, "picospec_cloud_batch_wait_seconds_count") == stats.passes
+    assert total(s, "picospec_cloud_batch_pass_seconds_count") == stats.passes
+    assert total(s, "picospec_cloud_batch_pass_seconds_sum") == pytest.approx(stats.busy_s) and stats.busy_s > 0
+    assert total(s, "picospec_cloud_batch_pass_cpu_seconds_sum") == pytest.approx(stats.cpu_s) and stats.cpu_s > 0
+    assert stats.cpu_s <= stats.busy_s * 1.05 + 0.01  # one thread's CPU time cannot outrun the wall clock
 
 
 def test_the_cloud_caps_malloc_arenas_unless_told(monkeypatch):
@@ -213,3 +237,63 @@ def test_the_cloud_caps_malloc_arenas_unless_told(monkeypatch):
     assert limit_malloc_arenas() is False  # the operator's own setting stands
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert limit_malloc_arenas() is True   # glibc (Debian, the images): mallopt(M_ARENA_MAX, 2) took
+
+
+@pytest.mark.parametrize("mode, step_name, held_call", [("cloud", "decode_next", 3), ("sync", "verify_run", 2)])
+def test_a_call_ended_with_a_step_in_flight_closes_its_cache_after_that_step(tiny_target, tiny_draft, monkeypatch,
+                                                                             mode, step_name, held_call):
+    """With batching each session's jobs run on a thread of their own, and a call can end while one of them runs:
+    the edge hangs up mid-pass (sync), or mid-step of the next token, which CloudGenerate queues before it writes the
+    current one (cloud). The session's settling and its cache's close (its engine slot given back) must wait for
+    that job, never run beside it or before it (the lane: cloud_server/worker.py)."""
+    events: list[str] = []
+    step_held, let_go = threading.Event(), threading.Event()
+    step, settle, close = getattr(TargetCache, step_name), TargetCache.settle, TargetCache.close
+
+    def held_step(cache, *args):
+        events.append("step")
+        if events.count("step") == held_call:  # the edge hangs up meanwhile
+            step_held.set()
+            let_go.wait(30)
+        out = step(cache, *args)
+        events.append("step done")
+        return out
+
+    def recorded(name, method):
+        def call(cache, *args):
+            events.append(name)
+            return method(cache, *args)
+        return call
+
+    monkeypatch.setattr(TargetCache, step_name, held_step)
+    monkeypatch.setattr(TargetCache, "settle", recorded("settle", settle))
+    monkeypatch.setattr(TargetCache, "close", recorded("close", close))
+    prompt = list(tiny_target.tokenizer("hang up early")["input_ids"])
+
+    async def scenario():
+        async with serving(tiny_target, batching="on", max_sessions=2) as (service, addr), \
+                edge(addr, tiny_draft, max_new_tokens=32, ignore_eos=True, draft_len=2) as client:
+            got: list[int] = []
+
+            async def consume() -> None:
+                async for chunk in client.generate(prompt, mode=mode):
+                    got.extend(chunk)
+
+            consumer = asyncio.ensure_future(consume())
+            assert await asyncio.get_running_loop().run_in_executor(None, step_held.wait, 30), events
+            consumer.cancel()  # the edge cancels its call while the held job runs
+            await asyncio.gather(consumer, return_exceptions=True)
+            done = await service.slots.wait_idle(0.5)  # the slot is not given back before that job ends ...
+            after_hang_up = events[_last(events, "step"):]
+            let_go.set()
+            return got, done, after_hang_up, await service.slots.wait_idle(30)
+
+    got, done_while_held, after_hang_up, settled = run(scenario())
+    assert got == _greedy(tiny_target.model, prompt, len(got))
+    assert not done_while_held and after_hang_up == ["step"], f"ran beside the held job: {after_hang_up}"
+    assert settled and events[-1] == "close" and events.count("close") == 1
+    assert events.index("close") > _last(events, "step done")
+
+
+def _last(events: list[str], name: str) -> int:
+    return max(i for i, e in enumerate(events) if e == name)

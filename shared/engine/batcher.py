@@ -55,6 +55,8 @@ class BatchStats:
     tokens: int = 0
     max_wait_s: float = 0.0
     rows_over_wait: int = 0  # rows that waited in the queue past max_wait_s
+    busy_s: float = 0.0      # wall time in passes
+    cpu_s: float = 0.0       # the engine thread's CPU time in passes (on CUDA: launches and the wait for the device)
 
     @property
     def mean_rows(self) -> float:
@@ -90,7 +92,19 @@ def take_batch(queue: Sequence[_Request], max_tokens: int, max_shared_row: int =
     return taken
 
 
-PassObserver = Callable[[int, int, float], None]  # (rows, tokens, oldest wait in seconds) after each pass
+@dataclass(frozen=True)
+class PassRecord:
+    """One model pass of the batcher, as its observer gets it."""
+
+    rows: int
+    tokens: int           # padding excluded
+    oldest_wait_s: float  # the longest a row of it waited in the queue
+    pass_s: float         # wall time of the pass
+    cpu_s: float          # the engine thread's CPU time in it: with the rest of the process's, what the cloud's
+                          # session code costs beside the model (picospec-bench serve)
+
+
+PassObserver = Callable[[PassRecord], None]
 
 
 class Batcher:
@@ -149,7 +163,7 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._next()) is not None:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             waits = [started - req.queued_at for req in batch]
             try:
                 results = self.engine.run([req.row for req in batch])
@@ -160,16 +174,19 @@ class Batcher:
                     req.error = e
             self._free_since = time.perf_counter()
             self._last_pass_s = self._free_since - started
-            self._record(batch, waits)
+            self._record(batch, waits, self._last_pass_s, time.thread_time() - cpu_started)
             for req in batch:
                 req.done.set()
 
-    def _record(self, batch: list[_Request], waits: list[float]) -> None:
-        st, tokens = self.stats, sum(len(req.row.token_ids) for req in batch)
+    def _record(self, batch: list[_Request], waits: list[float], pass_s: float, cpu_s: float) -> None:
+        record = PassRecord(len(batch), sum(len(req.row.token_ids) for req in batch), max(waits), pass_s, cpu_s)
+        st = self.stats
         st.passes += 1
-        st.rows += len(batch)
-        st.tokens += tokens
-        st.max_wait_s = max(st.max_wait_s, *waits)
+        st.rows += record.rows
+        st.tokens += record.tokens
+        st.max_wait_s = max(st.max_wait_s, record.oldest_wait_s)
         st.rows_over_wait += sum(w > self.options.max_wait_s for w in waits)
+        st.busy_s += pass_s
+        st.cpu_s += cpu_s
         if self.on_pass is not None:
-            self.on_pass(len(batch), tokens, max(waits))
+            self.on_pass(record)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -46,18 +46,30 @@ class CapturedPass:
         return self.out
 
 
+def capture_plan(batch_buckets: Sequence[int], buckets: Sequence[int], kv_buckets: Sequence[int],
+                 max_tokens: int = 0) -> list[tuple[int, int, int]]:
+    """The (rows, bucket, keys read) to capture, largest first (the shared pool is sized by the first): every
+    combination, but those whose padded pass (rows x bucket tokens) exceeds `max_tokens` (0 = no cap). Each graph
+    keeps its own logits buffer, [rows, bucket, V] float32, so the cap bounds the memory of wide batches of long
+    rows; a pass too wide for any graph runs eager, where rows of unequal length are packed, not padded."""
+    return [(rows, size, kv_len)
+            for rows in sorted(batch_buckets, reverse=True)
+            for size in sorted(buckets, reverse=True)
+            for kv_len in sorted(kv_buckets, reverse=True)
+            if not max_tokens or rows * size <= max_tokens]
+
+
 @torch.inference_mode()
 def capture_all(engine: StaticEngine) -> dict[tuple[int, int, int], CapturedPass]:
-    """Every (rows, bucket, keys read) of the engine's options, largest first (the pool is sized by the first)."""
+    """Every pass of the engine's options' `capture_plan`, on one memory pool."""
     t0 = time.perf_counter()
     pool = torch.cuda.graph_pool_handle()
-    graphs = {}
-    kv_buckets = engine.kv_buckets()
-    for rows in sorted(engine.options.batch_buckets, reverse=True):
-        for size in sorted(engine.options.buckets, reverse=True):
-            for kv_len in sorted(kv_buckets, reverse=True):
-                graphs[(rows, size, kv_len)] = CapturedPass(engine, rows, size, kv_len, pool)
+    opts = engine.options
+    plan = capture_plan(opts.batch_buckets, opts.buckets, engine.kv_buckets(), opts.max_graph_tokens)
+    graphs = {key: CapturedPass(engine, *key, pool) for key in plan}
     torch.cuda.synchronize()
-    log.info("captured %d CUDA graphs (rows %s x sizes %s x keys %s) in %.1fs", len(graphs),
-             engine.options.batch_buckets, engine.options.buckets, kv_buckets, time.perf_counter() - t0)
+    out_mb = sum(g.out.numel() * g.out.element_size() for g in graphs.values()) / 2**20
+    log.info("captured %d CUDA graphs (rows %s x sizes %s x keys %s, at most %s tokens a pass) in %.1fs; their "
+             "logits buffers hold %.0f MiB", len(graphs), opts.batch_buckets, opts.buckets, engine.kv_buckets(),
+             opts.max_graph_tokens or "any", time.perf_counter() - t0, out_mb)
     return graphs

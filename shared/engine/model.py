@@ -28,6 +28,7 @@ class EngineOptions:
     batch_buckets: tuple[int, ...] = (1,)            # rows per captured pass (CUDA)
     graphs: bool = True                              # capture CUDA graphs; ignored on the CPU
     min_kv_bucket: int = 512                         # graphs read keys 0..K-1, K a power of two from this (or L)
+    max_graph_tokens: int = 0                        # no graph for rows x bucket past this (0 = no cap): eager
 
 
 ExitHook = tuple[int, int, Callable[[torch.Tensor], None]]  # (layer, rows, on_logits): see StaticEngine.early_exit
