@@ -85,13 +85,16 @@ def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+def histogram_deltas(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+                     ) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each histogram over what was observed between two scrapes."""
+    return {name: (s1 - before.get(name, (0.0, 0.0))[0], c1 - before.get(name, (0.0, 0.0))[1])
+            for name, (s1, c1) in after.items()}
+
+
 def histogram_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float | None]:
     """Mean of each histogram over what was observed between two scrapes (None where nothing was)."""
-    means: dict[str, float | None] = {}
-    for name, (s1, c1) in after.items():
-        s0, c0 = before.get(name, (0.0, 0.0))
-        means[name] = (s1 - s0) / (c1 - c0) if c1 > c0 else None
-    return means
+    return {name: s / c if c > 0 else None for name, (s, c) in histogram_deltas(before, after).items()}
 
 
 # ---------------------------------------------------------------------------------------------- processes

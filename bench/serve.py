@@ -45,6 +45,8 @@ BATCHING_FLAG = "--batching"
 BATCH_ROWS_METRIC = "picospec_cloud_batch_rows"
 BATCH_TOKENS_METRIC = "picospec_cloud_batch_tokens"
 BATCH_WAIT_METRIC = "picospec_cloud_batch_wait_seconds"
+BATCH_PASS_METRIC = "picospec_cloud_batch_pass_seconds"          # wall time of one pass
+BATCH_PASS_CPU_METRIC = "picospec_cloud_batch_pass_cpu_seconds"  # the engine thread's CPU time in it
 DRAFTS_METRIC = "picospec_cloud_pass_drafts"
 COMMITTED_METRIC = "picospec_cloud_pass_committed_tokens"
 STARTUP_S = 1.0  # from sending a run to its sessions' common start: the workers connect every session meanwhile
@@ -127,13 +129,15 @@ def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: d
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["batching", "sessions", "gens", "fail", "aggregate tok/s", "decode tok/s p50", "p95", "p5", "TTFT p50 s",
-            "TTFT p95 s", "mean batch", "tokens/pass", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU"]
+            "TTFT p95 s", "mean batch", "tokens/pass", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU",
+            "engine busy", "cloud ms/token beside passes"]
     body = [[r["batching"], str(r["sessions"]), str(r["generations"]), str(r["failures"]),
              fmt(r["aggregate_tokens_per_s"]), fmt(r["decode_tokens_per_s_p50"]), fmt(r["decode_tokens_per_s_p95"]),
              fmt(r["decode_tokens_per_s_p5"]), fmt(r["ttft_s_p50"], "{:.3f}"), fmt(r["ttft_s_p95"], "{:.3f}"),
              _na(r["mean_batch_size"]), _na(r["tokens_per_pass"]),
              fmt(r["drafts_per_pass"]), fmt(r["committed_per_pass"]), fmt(r.get("cloud_cpu_util")),
-             fmt(r.get("edge_cpu_util"))] for r in rows]
+             fmt(r.get("edge_cpu_util")), _na(r.get("engine_busy")), _na(r.get("cloud_ms_per_token_beside_passes"))]
+            for r in rows]
     return markdown_table(head, body)
 
 
@@ -149,7 +153,10 @@ NOTES = ("aggregate tok/s: every token generated at that N over the span from th
          "committed/pass: per verification pass of one session "
          f"({DRAFTS_METRIC}, {COMMITTED_METRIC}), means over that N's runs. cloud CPU, edge CPU: CPU seconds per "
          "second of the cloud process and of all edge processes over that N's runs (1.00 = a whole core: that side "
-         "is the bottleneck).")
+         "is the bottleneck). engine busy: the batching engine's time in passes per second of the generations' span "
+         f"({BATCH_PASS_METRIC}; 1.00 = the model is the bottleneck). cloud ms/token beside passes: the cloud's CPU "
+         f"time outside the engine thread's passes ({BATCH_PASS_CPU_METRIC}) per generated token: the session code, "
+         "gRPC, the batcher and sampling, what would bound the cloud if passes were free (n/a: batching off).")
 
 
 def report_markdown(settings: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
@@ -221,11 +228,27 @@ def run_n(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc, batching: str,
     problems = fl.drive(fleet, f"{batching}-{n}", cloud.address, fl.split_sessions(n, len(fleet.procs)), plan, on_gen,
                         timeout_s=cfg.run_timeout_s)
     cpu1, wall = _cpu(fleet, cloud), time.monotonic() - t0
-    means = fl.histogram_means(before, cloud.metrics())
+    after = cloud.metrics()
     records += recs
+    row = summarize(recs, batching, n, fl.histogram_means(before, after))
     # which side is saturated: CPU seconds per second of each side (1.0 = its whole core)
     util = {"cloud_cpu_util": (cpu1[0] - cpu0[0]) / wall, "edge_cpu_util": (cpu1[1] - cpu0[1]) / wall}
-    return {**summarize(recs, batching, n, means), **util, "problems": problems}
+    share = engine_share(fl.histogram_deltas(before, after), cpu1[0] - cpu0[0], row["span_s"], row["tokens"])
+    return {**row, **util, **share,
+            "problems": problems}
+
+
+def engine_share(deltas: dict[str, tuple[float, float]], cloud_cpu_s: float, span_s: float, tokens: int
+                 ) -> dict[str, float | None]:
+    """How busy the batching engine was over a run (its passes' wall time per second of the generations' span: 1.0 =
+    the model is the bottleneck), and the cloud's CPU time per generated token outside the model passes (the session
+    code, gRPC, the batcher, sampling): what would bound the cloud if passes were free. None without batched passes."""
+    busy, passes = deltas.get(BATCH_PASS_METRIC, (0.0, 0.0))
+    engine_cpu, _ = deltas.get(BATCH_PASS_CPU_METRIC, (0.0, 0.0))
+    if not passes or not tokens or span_s <= 0:
+        return {"engine_busy": None, "cloud_ms_per_token_beside_passes": None}
+    return {"engine_busy": busy / span_s,
+            "cloud_ms_per_token_beside_passes": max(0.0, cloud_cpu_s - engine_cpu) / tokens * 1e3}
 
 
 def _cpu(fleet: fl.Fleet, cloud: fl.CloudProc) -> tuple[float, float]:

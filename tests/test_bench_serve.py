@@ -88,6 +88,15 @@ def test_a_row_aggregates_over_the_whole_span_and_takes_percentiles_per_generati
     assert bare["mean_batch_size"] is None and bare["tokens_per_pass"] is None and bare["drafts_per_pass"] is None
 
 
+def test_the_engines_share_splits_the_clouds_cpu_into_passes_and_the_rest() -> None:
+    deltas = {serve.BATCH_PASS_METRIC: (6.0, 300.0), serve.BATCH_PASS_CPU_METRIC: (5.0, 300.0)}
+    share = serve.engine_share(deltas, cloud_cpu_s=7.0, span_s=8.0, tokens=1000)
+    assert share["engine_busy"] == 0.75                                   # 6 s of passes in 8 s
+    assert share["cloud_ms_per_token_beside_passes"] == pytest.approx(2.0)  # (7 - 5) s over 1,000 tokens
+    assert serve.engine_share({}, 7.0, 8.0, 1000) == {"engine_busy": None, "cloud_ms_per_token_beside_passes": None}
+    assert serve.engine_share(deltas, 7.0, 8.0, 0)["engine_busy"] is None
+
+
 def test_the_serve_report_shows_n_a_where_the_cloud_has_no_batch_metric() -> None:
     rows = [serve.summarize([_gen(0, 0.0, 2.0, 10, 5.0, 0.2)], "off", 1, {serve.DRAFTS_METRIC: 3.0})]
     settings = {"target": "t", "draft": "d", "mode": "pipeline", "verify": "coupled", "temperature": 0.0,
@@ -95,7 +104,7 @@ def test_the_serve_report_shows_n_a_where_the_cloud_has_no_batch_metric() -> Non
                 "notes": ["only off ran"]}
     md = serve.report_markdown(settings, rows)
     line = next(x for x in md.splitlines() if x.startswith("| off"))
-    assert line.count("| n/a") == 2 and "5.00" in line and "3.00" in line
+    assert line.count("| n/a") == 4 and "5.00" in line and "3.00" in line  # batch size, tokens, engine columns
     assert "**Note**: only off ran" in md
 
 
