@@ -345,6 +345,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 yield chunk
         finally:
             step.cancel()  # its job still runs to its end on the lane; no one will read its outcome
+            if step.done() and not step.cancelled():
+                step.exception()  # a failure the call's end made moot is not logged as never retrieved
 
 
 # protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and
