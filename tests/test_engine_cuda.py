@@ -125,3 +125,26 @@ def test_a_batch_of_prefill_and_decode_rows_runs_eager_on_cuda():
     together = engine.run(rows)
     for row, got in zip(rows, together):
         assert torch.isfinite(got).all() and _rel(got, engine.run([row])[0]) < 3e-2
+
+
+def test_the_clouds_engine_replays_a_graph_for_a_batch_of_every_admitted_session():
+    """The cloud captures rows up to the first power of two holding --max-sessions (24 -> 32; rows were captured
+    only up to 8, so wider batches ran eager): 20 sessions' decode rows replay the 32-row graph, padded with scratch
+    rows, and each row gives what it gives alone."""
+    from picospec.cloud_server.server import graph_rows
+    from picospec.shared.engine.model import Row
+
+    model = load_model("random:qwen2.5-0.5b:layers=2", device="cuda", dtype=torch.float32, progress=False).model
+    engine = StaticEngine(model, EngineOptions(slots=25, max_len=320, buckets=(1, 2, 4),
+                                               batch_buckets=graph_rows(24, batching=True), max_graph_tokens=256))
+    assert (32, 4, max(engine.kv_buckets())) in engine.graphs
+    rows = []
+    for i in range(20):
+        be = engine.backend()
+        seq = _ids(60, model.config.vocab_size, 80 + i)
+        be.prefill(seq[:50])
+        rows.append(Row(be.slot, seq[50:51 + i % 3], 50))  # 1 to 3 tokens: the 32-row graph of bucket 4
+    assert engine._graph_for(len(rows), 3, 53).rows == 32
+    together = engine.run(rows)
+    for row, got in zip(rows, together):
+        assert _rel(got, engine.run([row])[0]) < 1e-4
