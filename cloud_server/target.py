@@ -20,7 +20,7 @@ from picospec.shared.protocol import ProtocolError
 from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
-from picospec.shared.verify import gumbel_argmax
+from picospec.shared.verify import gumbel_argmax, verify_greedy
 from picospec.shared.engine.backend import StaticBackend, StaticTreeKV
 from picospec.shared.tree_cache import TreeKV
 from picospec.shared.trees import ROOT, verify_coupled_tree
@@ -124,6 +124,9 @@ class TargetCache:
             hinting = self.backend.early_exit(self.exit_layer, len(draft_ids) + 1, tentative)
         with hinting:
             logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)  # [k+1, V]
+        if self.params.greedy and self.scheme.own_token_is_verdicts:  # coupled at T=0: every row's p is one-hot
+            v = verify_greedy(logits.argmax(-1).tolist(), draft_ids)      # [k+1] argmaxes, on the pass's device
+            return PassOutcome(v.accepted, v.token, v.rejected, time.perf_counter() - t0)
         p = process_logits(on_cpu(logits), self.params)
         d = self.scheme.decide(p, run.extras, draft_ids, seed, start)
         opened = None

@@ -89,6 +89,22 @@ MUTANTS: list[Mutant] = [
          "tests/test_verify_modes.py::test_coupled_emits_p_and_accepts_at_least_the_bound[far-t1]"),
     ),
     Mutant(
+        "c3", "greedy coupled verification emits the draft's token at a rejection, not the cloud's argmax",
+        "shared/verify.py",
+        "            return Verdict(i, best[i], True)\n",
+        "            return Verdict(i, x, True)\n",
+        ("tests/test_verify_math.py::test_greedy_verdicts_from_argmaxes_alone_equal_the_coupled_ones",
+         "tests/test_e2e_tiny.py"),
+    ),
+    Mutant(
+        "h1", "a session's lane runs its jobs on several threads: a cancelled call's settling runs beside its pass",
+        "cloud_server/worker.py",
+        'ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-session")',
+        'ThreadPoolExecutor(max_workers=4, thread_name_prefix="target-session")',
+        ("tests/test_worker.py::test_a_job_whose_await_was_cancelled_still_ends_before_the_lanes_next_job",
+         "tests/test_batching.py::test_a_call_ended_with_a_step_in_flight_closes_its_cache_after_that_step"),
+    ),
+    Mutant(
         "d", "dense bonus token drawn from q instead of p",
         "shared/verify.py",
         "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
@@ -117,8 +133,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "f2", "top-p on one side only: the cloud's target processes logits without top_p",
         "cloud_server/target.py",
-        "        p = process_logits(logits, self.params)\n",
-        "        p = process_logits(logits, SamplingParams(self.params.temperature, self.params.top_k,"
+        "        p = process_logits(on_cpu(logits), self.params)\n",
+        "        p = process_logits(on_cpu(logits), SamplingParams(self.params.temperature, self.params.top_k,"
         " seed=self.params.seed))\n",
         ("tests/test_law_tiny.py::test_stop_and_wait_modes_follow_the_target_law[sync-dense-T0.7-k20-p0.9]",
          "tests/test_exactness_guards.py::test_sync_with_top_k_and_top_p_emits_the_targets_processed_law"),

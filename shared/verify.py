@@ -184,6 +184,18 @@ def gumbel_argmax(probs_row: torch.Tensor, seed: int, pos: int) -> int:
     return int(support[int(torch.argmax(scores))])
 
 
+def verify_greedy(best: Sequence[int], draft_ids: Sequence[int]) -> Verdict:
+    """verify_coupled at temperature 0 from each row's argmax `best` [k+1] alone: p is one-hot there, so the Gumbel-max
+    token is the argmax whatever the noise. The same verdict without a V-wide step per row."""
+    k = len(draft_ids)
+    if len(best) != k + 1:
+        raise ValueError(f"shape mismatch: {len(best)} rows, {k} draft tokens")
+    for i, x in enumerate(draft_ids):
+        if best[i] != x:
+            return Verdict(i, best[i], True)
+    return Verdict(k, best[k], False)
+
+
 def verify_coupled(p: torch.Tensor, draft_ids: Sequence[int], seed: int, start_pos: int) -> Verdict:
     """Accept while the draft's Gumbel-max token equals the target's; the emitted token is always the
     target's own Gumbel-max sample, so the output is exactly p whatever the draft does."""

@@ -174,3 +174,16 @@ def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, 
             return await _first_two_tokens(client, prompt, "sync", n)
 
     _assert_processed_law(run(scenario()), expected, n, "sync output", "the target's")
+
+
+def test_every_planted_bug_still_applies_to_the_tree():
+    """`make test-mutants` plants each bug by its exact text: a change that moves that text must move the mutant with
+    it (f2 had gone stale when the cloud's logits went through `on_cpu`, and the harness exited at it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / "mutants.py"), "--list"], cwd=root, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -74,3 +74,23 @@ def test_verify_rejects_impossible_draft_and_bad_shapes():
         verify_dense(p, torch.tensor([[1.0, 0, 0, 0]]), [2], 0, 0)
     with pytest.raises(ValueError, match="shape"):
         verify_dense(p, torch.full((2, 4), 0.25), [1], 0, 0)
+
+
+def test_greedy_verdicts_from_argmaxes_alone_equal_the_coupled_ones():
+    """verify_greedy (the cloud's T=0 coupled path: no V-wide step per row) gives verify_coupled's verdict on the
+    processed one-hot p, ties included (both take the first maximum), for drafts that agree for 0..k tokens."""
+    from picospec.shared.sampling import SamplingParams, process_logits
+    from picospec.shared.verify import verify_coupled, verify_greedy
+
+    gen = torch.Generator().manual_seed(7)
+    greedy = SamplingParams(temperature=0.0, seed=3)
+    for case in range(200):
+        k, vocab = case % 7, 50
+        logits = torch.randint(0, 4, (k + 1, vocab), generator=gen).float()  # few values: ties everywhere
+        best = logits.argmax(-1).tolist()
+        agree = int(torch.randint(0, k + 1, (1,), generator=gen))
+        drafts = best[:agree] + [(t + 1) % vocab for t in best[agree:k]]
+        want = verify_coupled(process_logits(logits, greedy), drafts, greedy.seed, 10 + case)
+        assert verify_greedy(best, drafts) == want, case
+    with pytest.raises(ValueError, match="shape mismatch"):
+        verify_greedy([1, 2], [5, 6])
