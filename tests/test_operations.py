@@ -131,7 +131,9 @@ def test_metrics_match_the_generations(tiny_target, tiny_draft):
             stats = {}
             async with edge(addr, tiny_draft, max_new_tokens=24, ignore_eos=True) as client:
                 for mode, verify in (("sync", "dense"), ("pipeline", "coupled")):
-                    gen = client.generate(prompt, mode=mode, verify=verify)
+                    # a fixed draft length: the online policy may let the cloud decode every token alone (no pass)
+                    # when its decode step looks cheap, as it did once in a loaded full suite
+                    gen = client.generate(prompt, mode=mode, verify=verify, draft_len=3)
                     await gen.collect()
                     stats[verify] = gen.stats.to_dict()
             for _ in range(100):  # the last session's slot comes back once the cloud has settled and closed it
@@ -156,7 +158,7 @@ def test_metrics_match_the_generations(tiny_target, tiny_draft):
     assert total(s, "picospec_cloud_sessions_active") == 0
     for verify, st in stats.items():
         assert total(s, "picospec_cloud_tokens_emitted_total", mode=verify) == st["generated_tokens"] == 24
-        assert total(s, "picospec_cloud_passes_total", mode=verify) == st["rounds"] > 0
+        assert total(s, "picospec_cloud_passes_total", mode=verify) == st["rounds"]
         assert total(s, "picospec_cloud_pass_drafts_count", mode=verify) == st["rounds"]
         assert total(s, "picospec_cloud_pass_drafts_sum", mode=verify) == st["drafted_tokens"]
         assert total(s, "picospec_cloud_draft_tokens_verified_total", mode=verify) == st["drafted_tokens"]
@@ -169,6 +171,9 @@ def test_metrics_match_the_generations(tiny_target, tiny_draft):
         assert total(s, "picospec_cloud_queue_seconds_count", mode=verify) == st["rounds"]
         assert total(s, "picospec_cloud_bytes_received_total", mode=verify) > 0
         assert total(s, "picospec_cloud_bytes_sent_total", mode=verify) > 0
+    assert stats["dense"]["rounds"] > 0  # sync: every token after the first comes from a pass
+    # pipeline: passes, or tokens the cloud decoded ahead while drafts were on their way (on a loaded machine, all)
+    assert stats["coupled"]["rounds"] + stats["coupled"]["cloud_tokens"] > 0
     dense = stats["dense"]
     committed = total(s, "picospec_cloud_pass_committed_tokens_sum", mode="dense")
     # every dense token after the first (sent with Ready) comes from a pass
