@@ -88,8 +88,11 @@ def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
 def histogram_deltas(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
                      ) -> dict[str, tuple[float, float]]:
     """(sum, count) of each histogram over what was observed between two scrapes."""
-    return {name: (s1 - before.get(name, (0.0, 0.0))[0], c1 - before.get(name, (0.0, 0.0))[1])
-            for name, (s1, c1) in after.items()}
+    deltas = {}
+    for name, (s1, c1) in after.items():
+        s0, c0 = before.get(name, (0.0, 0.0))
+        deltas[name] = (s1 - s0, c1 - c0)
+    return deltas
 
 
 def histogram_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float | None]:

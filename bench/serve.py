@@ -234,8 +234,7 @@ def run_n(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc, batching: str,
     # which side is saturated: CPU seconds per second of each side (1.0 = its whole core)
     util = {"cloud_cpu_util": (cpu1[0] - cpu0[0]) / wall, "edge_cpu_util": (cpu1[1] - cpu0[1]) / wall}
     share = engine_share(fl.histogram_deltas(before, after), cpu1[0] - cpu0[0], row["span_s"], row["tokens"])
-    return {**row, **util, **share,
-            "problems": problems}
+    return {**row, **util, **share, "problems": problems}
 
 
 def engine_share(deltas: dict[str, tuple[float, float]], cloud_cpu_s: float, span_s: float, tokens: int

@@ -29,8 +29,10 @@ class Lane:
     """One session's jobs, run one at a time in submission order (one thread: a FIFO). A cancelled await does not
     cancel a job that has started; the next job still waits for it."""
 
-    def __init__(self, executor: ThreadPoolExecutor, owned: bool, lanes: set["Lane"]) -> None:
-        self._executor, self._owned, self._lanes = executor, owned, lanes
+    def __init__(self, executor: ThreadPoolExecutor, lanes: set["Lane"] | None = None) -> None:
+        """`lanes`: the worker's set of lanes with a thread of their own, this one among them; None for a lane on
+        the worker's shared thread, which the lane neither owns nor stops."""
+        self._executor, self._lanes = executor, lanes
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) after the session's earlier jobs and await its result."""
@@ -38,8 +40,8 @@ class Lane:
 
     def close(self, wait: bool = False) -> None:
         """No more jobs: a thread of its own ends once the jobs already submitted have (`wait`: wait for that)."""
-        self._lanes.discard(self)
-        if self._owned:
+        if self._lanes is not None:
+            self._lanes.discard(self)
             self._executor.shutdown(wait=wait)
 
 
@@ -52,9 +54,8 @@ class ModelWorker:
     def lane(self) -> Lane:
         """A new session's lane: a thread of its own with batching, else the worker's one thread."""
         if not self._thread_per_session:
-            return Lane(self._shared, owned=False, lanes=self._lanes)
-        lane = Lane(ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-session"), owned=True,
-                    lanes=self._lanes)
+            return Lane(self._shared)
+        lane = Lane(ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-session"), self._lanes)
         self._lanes.add(lane)
         return lane
 

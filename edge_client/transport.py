@@ -204,7 +204,7 @@ class StreamTransport:
         self.server = server  # named in every error, so a user with several clouds knows which one failed
         self.peer_timeout_s = peer_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue()
-        self.closing: asyncio.Future | None = None  # the half-close's write (half_close)
+        self.closing: asyncio.Future | None = None  # the half-close's write (half_close), held so it is not collected
         self.pump = asyncio.create_task(self._pump())
 
     def has_news(self) -> bool:

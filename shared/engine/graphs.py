@@ -64,12 +64,12 @@ def capture_all(engine: StaticEngine) -> dict[tuple[int, int, int], CapturedPass
     """Every pass of the engine's options' `capture_plan`, on one memory pool."""
     t0 = time.perf_counter()
     pool = torch.cuda.graph_pool_handle()
-    opts = engine.options
-    plan = capture_plan(opts.batch_buckets, opts.buckets, engine.kv_buckets(), opts.max_graph_tokens)
+    opts, kv_buckets = engine.options, engine.kv_buckets()
+    plan = capture_plan(opts.batch_buckets, opts.buckets, kv_buckets, opts.max_graph_tokens)
     graphs = {key: CapturedPass(engine, *key, pool) for key in plan}
     torch.cuda.synchronize()
     out_mb = sum(g.out.numel() * g.out.element_size() for g in graphs.values()) / 2**20
     log.info("captured %d CUDA graphs (rows %s x sizes %s x keys %s, at most %s tokens a pass) in %.1fs; their "
-             "logits buffers hold %.0f MiB", len(graphs), opts.batch_buckets, opts.buckets, engine.kv_buckets(),
+             "logits buffers hold %.0f MiB", len(graphs), opts.batch_buckets, opts.buckets, kv_buckets,
              opts.max_graph_tokens or "any", time.perf_counter() - t0, out_mb)
     return graphs
