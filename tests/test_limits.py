@@ -96,9 +96,9 @@ def observe_slots(service: PicoSpecService) -> ObservedSlots:
 
 
 async def all_sessions_recorded(service: PicoSpecService, slots: ObservedSlots) -> None:
-    """Wait until every session has released its slot and written its record. A finished edge cancels its call,
-    which can release the slot while the (shielded) record job still waits on the model worker; that job was
-    queued before the release, and the worker runs jobs in order, so a no-op job behind it finds it done."""
+    """Wait until every session has released its slot and written its record. The cloud gives a slot back only
+    after the session's record and close jobs have ended, even when the edge cancels its call; the no-op job
+    behind them on the worker's one thread (these clouds do not batch) checks that it found them done."""
     await slots.wait_until_at_most(0)
     await asyncio.wait_for(service.worker.run(lambda: None), STEP_S)
 
