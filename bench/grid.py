@@ -9,7 +9,7 @@ from typing import Any, Iterable, NamedTuple
 from picospec.shared.config import EDGE_MODES, EXACT_VERIFY_MODES, VERIFY_MODES, EdgeConfig
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct:int8"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 # the three network conditions the goals name (RTT ms x Mbit/s each way); --rtt-ms/--mbit give a cross product
 DEFAULT_CELLS = "50x10,200x1,10x100"
 # used for a cross product when only one of --rtt-ms and --mbit is given
@@ -18,9 +18,14 @@ DEFAULT_MBITS = (0.1, 1.0, 10.0, 100.0)
 DEFAULT_TEMPERATURES = "0,1"  # the goals are stated for greedy and for T=1
 # `default` is the edge with no overrides at all (EdgeConfig's defaults, whatever they are when it runs);
 # `best` the best exact configuration: pipeline, coupled, draft length chosen online
-DEFAULT_COLUMNS = "cloud,sync=sync:dense,picospec,default,best=pipeline:coupled::0"
+DEFAULT_COLUMNS = "llama.cpp,cloud,sync=sync:dense,picospec,default,best=pipeline:coupled::0"
 PRESETS = {"paper-table1": "cloud,sync,picospec,ours=pipeline:coupled:on:0"}
 DEFAULT_MODE = "default"  # a column MODE: the edge's default mode, nothing overridden that the spec does not name
+# a column MODE outside this project: llama.cpp running the target's GGUF alone on the cloud's core (bench/llama_alone.py),
+# the fastest way a CPU user gets the target's output today. With `cloud` it is a baseline: every ratio is taken
+# against the faster of the two in the same cell (report.aggregate)
+LLAMA_ALONE = "llama.cpp"
+BASELINE_MODES = ("cloud", LLAMA_ALONE)
 
 
 class Prompt(NamedTuple):
@@ -71,6 +76,8 @@ class Column:
     def exact(self) -> bool:
         """Lossless? The draft alone is not; picospec is split-topk whatever is set; others by verify mode."""
         mode = self.resolved_mode
+        if mode == LLAMA_ALONE:
+            return True
         if mode == "edge":
             return False
         if mode == "cloud":
@@ -87,8 +94,11 @@ def parse_column(spec: str) -> Column:
         raise ValueError(f"{spec!r}: at most MODE:VERIFY:HINTS:DRAFT_LEN")
     parts += [""] * (4 - len(parts))
     mode, verify, hints, draft_len = (p.strip() for p in parts)
-    if mode not in (*EDGE_MODES, DEFAULT_MODE):
-        raise ValueError(f"{spec!r}: unknown mode {mode!r}; choose from {', '.join((*EDGE_MODES, DEFAULT_MODE))}")
+    if mode not in (*EDGE_MODES, DEFAULT_MODE, LLAMA_ALONE):
+        raise ValueError(f"{spec!r}: unknown mode {mode!r}; choose from "
+                         f"{', '.join((*EDGE_MODES, DEFAULT_MODE, LLAMA_ALONE))}")
+    if mode == LLAMA_ALONE and (verify or hints or draft_len):
+        raise ValueError(f"{spec!r}: {LLAMA_ALONE} (the target's GGUF alone) takes no verify, hints or draft length")
     if verify and verify not in VERIFY_MODES:
         raise ValueError(f"{spec!r}: unknown verify mode {verify!r}; choose from {', '.join(VERIFY_MODES)}")
     if hints and hints not in ("on", "off", "auto"):

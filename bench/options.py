@@ -18,6 +18,13 @@ def add_common_args(p: argparse.ArgumentParser, *, rtts: str | None, mbits: str 
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"the cloud's model (default {DEFAULT_TARGET}; e.g. {DEFAULT_TARGET}:int8 for the int8 cloud)")
     p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"the edge's draft model (default {DEFAULT_DRAFT})")
+    p.add_argument("--engine", default="auto", choices=("auto", "hf", "static", "llama.cpp"),
+                   help="the cloud's --engine (default auto)")
+    p.add_argument("--draft-engine", default="auto", choices=("auto", "llama.cpp", "torch"),
+                   help="the edge's --draft-engine (default auto)")
+    p.add_argument("--baseline-gguf", default="",
+                   help="the GGUF the `llama.cpp` column runs alone (default: the target's own name, without "
+                        "suffixes such as :int8: the file the target was made from)")
     p.add_argument("--rtt-ms", default=rtts, help="comma-separated RTTs in ms"
                    + _list_default(rtts, "--mbit", DEFAULT_MBITS) + "; 0 = no delay stage")
     p.add_argument("--mbit", default=mbits, help="comma-separated rates each way in Mbit/s"
@@ -59,7 +66,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(target=args.target, draft=args.draft, max_new_tokens=args.max_new_tokens,
                          temperature=temperatures_of(args)[0], port=args.port, edge_core=args.edge_core,
                          cloud_core=args.cloud_core, run_timeout_s=args.run_timeout_s, netns=not args.no_netns,
-                         out=Path(args.out))
+                         out=Path(args.out), engine=args.engine, draft_engine=args.draft_engine,
+                         baseline_gguf=args.baseline_gguf or args.target.split(":")[0])
 
 
 def settings_json(args: argparse.Namespace, bed: Testbed) -> dict[str, Any]:

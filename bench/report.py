@@ -1,4 +1,5 @@
-"""From run records to what a network benchmark shows: per-cell summaries (medians, speedup over `cloud`),
+"""From run records to what a network benchmark shows: per-cell summaries (medians, speedup over the fastest cloud
+alone: `cloud` or `llama.cpp`, whichever is faster in the cell),
 CSV, Markdown tables, plots, and the sweep's report files (JSON, CSV, Markdown, PNG)."""
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from picospec.bench.grid import Column, bw_name, fmt_num
+from picospec.bench.grid import BASELINE_MODES, Column, bw_name, fmt_num
 
 # per-run statistics kept in the CSVs (all of them stay in the JSON)
 METRICS = ("tokens_per_s", "decode_tokens_per_s", "ttft_s", "itl_p50_s", "itl_p95_s", "generated_tokens", "rounds",
            "mean_accepted_len", "acceptance_rate", "mean_draft_len", "bytes_up_per_token", "bytes_down_per_token",
            "edge_busy_fraction", "cloud_busy_fraction", "wasted_draft_tokens", "cloud_tokens", "pipeline_bubble_s",
-           "hint_hit_rate", "wall_s")
+           "hint_hit_rate", "wall_s", "cloud_ms_per_token")
 
 
 # ----------------------------------------------------------------------------------------------- summaries
@@ -51,27 +52,34 @@ def ratio(x: float | None, base: float | None) -> float | None:
     return x / base if x is not None and base else None
 
 
-# (metric, its ratio over the cloud column of the same cell and temperature): ratios of medians
+# (metric, its ratio over the fastest cloud alone of the same cell and temperature): ratios of medians. The names keep
+# "cloud" for the baseline: the faster of the `cloud` column and the `llama.cpp` column, metric by metric
 SPEEDUPS = (("tokens_per_s", "speedup_vs_cloud"), ("decode_tokens_per_s", "decode_speedup_vs_cloud"))
 
 
 def aggregate(samples: Sequence[dict[str, Any]], keys: Sequence[str] = METRICS) -> list[dict[str, Any]]:
     """One row per (temperature, cell, column): the median of each metric over its runs (timed-out runs
     included, at the rate of the part they completed), with counts, and the ratio of the end-to-end and the
-    decode rate's medians over those of the first `cloud`-mode column of the same cell and temperature."""
+    decode rate's medians over the fastest cloud alone of the same cell and temperature (the `cloud` and `llama.cpp`
+    columns, the faster of them per metric; `baseline` names the one the decode rate is taken against), and the
+    cloud compute per token over that baseline's (`cloud_cost_vs_cloud`: what an operator pays, below 1 is cheaper)."""
     rows = []
     for row, ok in cells(samples):
         for k in keys:
             row[k] = median_or_none(s.get(k) for s in ok)
         rows.append(row)
-    cloud: dict[tuple, dict[str, Any]] = {}
+    baselines: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["mode"] == "cloud":
-            cloud.setdefault((r["temperature"], r["rtt_ms"], r["mbit"]), r)
+        if r["mode"] in BASELINE_MODES:
+            baselines.setdefault((r["temperature"], r["rtt_ms"], r["mbit"]), []).append(r)
     for r in rows:
-        base = cloud.get((r["temperature"], r["rtt_ms"], r["mbit"]), {})
+        bases = baselines.get((r["temperature"], r["rtt_ms"], r["mbit"]), [])
         for k, name in SPEEDUPS:
-            r[name] = ratio(r.get(k), base.get(k))
+            r[name] = ratio(r.get(k), max((b[k] for b in bases if b.get(k) is not None), default=None))
+        fastest = max((b for b in bases if b.get("decode_tokens_per_s") is not None),
+                      key=lambda b: b["decode_tokens_per_s"], default={})
+        r["baseline"] = fastest.get("column")
+        r["cloud_cost_vs_cloud"] = ratio(r.get("cloud_ms_per_token"), fastest.get("cloud_ms_per_token"))
     return rows
 
 
@@ -163,8 +171,8 @@ def main_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     first token), TTFT and the end-to-end rate, with the decode and end-to-end ratios over cloud side by side:
     start-up (TTFT) and steady decoding are different costs, and one end-to-end figure hides which one moved."""
     by = {(r["rtt_ms"], r["mbit"], r["column"]): r for r in rows}
-    head = ["RTT ms (measured)", "bandwidth", "column", "decode tok/s", "TTFT s", "e2e tok/s", "decode x cloud",
-            "e2e x cloud"]
+    head = ["RTT ms (measured)", "bandwidth", "column", "decode tok/s", "TTFT s", "e2e tok/s", "decode x fastest alone",
+            "e2e x fastest alone", "cloud ms/token", "cloud cost x alone"]
     body = []
     for rtt, mbit in dict.fromkeys((r["rtt_ms"], r["mbit"]) for r in rows):
         meas = next((r["rtt_measured_ms"] for r in rows if (r["rtt_ms"], r["mbit"]) == (rtt, mbit)), None)
@@ -173,9 +181,10 @@ def main_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
             if r is None:
                 continue
             cut = "†" if r["timed_out"] else ""
-            figs = ([status(r)] * 5 if status(r) else
+            figs = ([status(r)] * 7 if status(r) else
                     [fmt(r.get("decode_tokens_per_s")) + cut, fmt(r.get("ttft_s"), "{:.3f}"), fmt(r.get("tokens_per_s")) + cut,
-                     fmt(r.get("decode_speedup_vs_cloud"), "{:.2f}x"), fmt(r.get("speedup_vs_cloud"), "{:.2f}x")])
+                     fmt(r.get("decode_speedup_vs_cloud"), "{:.2f}x"), fmt(r.get("speedup_vs_cloud"), "{:.2f}x"),
+                     fmt(r.get("cloud_ms_per_token"), "{:.1f}"), fmt(r.get("cloud_cost_vs_cloud"), "{:.2f}x")])
             body.append([f"{fmt_num(rtt)} ({fmt(meas, '{:.1f}')})", bw_name(mbit), column_title(lb, rows), *figs])
     return markdown_table(head, body)
 
@@ -338,8 +347,11 @@ def report_title(settings: dict[str, Any]) -> str:
 
 
 NOTES = ("decode tok/s: the rate after the first token; TTFT: time to the first token; e2e tok/s: generated "
-         "tokens over the whole wall time. x cloud: the ratio of this column's median to cloud's in the same cell "
-         "(ratio of medians over prompts x runs). † a run exceeded the run timeout: the rate over the part it "
+         "tokens over the whole wall time. x fastest alone (x cloud in the detail table): the ratio of this column's "
+         "median to the fastest cloud alone's in the same cell, the faster of `cloud` (the project's target alone) "
+         "and `llama.cpp` (llama.cpp running the target's GGUF alone on the cloud's core, no network) "
+         "(ratio of medians over prompts x runs). cloud ms/token: the cloud's compute (passes and decode steps, "
+         "prefill apart) per generated token; cloud cost x alone: that over the fastest cloud alone's. † a run exceeded the run timeout: the rate over the part it "
          "completed. skip: not run, it timed out in an easier cell. APPROX.: not lossless (split-topk; the draft "
          "alone). `default`: the edge with no overrides (EdgeConfig's defaults).")
 

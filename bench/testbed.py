@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picospec.bench.grid import Column, Condition
+from picospec.bench.grid import LLAMA_ALONE, Column, Condition
 from picospec.bench.ports import free_port
 from picospec.netlab.netns import shaped_link
 from picospec.netlab.procs import stop_process
@@ -64,6 +64,10 @@ class BenchSettings:
     run_timeout_s: float = 120.0
     netns: bool = True
     out: Path = Path("bench_out")
+    engine: str = "auto"        # the cloud's --engine (hf, static, llama.cpp)
+    draft_engine: str = "auto"  # the edge's --draft-engine (torch, llama.cpp)
+    # the `llama.cpp` column's GGUF (the target alone); "" = the target's own name (a built-in or a .gguf path)
+    baseline_gguf: str = ""
 
 
 class Testbed:
@@ -77,6 +81,7 @@ class Testbed:
         self.shaping_log: Any = None
         self.cond: Condition | None = None
         self.worker: subprocess.Popen | None = None
+        self.baseline: subprocess.Popen | None = None  # the `llama.cpp` column's worker, started when first asked
         self.cloud_host = "127.0.0.1"
         self.info: dict[str, Any] = {}
 
@@ -128,10 +133,12 @@ class Testbed:
         cloud_log = self.logdir / "cloud.log"
         cloud_out = self.stack.enter_context(open(cloud_log, "w"))
         cloud = self._popen("cloud", _pin(s.cloud_core, [str(BIN / "picospec-cloud"), "--target", s.target, "--host",
-                                                         self.cloud_host, "--port", str(s.port), "--threads", "1"]),
+                                                         self.cloud_host, "--port", str(s.port), "--threads", "1",
+                                                         "--engine", s.engine]),
                             stdout=cloud_out, stderr=subprocess.STDOUT)
         worker_log = self.stack.enter_context(open(self.logdir / "edge_worker.log", "w"))
         self.worker = self._popen("edge", _pin(s.edge_core, [sys.executable, "-m", "picospec.bench.edge_worker", "--draft", s.draft,
+                                                             "--draft-engine", s.draft_engine,
                                                              "--max-new-tokens", str(s.max_new_tokens),
                                                              "--temperature", str(s.temperature)]),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=worker_log, text=True)
@@ -205,8 +212,34 @@ class Testbed:
                     total += int(parts[2])
         return total
 
+    def run_baseline(self, prompt: str, temperature: float | None) -> dict[str, Any]:
+        """One generation of llama.cpp alone on the cloud's core, in the cloud's namespace: no network. At T > 0 it
+        samples with llama.cpp's own sampler at that temperature (its rate is what compares, not its tokens)."""
+        if self.baseline is None:
+            log = self.stack.enter_context(open(self.logdir / "llama_alone.log", "w"))
+            gguf = self.s.baseline_gguf or self.s.target
+            self.baseline = self._popen("cloud", _pin(self.s.cloud_core, [
+                sys.executable, "-m", "picospec.bench.llama_alone", "--serve", "--target", gguf, "--threads", "1",
+                "--max-new-tokens", str(self.s.max_new_tokens)]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, text=True)
+            self._read_from(self.baseline, 900)
+        assert self.baseline.stdin is not None
+        self.baseline.stdin.write(json.dumps({"prompt": prompt, "temperature": temperature or 0.0}) + "\n")
+        self.baseline.stdin.flush()
+        return self._read_from(self.baseline, self.s.run_timeout_s + 300)
+
+    def _read_from(self, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            raise BenchError(f"{LLAMA_ALONE} baseline worker: no reply within {timeout:.0f} s (exit {proc.poll()})")
+        return json.loads(line)
+
     def run(self, col: Column, prompt: str, seed: int, temperature: float | None = None) -> dict[str, Any]:
         """One generation of `col`; `temperature` None: the worker's (BenchSettings.temperature)."""
+        if col.mode == LLAMA_ALONE:
+            return self.run_baseline(prompt, self.s.temperature if temperature is None else temperature)
         overrides = {**col.overrides(), **({} if temperature is None else {"temperature": temperature})}
         req = {"op": "run", "prompt": prompt, "mode": col.request_mode, "overrides": overrides, "seed": seed,
                "timeout_s": self.s.run_timeout_s}

@@ -16,10 +16,10 @@ import torch
 
 from picospec.cloud_server.auth import TokenAuth, TokenFileError
 from picospec.cloud_server.drain import StopSignals, drain
-from picospec.cloud_server.server import PicoSpecService, start_server, uses_static_engine
+from picospec.cloud_server.server import PicoSpecService, resolve_engine, start_server, uses_static_engine
 from picospec.shared.config import CloudConfig, add_config_args, config_from_args
 from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_tls_files
-from picospec.shared.models import LoadedModel, ModelError, input_device, load_model
+from picospec.shared.models import LoadedModel, ModelError, input_device, load_gguf_model, load_model
 
 log = logging.getLogger("picospec.cloud")
 
@@ -67,6 +67,10 @@ def load_target(config: CloudConfig) -> tuple[LoadedModel, CloudConfig]:
     them, and `device` becomes the model's input device (its embedding's, the map's first): the sessions build
     their input ids and their own tensors there, and accelerate's hooks return the logits there too."""
     mapped = config.device_mapped
+    if config.engine == "llama.cpp":
+        from picospec.shared.llama_backend import default_threads
+        log.info("loading target %s on llama.cpp (the GGUF as shipped)", config.target)
+        return load_gguf_model(config.target, threads=config.threads or default_threads()), config
     log.info("loading target %s on %s (%s)", config.target,
              f"device map {config.device_map}" if mapped else config.device, config.dtype)
     target = load_model(config.target, device=config.device, dtype=getattr(torch, config.dtype),
@@ -82,8 +86,9 @@ def load_target(config: CloudConfig) -> tuple[LoadedModel, CloudConfig]:
 
 
 async def serve(config: CloudConfig) -> None:
+    config = resolve_engine(config)
     check_settings(config)
-    if config.threads:
+    if config.threads and config.engine != "llama.cpp":
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
     target, config = load_target(config)

@@ -35,6 +35,7 @@ class TargetInfo:
     fingerprint: Fingerprint  # of its tokenizer
     eos_ids: frozenset[int]
     num_layers: int
+    early_exits: bool = True  # the engine can give tentative logits mid-pass (torch's can; llama.cpp's cannot)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ def _check_options(hello: pb.Hello, limits: CloudConfig, target: TargetInfo) -> 
             grpc.StatusCode.INVALID_ARGUMENT,
             f"residual_top_k <= {limits.max_residual_top_k} and tail_samples <= {limits.max_tail_samples} required",
         )
+    if hello.exit_layer and not target.early_exits:
+        raise Refusal(grpc.StatusCode.UNIMPLEMENTED, "early-exit hints need a torch engine on the cloud (--engine hf or "
+                                                     "static); this cloud runs llama.cpp")
     if hello.exit_layer and not (1 <= hello.exit_layer < target.num_layers and 0.0 <= hello.exit_threshold <= 1.0):
         raise Refusal(
             grpc.StatusCode.INVALID_ARGUMENT,

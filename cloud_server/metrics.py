@@ -59,6 +59,10 @@ class SessionMeter:
     def on_decode_ahead(self) -> None:
         """One decode-ahead step whose token was committed."""
 
+    def on_compute(self, seconds: float) -> None:
+        """Model time spent on a decode step (decode-ahead, committed or not, or the cloud alone's); passes count
+        theirs in on_pass."""
+
     def received(self, message: Any) -> None:
         """A message from the edge (its serialized size is counted)."""
 
@@ -82,6 +86,7 @@ class PrometheusSessionMeter(SessionMeter):
         m.batch_drafts.labels(mode).observe(drafts)
         m.pass_committed.labels(mode).observe(committed)
         m.pass_seconds.labels(mode).observe(pass_s)
+        m.compute_seconds.labels(mode).inc(pass_s)
         m.queue_seconds.labels(mode).observe(max(0.0, queue_s))
         for depth in range(1, drafts + 1):
             m.verified.labels(mode, str(depth)).inc()
@@ -90,6 +95,9 @@ class PrometheusSessionMeter(SessionMeter):
 
     def on_decode_ahead(self) -> None:
         self.m.decode_ahead.labels(self.mode).inc()
+
+    def on_compute(self, seconds: float) -> None:
+        self.m.compute_seconds.labels(self.mode).inc(seconds)
 
     def received(self, message: Any) -> None:
         self.m.bytes_received.labels(self.mode).inc(message.ByteSize())
@@ -137,6 +145,9 @@ class CloudMetrics:
         self.verified = counter("draft_tokens_verified", "drafts verified, by depth in the pass", "mode", "position")
         self.accepted = counter("draft_tokens_accepted", "drafts accepted, by depth in the pass", "mode", "position")
         self.tokens_emitted = counter("tokens_emitted", "tokens committed (generated), by mode", "mode")
+        self.compute_seconds = counter("compute_seconds", "model time in verification passes and decode steps "
+                                       "(prefill apart), by mode: over tokens_emitted, the cloud's compute per "
+                                       "generated token, what an operator pays", "mode")
         self.bytes_received = counter("bytes_received", "serialized bytes of messages from edges", "mode")
         self.bytes_sent = counter("bytes_sent", "serialized bytes of messages to edges", "mode")
         # batching (--batching on): one observation per model pass of the static engine, all sessions together

@@ -3,6 +3,7 @@ session slot (cloud_server/slots.py), run a session (cloud_server/session.py) wh
 model worker (cloud_server/worker.py), and map errors to gRPC statuses in one place (`_status_for`)."""
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import collections
 import contextlib
@@ -27,9 +28,10 @@ from picospec.shared.codec import PayloadError, dense_payload_bound
 from picospec.shared.config import CloudConfig
 from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
 from picospec.shared.engine import EngineOptions, StaticBackend, StaticEngine
+from picospec.shared.llama_backend import GgufModel
 from picospec.shared.engine.batcher import Batcher, BatchOptions
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
-from picospec.shared.models import LoadedModel, ModelError
+from picospec.shared.models import LoadedModel, ModelError, resolve_engine as resolve_model_engine
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
@@ -96,9 +98,26 @@ def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers("picospec.v1.PicoSpec", handlers)
 
 
+def resolve_engine(config: CloudConfig) -> CloudConfig:
+    """The config with `--engine auto` made concrete for loading: llama.cpp on a CPU cloud whose target is a GGUF it can
+    run (a built-in or a .gguf path, no torch suffix) when llama-cpp-python is installed and neither batching nor a
+    device map is asked for: the fastest exact engine measured on a CPU (docs/performance.md). Otherwise auto stays,
+    and means what it did (static on cuda or with --batching on, else hf)."""
+    if config.engine != "auto" or config.device != "cpu" or config.batching == "on" or config.device_mapped:
+        return config
+    if resolve_model_engine(config.target, "auto") == "llama.cpp":
+        return dataclasses.replace(config, engine="llama.cpp")
+    return config
+
+
 def uses_static_engine(config: CloudConfig) -> bool:
     """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
     mapped = config.device_mapped
+    if config.engine == "llama.cpp":
+        if config.batching == "on" or config.device != "cpu" or mapped:
+            raise ModelError("--engine llama.cpp runs each session in its own llama.cpp context on the cpu: "
+                             "not with --batching on, --device cuda or --device-map")
+        return False
     if (config.engine == "static" or config.batching == "on") and mapped:  # the cache lives on one device
         raise ModelError("the static engine (--engine static, --batching on) keeps the whole KV cache on one device: "
                          "use --engine hf --batching off with --device-map")
@@ -140,11 +159,15 @@ def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | None
 
 class PicoSpecService(pb_grpc.PicoSpecServicer):
     def __init__(self, target: LoadedModel, config: CloudConfig, hooks: "CloudHooks | None" = None) -> None:
+        if isinstance(target.model, GgufModel):  # a GGUF loaded for llama.cpp: that is the engine, whatever was said
+            config = dataclasses.replace(config, engine="llama.cpp")
+            uses_static_engine(config)  # --batching on refused, with the reason
         self.target, self.config = target, config
         self.hooks = hooks  # tests only: deterministic delays on outgoing messages
         num_layers = int(target.model.config.num_hidden_layers)
         self.info = TargetInfo(config.target, int(target.model.config.vocab_size), tokenizer_fingerprint(target.tokenizer),
-                               eos_token_ids(target.model, target.tokenizer), num_layers)
+                               eos_token_ids(target.model, target.tokenizer), num_layers,
+                               early_exits=not isinstance(target.model, GgufModel))
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
         self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
         self.engine = make_engine(target, config)  # None: each session gets transformers' own cache
@@ -232,7 +255,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     meter.received(first)
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
                                         spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold,
-                                        self._engine_slot())
+                                        self._engine_slot(), self._session_tokens(spec.state))
                     lane = self.worker.lane()
                     session = CloudSession(sid, spec, cache, lane, self.config, self.info.vocab_size,
                                            self.hooks, meter)
@@ -277,6 +300,11 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             elif ended_by_edge:
                 log.info("session %s ended by the edge's side after %d tokens", sid, len(state.generated))
 
+    def _session_tokens(self, state: SessionState) -> int:
+        """The most tokens a session's cache holds: its prompt, its budget and one draft batch past it (what a
+        llama.cpp context is sized for)."""
+        return len(state.prompt_ids) + state.max_new_tokens + self.config.max_draft_len + 1
+
     def _engine_slot(self) -> StaticBackend | None:
         if self.engine is None:
             return None
@@ -305,7 +333,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 with self.metrics.session(CLOUD_ONLY, state) as meter:
                     meter.received(request)
                     cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
-                                        backend=self._engine_slot())
+                                        backend=self._engine_slot(), n_ctx=self._session_tokens(state))
                     lane = self.worker.lane()
                     try:
                         async with contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks:
@@ -319,20 +347,25 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
 
     async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache, lane: Lane,
                             meter: SessionMeter) -> AsyncIterator[pb.TokenChunk]:
-        """CloudGenerate after its slot: prefill, then one decode step per token, each streamed.
+        """CloudGenerate after its slot: the prompt and the first token in one pass, then one decode step per token,
+        each streamed. (One pass, as a plain engine does it: llama.cpp's logits depend on how tokens are batched, so
+        the prompt's last position must be computed with the prompt to match llama.cpp's own generation.)
 
         The next token's step is queued before this token's chunk is written, so the model never waits for a write
         (with batching, a session whose row missed a pass would wait a whole pass). A step the call's end leaves
         running still ends before the cache's close (the lane runs them in order); its result is dropped."""
-        prefill_s = await lane.run(cache.prefill, list(state.tokens))
-        log.info("cloud-only session %s: %d prompt tokens, prefill %.3fs", sid, len(state.prompt_ids),
-                 prefill_s)
-        step = asyncio.ensure_future(lane.run(cache.decode_next, list(state.tokens)))
+        step = asyncio.ensure_future(lane.run(cache.prefill_with_first_token, list(state.tokens)))
+        prefill_s = None
         try:
             while state.finished is None:
                 if self.shutdown_refusal is not None:
                     raise self.shutdown_refusal
                 token, dt = await step
+                if prefill_s is None:  # the first token came with the prefill's pass
+                    prefill_s, dt = dt, 0.0
+                    log.info("cloud-only session %s: %d prompt tokens, prefill and first token %.3fs", sid,
+                             len(state.prompt_ids), prefill_s)
+                meter.on_compute(dt)
                 c = state.commit((), 0, token, rejected=False)
                 if state.finished is None:
                     step = asyncio.ensure_future(lane.run(cache.decode_next, list(state.tokens)))

@@ -255,6 +255,7 @@ class CloudSession:
             waited = ended - self.arrived_while_decoding if self.arrived_while_decoding else 0.0
             self.decoding_since = self.arrived_while_decoding = None
         self.decode_step.add(ended - started)  # the worker's time for it, queueing behind other sessions included
+        self.meter.on_compute(dt)  # spent whether or not its token is still at the front
         st = self.state
         if st.committed_len != len(committed) or st.awaiting_resolution or st.finished:
             return  # the edge's correction arrived meanwhile: this token is not at the front

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from picospec.cloud_server.drafts import DraftRun
-from picospec.shared.backend import HFBackend, PrefixCache
+from picospec.shared.backend import HFBackend, PrefixCache, make_backend
 from picospec.shared.early_exit import ExpectedOutcome, expected_outcome
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.schemes import OpenRejection, scheme
@@ -60,9 +60,11 @@ class TargetCache:
         exit_layer: int = 0,
         exit_threshold: float = 1.0,
         backend: PrefixCache | None = None,
+        n_ctx: int = 0,
     ) -> None:
-        # a slot of the static engine (--engine static), else transformers' own cache over `model`
-        self.backend = backend if backend is not None else HFBackend(model, device)
+        # a slot of the static engine (--engine static), else a cache over `model` of its own: transformers', or a
+        # llama.cpp context sized to the session's n_ctx tokens (--engine llama.cpp)
+        self.backend = backend if backend is not None else make_backend(model, device, n_ctx=n_ctx)
         self.exit_layer = exit_layer          # early-exit hints after this layer (0 = none)
         self.exit_threshold = exit_threshold  # ... when the tentative confidence reaches this
         self.params = params

@@ -31,6 +31,7 @@ TABLE_ROWS = [
     ("bytes down / token", "bytes_down_per_token", "{:,.0f}"),
     ("edge busy fraction", "edge_busy_fraction", "{:.2f}"),
     ("cloud busy fraction", "cloud_busy_fraction", "{:.2f}"),
+    ("cloud compute / token (ms)", "cloud_ms_per_token", "{:.1f}"),
     ("wasted draft tokens", "wasted_draft_tokens", "{}"),
     ("cloud's own tokens (decode-ahead)", "cloud_tokens", "{}"),
     ("pipeline bubbles (s)", "pipeline_bubble_s", "{:.2f}"),
@@ -133,9 +134,15 @@ async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
 def load_draft(config: EdgeConfig) -> Any:
     """The draft model on config.device with config.threads torch threads (torch is imported here, not at start-up,
     so a front end can say what it is doing first). Used by the CLI, `chat` and `serve`."""
+    from picospec.shared.models import ModelError, load_gguf_model, load_model, resolve_engine
+    engine = resolve_engine(config.draft, config.draft_engine)
+    if engine == "llama.cpp":
+        if config.device != "cpu":
+            raise ModelError(f"--draft-engine llama.cpp runs on the cpu here, not {config.device!r}")
+        from picospec.shared.llama_backend import default_threads
+        return load_gguf_model(config.draft, threads=config.threads or default_threads())
     import torch
 
-    from picospec.shared.models import load_model
     if config.threads:
         torch.set_num_threads(config.threads)
     return load_model(config.draft, device=config.device)

@@ -399,7 +399,7 @@ class EdgeClient:
         """The draft decodes alone, one token per chunk: `edge` mode, and the draft-only stretch of a partition,
         where `rejoin` says how the background reconnect stands and a connected one ends the stretch
         (resume.after_draft_token)."""
-        drafter = Drafter(self.draft.model, params, cfg.device)
+        drafter = Drafter(self.draft.model, params, cfg.device, n_ctx=len(prompt) + cfg.max_new_tokens + 1)
         eos = frozenset() if cfg.ignore_eos else eos_token_ids(self.draft.model, self.draft.tokenizer)
         state = SessionState(prompt, cfg.max_new_tokens, eos, drafter.vocab_size)
         stats.prefill_edge_s += await self._run(drafter.prefill, prompt)
@@ -423,7 +423,10 @@ class EdgeClient:
                             draft_confidence=cfg.draft_confidence, cloud_max_draft_len=info.max_draft_len,
                             cloud_exit_layer=info.default_exit_layer, tree_budget=cfg.tree_budget)
         drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify_scheme.gumbel_drafts,
-                          logits_width=self.logits_width)
+                          logits_width=self.logits_width,
+                          n_ctx=len(prompt) + cfg.max_new_tokens + 4 * max(cfg.max_draft_len, cfg.tree_budget) + 64)
+        if plan.tree_budget and not drafter.supports_trees:
+            raise ValueError("token trees (--tree-budget) need --draft-engine torch: the llama.cpp draft drafts chains")
         stats.drafter = drafter
         hello = self._hello(prompt, params, cfg, cfg.verify)
         hello.decode_ahead = plan.decode_ahead

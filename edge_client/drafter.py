@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from picospec.shared.backend import HFBackend
+from picospec.shared.backend import HFBackend, make_backend
 from picospec.shared.codec import Precision, quantize
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
@@ -41,8 +41,10 @@ class DraftResult:
 
 class Drafter:
     def __init__(self, model: torch.nn.Module, params: SamplingParams, device: str = "cpu",
-                 precision: Precision = Precision.F32, gumbel: bool = False, logits_width: int = 0) -> None:
-        self.backend = HFBackend(model, device, logits_width)  # the target's width when the draft's differs
+                 precision: Precision = Precision.F32, gumbel: bool = False, logits_width: int = 0,
+                 n_ctx: int = 0) -> None:
+        # the target's width when the draft's differs; n_ctx: the tokens a llama.cpp draft's context is sized for
+        self.backend = make_backend(model, device, logits_width, n_ctx)
         self.params = params
         self.precision = precision
         self.gumbel = gumbel  # coupled mode: Gumbel-max with the noise the cloud will use
@@ -53,6 +55,11 @@ class Drafter:
     @property
     def vocab_size(self) -> int:
         return self.backend.vocab_size
+
+    @property
+    def supports_trees(self) -> bool:
+        """Token trees need a cache that masks per node and gathers a path: transformers' (shared/tree_cache.py)."""
+        return isinstance(self.backend, HFBackend)
 
     def prefill(self, prompt_ids: Sequence[int]) -> float:
         t0 = time.perf_counter()

@@ -281,6 +281,8 @@ def timings(stats: Mapping[str, Any], seed: int) -> dict[str, Any]:
         "draft_n": stats["drafted_tokens"], "draft_n_accepted": stats["accepted_tokens"],
         "rounds": stats["rounds"], "mean_accepted_len": stats["mean_accepted_len"],
         "cloud_tokens": stats["cloud_tokens"],
+        # what the cloud's operator pays: its compute (passes and decode steps, prefill apart) per generated token
+        "cloud_ms_per_token": stats.get("cloud_ms_per_token"),
         "bytes_up": stats["bytes_up"], "bytes_down": stats["bytes_down"],
         "mode": stats["mode"], "verify_mode": stats["verify_mode"], "exact": stats["exact"], "seed": seed,
         # --on-partition edge: generated positions [start, end) the draft made alone while the cloud was unreachable

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The demo: a cloud server and an edge client on one core each (one torch thread each), one chat prompt in
-# `cloud`, `sync` and `pipeline` modes, text streamed as it commits, then the two runs' statistics side by side.
+# The demo: a cloud server and an edge client on one core each (one thread each), one chat prompt. First the fastest
+# cloud alone outside this project (llama.cpp running the target's GGUF by itself on the cloud's core), then the
+# project's `cloud` (the target alone through the cloud), the default (`pipeline`) and the paper's `picospec`, text
+# streamed as it commits, and the runs' statistics side by side, cloud compute per token included.
 set -euo pipefail
 PORT=${PICOSPEC_DEMO_PORT:-50151}
 TARGET=${PICOSPEC_TARGET:-qwen2.5-coder-1.5b-instruct}
-DRAFT=${PICOSPEC_DRAFT:-qwen2.5-coder-0.5b-instruct:int8}
+DRAFT=${PICOSPEC_DRAFT:-qwen2.5-coder-0.5b-instruct}
 PROMPT=${PICOSPEC_PROMPT:-Write a Python function that checks whether a string is a palindrome.}
 MAX_NEW=${PICOSPEC_MAX_NEW_TOKENS:-96}
-MODES=${PICOSPEC_DEMO_MODES:-cloud,sync,pipeline}
+MODES=${PICOSPEC_DEMO_MODES:-cloud,pipeline,picospec}
 
 # one core each when there are two; both share core 0 on a single-core machine
 CLOUD_CPU=$(( $(nproc) > 1 ? 1 : 0 ))
@@ -23,6 +25,13 @@ for _ in $(seq 1 600); do
   sleep 1
 done
 grep -q "serving" "$LOG" || { cat "$LOG" >&2; echo "demo: the cloud did not come up in 600 s" >&2; exit 1; }
+
+# the reference a CPU user has without this project: llama.cpp alone on the target's GGUF, the same core and prompt
+if python -c "import llama_cpp" 2>/dev/null; then
+  echo "demo: llama.cpp alone ($TARGET's GGUF, core $CLOUD_CPU, greedy, $MAX_NEW tokens)" >&2
+  taskset -c "$CLOUD_CPU" python -m picospec.bench.llama_alone --target "$TARGET" --threads 1 \
+    --max-new-tokens "$MAX_NEW" --chat-prompt "$PROMPT" --summary
+fi
 
 echo "demo: edge ($DRAFT, core 0), modes $MODES" >&2
 taskset -c 0 picospec-edge --server "127.0.0.1:$PORT" --draft "$DRAFT" --threads 1 --chat \

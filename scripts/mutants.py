@@ -105,6 +105,20 @@ MUTANTS: list[Mutant] = [
          "tests/test_batching.py::test_a_call_ended_with_a_step_in_flight_closes_its_cache_after_that_step"),
     ),
     Mutant(
+        "l1", "llama.cpp rollback keeps the rejected drafts' cache entries (no sequence removal)",
+        "shared/llama_backend.py",
+        "        if not self._ctx.kv_cache_seq_rm(0, length, -1):\n",
+        "        if False and not self._ctx.kv_cache_seq_rm(0, length, -1):\n",
+        ("tests/test_llama_cpp.py::test_rollback_storm_matches_a_fresh_cache",),
+    ),
+    Mutant(
+        "l2", "llama.cpp logits returned for the first positions of a pass instead of the last",
+        "shared/llama_backend.py",
+        "            first_out = max(0, n - keep - start)  # this piece's first position whose logits are wanted\n",
+        "            first_out = 0 if start == 0 else n  # the piece's first positions (wrong rows)\n",
+        ("tests/test_llama_cpp.py::test_backend_logits_equal_llama_cpp_own",),
+    ),
+    Mutant(
         "d", "dense bonus token drawn from q instead of p",
         "shared/verify.py",
         "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",

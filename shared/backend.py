@@ -78,6 +78,16 @@ class PrefixCache:
         return self.forward(sequence[keep:], num_logits=len(sequence) - first)
 
 
+def make_backend(model: object, device: str | torch.device = "cpu", logits_width: int = 0,
+                 n_ctx: int = 0) -> PrefixCache:
+    """A KV cache over `model`: llama.cpp's for a GGUF (n_ctx: the most tokens it will hold), else transformers'."""
+    from picospec.shared.llama_backend import GgufModel  # imports llama_cpp only when a GGUF is loaded
+
+    if isinstance(model, GgufModel):
+        return model.backend(logits_width, n_ctx)
+    return HFBackend(model, device, logits_width)
+
+
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name the model's forward takes its KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the
     old name warns until 5.40 drops it). Both the pinned version (constraints.txt) and later ones work."""
@@ -128,7 +138,7 @@ class HFBackend(PrefixCache):
             logits_to_keep=num_logits if 0 < num_logits < n else 0,
         )
         self.tokens.extend(int(t) for t in token_ids)
-        return _fit_width(out.logits[0].float(), self.vocab_size)  # [n or num_logits, V]
+        return fit_width(out.logits[0].float(), self.vocab_size)  # [n or num_logits, V]
 
     @property
     def num_layers(self) -> int:
@@ -157,7 +167,7 @@ class HFBackend(PrefixCache):
         self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5
 
 
-def _fit_width(logits: torch.Tensor, width: int) -> torch.Tensor:
+def fit_width(logits: torch.Tensor, width: int) -> torch.Tensor:
     """logits [n, V_own] cut or padded with -inf to [n, width]."""
     own = logits.shape[-1]
     if own == width:

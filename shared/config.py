@@ -62,10 +62,13 @@ class CloudConfig(ServingLimits):
                           "(transformers' device_map via accelerate: auto, or balanced; none = all of it on --device, "
                           "which a map replaces); not with :int8", choices=DEVICE_MAPS)
     dtype: str = opt("float32", "weights dtype", choices=("float32", "float16", "bfloat16"))
-    threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+    threads: int = opt(0, "torch intra-op threads, or llama.cpp's (0 = torch default; llama.cpp: the cores this process "
+                       "may use)")
     engine: str = opt("auto", "target backend: static (preallocated KV slots, CUDA graphs per pass size on a GPU), hf "
-                      "(transformers' own cache), auto = static on cuda or with --batching on, else hf",
-                      choices=("auto", "static", "hf"))
+                      "(transformers' own cache), llama.cpp (the GGUF as shipped, on the CPU: a built-in name or a .gguf "
+                      "path; each session its own llama.cpp context), auto = static on cuda or with --batching on, llama.cpp on a "
+                      "cpu for a GGUF target when llama-cpp-python is installed, else hf",
+                      choices=("auto", "static", "hf", "llama.cpp"))
     batching: str = opt("auto", "verify every session's ready drafts in one pass of the static engine (on), or each "
                         "session's passes one after another (off); auto = on with the static engine",
                         choices=("auto", "on", "off"))
@@ -110,7 +113,7 @@ class CloudConfig(ServingLimits):
 class EdgeConfig:
     server: str = opt("localhost:50051", "cloud address host:port; several replicas of one target: host:port,host:port "
                        "or a gRPC target such as dns:///name:port, balanced round_robin (deploy/README.md)")
-    draft: str = opt("qwen2.5-coder-0.5b-instruct:int8", "draft model name (see README: models)")
+    draft: str = opt("qwen2.5-coder-0.5b-instruct", "draft model name (see README: models)")
     mode: str = opt("pipeline", "decoding mode: cloud, edge, sync, early-exit, pipeline, picospec (the paper's; APPROXIMATE); "
                     "a comma-separated list runs each and prints a table")
     verify: str = opt("coupled", "verification mode: coupled (the default: exact, token ids only each way), dense (exact, "
@@ -138,8 +141,13 @@ class EdgeConfig:
     top_p: float = opt(1.0, "top-p (nucleus) cut before sampling; 1 = off")
     seed: int = opt(0, "session seed: randomness is a pure function of (seed, position)")
     ignore_eos: bool = opt(False, "keep generating past end-of-sequence tokens (benchmarks, tests)")
+    draft_engine: str = opt("auto", "what runs the draft: llama.cpp (the GGUF as shipped, no float32 copy; a built-in "
+                            "name or a .gguf path), torch (transformers; needed for :int8, :layers=N and token trees), "
+                            "auto = llama.cpp where the draft is a GGUF and llama-cpp-python is installed, else torch",
+                            choices=("auto", "llama.cpp", "torch"))
     device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))
-    threads: int = opt(0, "torch intra-op threads (0 = torch default)")
+    threads: int = opt(0, "torch intra-op threads, or llama.cpp's (0 = torch default; llama.cpp: the cores this process "
+                       "may use)")
     compress: bool = opt(True, "zstd-compress distribution payloads")
     tls: bool = opt(False, "talk TLS to the cloud (implied by --tls-ca; without --tls-ca the system's roots verify it)")
     tls_ca: str = opt("", "PEM CA certificates that verify the cloud's certificate")

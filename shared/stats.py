@@ -211,6 +211,8 @@ class GenerationStats:
             "estimates": self.estimates.to_dict(),
             "edge_compute_s": self.draft_s + self.prefill_edge_s,
             "cloud_compute_s": self.cloud_s + self.prefill_cloud_s,
+            # what an operator pays per token: the cloud's passes and decode steps (prefill apart), per token generated
+            "cloud_ms_per_token": 1e3 * self.cloud_s / self.generated if self.generated else None,
             "reconnects": self.reconnects,
             "reconnect_s": self.reconnect_s,
             "draft_only_tokens": self.draft_only,

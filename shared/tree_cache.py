@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from picospec.shared.backend import HFBackend, _fit_width
+from picospec.shared.backend import HFBackend, fit_width
 from picospec.shared.trees import ROOT, ancestor_mask, depths_of
 
 
@@ -57,7 +57,7 @@ class TreeKV:
                       cache_position=slots, attention_mask=mask[None, None].to(b.device))
         self.tokens.extend(int(t) for t in tokens)
         self.parents = all_parents
-        return _fit_width(out.logits[0].float(), b.vocab_size)  # [n, V]
+        return fit_width(out.logits[0].float(), b.vocab_size)  # [n, V]
 
     def keep(self, path: Sequence[int]) -> None:
         """Keep the linear part and the nodes of `path` (root-descending indices), in that order; drop the rest."""

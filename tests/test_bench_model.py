@@ -79,10 +79,29 @@ def test_default_column_overrides_nothing_and_follows_the_edge_defaults(monkeypa
 
 def test_default_columns_are_the_goals_columns():
     cols = parse_columns(DEFAULT_COLUMNS)
-    assert [c.label for c in cols] == ["cloud", "sync", "picospec", "default", "best"]
-    assert cols[1] == Column("sync", "sync", "dense")
-    assert cols[4] == Column("best", "pipeline", "coupled", None, 0) and cols[4].exact
-    assert not cols[2].exact
+    assert [c.label for c in cols] == ["llama.cpp", "cloud", "sync", "picospec", "default", "best"]
+    assert cols[0] == Column("llama.cpp", "llama.cpp") and cols[0].exact
+    assert cols[2] == Column("sync", "sync", "dense")
+    assert cols[5] == Column("best", "pipeline", "coupled", None, 0) and cols[5].exact
+    assert not cols[3].exact
+    with pytest.raises(ValueError, match="takes no verify"):
+        parse_columns("llama.cpp:coupled")
+
+
+def test_ratios_are_against_the_fastest_cloud_alone_and_cost_against_its_cost():
+    """llama.cpp alone decodes faster than the project's cloud here, cloud alone starts sooner: each ratio takes the
+    faster baseline for its own metric; the cost ratio takes the cost of the one that decodes fastest."""
+    def rec(col, mode, e2e, decode, cost):
+        return {"temperature": 0.0, "rtt_ms": 0.0, "mbit": None, "column": col, "mode": mode, "tokens_per_s": e2e,
+                "decode_tokens_per_s": decode, "cloud_ms_per_token": cost}
+    samples = [rec("llama.cpp", "llama.cpp", 9.0, 10.0, 100.0), rec("cloud", "cloud", 9.5, 8.0, 125.0),
+               rec("ours", "pipeline", 12.0, 15.0, 60.0)]
+    rows = {r["column"]: r for r in aggregate(samples, keys=("tokens_per_s", "decode_tokens_per_s",
+                                                              "cloud_ms_per_token"))}
+    ours = rows["ours"]
+    assert ours["decode_speedup_vs_cloud"] == pytest.approx(1.5) and ours["speedup_vs_cloud"] == pytest.approx(12 / 9.5)
+    assert ours["baseline"] == "llama.cpp" and ours["cloud_cost_vs_cloud"] == pytest.approx(0.6)
+    assert rows["cloud"]["decode_speedup_vs_cloud"] == pytest.approx(0.8)
 
 
 def test_cells_parse_in_running_order_and_the_defaults_are_the_three_goal_cells():
@@ -182,10 +201,12 @@ def test_main_table_holds_the_three_medians_and_both_ratios():
     t = main_table(rows, ["cloud", "best", "pico", "sync"])
     head = t.splitlines()[0]
     assert [h.strip() for h in head.strip("|").split("|")][3:] == ["decode tok/s", "TTFT s", "e2e tok/s",
-                                                                    "decode x cloud", "e2e x cloud"]
+                                                                    "decode x fastest alone", "e2e x fastest alone",
+                                                                    "cloud ms/token", "cloud cost x alone"]
     best = next(line for line in t.splitlines() if "| best" in line)
-    assert [c.strip() for c in best.strip("|").split("|")][3:] == ["5.00†", "0.750", "3.00†", "2.00x", "1.50x"]
-    assert "pico APPROX." in t and t.count("| skip") == 5 and "50 (50.3)" in t
+    assert [c.strip() for c in best.strip("|").split("|")][3:] == ["5.00†", "0.750", "3.00†", "2.00x", "1.50x", "-",
+                                                                   "-"]
+    assert "pico APPROX." in t and t.count("| skip") == 7 and "50 (50.3)" in t
 
 
 def test_report_has_a_block_per_temperature_and_names_what_default_ran():

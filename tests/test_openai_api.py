@@ -118,7 +118,7 @@ def test_json_bodies():
 STATS = {"mode": "sync", "verify_mode": "dense", "exact": True, "prompt_tokens": 5, "generated_tokens": 4,
          "wall_s": 2.0, "ttft_s": 0.5, "tokens_per_s": 2.0, "decode_tokens_per_s": 2.0, "drafted_tokens": 6,
          "accepted_tokens": 3, "rounds": 2, "mean_accepted_len": 2.0, "cloud_tokens": 0, "bytes_up": 100,
-         "bytes_down": 50}
+         "bytes_down": 50, "cloud_ms_per_token": 80.5}
 
 
 def test_timings_follow_llama_cpp_and_add_ours():
@@ -127,6 +127,7 @@ def test_timings_follow_llama_cpp_and_add_ours():
             t["predicted_per_second"]) == (5, 500.0, 4, 2000.0, 500.0, 2.0)
     assert (t["draft_n"], t["draft_n_accepted"], t["bytes_up"], t["bytes_down"], t["mode"], t["seed"]) == \
         (6, 3, 100, 50, "sync", 7)
+    assert t["cloud_ms_per_token"] == 80.5
     empty = api.timings({**STATS, "generated_tokens": 0, "ttft_s": None, "tokens_per_s": 0.0}, seed=0)
     assert empty["predicted_per_token_ms"] is None and empty["prompt_ms"] is None
 

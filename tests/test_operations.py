@@ -171,7 +171,15 @@ def test_metrics_match_the_generations(tiny_target, tiny_draft):
         assert total(s, "picospec_cloud_queue_seconds_count", mode=verify) == st["rounds"]
         assert total(s, "picospec_cloud_bytes_received_total", mode=verify) > 0
         assert total(s, "picospec_cloud_bytes_sent_total", mode=verify) > 0
+        # the cloud's compute: every verdict's model time the edge was told of, plus decode-ahead steps whose token
+        # came too late to be committed (the edge never hears of those)
+        compute = total(s, "picospec_cloud_compute_seconds_total", mode=verify)
+        told = st["cloud_ms_per_token"] * st["generated_tokens"] / 1e3  # the verdicts' model time, prefill apart
+        assert compute >= told - 1e-9 and compute > 0
     assert stats["dense"]["rounds"] > 0  # sync: every token after the first comes from a pass
+    # sync has no decode-ahead: its compute is exactly its passes' model time, as the edge was told
+    assert total(s, "picospec_cloud_compute_seconds_total", mode="dense") == pytest.approx(
+        total(s, "picospec_cloud_pass_seconds_sum", mode="dense"), rel=1e-9)
     # pipeline: passes, or tokens the cloud decoded ahead while drafts were on their way (on a loaded machine, all)
     assert stats["coupled"]["rounds"] + stats["coupled"]["cloud_tokens"] > 0
     dense = stats["dense"]

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from picospec.shared.backend import PrefixCache, _fit_width
+from picospec.shared.backend import PrefixCache, fit_width
 from picospec.shared.engine.model import PREFILL_CHUNK, ExitHook, Row, StaticEngine
 
 
@@ -48,7 +48,7 @@ class StaticBackend(PrefixCache):
             self.truncate(len(self.tokens) - k)
             logits = self.passes(Row(self.slot, ids[-k:], self.length, k, self._exit))
             self.tokens.extend(ids[-k:])
-        return _fit_width(logits, self.vocab_size)
+        return fit_width(logits, self.vocab_size)
 
     def _drop_after(self, length: int) -> None:
         """Nothing: keys past `length` are never read and the next tokens there overwrite them."""
@@ -94,7 +94,7 @@ class StaticTreeKV:
         b = self.backend
         logits = b.passes(Row(b.slot, [int(t) for t in tokens], self.base, 0, None, list(parents)))
         self.tokens = [int(t) for t in tokens]
-        return _fit_width(logits, b.vocab_size)
+        return fit_width(logits, b.vocab_size)
 
     def keep(self, path: Sequence[int]) -> None:
         """Keep the nodes of `path` (root-descending indices) after the backend's tokens; drop the rest."""

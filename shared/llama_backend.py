@@ -1,0 +1,242 @@
+"""llama.cpp as a model backend: a GGUF file run as shipped (no float32 copy), behind the same KV-cache interface.
+
+Terms:
+  * `GgufModel` is the weights, loaded once per process (memory-mapped, shared by every session);
+  * `LlamaCppBackend` is one sequence's KV cache over them: a llama.cpp context of its own (sequence 0), created on
+    the first `reset` with room for the tokens it will hold. Rollback is llama.cpp's sequence removal
+    (`llama_memory_seq_rm` of the positions past the kept prefix): O(1) bookkeeping, no recompute.
+
+The logits come back as float32 torch tensors [n, V], so the sampling, the schemes and the codecs are the same code
+whatever engine ran the pass. llama-cpp-python is imported only when a GGUF is loaded: torch-only installs never need
+it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from picospec.shared.backend import PrefixCache, fit_width
+
+GGUF_MAGIC = b"GGUF"
+N_BATCH = 512           # tokens per llama_decode call: a longer forward (a prompt) goes in pieces of this
+CTX_ROUND = 256         # contexts are sized in multiples of this many tokens
+DEFAULT_N_CTX = 4096    # a backend that is not told how long its sequence gets
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a file, a context or a decode; the message says which and why."""
+
+
+def llama_cpp_module():
+    """llama_cpp, or a LlamaCppError that says how to install it (the edge and cloud may run without it)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise LlamaCppError("the llama.cpp engine needs llama-cpp-python: `make install` builds it, or "
+                            "pip install llama-cpp-python (see README: engines)") from e
+    return llama_cpp
+
+
+def check_gguf_header(path: Path) -> None:
+    """A clear error for a path that is not a GGUF file, before llama.cpp (which only says 'failed') reads it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LlamaCppError(f"{path}: cannot read the GGUF file: {e.strerror}") from e
+    if magic != GGUF_MAGIC:
+        raise LlamaCppError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_SILENT_LOG = None  # llama.cpp's log callback, set once
+
+
+def _init_llama_cpp(llama_cpp) -> None:
+    """llama_backend_init once per process, with llama.cpp's own logging silenced (it writes to stderr)."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            global _SILENT_LOG
+            llama_cpp.llama_backend_init()
+            # kept referenced for the process's life: llama.cpp calls it from C
+            _SILENT_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+            llama_cpp.llama_log_set(_SILENT_LOG, ctypes.c_void_p(0))
+            _backend_ready = True
+
+
+@dataclass(frozen=True)
+class GgufConfig:
+    """What the rest of the code reads of a model's config (as transformers' `model.config`)."""
+
+    vocab_size: int          # logits width: every entry of the GGUF's token list (Qwen pads past its tokenizer)
+    num_hidden_layers: int
+    name_or_path: str
+
+
+@dataclass(frozen=True)
+class GgufGenerationConfig:
+    eos_token_id: tuple[int, ...]
+
+
+@dataclass
+class GgufModel:
+    """A GGUF file loaded by llama.cpp on the CPU. `backend()` gives each session its own KV cache over it."""
+
+    path: Path
+    threads: int = 1
+    config: GgufConfig = field(init=False)
+    generation_config: GgufGenerationConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        check_gguf_header(self.path)
+        lc = llama_cpp_module()
+        _init_llama_cpp(lc)
+        from llama_cpp import _internals
+
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = 0
+        try:
+            self._model = _internals.LlamaModel(path_model=str(self.path), params=params, verbose=False)
+        except ValueError as e:
+            raise LlamaCppError(f"{self.path}: llama.cpp could not load it (truncated, corrupt, or an architecture "
+                                f"this llama.cpp does not know): {e}") from e
+        vocab = self._model.vocab
+        eos = {int(lc.llama_vocab_eos(vocab))} - {-1}
+        self.config = GgufConfig(int(lc.llama_vocab_n_tokens(vocab)), int(lc.llama_model_n_layer(self._model.model)),
+                                 str(self.path))
+        self.generation_config = GgufGenerationConfig(tuple(sorted(eos)))
+
+    def backend(self, logits_width: int = 0, n_ctx: int = 0) -> "LlamaCppBackend":
+        return LlamaCppBackend(self, logits_width, n_ctx)
+
+    def new_context(self, n_ctx: int):
+        """A llama.cpp context for one sequence of at most n_ctx tokens (its KV cache allocated now)."""
+        lc = llama_cpp_module()
+        from llama_cpp import _internals
+
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = min(N_BATCH, n_ctx)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.threads
+        params.no_perf = True
+        # flash attention accumulates in float16 on the CPU: off, so a position's logits barely depend on how the
+        # tokens were batched (they moved by up to 1.7 with it on), and match llama-cpp-python's own `Llama`
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        try:
+            return _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        except ValueError as e:
+            raise LlamaCppError(f"llama.cpp could not make a {n_ctx}-token context for {self.path.name}: {e}") from e
+
+    def eval(self) -> "GgufModel":  # the torch model's interface where callers use it
+        return self
+
+
+class LlamaCppBackend(PrefixCache):
+    """One sequence's KV cache in a llama.cpp context of its own. Not thread-safe: one caller at a time."""
+
+    def __init__(self, model: GgufModel, logits_width: int = 0, n_ctx: int = 0) -> None:
+        """logits_width: as HFBackend's (the session's width when this model's differs). n_ctx: the most tokens the
+        sequence should hold (the context is sized to it, rounded up; a longer sequence moves to a larger context)."""
+        self.model = model
+        self.own_width = model.config.vocab_size
+        self.vocab_size = logits_width or self.own_width
+        self.n_ctx = -(-(n_ctx or DEFAULT_N_CTX) // CTX_ROUND) * CTX_ROUND
+        self.tokens: list[int] = []
+        self._ctx = None
+        self._batch = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def reset(self) -> None:
+        self.tokens = []
+        if self._ctx is None:
+            from llama_cpp import _internals
+
+            self._ctx = self.model.new_context(self.n_ctx)
+            self._batch = _internals.LlamaBatch(n_tokens=min(N_BATCH, self.n_ctx), embd=0, n_seq_max=1, verbose=False)
+        else:
+            self._ctx.kv_cache_clear()
+
+    def close(self) -> None:
+        """Free the context (its KV cache); a later reset makes a new one."""
+        for part in (self._batch, self._ctx):
+            if part is not None:
+                part.close()
+        self._batch = self._ctx = None
+        self.tokens = []
+
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
+        """Append tokens to the cache; float32 logits [num_logits or n, V] for the last num_logits of them (0 = all)."""
+        if self._ctx is None:
+            self.reset()
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if self.length + n > self.n_ctx:
+            self._grow(self.length + n)
+        keep = n if not 0 < num_logits < n else num_logits
+        ids = [t if 0 <= t < self.own_width else 0 for t in token_ids]  # a padding id past this model's width: as HF
+        rows: list[np.ndarray] = []
+        for start in range(0, n, N_BATCH):
+            piece = ids[start:start + N_BATCH]
+            first_out = max(0, n - keep - start)  # this piece's first position whose logits are wanted
+            rows.append(self._decode(piece, self.length + start, first_out))
+        self.tokens.extend(int(t) for t in token_ids)
+        logits = torch.from_numpy(np.concatenate([r for r in rows if len(r)]))  # [keep, V_own]
+        return fit_width(logits, self.vocab_size)
+
+    def _grow(self, needed: int) -> None:
+        """A context at least twice as large, the held tokens run into it again: rare (n_ctx is sized to the session),
+        and it keeps a sequence longer than foreseen working rather than failing it."""
+        held = list(self.tokens)
+        self.close()
+        self.n_ctx = -(-max(needed, 2 * self.n_ctx) // CTX_ROUND) * CTX_ROUND
+        self.reset()
+        if held:
+            self.forward(held, num_logits=1)
+
+    def _decode(self, piece: list[int], pos0: int, first_out: int) -> np.ndarray:
+        """One llama_decode of `piece` at positions pos0..; logits [outputs, V_own] of its positions from first_out."""
+        b = self._batch.batch
+        b.n_tokens = len(piece)
+        for i, t in enumerate(piece):
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos0 + i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= first_out
+        code = llama_cpp_module().llama_decode(self._ctx.ctx, b)
+        if code != 0:
+            raise LlamaCppError(f"llama_decode returned {code} for {len(piece)} tokens at position {pos0}")
+        outputs = max(0, len(piece) - first_out)
+        if outputs == 0:
+            return np.zeros((0, self.own_width), dtype=np.float32)
+        ptr = self._ctx.get_logits()
+        return np.ctypeslib.as_array(ptr, shape=(outputs * self.own_width,)).reshape(outputs, self.own_width).copy()
+
+    def _drop_after(self, length: int) -> None:
+        if not self._ctx.kv_cache_seq_rm(0, length, -1):
+            raise LlamaCppError(f"llama.cpp could not drop the cache past position {length}")
+
+    @contextlib.contextmanager
+    def early_exit(self, layer: int, rows: int, on_logits: Callable[[torch.Tensor], None]) -> Iterator[None]:
+        raise LlamaCppError("early-exit hints need the torch engine (--engine hf or static): llama.cpp runs the "
+                            "layers as one graph")
+        yield  # pragma: no cover
+
+
+def default_threads() -> int:
+    """llama.cpp threads when none are asked for: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

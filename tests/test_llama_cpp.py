@@ -1,0 +1,303 @@
+"""The llama.cpp engine (shared/llama_backend.py): a GGUF run as shipped, as the draft and as the target.
+
+References are independent of the backend under test: llama-cpp-python's own `Llama` over the same file
+(tests/llama_reference.py) for logits, greedy generation and the output law; transformers for the torch side.
+SmolLM2-135M (98 MB) carries most tests; the default Qwen pair (a real 0.5B draft for the 1.5B) the law test with
+real disagreement between draft and target.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import grpc
+import pytest
+import torch
+
+from picospec.bench.jitter import Jitter
+from picospec.shared.backend import HFBackend, make_backend
+from picospec.shared.llama_backend import GgufModel, LlamaCppBackend
+from picospec.shared.models import (ModelError, gguf_file, is_gguf_name, load_gguf_model, load_model,
+                                    resolve_engine)
+from tests.conftest import edge, run, serving
+from tests.law import T1, LawCheck
+from tests.llama_reference import BATCH_NOISE, LlamaReference
+
+SMOL = "smollm2-135m-instruct"
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,")
+skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1",
+                                reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+
+
+@pytest.fixture(scope="module")
+def smol_gguf():
+    return load_gguf_model(SMOL, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol_reference():
+    return LlamaReference(gguf_file(SMOL, progress=False))
+
+
+@pytest.fixture(scope="module")
+def smol_torch_draft():
+    """The torch target's first 8 layers: a draft that disagrees with SmolLM2 often (rejections on every prompt)."""
+    return load_model(f"{SMOL}:layers=8", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- the backend
+
+def test_backend_logits_equal_llama_cpp_own(smol_gguf, smol_reference):
+    ids = smol_gguf.tokenizer(PROMPTS[2])["input_ids"]
+    b = smol_gguf.model.backend(n_ctx=64)
+    b.reset()
+    ours = torch.cat([b.forward(ids[:5]), b.forward(ids[5:9], num_logits=2), b.forward(ids[9:])])  # [n - 2, V]
+    ref = smol_reference(torch.tensor([ids])).logits[0]                                             # [n, V]
+    expected = torch.cat([ref[:5], ref[7:9], ref[9:]])
+    assert ours.shape == expected.shape and ours.dtype == torch.float32
+    assert torch.allclose(ours, expected, atol=2e-2, rtol=0), (ours - expected).abs().max()
+    assert (ours.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_rollback_storm_matches_a_fresh_cache(smol_gguf):
+    """Random truncations and extensions: after each, the logits equal those of a cache that ran the sequence once
+    (up to the noise of batching the positions differently)."""
+    rng = random.Random(7)
+    ids = smol_gguf.tokenizer(" ".join(PROMPTS * 3))["input_ids"]
+    b, fresh = smol_gguf.model.backend(n_ctx=32), smol_gguf.model.backend(n_ctx=256)  # 32: grows past it
+    b.reset()
+    b.forward(ids[:3])
+    for _ in range(40):
+        b.truncate(rng.randrange(1, b.length + 1))
+        end = min(len(ids), b.length + rng.randrange(1, 6))
+        got = b.forward(ids[b.length:end])
+        fresh.reset()
+        want = fresh.forward(ids[:end])[-len(got):]
+        assert b.tokens == ids[:end]
+        # equal up to llama.cpp's batch noise (a stale entry left in the cache moves them by several units)
+        assert (got - want).abs().max() <= BATCH_NOISE
+    assert b.n_ctx >= len(ids) > 32
+    b.close()
+    fresh.close()
+
+
+def test_logits_width_padding_and_out_of_width_ids(smol_gguf):
+    """A session wider than the GGUF: logits padded with -inf; an id past the model's width is fed as id 0."""
+    width = smol_gguf.model.config.vocab_size
+    b = make_backend(smol_gguf.model, logits_width=width + 64)
+    assert isinstance(b, LlamaCppBackend)
+    b.reset()
+    out = b.forward([1, 2, width + 10])
+    assert out.shape == (3, width + 64) and torch.isinf(out[:, width:]).all()
+    b.reset()
+    assert torch.equal(b.forward([1, 2, 0])[:, :width], out[:, :width])
+
+
+def test_engine_names_and_refusals(tmp_path):
+    assert is_gguf_name(SMOL) and not is_gguf_name(f"{SMOL}:int8") and not is_gguf_name("tiny-random")
+    assert resolve_engine(SMOL, "auto") == "llama.cpp" and resolve_engine(f"{SMOL}:int8", "auto") == "torch"
+    with pytest.raises(ModelError, match="as shipped"):
+        gguf_file(f"{SMOL}:int8")
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        load_gguf_model(str(not_gguf), progress=False)
+    truncated = tmp_path / "truncated.gguf"
+    with open(gguf_file(SMOL, progress=False), "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read(5_000_000))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ModelError, match="could not load"):
+        load_gguf_model(str(truncated), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside it
+
+
+def test_a_corrupted_cached_gguf_is_reassembled_from_its_packages(tmp_path, monkeypatch):
+    """The assembled built-in is re-hashed on every load: a flipped byte is never run, the file is rebuilt."""
+    monkeypatch.setenv("PICOSPEC_CACHE", str(tmp_path))
+    path = gguf_file(SMOL, progress=False)
+    with open(path, "r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = gguf_file(SMOL, progress=False)
+    with open(again, "rb") as f:
+        f.seek(4096)
+        assert f.read(1) == byte
+    shutil.rmtree(tmp_path / "gguf")
+
+
+def test_the_gguf_tokenizer_is_the_converted_models(smol_gguf):
+    """The fingerprint the handshake compares: the GGUF's tokenizer and the torch copy's are one tokenizer."""
+    from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
+
+    torch_smol = load_model(SMOL, progress=False)
+    assert tokenizer_fingerprint(smol_gguf.tokenizer) == tokenizer_fingerprint(torch_smol.tokenizer)
+    assert eos_token_ids(smol_gguf.model, smol_gguf.tokenizer) == eos_token_ids(torch_smol.model, torch_smol.tokenizer)
+    assert smol_gguf.model.config.vocab_size == torch_smol.model.config.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------- end to end, greedy
+
+def test_cloud_alone_on_llama_cpp_equals_llama_cpp_greedy(smol_gguf, smol_reference):
+    n = 32
+
+    async def scenario():
+        out = []
+        async with serving(smol_gguf, engine="llama.cpp") as (_, addr), \
+                edge(addr, smol_gguf, max_new_tokens=n, ignore_eos=True) as client:
+            for prompt in PROMPTS:
+                ids = smol_gguf.tokenizer(prompt)["input_ids"]
+                gen = client.generate(ids, mode="cloud")
+                out.append((ids, await gen.collect(), gen.stats.to_dict()))
+        return out
+
+    for ids, tokens, st in run(scenario()):
+        assert tokens == smol_reference.greedy(ids, n), smol_gguf.tokenizer.decode(ids)
+        assert st["cloud_ms_per_token"] > 0
+
+
+@pytest.mark.parametrize("mode,verify", [("sync", "dense"), ("sync", "split-exact"), ("sync", "coupled"),
+                                         ("pipeline", "coupled"), ("pipeline", "dense"), ("early-exit", "coupled")])
+def test_speculation_with_a_llama_cpp_draft_and_target_equals_llama_cpp_greedy(smol_gguf, smol_reference,
+                                                                               smol_torch_draft, mode, verify):
+    """The llama.cpp target verifies a torch draft that is often wrong (rejections on every prompt): every token is
+    the target's argmax up to llama.cpp's batch noise (its logits move by up to BATCH_NOISE with the batch a position
+    ran in, so a near-tie may go either way; llama.cpp's own speculative decoding shares this), and most are exactly
+    its own greedy tokens. The llama.cpp draft drafts for a torch target: exactly transformers' greedy output.
+    Early-exit hints are refused by a llama.cpp cloud (no tentative logits mid-pass), so that case runs the llama.cpp
+    draft against the torch target."""
+    n = 24
+    torch_smol = load_model(SMOL, progress=False)
+
+    async def scenario(target, draft, engine):
+        out = []
+        async with serving(target, engine=engine) as (_, addr), \
+                edge(addr, draft, max_new_tokens=n, ignore_eos=True, verify=verify, draft_len=3,
+                     decode_ahead="off") as client:
+            for prompt in PROMPTS:
+                ids = target.tokenizer(prompt)["input_ids"]
+                gen = client.generate(ids, mode=mode)
+                out.append((ids, await gen.collect(), gen.stats.to_dict()))
+        return out
+
+    if mode != "early-exit":
+        same = 0
+        for ids, tokens, st in run(scenario(smol_gguf, smol_torch_draft, "llama.cpp")):
+            gaps = smol_reference.top_gaps(ids, tokens)
+            assert max(gaps) <= BATCH_NOISE, (smol_gguf.tokenizer.decode(ids), gaps)
+            same += next((i for i, (a, b) in enumerate(zip(tokens, smol_reference.greedy(ids, n))) if a != b), n)
+            assert st["rounds"] > 0 and st["drafted_tokens"] > st["accepted_tokens"], st
+        assert same >= 2 * n, f"only {same} of {3 * n} tokens before the first difference from llama.cpp's greedy"
+    with torch.inference_mode():
+        for ids, tokens, st in run(scenario(torch_smol, smol_gguf, "hf")):
+            ref = torch_smol.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+            assert tokens == ref[0, len(ids):].tolist(), smol_gguf.tokenizer.decode(ids)
+            assert st["rounds"] > 0 and st["accepted_tokens"] > 0, st
+
+
+def test_a_llama_cpp_cloud_refuses_early_exit_hints_and_trees(smol_gguf, smol_torch_draft):
+    async def scenario():
+        async with serving(smol_gguf, engine="llama.cpp") as (_, addr), \
+                edge(addr, smol_torch_draft, max_new_tokens=8) as client:
+            ids = smol_gguf.tokenizer(PROMPTS[0])["input_ids"]
+            with pytest.raises(Exception, match="early-exit hints need a torch engine"):
+                await client.generate(ids, mode="early-exit").collect()
+            with pytest.raises(Exception, match="cannot verify token trees"):
+                await client.generate(ids, mode="sync", tree_budget=4).collect()
+
+    run(scenario())
+
+
+def test_a_llama_cpp_draft_of_another_tokenizer_is_refused_at_connect(smol_gguf, tiny_target):
+    async def scenario():
+        async with serving(tiny_target) as (_, addr), edge(addr, smol_gguf, max_new_tokens=4) as client:
+            with pytest.raises(Exception, match="tokenizer"):
+                await client.generate([5, 6, 7], mode="sync").collect()
+
+    run(scenario())
+
+
+def test_trees_with_a_llama_cpp_draft_are_refused_clearly(smol_gguf):
+    torch_smol = load_model(SMOL, progress=False)
+
+    async def scenario():
+        async with serving(torch_smol) as (_, addr), edge(addr, smol_gguf, max_new_tokens=4, verify="coupled") as c:
+            with pytest.raises(ValueError, match="--draft-engine torch"):
+                await c.generate(smol_gguf.tokenizer(PROMPTS[0])["input_ids"], mode="sync", tree_budget=4).collect()
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------- the law, T = 1
+
+@pytest.fixture(scope="module")
+def qwen_pair():
+    """The default pair on llama.cpp, and llama-cpp-python's own `Llama` over each GGUF (the law's reference, and
+    the q/p ranking), loaded once for the module."""
+    if os.environ.get("PICOSPEC_SKIP_LARGE") == "1":
+        pytest.skip("PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+    target = load_gguf_model("qwen2.5-coder-1.5b-instruct", threads=1, progress=False)
+    draft = load_gguf_model("qwen2.5-coder-0.5b-instruct", threads=1, progress=False)
+    return (target, draft, LlamaReference(gguf_file(target.name, progress=False), n_ctx=256),
+            LlamaReference(gguf_file(draft.name, progress=False), n_ctx=256))
+
+
+@skip_large
+@pytest.mark.parametrize("verify", ["coupled", "dense", "split-exact"])
+def test_qwen_pair_on_llama_cpp_follows_the_llama_cpp_targets_law(qwen_pair, verify):
+    """The default pair, both on llama.cpp, at T=1: the output law is the llama.cpp target's (its teacher-forced
+    logits from `Llama`, tests/law.py's PIT test), with a real draft (acceptance about 0.7), sync and the jittered
+    pipeline with decode-ahead; 10 generations x 20 tokens."""
+    target, draft, target_ref, draft_ref = qwen_pair
+    law = LawCheck(target_ref, T1, ranking=draft_ref)
+    prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)["input_ids"]
+               for c in ("Write a Python function that reverses a string.", "Name three rivers in Europe.")]
+    totals = {"rounds": 0, "accepted": 0, "drafted": 0}
+
+    async def scenario():
+        async with serving(target, engine="llama.cpp") as (service, addr):
+            service.hooks = Jitter(3, 0.001)
+            async with edge(addr, draft, max_new_tokens=20, ignore_eos=True, verify=verify, temperature=1.0,
+                            decode_ahead="on") as client:
+                client.hooks = Jitter(4, 0.001)
+                for seed in range(10):
+                    ids = list(prompts[seed % 2])
+                    gen = client.generate(ids, mode="sync" if seed % 2 else "pipeline", seed=seed,
+                                          draft_len=2 + seed % 3)
+                    law.add(ids, await gen.collect())
+                    for k in totals:
+                        totals[k] += getattr(gen.stats, k)
+
+    run(scenario())
+    assert totals["rounds"] > 0 and 0 < totals["accepted"] < totals["drafted"], totals
+    law.assert_matches(f"Qwen pair on llama.cpp, {verify}, T=1")
+
+
+def test_the_cloud_resolves_auto_to_llama_cpp_only_where_it_can_run():
+    """--engine auto: llama.cpp for a GGUF target on a CPU cloud without batching or a device map; as before elsewhere.
+    A service handed a GGUF model runs llama.cpp whatever the config said, and refuses --batching on."""
+    from picospec.cloud_server.server import PicoSpecService, resolve_engine, uses_static_engine
+    from picospec.shared.config import CloudConfig
+
+    assert resolve_engine(CloudConfig(target=SMOL)).engine == "llama.cpp"
+    for config in (CloudConfig(target=f"{SMOL}:int8"), CloudConfig(target="tiny-random"),
+                   CloudConfig(target=SMOL, batching="on"), CloudConfig(target=SMOL, device="cuda"),
+                   CloudConfig(target=SMOL, engine="hf")):
+        assert resolve_engine(config).engine == config.engine
+    with pytest.raises(ModelError, match="not with --batching on"):
+        uses_static_engine(CloudConfig(target=SMOL, engine="llama.cpp", batching="on"))
+    smol = load_gguf_model(SMOL, progress=False)
+    with pytest.raises(ModelError, match="not with --batching on"):
+        PicoSpecService(smol, CloudConfig(target=SMOL, batching="on"))
+
+
+def test_cloud_compute_per_token_is_the_cloud_time_over_the_tokens():
+    from picospec.shared.stats import GenerationStats
+
+    st = GenerationStats(mode="cloud", prompt_tokens=3)
+    st.cloud_s, st.prefill_cloud_s = 0.5, 9.0  # prefill apart
+    st.on_tokens(10)
+    assert st.to_dict()["cloud_ms_per_token"] == pytest.approx(50.0)
