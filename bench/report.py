@@ -264,7 +264,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], labels: Sequence[str], out: Path,
         written.append(out / fname)
 
     per_bw("tokens_per_s", "tokens/s (median)", f"{name}_tps_vs_rtt.png")
-    per_bw("speedup_vs_cloud", "speedup over cloud", f"{name}_speedup.png", skip_cloud=True)
+    per_bw("speedup_vs_cloud", "speedup over the fastest cloud alone", f"{name}_speedup.png", skip_cloud=True)
     written.append(_plot_bytes(plt, ok, labels, out / f"{name}_bytes.png"))
     return written
 
@@ -385,8 +385,9 @@ def write_plots(name: str, settings: dict[str, Any], labels: Sequence[str], rows
     pngs: list[Path] = []
     for t, rs in blocks.items():
         pngs += plot_sweep(rs, labels, out, f"{title}; {temperature_name(t)}", block_name(name, t, len(blocks)))
-    pngs.append(plot_bars_per_cell(blocks, labels, "decode_speedup_vs_cloud", "decode rate / cloud's",
-                                   out / f"{name}_decode_speedup.png", f"Decode-rate speedup over cloud\n{title}",
+    pngs.append(plot_bars_per_cell(blocks, labels, "decode_speedup_vs_cloud", "decode rate / fastest alone's",
+                                   out / f"{name}_decode_speedup.png",
+                                   f"Decode-rate speedup over the fastest cloud alone (cloud or llama.cpp)\n{title}",
                                    skip_cloud=True))
     pngs.append(plot_bars_per_cell(blocks, labels, "ttft_s", "time to first token (s, median)", out / f"{name}_ttft.png",
                                    f"Time to first token\n{title}"))
