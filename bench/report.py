@@ -387,7 +387,7 @@ def write_plots(name: str, settings: dict[str, Any], labels: Sequence[str], rows
         pngs += plot_sweep(rs, labels, out, f"{title}; {temperature_name(t)}", block_name(name, t, len(blocks)))
     pngs.append(plot_bars_per_cell(blocks, labels, "decode_speedup_vs_cloud", "decode rate / fastest alone's",
                                    out / f"{name}_decode_speedup.png",
-                                   f"Decode-rate speedup over the fastest cloud alone (cloud or llama.cpp)\n{title}",
+                                   f"Decode rate over the fastest cloud alone\n{title}",
                                    skip_cloud=True))
     pngs.append(plot_bars_per_cell(blocks, labels, "ttft_s", "time to first token (s, median)", out / f"{name}_ttft.png",
                                    f"Time to first token\n{title}"))
