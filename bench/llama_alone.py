@@ -45,13 +45,15 @@ def measure(llm: Any, prompt_ids: Sequence[int], max_new_tokens: int, temperatur
             "cloud_ms_per_token": 1e3 * decode_s / rest if rest else None, "exact": True}
 
 
-def load(target: str, threads: int, n_ctx: int = 4096) -> Any:
+def load(target: str, threads: int, n_ctx: int = 4096) -> tuple[Any, Any]:
+    """llama.cpp's own `Llama` over the target's checked GGUF, and the target's tokenizer (the file is hashed once)."""
     from llama_cpp import Llama
 
-    from picospec.shared.models import gguf_file
+    from picospec.shared.models import gguf_tokenizer
 
-    return Llama(model_path=str(gguf_file(target, progress=False)), n_ctx=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+    path, tokenizer = gguf_tokenizer(target, progress=False)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
+                 verbose=False), tokenizer
 
 
 def serve(target: str, threads: int, max_new_tokens: int) -> None:
@@ -59,11 +61,9 @@ def serve(target: str, threads: int, max_new_tokens: int) -> None:
     on stdout. The prompt goes through the same chat template and tokenizer as the edge's (one tokenizer: the
     handshake checks it), so both sides of a ratio generate from the same ids."""
     from picospec.edge_client.text import encode_prompt
-    from picospec.shared.models import load_gguf_model
 
     t0 = time.perf_counter()
-    tokenizer = load_gguf_model(target, threads=threads, progress=False).tokenizer
-    llm = load(target, threads)
+    llm, tokenizer = load(target, threads)
     print(json.dumps({"ok": True, "event": "ready", "load_s": time.perf_counter() - t0}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -92,15 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.serve:
         return serve(args.target, args.threads, args.max_new_tokens)
+    if not (args.prompt_ids or args.chat_prompt):
+        p.error("--prompt-ids, --chat-prompt or --serve")
+    llm, tokenizer = load(args.target, args.threads)
     if args.chat_prompt:
         from picospec.edge_client.text import encode_prompt
-        from picospec.shared.models import load_gguf_model
 
-        tokenizer = load_gguf_model(args.target, threads=args.threads, progress=False).tokenizer
         args.prompt_ids = [",".join(map(str, encode_prompt(tokenizer, args.chat_prompt, chat=True)))]
-    if not args.prompt_ids:
-        p.error("--prompt-ids, --chat-prompt or --serve")
-    llm = load(args.target, args.threads)
     for prompt in args.prompt_ids:
         ids = [int(t) for t in prompt.split(",") if t]
         for run in range(args.runs):

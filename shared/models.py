@@ -457,14 +457,23 @@ def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True) -> Lo
     from picospec.shared.llama_backend import GgufModel, LlamaCppError
 
     path = gguf_file(name, progress=progress)
-    base = parse_model_name(name)[0]
-    spec = BUILTIN_MODELS.get(base)
-    key = spec.sha256[:16] if spec else _sha256([path], f"hashing {path.name}", progress)[0][:16]
     try:
         model = GgufModel(path, threads=threads)
     except LlamaCppError as e:
         raise ModelError(str(e)) from e
-    return LoadedModel(name, model, _gguf_tokenizer(path, key, progress))
+    return LoadedModel(name, model, _tokenizer_of(name, path, progress))
+
+
+def gguf_tokenizer(name: str, *, progress: bool = True) -> tuple[Path, PreTrainedTokenizerBase]:
+    """The checked GGUF file of `name` and its tokenizer, without loading the weights (for llama.cpp run by others)."""
+    path = gguf_file(name, progress=progress)
+    return path, _tokenizer_of(name, path, progress)
+
+
+def _tokenizer_of(name: str, path: Path, progress: bool) -> PreTrainedTokenizerBase:
+    spec = BUILTIN_MODELS.get(parse_model_name(name)[0])
+    key = spec.sha256[:16] if spec else _sha256([path], f"hashing {path.name}", progress)[0][:16]
+    return _gguf_tokenizer(path, key, progress)
 
 
 def prepare_model(name: str, *, progress: bool = True) -> Path:
