@@ -49,9 +49,10 @@ demo: models-default
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
 test: models netlab-deps
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=25
 
-# the suite without the default-pair (Qwen) tests: minutes instead of tens of minutes
+# the suite without the tests marked large (PICOSPEC_SKIP_LARGE=1): the default pair's (Qwen) tests and the SmolLM2
+# llama.cpp tests that need the GGUFs `make models` prepares; minutes instead of tens of minutes
 test-fast: install
 	PICOSPEC_SKIP_LARGE=1 $(BIN)/python -m pytest -q
 

@@ -72,11 +72,14 @@ def cloud_limits(sessions: int, max_new_tokens: int) -> list[str]:
 
 
 def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
-    """Prometheus text exposition -> {histogram name: (sum, count)}, summed over all label sets."""
+    """Prometheus text exposition -> {histogram name: (sum, count)}, summed over all label sets; counters too, as
+    {name_total: (value, 0)} (so that histogram_deltas gives their growth and histogram_means None)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, tuple[float, float]] = {}
     for fam in text_string_to_metric_families(text):
+        if fam.type == "counter":
+            out[fam.name + "_total"] = (sum(x.value for x in fam.samples if x.name == fam.name + "_total"), 0.0)
         if fam.type != "histogram":
             continue
         s = sum(x.value for x in fam.samples if x.name == fam.name + "_sum")

@@ -1,5 +1,6 @@
 """picospec-bench serve: N concurrent edge sessions against one cloud, for N in --sessions (default 1,2,4,8,16),
-with the cloud's batched verification on and off.
+with the cloud's batched verification on and off, for each edge mode in --mode (default: the speculative
+pipeline and the cloud alone, side by side).
 
 One cloud process (`--threads 1`, pinned to --cloud-core, default 0, Prometheus metrics on) per batching
 configuration; the edges are session workers (bench/session_worker.py: the EdgeClient API, one client and
@@ -8,11 +9,16 @@ channel per session, the draft loaded once per process, one torch thread) pinned
 back to back (--ignore-eos semantics: every generation is --max-new-tokens long), each session its own
 prompt (the built-in ones in turn) and seed; all sessions start together.
 
-Reported per (batching, N): aggregate tokens/s (all tokens generated over the span from the first start to the
+Modes: `--mode pipeline,cloud` (comma-separated); at each N the modes run one after the other on the same cloud
+process, so that they meet the same machine. Every mode's row also gives its ratios to `cloud` at the same
+batching and N (aggregate rate, per-session p50, cloud compute per token), where `cloud` ran.
+
+Reported per (mode, batching, N): aggregate tokens/s (all tokens generated over the span from the first start to the
 last end), per-session decode tokens/s (after the first token) p50 and p95 (and p5, the slow tail) over the
 generations, TTFT p50 and p95, and from the cloud's metrics over that N's runs: the mean batch size and tokens
 per model pass (the batching engine's histograms; n/a with batching off), drafts and committed tokens per
-verification pass of one session, and each side's CPU use.
+verification pass of one session, each side's CPU use, and the cloud's compute per generated token (its
+picospec_cloud_compute_seconds over picospec_cloud_tokens_emitted: what an operator pays).
 
 Batching: `--batching on,off` (default both) passes `--batching X` (and --max-batch-tokens, --max-wait-ms where
 given) to the cloud. The cloud's `--help` is read once at start; a cloud that does not know `--batching` runs
@@ -38,6 +44,7 @@ from picospec.bench import fleet as fl
 from picospec.bench.grid import DEFAULT_DRAFT, DEFAULT_TARGET, PROMPTS
 from picospec.bench.report import fmt, markdown_table, pyplot
 from picospec.bench.runner import Progress
+from picospec.shared.config import EDGE_MODES
 
 BATCHING_FLAG = "--batching"
 # the batching histograms (cloud_server/metrics.py, observed once per model pass with --batching on): sessions' rows
@@ -49,6 +56,10 @@ BATCH_PASS_METRIC = "picospec_cloud_batch_pass_seconds"          # wall time of 
 BATCH_PASS_CPU_METRIC = "picospec_cloud_batch_pass_cpu_seconds"  # the engine thread's CPU time in it
 DRAFTS_METRIC = "picospec_cloud_pass_drafts"
 COMMITTED_METRIC = "picospec_cloud_pass_committed_tokens"
+COMPUTE_METRIC = "picospec_cloud_compute_seconds_total"  # counters: passes and decode steps, prefill apart
+TOKENS_METRIC = "picospec_cloud_tokens_emitted_total"
+CAPPED_METRIC = "picospec_cloud_verify_capped_drafts_total"
+BASELINE_MODE = "cloud"
 STARTUP_S = 1.0  # from sending a run to its sessions' common start: the workers connect every session meanwhile
 
 
@@ -60,7 +71,7 @@ class ServeConfig:
     batching: tuple[str, ...] = ("on", "off")
     gens: int = 2                  # generations per session per N
     max_new_tokens: int = 64
-    mode: str = "pipeline"
+    modes: tuple[str, ...] = ("pipeline", BASELINE_MODE)
     verify: str = "coupled"
     temperature: float = 0.0
     seed: int = 0
@@ -68,6 +79,7 @@ class ServeConfig:
     cloud_core: int | None = 0
     edge_core: int | None = 1
     device: str | None = None      # passed to the cloud where given
+    engine: str | None = None
     dtype: str | None = None
     max_batch_tokens: int | None = None
     max_wait_ms: float | None = None
@@ -98,21 +110,22 @@ def cloud_flags(cfg: ServeConfig, batching: str, supported: bool) -> list[str]:
             flags += ["--max-batch-tokens", str(cfg.max_batch_tokens)]
         if cfg.max_wait_ms is not None:
             flags += ["--max-wait-ms", f"{cfg.max_wait_ms:g}"]
-    for flag, value in (("--device", cfg.device), ("--dtype", cfg.dtype)):
+    for flag, value in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--engine", cfg.engine)):
         if value:
             flags += [flag, value]
     return flags
 
 
-def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: dict[str, float | None]) -> dict[str, Any]:
-    """One (batching, N) row from its generation records and the cloud's histogram means over its runs."""
+def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: dict[str, float | None],
+              mode: str = "pipeline") -> dict[str, Any]:
+    """One (mode, batching, N) row from its generation records and the cloud's histogram means over its runs."""
     ok = [r for r in records if not r.get("error")]
     tokens = sum(r.get("generated_tokens") or 0 for r in ok)
     span = (max(r["end"] for r in records) - min(r["start"] for r in records)) if records else 0.0
     decode = [r.get("decode_tokens_per_s") for r in ok]
     ttft = [r.get("ttft_s") for r in ok]
     return {
-        "batching": batching, "sessions": n, "generations": len(records), "failures": len(records) - len(ok),
+        "mode": mode, "batching": batching, "sessions": n, "generations": len(records), "failures": len(records) - len(ok),
         "errors": sorted({r["error"] for r in records if r.get("error")})[:5],
         "tokens": tokens, "span_s": span, "aggregate_tokens_per_s": tokens / span if span > 0 else None,
         "decode_tokens_per_s_p5": fl.percentile(decode, 0.05), "decode_tokens_per_s_p50": fl.percentile(decode, 0.5),
@@ -127,14 +140,39 @@ def summarize(records: Sequence[dict[str, Any]], batching: str, n: int, means: d
     }
 
 
+def cloud_cost(deltas: dict[str, tuple[float, float]]) -> dict[str, float | None]:
+    """The cloud's compute per generated token over a run (ms), and the drafts its budget kept out of passes."""
+    compute, _ = deltas.get(COMPUTE_METRIC, (0.0, 0.0))
+    tokens, _ = deltas.get(TOKENS_METRIC, (0.0, 0.0))
+    return {"cloud_ms_per_token": 1e3 * compute / tokens if tokens else None,
+            "capped_drafts": deltas.get(CAPPED_METRIC, (0.0, 0.0))[0]}
+
+
+def compare_to_baseline(rows: Sequence[dict[str, Any]]) -> None:
+    """Add each row's ratios to the cloud alone's row at the same batching and N (aggregate rate, per-session p50,
+    cloud compute per token); None where the cloud alone did not run or a figure is missing."""
+    base = {(r["batching"], r["sessions"]): r for r in rows if r["mode"] == BASELINE_MODE}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    for r in rows:
+        b = base.get((r["batching"], r["sessions"]), {})
+        r["aggregate_x_cloud"] = ratio(r["aggregate_tokens_per_s"], b.get("aggregate_tokens_per_s"))
+        r["p50_x_cloud"] = ratio(r["decode_tokens_per_s_p50"], b.get("decode_tokens_per_s_p50"))
+        r["cloud_cost_x_cloud"] = ratio(r.get("cloud_ms_per_token"), b.get("cloud_ms_per_token"))
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["batching", "sessions", "gens", "fail", "aggregate tok/s", "decode tok/s p50", "p95", "p5", "TTFT p50 s",
-            "TTFT p95 s", "mean batch", "tokens/pass", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU",
-            "engine busy", "cloud ms/token beside passes"]
-    body = [[r["batching"], str(r["sessions"]), str(r["generations"]), str(r["failures"]),
-             fmt(r["aggregate_tokens_per_s"]), fmt(r["decode_tokens_per_s_p50"]), fmt(r["decode_tokens_per_s_p95"]),
+    head = ["mode", "batching", "sessions", "gens", "fail", "aggregate tok/s", "x cloud", "decode tok/s p50",
+            "x cloud", "p95", "p5", "TTFT p50 s", "TTFT p95 s", "cloud ms/token", "x cloud", "mean batch",
+            "tokens/pass", "drafts/pass", "committed/pass", "cloud CPU", "edge CPU", "engine busy",
+            "cloud ms/token beside passes"]
+    body = [[r.get("mode", "-"), r["batching"], str(r["sessions"]), str(r["generations"]), str(r["failures"]),
+             fmt(r["aggregate_tokens_per_s"]), fmt(r.get("aggregate_x_cloud")), fmt(r["decode_tokens_per_s_p50"]),
+             fmt(r.get("p50_x_cloud")), fmt(r["decode_tokens_per_s_p95"]),
              fmt(r["decode_tokens_per_s_p5"]), fmt(r["ttft_s_p50"], "{:.3f}"), fmt(r["ttft_s_p95"], "{:.3f}"),
-             _na(r["mean_batch_size"]), _na(r["tokens_per_pass"]),
+             fmt(r.get("cloud_ms_per_token"), "{:.1f}"), fmt(r.get("cloud_cost_x_cloud")), _na(r["mean_batch_size"]), _na(r["tokens_per_pass"]),
              fmt(r["drafts_per_pass"]), fmt(r["committed_per_pass"]), fmt(r.get("cloud_cpu_util")),
              fmt(r.get("edge_cpu_util")), _na(r.get("engine_busy")), _na(r.get("cloud_ms_per_token_beside_passes"))]
             for r in rows]
@@ -146,7 +184,8 @@ def _na(x: float | None) -> str:
 
 
 NOTES = ("aggregate tok/s: every token generated at that N over the span from the first generation's start to the "
-         "last one's end. decode tok/s: one generation's rate after its first token; p50/p95/p5 over all generations "
+         "last one's end. x cloud: the ratio to the `cloud` mode's row (the cloud alone) at the same batching and N. "
+         "cloud ms/token: the cloud's model time in passes and decode steps (prefill apart) per generated token. decode tok/s: one generation's rate after its first token; p50/p95/p5 over all generations "
          "at that N (p5 is the slow tail). TTFT: from the request to the first token (admission and prefill "
          "included). mean batch, tokens/pass: sessions' rows and tokens per model pass of the batching engine "
          f"({BATCH_ROWS_METRIC}, {BATCH_TOKENS_METRIC}; n/a: no batched pass, as with batching off). drafts/pass, "
@@ -161,7 +200,7 @@ NOTES = ("aggregate tok/s: every token generated at that N over the span from th
 
 def report_markdown(settings: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     s = settings
-    parts = [f"# picospec-bench serve\n\n{s['target']} <- {s['draft']}; mode {s['mode']} ({s['verify']}), "
+    parts = [f"# picospec-bench serve\n\n{s['target']} <- {s['draft']}; modes {', '.join(s['modes'])} ({s['verify']}), "
              f"T={s['temperature']:g}, {s['max_new_tokens']} tokens x {s['gens']} generation(s) per session; "
              f"cloud on core {s['cloud_core']}, {s['edge_procs_used']} edge process(es) on core {s['edge_core']}.",
              NOTES, *[f"**Note**: {n}" for n in s.get("notes", [])], table(rows)]
@@ -169,21 +208,24 @@ def report_markdown(settings: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Left: aggregate tokens/s against sessions; right: per-session decode rate p50 (bars p5..p95)."""
+    """Left: aggregate tokens/s against sessions; middle: per-session decode rate p50 (bars p5..p95); right: the
+    cloud's compute per generated token. A line per (mode, batching)."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for batching in dict.fromkeys(r["batching"] for r in rows):
-        rs = sorted((r for r in rows if r["batching"] == batching and r["generations"] > r["failures"]),
-                    key=lambda r: r["sessions"])
-        xs = [r["sessions"] for r in rs]
-        a.plot(xs, [r["aggregate_tokens_per_s"] for r in rs], marker="o", label=f"batching {batching}")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    for mode, batching in dict.fromkeys((r.get("mode", "-"), r["batching"]) for r in rows):
+        rs = sorted((r for r in rows if r.get("mode", "-") == mode and r["batching"] == batching
+                     and r["generations"] > r["failures"]), key=lambda r: r["sessions"])
+        xs, label = [r["sessions"] for r in rs], f"{mode}, batching {batching}"
+        a.plot(xs, [r["aggregate_tokens_per_s"] for r in rs], marker="o", label=label)
         mid = [r["decode_tokens_per_s_p50"] or 0 for r in rs]
         lo = [m - (r["decode_tokens_per_s_p5"] or m) for m, r in zip(mid, rs)]
         hi = [(r["decode_tokens_per_s_p95"] or m) - m for m, r in zip(mid, rs)]
-        b.errorbar(xs, mid, yerr=[lo, hi], marker="o", capsize=3, label=f"batching {batching}")
-    for ax, ylabel in ((a, "aggregate tokens/s"), (b, "per-session decode tokens/s\n(p50, bars p5-p95)")):
+        b.errorbar(xs, mid, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        c.plot(xs, [r.get("cloud_ms_per_token") or float("nan") for r in rs], marker="o", label=label)
+    for ax, ylabel in ((a, "aggregate tokens/s"), (b, "per-session decode tokens/s\n(p50, bars p5-p95)"),
+                       (c, "cloud compute ms per generated token")):
         ax.set_xscale("log", base=2)
         ns = sorted({r["sessions"] for r in rows})
         ax.set_xticks(ns, [str(n) for n in ns])
@@ -201,40 +243,42 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------- running
 
-def _spec(cfg: ServeConfig) -> dict[str, Any]:
-    return {"prompt": PROMPTS[0].text, "chat": True, "mode": cfg.mode, "seed": cfg.seed,
+def _spec(cfg: ServeConfig, mode: str) -> dict[str, Any]:
+    return {"prompt": PROMPTS[0].text, "chat": True, "mode": mode, "seed": cfg.seed,
             "overrides": {"verify": cfg.verify, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
                           "ignore_eos": True, "timeout_s": cfg.gen_timeout_s}}
 
 
-def run_n(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc, batching: str, n: int, bar: Progress | None,
-          records: list[dict[str, Any]]) -> dict[str, Any]:
-    """N sessions x --gens generations, all started together (each session its own prompt); its row."""
+def run_n(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc, mode: str, batching: str, n: int,
+          bar: Progress | None, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """N sessions x --gens generations of one mode, all started together (each session its own prompt); its row."""
     recs: list[dict[str, Any]] = []
+    name = f"{mode} batching {batching} N={n}"
     # all sessions connect first and start together a moment later (STARTUP_S: time to connect them all)
-    plan = {"kind": "fixed", "gens": cfg.gens, "spec": _spec(cfg), "prompts": [p.text for p in PROMPTS],
+    plan = {"kind": "fixed", "gens": cfg.gens, "spec": _spec(cfg, mode), "prompts": [p.text for p in PROMPTS],
             "start_at": time.monotonic() + STARTUP_S + 0.05 * n}
 
     def on_gen(ev: dict[str, Any]) -> None:
-        ev.update(batching=batching, sessions=n)
+        ev.update(mode=mode, batching=batching, sessions=n)
         recs.append(ev)
         if bar is not None:
-            bar.step(f"batching {batching} N={n}", f"error: {ev['error'][:50]}" if ev["error"] else
+            bar.step(name, f"error: {ev['error'][:50]}" if ev["error"] else
                      f"{fmt(ev.get('decode_tokens_per_s'))} tok/s")
             if ev["error"]:
-                bar.write(f"batching {batching} N={n} session {ev['session']}: {ev['error']}")
+                bar.write(f"{name} session {ev['session']}: {ev['error']}")
 
     before, cpu0, t0 = cloud.metrics(), _cpu(fleet, cloud), time.monotonic()
-    problems = fl.drive(fleet, f"{batching}-{n}", cloud.address, fl.split_sessions(n, len(fleet.procs)), plan, on_gen,
-                        timeout_s=cfg.run_timeout_s)
+    problems = fl.drive(fleet, f"{mode}-{batching}-{n}", cloud.address, fl.split_sessions(n, len(fleet.procs)), plan,
+                        on_gen, timeout_s=cfg.run_timeout_s)
     cpu1, wall = _cpu(fleet, cloud), time.monotonic() - t0
     after = cloud.metrics()
     records += recs
-    row = summarize(recs, batching, n, fl.histogram_means(before, after))
+    row = summarize(recs, batching, n, fl.histogram_means(before, after), mode)
     # which side is saturated: CPU seconds per second of each side (1.0 = its whole core)
     util = {"cloud_cpu_util": (cpu1[0] - cpu0[0]) / wall, "edge_cpu_util": (cpu1[1] - cpu0[1]) / wall}
-    share = engine_share(fl.histogram_deltas(before, after), cpu1[0] - cpu0[0], row["span_s"], row["tokens"])
-    return {**row, **util, **share, "problems": problems}
+    deltas = fl.histogram_deltas(before, after)
+    share = engine_share(deltas, cpu1[0] - cpu0[0], row["span_s"], row["tokens"])
+    return {**row, **util, **share, **cloud_cost(deltas), "problems": problems}
 
 
 def engine_share(deltas: dict[str, tuple[float, float]], cloud_cpu_s: float, span_s: float, tokens: int
@@ -257,7 +301,7 @@ def _cpu(fleet: fl.Fleet, cloud: fl.CloudProc) -> tuple[float, float]:
 def warm_up(cfg: ServeConfig, fleet: fl.Fleet, cloud: fl.CloudProc) -> None:
     """A short generation per worker, not measured: a fresh cloud's first passes and each worker's first
     generation pay one-off costs (allocations, lazy initialisation, the first channel)."""
-    spec = _spec(cfg)
+    spec = _spec(cfg, cfg.modes[0])
     spec["overrides"] = {**spec["overrides"], "max_new_tokens": min(8, cfg.max_new_tokens)}
     groups = [[w] for w in range(len(fleet.procs))]
     fl.drive(fleet, "warm-up", cloud.address, groups, {"kind": "fixed", "gens": 1, "spec": spec}, lambda ev: None,
@@ -279,17 +323,19 @@ def run_serve(cfg: ServeConfig) -> dict[str, Any]:
         configs, note = batching_plan(cfg.batching, supported)
         cfg.notes += [note] if note else []
         cfg.notes += [] if pinned else ["fewer than 2 cores or no taskset: nothing pinned"]
-        bar = None if cfg.quiet else Progress(sum(cfg.sessions) * cfg.gens * len(configs))
+        bar = None if cfg.quiet else Progress(sum(cfg.sessions) * cfg.gens * len(configs) * len(cfg.modes))
         try:
             for batching in configs:
                 with fl.cloud_process(cfg.target, cloud_core, logdir / f"cloud_batching_{batching}.log",
                                       cloud_flags(cfg, batching, supported)) as cloud:
                     fleet.wait_ready()
                     warm_up(cfg, fleet, cloud)
-                    rows += [run_n(cfg, fleet, cloud, batching, n, bar, records) for n in cfg.sessions]
+                    rows += [run_n(cfg, fleet, cloud, mode, batching, n, bar, records)
+                             for n in cfg.sessions for mode in cfg.modes]
         finally:
             if bar is not None:
                 bar.close()
+    compare_to_baseline(rows)
     settings = {**asdict(cfg), "out": str(cfg.out), "cloud_core": cloud_core, "edge_core": edge_core,
                 "edge_procs_used": n_procs, "batching_supported": supported, "batching_ran": configs,
                 "elapsed_s": time.perf_counter() - t0}
@@ -316,7 +362,8 @@ def parse_args(argv: list[str] | None) -> ServeConfig:
     p.add_argument("--batching", default=",".join(d.batching), help="cloud batching configurations: on, off or both")
     p.add_argument("--gens", type=int, default=d.gens, help="generations per session at each count, back to back")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--mode", default=d.mode, help="edge mode of every session")
+    p.add_argument("--mode", "--modes", dest="modes", default=",".join(d.modes),
+                   help="edge modes, comma-separated: each runs at every N (cloud = the cloud alone, the baseline)")
     p.add_argument("--verify", default=d.verify)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -325,6 +372,8 @@ def parse_args(argv: list[str] | None) -> ServeConfig:
     p.add_argument("--edge-core", type=int, default=d.edge_core)
     p.add_argument("--device", default=None, help="passed to the cloud (cpu, cuda)")
     p.add_argument("--dtype", default=None, help="passed to the cloud (float32, float16, bfloat16)")
+    p.add_argument("--engine", default=None, help="passed to the cloud (auto, static, hf, llama.cpp); batching "
+                   "on needs the static engine (the llama.cpp cloud refuses it)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="passed to the cloud with batching on")
     p.add_argument("--max-wait-ms", type=float, default=None, help="passed to the cloud with batching on")
     p.add_argument("--gen-timeout-s", type=float, default=d.gen_timeout_s, help="deadline of one generation")
@@ -334,12 +383,16 @@ def parse_args(argv: list[str] | None) -> ServeConfig:
     try:
         sessions = tuple(fl.parse_list(a.sessions, int))
         batching = tuple(fl.parse_list(a.batching))
+        modes = tuple(fl.parse_list(a.modes))
     except ValueError as e:
         p.error(str(e))
     if not sessions or min(sessions) < 1 or not set(batching) <= {"on", "off"} or not batching or a.gens < 1:
         p.error("--sessions: positive counts; --batching: on and/or off; --gens at least 1")
-    return ServeConfig(**{k: v for k, v in vars(a).items() if k not in ("sessions", "batching")},
-                       sessions=sessions, batching=batching)
+    unknown = [m for m in modes if m not in EDGE_MODES]
+    if not modes or unknown:
+        p.error(f"--mode: choose from {', '.join(EDGE_MODES)}" + (f" (not {unknown[0]!r})" if unknown else ""))
+    return ServeConfig(**{k: v for k, v in vars(a).items() if k not in ("sessions", "batching", "modes")},
+                       sessions=sessions, batching=batching, modes=modes)
 
 
 def main(argv: list[str] | None = None) -> None:

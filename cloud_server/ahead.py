@@ -28,12 +28,20 @@ def batch_due_at(arrived_at: float, next_batch_in_s: float) -> float | None:
     return arrived_at + next_batch_in_s if next_batch_in_s > 0 else None
 
 
-def decode_hold_s(now: float, due_at: float | None, step_s: float | None) -> float:
+def decode_hold_s(now: float, due_at: float | None, step_s: float | None, contended: bool = False) -> float:
     """How long to hold off the next decode-ahead step: 0 to start it now; otherwise wait at most this long (a batch
     arriving meanwhile is verified at once). Starts now when nothing is due, when the step time is not yet known,
-    when the step ends before the batch is due, or when the batch is a whole step late (the expectation lapsed)."""
+    when the step ends before the batch is due, or when the batch is a whole step late (the expectation lapsed).
+
+    `contended`: another session wants the model now. Decode-ahead runs only on capacity nobody else needs, so
+    while the edge's batch is due (and has not lapsed) it waits for the batch rather than take a step that the
+    batch would most likely make worthless; an edge that plans no batch still gets its tokens decoded."""
     if due_at is None or step_s is None:
         return 0.0
-    if now + step_s <= due_at or now >= due_at + step_s:
+    if now >= due_at + step_s:
+        return 0.0
+    if contended:
+        return due_at + step_s - now
+    if now + step_s <= due_at:
         return 0.0
     return due_at + step_s - now

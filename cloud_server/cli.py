@@ -39,6 +39,9 @@ def check_settings(config: CloudConfig) -> None:
         TokenAuth(config.auth_tokens)
     ping_schedule_ms(config.peer_timeout_s)
     uses_static_engine(config)  # --engine static with --device-map: refused before the model loads
+    if not (config.verify_budget >= 0 and config.verify_budget_slack >= 0):  # also refuses a NaN budget
+        raise SystemExit(f"picospec-cloud: --verify-budget {config.verify_budget} and --verify-budget-slack "
+                         f"{config.verify_budget_slack} must be at least 0 (0 = no budget)")
 
 
 def reload_on_sighup(service: PicoSpecService) -> None:

@@ -63,6 +63,9 @@ class SessionMeter:
         """Model time spent on a decode step (decode-ahead, committed or not, or the cloud alone's); passes count
         theirs in on_pass."""
 
+    def on_capped(self, drafts: int) -> None:
+        """The session's verification budget kept `drafts` waiting drafts out of a step (cloud_server/capacity.py)."""
+
     def received(self, message: Any) -> None:
         """A message from the edge (its serialized size is counted)."""
 
@@ -98,6 +101,10 @@ class PrometheusSessionMeter(SessionMeter):
 
     def on_compute(self, seconds: float) -> None:
         self.m.compute_seconds.labels(self.mode).inc(seconds)
+
+    def on_capped(self, drafts: int) -> None:
+        self.m.capped_steps.labels(self.mode).inc()
+        self.m.capped_drafts.labels(self.mode).inc(drafts)
 
     def received(self, message: Any) -> None:
         self.m.bytes_received.labels(self.mode).inc(message.ByteSize())
@@ -148,6 +155,10 @@ class CloudMetrics:
         self.compute_seconds = counter("compute_seconds", "model time in verification passes and decode steps "
                                        "(prefill apart), by mode: over tokens_emitted, the cloud's compute per "
                                        "generated token, what an operator pays", "mode")
+        self.capped_steps = counter("verify_capped_steps", "steps where a session's verification budget "
+                                    "(--verify-budget) verified fewer drafts than waited, down to none (the cloud "
+                                    "then decoded the token itself)", "mode")
+        self.capped_drafts = counter("verify_capped_drafts", "drafts those steps kept out of verification", "mode")
         self.bytes_received = counter("bytes_received", "serialized bytes of messages from edges", "mode")
         self.bytes_sent = counter("bytes_sent", "serialized bytes of messages to edges", "mode")
         # batching (--batching on): one observation per model pass of the static engine, all sessions together

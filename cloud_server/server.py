@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from picospec.cloud_server.auth import AuthInterceptor, TokenAuth, client_identity, exposure_warning
+from picospec.cloud_server.capacity import CloudCapacity
 from picospec.cloud_server.certificates import ServerCertificates
 from picospec.cloud_server.handshake import Refusal, SessionSpec, TargetInfo, validate_hello
 from picospec.cloud_server.metrics import REFUSAL_REASONS, SHUTDOWN, CloudMetrics, SessionMeter
@@ -177,6 +178,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         # batching: each session's jobs on a thread of their own (its lane), their passes gathered by the batcher
         self.worker = ModelWorker(thread_per_session=self.batcher is not None)
         self.slots = SessionSlots(config.max_sessions, config.max_sessions_per_client)
+        # pass and decode costs as measured, recent compute per session, who wants the model now (capacity.py)
+        self.capacity = CloudCapacity()
         # None: no tokens asked for (every caller may call); reloaded by the CLI on SIGHUP
         self.auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
         # None: plaintext; else the TLS files in force, reloaded by the CLI on SIGHUP (cloud_server/certificates.py)
@@ -258,7 +261,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                         self._engine_slot(), self._session_tokens(spec.state))
                     lane = self.worker.lane()
                     session = CloudSession(sid, spec, cache, lane, self.config, self.info.vocab_size,
-                                           self.hooks, meter)
+                                           self.hooks, meter, self.capacity)
                     self.live_sessions.add(session)
                     try:
                         async with contextlib.aclosing(self._run(session, spec, request_iterator)) as messages:
@@ -336,7 +339,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                         backend=self._engine_slot(), n_ctx=self._session_tokens(state))
                     lane = self.worker.lane()
                     try:
-                        async with contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks:
+                        async with (contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks,
+                                    self._wants_model(sid)):
                             async for chunk in chunks:
                                 if chunk.finished:
                                     held.ending()  # before the last message: a next Hello waits for this slot
@@ -344,6 +348,12 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     finally:
                         held.ending()
                         await self._close(cache, lane)
+
+    @contextlib.asynccontextmanager
+    async def _wants_model(self, sid: str) -> AsyncIterator[None]:
+        """A cloud-only session wants the model for as long as it runs (speculative sessions' decode-ahead yields)."""
+        with self.capacity.working(sid):
+            yield
 
     async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache, lane: Lane,
                             meter: SessionMeter) -> AsyncIterator[pb.TokenChunk]:
@@ -366,6 +376,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                     log.info("cloud-only session %s: %d prompt tokens, prefill and first token %.3fs", sid,
                              len(state.prompt_ids), prefill_s)
                 meter.on_compute(dt)
+                if dt > 0:
+                    self.capacity.on_compute(sid, 0, dt)
                 c = state.commit((), 0, token, rejected=False)
                 if state.finished is None:
                     step = asyncio.ensure_future(lane.run(cache.decode_next, list(state.tokens)))

@@ -1,8 +1,9 @@
 """One Speculate session on the cloud after its handshake: the target cache, the draft queue, and two tasks.
 
     reader:    edge messages -> admit drafts into the queue (or answer a tail request) -> wake the verifier
-    verifier:  take what has arrived -> one pass on the model worker -> commit -> verdict to the outbox;
-               with nothing to verify and decode-ahead on, decode a token alone and send that instead
+    verifier:  take what has arrived (as much as the session's verification budget allows) -> one pass on the
+               model worker -> commit -> verdict to the outbox; with nothing to verify and decode-ahead on, or with
+               drafts the budget allows none of, decode a token alone and send that instead
     stream():  yields the outbox to the gRPC handler until the session ends (or raises what went wrong)
 
 Both tasks run on the event loop and touch the model only through the session's lane of the model worker
@@ -20,6 +21,7 @@ from typing import AsyncIterator, Callable, Protocol
 import grpc
 
 from picospec.cloud_server.ahead import batch_due_at, check_next_batch_in, decode_hold_s
+from picospec.cloud_server.capacity import CloudCapacity, VerifyBudget, drafts_allowed
 from picospec.cloud_server.drafts import DraftQueue, DraftRun
 from picospec.cloud_server.handshake import Refusal, SessionSpec
 from picospec.cloud_server.metrics import SessionMeter
@@ -63,10 +65,14 @@ def waits_for(state: SessionState) -> str:
 
 class CloudSession:
     def __init__(self, sid: str, spec: SessionSpec, cache: TargetCache, lane: Lane, limits: CloudConfig,
-                 vocab_size: int, hooks: "CloudHooks | None" = None, meter: SessionMeter | None = None) -> None:
+                 vocab_size: int, hooks: "CloudHooks | None" = None, meter: SessionMeter | None = None,
+                 capacity: CloudCapacity | None = None) -> None:
         self.sid, self.cache, self.lane, self.limits, self.vocab_size = sid, cache, lane, limits, vocab_size
         self.hooks = hooks
         self.meter = meter if meter is not None else SessionMeter()  # the metrics (a no-op one when they are off)
+        self.capacity = capacity if capacity is not None else CloudCapacity()  # the server's, shared by its sessions
+        self.budget = VerifyBudget(limits.verify_budget, limits.verify_budget_slack)
+        self.held_back = 0  # drafts the budget kept out of the step about to run
         self.queued_since: float | None = None  # admission of the oldest batch not yet taken into a pass
         self.state = spec.state
         self.queue = DraftQueue(self.state)
@@ -211,8 +217,11 @@ class CloudSession:
             run = await self._next_run()
             if run is not None:
                 await self._pass(run)
+            elif self.held_back and not self.state.awaiting_resolution:
+                await self._decode_one()  # over budget: the cloud's own token, the drafts checked against it
             elif self._may_decode_ahead():
-                hold = decode_hold_s(time.perf_counter(), self.batch_due_at, self.decode_step.value)
+                hold = decode_hold_s(time.perf_counter(), self.batch_due_at, self.decode_step.value,
+                                     contended=self.capacity.others_working(self.sid))
                 if hold > 0:
                     await self._idle(timeout=hold)  # a batch is due before a step would end: verify it first
                 else:
@@ -227,12 +236,40 @@ class CloudSession:
         return self.decode_ahead and not st.awaiting_resolution and not self.edge_done and st.finished is None
 
     async def _next_run(self) -> DraftRun | None:
-        run = self.queue.take(self.limits.max_draft_len)
+        run = self.queue.take(self._drafts_allowed())
         hook = getattr(self.hooks, "before_decode_ahead", None)
-        if run is None and hook is not None and self._may_decode_ahead():
+        if run is None and not self.held_back and hook is not None and self._may_decode_ahead():
             await hook()
-            run = self.queue.take(self.limits.max_draft_len)  # drafts that arrived meanwhile go first
+            run = self.queue.take(self._drafts_allowed())  # drafts that arrived meanwhile go first
         return run
+
+    def _drafts_allowed(self) -> int:
+        """The most drafts the next pass may verify; sets `held_back` to those of the waiting ones the session's
+        budget keeps out (token trees are verified whole, within --max-draft-len)."""
+        run, most = self.queue.pending, self.limits.max_draft_len
+        self.held_back = 0
+        if run is None or run.parents is not None:
+            return most
+        waiting = min(len(run.token_ids), most)
+        allowed = drafts_allowed(self.budget.spent_s, self.budget.tokens, waiting, self.capacity.decode_s,
+                                 self.capacity.passes, self.budget.factor, self.budget.slack_steps)
+        # down to none only where our own token is the one verification would emit (coupled, greedy): elsewhere
+        # it is another sample, as exact but not the same, and a seed must give the same output however the
+        # budget fell (resume relies on it); verifying in smaller pieces changes nothing there
+        floor = 0 if self.cache.scheme.own_token_is_verdicts or self.cache.params.greedy else 1
+        allowed = max(allowed, min(floor, waiting))
+        self.held_back = waiting - allowed
+        return allowed
+
+    def _spent(self, drafts: int, seconds: float, tokens: int, held_back: int) -> None:
+        """Model time spent on this session (a pass over `drafts`, 0: a decode step, that committed `tokens`, with
+        `held_back` drafts kept out of it by the budget): its budget, the server's costs and load, the metrics."""
+        self.budget.charge(seconds, tokens)
+        self.capacity.on_compute(self.sid, drafts, seconds)
+        if held_back:
+            self.budget.capped_steps += 1
+            self.budget.capped_drafts += held_back
+            self.meter.on_capped(held_back)
 
     async def _idle(self, timeout: float | None = None) -> None:
         """Wait for the edge (drafts, a correction, its end), or at most `timeout` seconds."""
@@ -248,8 +285,10 @@ class CloudSession:
         """Decode-ahead: a token from the committed prefix, committed unless the edge's correction came first."""
         committed = list(self.state.tokens)
         started = self.decoding_since = time.perf_counter()
+        held_back = self.held_back
         try:
-            token, dt = await self.lane.run(self.cache.decode_next, committed)
+            with self.capacity.working(self.sid):
+                token, dt = await self.lane.run(self.cache.decode_next, committed)
         finally:
             ended = time.perf_counter()
             waited = ended - self.arrived_while_decoding if self.arrived_while_decoding else 0.0
@@ -257,18 +296,24 @@ class CloudSession:
         self.decode_step.add(ended - started)  # the worker's time for it, queueing behind other sessions included
         self.meter.on_compute(dt)  # spent whether or not its token is still at the front
         st = self.state
-        if st.committed_len != len(committed) or st.awaiting_resolution or st.finished:
+        at_front = not (st.committed_len != len(committed) or st.awaiting_resolution or st.finished)
+        self._spent(0, dt, int(at_front), held_back)
+        if not at_front:
             return  # the edge's correction arrived meanwhile: this token is not at the front
         self.queue.commit_own(token)
-        self.meter.on_decode_ahead()
+        if not held_back:
+            self.meter.on_decode_ahead()
         await self.lane.run(self.cache.settle, st.committed_len)
-        self._verdict(len(committed), 0, 0, token, False, dt, waited_s=waited)
+        self._verdict(len(committed), 0, 0, token, False, dt, waited_s=waited, capped=held_back)
 
     async def _pass(self, run: DraftRun) -> None:
         queued_since, self.queued_since = self.queued_since, (time.perf_counter() if self.queue.pending else None)
-        out = await self.lane.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
+        held_back = self.held_back
+        with self.capacity.working(self.sid):
+            out = await self.lane.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
         pass_started = time.perf_counter() - out.compute_s  # after any wait behind other sessions' model work
         c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected, out.path)
+        self._spent(len(run.token_ids), out.compute_s, len(c.new_tokens) if c is not None else 0, held_back)
         if self.queue.pending is None:
             self.queued_since = None  # nothing waits (a rejection or a new chain may have dropped what did)
         if c is None:
@@ -279,7 +324,8 @@ class CloudSession:
             self.cache.open_rejection = out.rejection
         await self.lane.run(self.cache.settle, self.state.committed_len)
         self._verdict(run.start_pos, len(run.token_ids), c.accepted, c.token, c.rejected, out.compute_s,
-                      out.rejection.payload if out.rejection else None, run.epoch, path=out.path[: c.accepted])
+                      out.rejection.payload if out.rejection else None, run.epoch, path=out.path[: c.accepted],
+                      capped=held_back)
 
     def _hint_sender(self, run: DraftRun) -> Callable[[ExpectedOutcome], None] | None:
         """Called from the model thread mid-pass: queue the hint on the loop so it leaves before the verdict."""
@@ -295,7 +341,7 @@ class CloudSession:
 
     def _verdict(self, start: int, verified: int, accepted: int, token: int | None, rejected: bool, compute_s: float,
                  res: "ResidualPayload | None" = None, epoch: int | None = None, waited_s: float = 0.0,
-                 path: tuple[int, ...] = ()) -> None:
+                 path: tuple[int, ...] = (), capped: int = 0) -> None:
         st = self.state
         self.meter.committed(len(st.generated))
         if rejected:
@@ -306,6 +352,7 @@ class CloudSession:
             finish_reason=st.finished.value if st.finished else "", verify_s=compute_s, rejected=rejected,
             verified=verified, idle_s=self.idle_s, waited_s=waited_s,
             residual_payload=res.topk if res else b"", tail_mass=res.tail_mass if res else 0.0,
-            tail_payload=res.tail if res else b"", path=path,
+            tail_payload=res.tail if res else b"", path=path, capped=capped,
+            decode_step_s=self.capacity.passes.measured(0) or 0.0, others_load=self.capacity.others_load(self.sid),
         )))
         self.idle_s = 0.0

@@ -382,7 +382,7 @@ class EdgeClient:
                 stats.bytes_down += wire_size(chunk)
                 stats.cloud_s += chunk.decode_s
                 stats.prefill_cloud_s += chunk.prefill_s
-                stats.on_tokens(len(chunk.token_ids))
+                stats.on_tokens(len(chunk.token_ids), ["cloud"] * len(chunk.token_ids))
                 if chunk.finished:
                     reason = chunk.finish_reason
                 yield list(chunk.token_ids)
@@ -408,7 +408,7 @@ class EdgeClient:
                 d = await self._run(drafter.draft, state.tokens, 1)
                 stats.draft_s += d.compute_s
                 c = state.commit((), 0, d.token_ids[0], rejected=False)
-                stats.on_tokens(len(c.new_tokens))
+                stats.on_tokens(len(c.new_tokens), ["edge"])
                 yield list(c.new_tokens)
         finally:
             stats.finish(state.finished.value if state.finished else "cancelled")

@@ -6,8 +6,11 @@ Terms (used throughout edge_client/):
                 sent and await a verdict, `unsent` have not gone up yet.
   correction    split modes: after a rejection the edge samples the token at the rejected position itself
                 (`resolved`) and must send it; until it arrives the cloud can do nothing for this session.
-  g             the draft length chosen for now (fixed, or online from measured costs); 0 = draft nothing and let
+  g             the draft length chosen for now (fixed, or online from measured costs); 0 = send nothing and let
                 the cloud decode alone (only allowed with decode-ahead, where the cloud streams its own tokens).
+  shadow draft  with g = 0 the edge still drafts the next token, keeps it and never sends it: the cloud's token
+                scores it, so acceptance is still measured (at no cloud cost) and the online choice can find its way
+                back to speculation when the text turns predictable.
   pre-draft     drafts made from the context an early-exit hint expects, adopted only if the verdict agrees.
 
 The driver (edge_client/session.py) takes a `Snapshot`, asks `next_action`, carries the action out and repeats.
@@ -51,12 +54,22 @@ class Snapshot:
     paused: bool               # the draft lost confidence: no more drafts until the cloud speaks
     predraft_open: bool        # an early-exit hint is being pre-drafted from
     predraft_wants_more: bool  # ... and wants more tokens
+    shadow_due: bool = True    # at length 0: a shadow draft is due (one every SHADOW_EVERY tokens)
+
+
+SHADOW_EVERY = 4  # at length 0, a shadow draft every this many committed tokens: enough to notice the text turn
+                  # predictable within a few tokens, for a quarter of the draft's work (the edge's battery)
+
+
+def shadowing(s: Snapshot) -> bool:
+    """Draft length 0 with decode-ahead, nothing open, one due: the edge shadow-drafts a token (never sent)."""
+    return s.g == 0 and s.decode_ahead and s.pipelined and not s.awaiting_resolution and s.shadow_due
 
 
 def can_draft(s: Snapshot) -> bool:
     """Whether a draft onto the chain is useful now."""
-    lookahead = 2 * s.g if s.pipelined else s.g
-    return (s.g > 0 and s.budget > 0 and not s.last_is_eos and not s.resolution_ends and not s.paused
+    lookahead = 1 if shadowing(s) else 2 * s.g if s.pipelined else s.g
+    return ((s.g > 0 or shadowing(s)) and s.budget > 0 and not s.last_is_eos and not s.resolution_ends and not s.paused
             and not s.predraft_open and not (s.awaiting_resolution and not s.resolved) and s.chain_len < lookahead
             and (s.pipelined or s.in_flight == 0))
 
@@ -69,10 +82,11 @@ def owes_correction(s: Snapshot) -> bool:
 
 def should_send(s: Snapshot) -> bool:
     """Send the unsent drafts: a full batch, a batch the draft lost confidence in, one at the end of the budget or
-    the lookahead, or (pipelined) anything at all when nothing is in flight; and a correction that is owed."""
+    the lookahead, or (pipelined) anything at all when nothing is in flight; and a correction that is owed. Never
+    drafts at length 0 (shadow drafts stay on the edge)."""
     lookahead = 2 * s.g if s.pipelined else s.g
     full = s.chain_len >= lookahead or s.budget <= 1 or s.last_is_eos
-    batch_ready = s.unsent > 0 and (s.unsent >= s.g or s.paused or full or (s.pipelined and s.in_flight == 0))
+    batch_ready = s.g > 0 and s.unsent > 0 and (s.unsent >= s.g or s.paused or full or (s.pipelined and s.in_flight == 0))
     return batch_ready or owes_correction(s)
 
 

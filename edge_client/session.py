@@ -18,8 +18,8 @@ import torch
 
 from picospec.edge_client.drafter import Drafter, DraftTree
 from picospec.edge_client.hints import HintTracker
-from picospec.edge_client.policy import (Action, SessionPlan, Snapshot, cloud_owes, drafts_before_next_send, edge_owes,
-                                         next_action, should_send)
+from picospec.edge_client.policy import (SHADOW_EVERY, Action, SessionPlan, Snapshot, cloud_owes,
+                                         drafts_before_next_send, edge_owes, next_action, should_send)
 from picospec.edge_client.rtt import RttTracker
 from picospec.edge_client.transport import EdgeError, StreamTransport
 from picospec.shared.codec import PayloadError, decode_list
@@ -28,7 +28,7 @@ from picospec.shared.perf_model import choose_draft_len, choose_tree_nodes
 from picospec.shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.schemes import MAX_TAIL_DRAWS, scheme
-from picospec.shared.stats import GenerationStats
+from picospec.shared.stats import GenerationStats, verdict_token_kinds
 from picospec.shared.trees import check_path
 
 RunModel = Callable[..., Awaitable]
@@ -51,6 +51,7 @@ class EdgeSession:
         self.state: SessionState | None = None  # once the cloud is ready
         self.chain: EdgeChain | None = None
         self.paused = False                # the draft lost confidence: wait for news before drafting on
+        self.next_shadow_at = 0            # length 0: the committed length at which the next shadow draft is due
         self.g = plan.fixed or 4
         self.waiting_for: str | None = None  # what the edge waits for now (the state dump says it)
         self.chunks: collections.deque[list[int]] = collections.deque()  # committed tokens not yet yielded
@@ -114,7 +115,7 @@ class EdgeSession:
                 raise ProtocolError("the cloud sent a first token this edge did not ask for")
             c = self.state.commit((), 0, ready.first_token, rejected=False)
             self.stats.prefill_tokens += len(c.new_tokens)
-            self.stats.on_tokens(len(c.new_tokens))
+            self.stats.on_tokens(len(c.new_tokens), ["first"])
             self.chunks.append(list(c.new_tokens))
 
     async def _step(self) -> None:
@@ -151,22 +152,27 @@ class EdgeSession:
             resolution_ends=ch.resolved is not None and st.would_finish_with(ch.resolved),
             paused=self.paused, predraft_open=self.hints.pre is not None,
             predraft_wants_more=self.hints.wants_more(g, st.eos_ids),
+            shadow_due=st.committed_len >= self.next_shadow_at,
         )
 
     def _choose_draft_len(self) -> int:
         if self.plan.fixed is not None:
             return self.plan.fixed
         est = self.stats.estimates
+        # until the estimates exist: with decode-ahead, batches of one (each measures the round trip and a pass
+        # cheaply while the cloud decodes; longer ones then grow by doubling), else the usual 4
         choice = choose_draft_len(est, self.plan.g_cap, pipelined=self.plan.pipelined,
-                                  allow_zero=self.plan.decode_ahead, default=4)
+                                  allow_zero=self.plan.decode_ahead, default=1 if self.plan.decode_ahead else 4)
         g = choice.g
         steer = getattr(self.hooks, "steer_draft_len", None)
         if steer is not None:  # tests: force a decision (see EdgeHooks)
             g = steer(g, self.state.awaiting_resolution)
         g = g if self.plan.decode_ahead else max(g, 1)  # length 0 leaves the decoding to the cloud: only with decode-ahead
         self.stats.draft_len_choices[g] += 1
-        est.last_choice = {"g": g, "modelled_tokens_per_s": choice.rate, "best_speculative": choice.best_speculative,
-                           "decode_alone": choice.decode_alone}
+        est.last_choice = {"g": g, "objective": choice.objective, "modelled_tokens_per_s": choice.rate,
+                           "best_speculative": choice.best_speculative, "decode_alone": choice.decode_alone,
+                           "cloud_s_per_token": choice.cloud_s_per_token,
+                           "alone_s_per_token": choice.alone_s_per_token}
         return g
 
     async def _drain(self) -> None:
@@ -190,6 +196,8 @@ class EdgeSession:
             self.stats.wasted_draft += 1
             return  # the chain moved under us: this draft continues a dead context
         self.chain.chain.append(made)
+        if self.g == 0:  # a shadow draft (policy.shadowing): the next one a few tokens on
+            self.next_shadow_at = self.state.committed_len + SHADOW_EVERY
         # the confidence stop (§4.4): what drafts made this sure were seen to be accepted, not the raw probability
         if self.plan.confidence and self.stats.estimates.by_confidence.estimate(made.confidence) < self.plan.confidence:
             self.paused = True
@@ -213,6 +221,7 @@ class EdgeSession:
             return
         v = msg.verdict
         judged = [c.confidence for c in self.chain.chain[:v.verified]]  # before apply drops them
+        resolved = self.chain.resolved is not None  # apply commits our correction first
         a = self.chain.apply(start_pos=v.start_pos, verified=v.verified, accepted=v.accepted,
                              token=v.token if v.HasField("token") else None, rejected=v.rejected,
                              committed_len=v.committed_len, finished=v.finished, epoch=v.epoch)
@@ -222,7 +231,8 @@ class EdgeSession:
             self.chain.resolved = await self._resolve(v, a.rejected_extra)
         if self.plan.hints:
             self.hints.settle(v, a, self.chain)
-        self.stats.on_tokens(len(a.new_tokens))
+        self.stats.on_tokens(len(a.new_tokens), verdict_token_kinds(len(a.new_tokens), resolved, a.accepted,
+                                                                    v.verified, v.rejected))
         if a.new_tokens:
             self.chunks.append(list(a.new_tokens))
 
@@ -233,6 +243,10 @@ class EdgeSession:
         stats.bubble_s += v.idle_s
         stats.verify_waited_s += v.waited_s
         stats.wasted_draft += a.dropped
+        stats.capped_drafts += v.capped
+        if v.decode_step_s > 0:
+            est.cloud_decode_s = est.passes.anchor = v.decode_step_s
+        est.others_load = v.others_load
         if v.verify_s > 0:  # a pass ran (a verdict closing the session on our correction ran none)
             est.passes.add(v.verified, v.verify_s)
         if v.verified:
@@ -248,8 +262,9 @@ class EdgeSession:
             self.rtt.on_verified(v.start_pos + v.verified - 1, v.verify_s + v.idle_s, time.perf_counter())
         elif v.HasField("token"):
             stats.cloud_tokens += 1
-            if a.from_chain or a.chain_died:  # a draft was there: it agreed with the cloud or not
+            if a.from_chain or a.chain_died:  # a draft was there (a shadow draft too): it agreed with the cloud or not
                 est.acceptance.add(float(a.from_chain > 0))
+                est.by_depth.add_verdict(int(a.from_chain > 0), rejected=not a.from_chain)
         if a.chain_died:
             self.rtt.clear()
             stats.dead_chains += not v.rejected
@@ -334,7 +349,8 @@ class EdgeSession:
             est.acceptance.add(0.0)
         est.by_depth.add_verdict(a.accepted, v.rejected)
         self.rtt.on_verified(v.start_pos + len(tree.tokens) - 1, v.verify_s + v.idle_s, time.perf_counter())
-        stats.on_tokens(len(a.new_tokens))
+        stats.on_tokens(len(a.new_tokens), verdict_token_kinds(len(a.new_tokens), False, a.accepted,
+                                                               len(tree.tokens), v.rejected))
         if a.new_tokens:
             self.chunks.append(list(a.new_tokens))
 

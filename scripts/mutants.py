@@ -119,6 +119,14 @@ MUTANTS: list[Mutant] = [
         ("tests/test_llama_cpp.py::test_backend_logits_equal_llama_cpp_own",),
     ),
     Mutant(
+        "l3", "dense bonus token drawn with the coin that accepted the last draft (a coin reused across streams)",
+        "shared/verify.py",
+        "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
+        "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + max(k - 1, 0), Stream.ACCEPT)), False)\n",
+        ("tests/test_law_tiny.py::test_stop_and_wait_modes_follow_the_target_law[sync-dense-T1]",),
+        limit_s=300,
+    ),
+    Mutant(
         "d", "dense bonus token drawn from q instead of p",
         "shared/verify.py",
         "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",

@@ -79,12 +79,15 @@ class PassCosts:
 
     A size not yet seen is read off the sizes seen: interpolated linearly between its neighbours; below the
     smallest seen, that one's cost (a pass never costs more for fewer positions); above the largest seen, the
-    largest's cost: an optimistic guess on purpose, so that the policy tries a longer batch where it would pay if
-    the step is flat, and the measurement of that pass then replaces the guess (probing without a probe)."""
+    largest's cost plus the mean growth per draft between the smallest and the largest seen (never negative). Flat
+    where the measured sizes are flat (a GPU: the policy tries the longer batch, and its measurement then replaces
+    the guess), steep where they are steep (llama.cpp on a CPU, where a pass of 8 costs 8 decode steps: guessing
+    the largest's cost there had the policy probe batches that lost, one after the other)."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
         self.by_size: dict[int, Ewma] = {}
+        self.anchor: float | None = None  # a decode step's cost from elsewhere (the cloud's): size 0 until measured
 
     def add(self, n: int, seconds: float) -> None:
         self.by_size.setdefault(n, Ewma(self.alpha)).add(seconds)
@@ -96,17 +99,21 @@ class PassCosts:
     def __call__(self, n: int) -> float | None:
         if not self.by_size:
             return None
-        if n in self.by_size:
-            return self.by_size[n].value
-        sizes = sorted(self.by_size)
+        table = {k: e.value for k, e in self.by_size.items()}
+        if 0 not in table and self.anchor is not None:
+            table[0] = min(self.anchor, min(table.values()))  # a decode never costs more than a pass
+        if n in table:
+            return table[n]
+        sizes = sorted(table)
         i = bisect_left(sizes, n)
         if i == 0:
-            return self.by_size[sizes[0]].value
+            return table[sizes[0]]
         if i == len(sizes):
-            return self.by_size[sizes[-1]].value
+            lo, hi = sizes[0], sizes[-1]
+            slope = max(0.0, (table[hi] - table[lo]) / (hi - lo)) if hi > lo else 0.0
+            return table[hi] + slope * (n - hi)
         lo, hi = sizes[i - 1], sizes[i]
-        t_lo, t_hi = self.by_size[lo].value, self.by_size[hi].value
-        return t_lo + (t_hi - t_lo) * (n - lo) / (hi - lo)
+        return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
 
     def to_dict(self) -> dict[str, float]:
         return {str(n): round(self.by_size[n].value, 6) for n in sorted(self.by_size)}
@@ -183,6 +190,8 @@ class Estimates:
     by_depth: DepthAcceptance = field(default_factory=DepthAcceptance)
     by_confidence: ConfidenceAcceptance = field(default_factory=ConfidenceAcceptance)
     passes: PassCosts = field(default_factory=PassCosts)  # cloud seconds per pass of n drafts (n = 0: decode)
+    cloud_decode_s: float | None = None  # the cloud's own measure of one decode step, from its latest verdict
+    others_load: float | None = None     # model seconds per second the cloud spends on other sessions (its verdicts)
     last_choice: dict = field(default_factory=dict)   # the latest decision: g and the modelled rates behind it
 
     @property
@@ -190,44 +199,108 @@ class Estimates:
         # the smallest recent sample: larger ones include waiting in the cloud's queue, not the network
         return min(self.rtt_samples) if self.rtt_samples else None
 
+    @property
+    def decode_s(self) -> float | None:
+        """The cloud alone's compute per token: one decode step, as this edge measured it or else as the cloud did."""
+        measured = self.passes.measured(0)
+        return measured if measured is not None else self.cloud_decode_s
+
     def to_dict(self) -> dict[str, object]:
         return {"rtt_s": self.rtt_s, "draft_s_per_token": self.draft_s.value, "acceptance": self.acceptance.value,
                 "acceptance_by_depth": self.by_depth.to_dict(), "acceptance_by_confidence": self.by_confidence.to_dict(),
-                "pass_s": self.passes.to_dict(), "decode_s": self.passes(0), "last_choice": self.last_choice}
+                "pass_s": self.passes.to_dict(), "decode_s": self.decode_s, "others_load": self.others_load,
+                "last_choice": self.last_choice}
+
+
+RATE, COST, DEFAULT = "rate", "cost", "default"  # the objective a choice served (DraftLenChoice.objective)
 
 
 @dataclass(frozen=True)
 class DraftLenChoice:
     g: int                      # the draft length chosen; 0 = the cloud decodes alone
     rate: float | None          # the modelled tokens/s of that choice (None: no estimates yet, the default)
-    best_speculative: float | None = None  # the best modelled rate with drafts
+    best_speculative: float | None = None  # the modelled rate of the best length with drafts the objective allows
     decode_alone: float | None = None      # 1 / the cloud's decode time
+    cloud_s_per_token: float | None = None  # the modelled cloud compute per committed token of the choice
+    alone_s_per_token: float | None = None  # the cloud alone's: one decode step
+    objective: str = DEFAULT    # RATE: the fastest within the cloud alone's compute per token (the cloud has room);
+                                # COST: the cheapest at no less than the cloud alone's rate (the cloud is loaded)
 
 
-SPECULATION_MARGIN = 1.1  # speculate only where modelled at least this much faster than the cloud decoding alone
+SPECULATION_MARGIN = 1.3  # speculate only where modelled at least this much better than the cloud decoding alone
+# (1.1 until the sweep of 2026-12-07: a batch of one modelled at 1.22x the cloud alone ran at 0.80x it on one CPU core;
+# the pipelined model leaves out the per-message overheads and the decode-ahead steps a batch makes worthless)
+LOADED_AT = 0.5  # the cloud is loaded when other sessions keep its model busy at least this share of the time
+
+
+@dataclass(frozen=True)
+class _Option:
+    g: int
+    rate: float  # modelled tokens/s
+    cost: float  # modelled cloud seconds per committed token
+
+
+def _options(est: Estimates, g_max: int, pipelined: bool) -> list[_Option]:
+    """Lengths 1 .. g_max, but at most twice the largest pass measured: a length past that is extrapolated (§4.4), and
+    a wrong guess costs a whole pass, so batches grow by doubling (4, 8, 16), each measured before the next."""
+    a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
+    g_max = min(g_max, max(2, 2 * max(est.passes.by_size, default=1)))
+    acc = est.by_depth.profile(g_max, a)
+    out = []
+    for g in range(1, g_max + 1):
+        t_pass = est.passes(g)
+        out.append(_Option(g, modelled_rate(acc[:g], td, rtt, t_pass, pipelined=pipelined),
+                           t_pass / expected_tokens(acc[:g])))
+    return out
+
+
+def _fastest(options: Sequence[_Option]) -> _Option | None:
+    """The fastest option; a longer one only if more than 2 % faster (a shorter batch wastes less when acceptance
+    is misjudged)."""
+    best = None
+    for o in options:
+        if best is None or o.rate > best.rate * 1.02:
+            best = o
+    return best
 
 
 def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero: bool, default: int) -> DraftLenChoice:
-    """The draft length with the highest modelled rate (per-depth acceptance, pass cost per size as measured); 0
-    (the cloud decodes alone) where speculating would not be SPECULATION_MARGIN faster than that and the cloud may
-    decode ahead: the modelled rate comes from running averages, and a marginal bet on it loses more (a pass that
-    commits little costs up to two decode steps) than it wins.
-    `default` until the estimates exist. A longer length is taken only if it is more than 2 % better: a shorter
-    batch wastes less when acceptance is misjudged."""
-    a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
-    if a is None or td is None or rtt is None or est.passes(1) is None:
+    """The draft length for the next batch, 0 (the cloud decodes alone) included where `allow_zero` (decode-ahead).
+
+    Objective (docs/design.md §4.4), from the modelled rate (per-depth acceptance, pass cost per size as measured)
+    and the modelled cloud compute per committed token (pass cost over expected tokens), against the cloud alone's
+    (1 / decode, and one decode step per token):
+      RATE, while other sessions leave the cloud room (others_load < LOADED_AT): the fastest length that spends no
+        more cloud compute per token than the cloud alone; speculation must be SPECULATION_MARGIN faster than the
+        cloud alone, since the rates are running averages and a marginal bet loses more than it wins.
+      COST, when the cloud is loaded: the cheapest length that is no slower than the cloud alone; speculation must
+        be SPECULATION_MARGIN cheaper.
+    Where no length with drafts qualifies and 0 is not allowed, the cheapest length. Until the cloud's decode cost
+    is known, the fastest length. `default` until the other estimates exist."""
+    if est.acceptance.value is None or est.draft_s.value is None or est.rtt_s is None or est.passes(1) is None:
         return DraftLenChoice(default, None)
-    acc = est.by_depth.profile(g_max, a)
-    best_g, best = 1, -math.inf
-    for g in range(1, g_max + 1):
-        r = modelled_rate(acc[:g], td, rtt, est.passes(g), pipelined=pipelined)
-        if r > best * 1.02:
-            best_g, best = g, r
-    decode = est.passes.measured(0)
-    alone = 1.0 / decode if decode else None
-    if allow_zero and alone is not None and best < alone * SPECULATION_MARGIN:
-        return DraftLenChoice(0, alone, best, alone)
-    return DraftLenChoice(best_g, best, best, alone)
+    options = _options(est, g_max, pipelined)
+    decode = est.decode_s
+    if decode is None:
+        best = _fastest(options)
+        return DraftLenChoice(best.g, best.rate, best.rate, None, best.cost, None, RATE)
+    alone = _Option(0, 1.0 / decode, decode)
+    loaded = est.others_load is not None and est.others_load >= LOADED_AT
+    if loaded:
+        fast_enough = [o for o in options if o.rate >= alone.rate]
+        best = min(fast_enough, key=lambda o: o.cost) if fast_enough else None
+        wins = best is not None and best.cost * SPECULATION_MARGIN <= alone.cost
+    else:
+        best = _fastest([o for o in options if o.cost <= alone.cost])
+        wins = best is not None and best.rate >= alone.rate * SPECULATION_MARGIN
+    objective = COST if loaded else RATE
+    if not wins and allow_zero:
+        pick = alone
+    elif best is not None:
+        pick = best
+    else:
+        pick = min(options, key=lambda o: o.cost)
+    return DraftLenChoice(pick.g, pick.rate, best.rate if best else None, alone.rate, pick.cost, alone.cost, objective)
 
 
 # ---- token trees (coupled, docs/design.md §3.7) -----------------------------------------------------------------

@@ -6,13 +6,16 @@ bits must come out on CPU and CUDA. A stateless integer hash gives all three.
 
 The hash is murmur3's 32-bit finaliser chained over the inputs. Multiplication is done on 16-bit halves
 so no intermediate exceeds 2**48: no signed overflow in int64 tensors, identical results for Python ints
-and for torch tensors on any device.
+and for torch tensors on any device. A CPU tensor of tokens (a whole vocabulary's Gumbel noise, every coupled
+token at T > 0) takes a numpy uint32 path whose multiplications wrap mod 2**32 natively: the same bits, about 8x
+faster than the 16-bit halves in int64 (tests/test_rng_sampling.py checks they agree).
 """
 from __future__ import annotations
 
 from enum import IntEnum
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -47,6 +50,15 @@ def fmix32(x: IntLike) -> IntLike:
     return x ^ (x >> 16)
 
 
+def _fmix32_u32(x: np.ndarray) -> np.ndarray:
+    """fmix32 on a uint32 array: numpy's uint32 products wrap mod 2**32, which is what _mul32 computes."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
 def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) -> IntLike:
     """32 random bits for one (seed, position, stream, token). Inputs are reduced to 32 bits each
     (positions and token ids are far below 2**32; the seed keeps 64 bits through two words)."""
@@ -54,6 +66,9 @@ def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) 
     h = fmix32(h ^ ((seed >> 32) & _M32))
     h = fmix32(h ^ (stream & _M32))
     h = fmix32(h ^ (position & _M32))
+    if isinstance(token, torch.Tensor) and token.device.type == "cpu" and isinstance(h, int):
+        mixed = _fmix32_u32(token.numpy().astype(np.uint32) ^ np.uint32((h ^ 0x27D4EB2F) & _M32))
+        return torch.from_numpy(mixed.astype(np.int64))
     return fmix32(h ^ (token & _M32) ^ 0x27D4EB2F)
 
 

@@ -6,7 +6,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from picospec.shared.config import EXACT_VERIFY_MODES
 from picospec.shared.perf_model import Estimates
@@ -52,6 +52,23 @@ def inexact_reason(mode: str, verify_mode: str | None, draft_spans: list[tuple[i
     return "; ".join(reasons) or None
 
 
+# what made a generated token: the cloud's first token (with its Ready), an accepted draft, the cloud's token after
+# every verified draft was accepted (bonus) or at a rejected position (correction; in the split modes the edge's
+# own draw from the residual), a token the cloud decoded with nothing verified (decode-ahead, the cloud alone, a
+# step the verification budget capped), or the draft alone (edge mode, a partition)
+TOKEN_KINDS = ("first", "draft", "bonus", "correction", "cloud", "edge")
+
+
+def verdict_token_kinds(n_new: int, resolved: bool, accepted: int, verified: int, rejected: bool) -> list[str]:
+    """The kinds of the n_new tokens one verdict committed on the edge: our correction first where it committed one
+    (split modes), then the accepted drafts, then the cloud's own token if any."""
+    kinds = ["correction"] if resolved else []
+    kinds += ["draft"] * min(accepted, n_new - len(kinds))
+    if n_new > len(kinds):
+        kinds.append(("correction" if rejected else "bonus") if verified else "cloud")
+    return kinds
+
+
 @dataclass
 class GenerationStats:
     mode: str
@@ -79,6 +96,9 @@ class GenerationStats:
     cloud_tokens: int = 0       # pipeline: tokens the cloud decoded on its own (decode-ahead)
     prefill_tokens: int = 0     # tokens the cloud sent with its Ready: the first token at once (one per session)
     dead_chains: int = 0        # pipeline: draft chains that contradicted a cloud token
+    capped_drafts: int = 0      # drafts the cloud's verification budget kept out of its passes (--verify-budget)
+    # per generated token, what made it (TOKEN_KINDS), in order; not in to_dict (the law tests read it per event)
+    token_kinds: list[str] = field(default_factory=list)
     bubble_s: float = 0.0       # pipeline: time the cloud had nothing to verify
     verify_waited_s: float = 0.0  # pipeline: time drafts waited on the cloud behind a decode-ahead step
     drafted_total: int = 0      # draft tokens made, sent or not
@@ -112,12 +132,14 @@ class GenerationStats:
         self.draft_only_spans = add_span(self.draft_only_spans, start, end)
         self.exact = False
 
-    def on_tokens(self, n: int) -> None:
+    def on_tokens(self, n: int, kinds: Sequence[str] = ()) -> None:
+        """n tokens committed now; `kinds` says what made each (TOKEN_KINDS; missing ones are "unknown")."""
         now = time.perf_counter()
         if n and self.first_token_at is None:
             self.first_token_at = now
         self.generated += n
         self.token_times.extend([now] * n)
+        self.token_kinds.extend([*kinds[:n], *["unknown"] * (n - len(kinds))])
 
     def on_round(self, drafted: int, accepted: int, committed: int) -> None:
         self.rounds += 1
@@ -193,6 +215,7 @@ class GenerationStats:
             "cloud_busy_fraction": (self.cloud_s + self.prefill_cloud_s) / wall if wall > 0 else None,
             "cloud_tokens": self.cloud_tokens,
             "dead_chains": self.dead_chains,
+            "capped_drafts": self.capped_drafts,
             "pipeline_bubble_s": self.bubble_s,
             "verify_waited_s": self.verify_waited_s,
             "admission_retries": self.admission_retries,

@@ -179,8 +179,13 @@ def resample_exact(q_row: torch.Tensor, hint: ResidualHint, seed: int, pos: int,
 
 def gumbel_argmax(probs_row: torch.Tensor, seed: int, pos: int) -> int:
     """Gumbel-max sample: argmax over the support of log p + G(seed, pos, token). Exactly p-distributed."""
-    support = torch.nonzero(probs_row > 0).flatten()
-    scores = torch.log(probs_row[support].double()) + gumbel_noise(seed, pos, support)
+    positive = probs_row > 0
+    if bool(positive.all()):  # a full support (T > 0 without top-k or top-p): no gather over the vocabulary
+        support = torch.arange(probs_row.shape[-1], device=probs_row.device)
+        scores = torch.log(probs_row.double()) + gumbel_noise(seed, pos, support).to(probs_row.device)
+    else:
+        support = torch.nonzero(positive).flatten()
+        scores = torch.log(probs_row[support].double()) + gumbel_noise(seed, pos, support)
     return int(support[int(torch.argmax(scores))])
 
 

@@ -61,7 +61,12 @@ def tiny_draft() -> LoadedModel:
 
 @contextlib.asynccontextmanager
 async def serving(target: LoadedModel, **limits: object) -> AsyncIterator[tuple[PicoSpecService, str]]:
-    """A cloud server on 127.0.0.1 with an OS-chosen port, torn down afterwards."""
+    """A cloud server on 127.0.0.1 with an OS-chosen port, torn down afterwards.
+
+    The verification budget is off unless a test asks for it: the tiny models' passes take well under a millisecond,
+    where it would act on timer noise, and the tests of the protocol's paths count verdicts of each kind. Its own
+    tests (test_capacity.py) turn it on."""
+    limits = {"verify_budget": 0.0, **limits}
     service = PicoSpecService(target, CloudConfig(target=target.name, **limits))
     server, port = await start_server(service, "127.0.0.1:0")
     try:

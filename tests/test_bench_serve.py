@@ -99,13 +99,31 @@ def test_the_engines_share_splits_the_clouds_cpu_into_passes_and_the_rest() -> N
 
 def test_the_serve_report_shows_n_a_where_the_cloud_has_no_batch_metric() -> None:
     rows = [serve.summarize([_gen(0, 0.0, 2.0, 10, 5.0, 0.2)], "off", 1, {serve.DRAFTS_METRIC: 3.0})]
-    settings = {"target": "t", "draft": "d", "mode": "pipeline", "verify": "coupled", "temperature": 0.0,
+    settings = {"target": "t", "draft": "d", "modes": ("pipeline",), "verify": "coupled", "temperature": 0.0,
                 "max_new_tokens": 10, "gens": 1, "cloud_core": 0, "edge_core": 1, "edge_procs_used": 1,
                 "notes": ["only off ran"]}
     md = serve.report_markdown(settings, rows)
-    line = next(x for x in md.splitlines() if x.startswith("| off"))
+    line = next(x for x in md.splitlines() if x.startswith("| pipeline | off"))
     assert line.count("| n/a") == 4 and "5.00" in line and "3.00" in line  # batch size, tokens, engine columns
     assert "**Note**: only off ran" in md
+
+
+def test_each_mode_is_compared_with_the_cloud_alone_at_the_same_batching_and_sessions() -> None:
+    """The cloud's compute per token comes from its counters' growth over the run; ratios to the `cloud` row."""
+    deltas = {serve.COMPUTE_METRIC: (3.0, 0.0), serve.TOKENS_METRIC: (40.0, 0.0), serve.CAPPED_METRIC: (7.0, 0.0)}
+    assert serve.cloud_cost(deltas) == {"cloud_ms_per_token": 75.0, "capped_drafts": 7.0}
+    assert serve.cloud_cost({})["cloud_ms_per_token"] is None
+    rows = [{"mode": m, "batching": b, "sessions": n, "aggregate_tokens_per_s": agg, "decode_tokens_per_s_p50": p50,
+             "cloud_ms_per_token": ms}
+            for m, b, n, agg, p50, ms in (("cloud", "on", 4, 20.0, 5.0, 100.0), ("pipeline", "on", 4, 30.0, 7.5, 50.0),
+                                          ("pipeline", "on", 8, 30.0, 7.5, 50.0))]
+    serve.compare_to_baseline(rows)
+    assert (rows[1]["aggregate_x_cloud"], rows[1]["p50_x_cloud"], rows[1]["cloud_cost_x_cloud"]) == (1.5, 1.5, 0.5)
+    assert rows[0]["aggregate_x_cloud"] == 1.0
+    assert rows[2]["aggregate_x_cloud"] is None  # no cloud row at N = 8
+    assert serve.parse_args(["--mode", "pipeline,cloud"]).modes == ("pipeline", "cloud")
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--mode", "pipelin"])
 
 
 def test_a_fixed_plan_gives_every_session_its_seed_and_prompt() -> None:
@@ -168,21 +186,24 @@ def test_failures_group_by_reason_and_the_soak_report_renders() -> None:
 # ---------------------------------------------------------------------------------------------- end to end
 
 def test_serve_runs_sessions_against_a_cloud_process(tmp_path: Path) -> None:
-    cfg = serve.ServeConfig(**TINY, sessions=(1, 2), max_new_tokens=8, gens=1, mode="sync", edge_procs=2, out=tmp_path,
-                            quiet=True)  # sync: verification passes for certain (the pipeline may decode ahead alone)
+    cfg = serve.ServeConfig(**TINY, sessions=(1, 2), max_new_tokens=8, gens=1, modes=("sync", "cloud"), edge_procs=2,
+                            out=tmp_path, quiet=True)  # sync: passes for certain (the pipeline may decode ahead alone)
     result = serve.run_serve(cfg)
     rows = result["rows"]
     ran = result["settings"]["batching_ran"]
     assert ran == (["on", "off"] if result["settings"]["batching_supported"] else ["off"])
-    assert [(r["batching"], r["sessions"]) for r in rows] == [(b, n) for b in ran for n in (1, 2)]
+    assert [(r["mode"], r["batching"], r["sessions"]) for r in rows] == [(m, b, n) for b in ran for n in (1, 2)
+                                                                           for m in ("sync", "cloud")]
     for r in rows:
         assert r["failures"] == 0, r["errors"]
         assert r["generations"] == r["sessions"] and r["tokens"] == 8 * r["sessions"]
         assert r["aggregate_tokens_per_s"] > 0 and r["decode_tokens_per_s_p50"] > 0 and r["ttft_s_p95"] > 0
-        assert r["committed_per_pass"] is not None  # read from the cloud's metrics
+        assert r["cloud_ms_per_token"] > 0 and r["cloud_cost_x_cloud"] > 0  # read from the cloud's counters
+        assert (r["committed_per_pass"] is not None) == (r["mode"] == "sync")  # passes only where drafts are verified
         assert r["cloud_cpu_util"] > 0 and r["edge_cpu_util"] > 0
     for r in rows:
         assert (r["mean_batch_size"] is not None) == (r["batching"] == "on")  # batched passes only with batching on
+    assert all(r["aggregate_x_cloud"] == 1.0 for r in rows if r["mode"] == "cloud")
     assert {g["worker"] for g in result["generations"] if g["sessions"] == 2} == {0, 1}
     assert all((tmp_path / f).exists() for f in ("serve.json", "serve.md", "serve.png"))
 

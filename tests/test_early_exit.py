@@ -158,7 +158,7 @@ def test_greedy_with_hints_equals_target_under_jitter(tiny_target, noop_last_lay
 @pytest.mark.parametrize("mode,verify", [("early-exit", "dense"), ("early-exit", "coupled"), ("pipeline", "coupled")])
 def test_sampling_with_hints_matches_target_distribution(noop_last_layer_target, stranger_draft, mode, verify):
     """Pre-drafts adopted after hits must leave the output law alone: tests/law.py's PIT test over 100
-    generations of 20 tokens (2,000 values: detects a PIT shift of 0.062 at 90%, false-alarm rate 1e-3)."""
+    generations of 20 tokens (2,000 values: detects a PIT shift of 0.065 at 90%, false-alarm rate 1e-3)."""
     target = noop_last_layer_target
     prompt_ids = target.tokenizer(PROMPT)["input_ids"]
     law = LawCheck(target.model, T1, ranking=stranger_draft.model)

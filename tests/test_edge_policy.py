@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from picospec.shared.schemes import SCHEMES
+from picospec.shared.stats import verdict_token_kinds
 
 from picospec.edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, drafts_before_next_send, edge_owes,
                                          next_action, plan_session, should_send)
@@ -79,10 +80,15 @@ def test_a_correction_goes_up_alone_when_no_draft_will_carry_it(why):
     assert next_action(after) is not Action.STALL
 
 
-def test_length_zero_with_decode_ahead_waits_for_the_clouds_tokens():
+def test_length_zero_with_decode_ahead_shadow_drafts_one_token_and_waits_for_the_clouds_tokens():
+    """The cloud decodes alone; the edge drafts the next token to score it against the cloud's, and never sends it."""
     s = snap(g=0, decode_ahead=True)
-    assert next_action(s) is Action.WAIT and "decode-ahead" in cloud_owes(s)
-    assert next_action(snap(g=0, decode_ahead=False)) is Action.STALL  # the driver never lets this happen
+    assert next_action(s) is Action.DRAFT and not should_send(s)
+    shadowed = snap(g=0, decode_ahead=True, chain_len=1, unsent=1)
+    assert next_action(shadowed) is Action.WAIT and "decode-ahead" in cloud_owes(shadowed)
+    assert not should_send(dataclasses.replace(shadowed, budget=1, last_is_eos=True))
+    assert next_action(snap(g=0, decode_ahead=False, pipelined=False)) is Action.STALL  # never produced by the driver
+    assert next_action(snap(g=0, decode_ahead=True, shadow_due=False)) is Action.WAIT  # between shadow drafts
 
 
 def test_what_the_cloud_owes():
@@ -103,13 +109,13 @@ def test_no_reachable_snapshot_stalls():
     STALL: either the edge has something to do, or the cloud owes it a message."""
     stalls = []
     for (g, pipelined, ahead, budget, chain_len, unsent, last_eos, awaiting, resolved, sent, ends, paused, pre,
-         pre_more) in itertools.product((0, 1, 4), BOOLS, BOOLS, (0, 1, 5), (0, 1, 4, 8), (0, 1, 4), BOOLS, BOOLS,
-                                        BOOLS, BOOLS, BOOLS, BOOLS, BOOLS, BOOLS):
+         pre_more, shadow) in itertools.product((0, 1, 4), BOOLS, BOOLS, (0, 1, 5), (0, 1, 4, 8), (0, 1, 4), BOOLS,
+                                                BOOLS, BOOLS, BOOLS, BOOLS, BOOLS, BOOLS, BOOLS, BOOLS):
         if not _reachable(g, pipelined, ahead, budget, chain_len, unsent, last_eos, awaiting, resolved, sent, ends,
                           paused, pre, pre_more):
             continue
         s = Snapshot(g, pipelined, ahead, budget, chain_len, unsent, chain_len - unsent, last_eos, awaiting,
-                     resolved, sent, ends, paused, pre, pre_more)
+                     resolved, sent, ends, paused, pre, pre_more, shadow)
         if next_action(s) is Action.STALL:
             stalls.append(s)
     assert not stalls, f"{len(stalls)} reachable snapshots stall, e.g. {stalls[0]}"
@@ -132,7 +138,8 @@ def _reachable(g, pipelined, ahead, budget, chain_len, unsent, last_eos, awaitin
         not pre_more or pre,
         budget > 0 or chain_len > 0 or ends,       # out of budget with nothing drafted: the generation has ended
         pipelined or unsent == 0 or chain_len == unsent,  # stop-and-wait sends whole batches
-        not (pipelined and unsent and chain_len == unsent) or unsent < g,  # pipelined: sent once nothing's in flight
+        # pipelined: sent once nothing's in flight (at length 0, shadow drafts are never sent)
+        not (pipelined and unsent and chain_len == unsent) or unsent < g or g == 0,
     ])
 
 
@@ -157,3 +164,13 @@ def test_the_deadline_scales_with_the_work():
     assert short.deadline_s(9) == pytest.approx(60 + 2.0 * 40 + 0.05 * 9)   # not an hour for 40 tokens
     assert long.deadline_s(9) > 8192                                        # nor a cut-off for a long generation
     assert EdgeConfig(max_new_tokens=40, timeout_s=5.0).deadline_s(9) == 5.0  # an explicit deadline wins
+
+
+def test_each_committed_token_is_labelled_with_what_made_it():
+    """The law tests test some kinds of token apart (tests/law.py EVENTS): the labels must be right."""
+    assert verdict_token_kinds(3, False, 2, 4, True) == ["draft", "draft", "correction"]   # rejected at depth 3
+    assert verdict_token_kinds(5, False, 4, 4, False) == ["draft"] * 4 + ["bonus"]         # all accepted
+    assert verdict_token_kinds(2, True, 1, 3, True) == ["correction", "draft"]             # split: ours, then a draft
+    assert verdict_token_kinds(1, False, 0, 0, False) == ["cloud"]                         # decode-ahead
+    assert verdict_token_kinds(2, False, 2, 2, False) == ["draft", "draft"]                # finished before a bonus
+    assert verdict_token_kinds(0, False, 0, 3, True) == []                                 # split: correction to come

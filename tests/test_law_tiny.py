@@ -3,7 +3,7 @@
 Matrix: edge modes {sync, early-exit, pipeline (jittered, decode-ahead on)} x exact schemes {dense, split-exact,
 coupled} x {T=1; T=0.7 with top-k 20 and top-p 0.9}, plus `cloud` mode against the target and `edge` mode
 against the draft. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
-length 1..4 by seed), so each KS statistic detects a PIT shift of detectable_shift(2000) = 0.062 at 90%, with
+length 1..4 by seed), so each KS statistic detects a PIT shift of detectable_shift(2000) = 0.065 at 90%, with
 false-alarm rate 1e-3 per test (tests/law.py; the PIT is also ranked by q/p, q the tiny draft's law). The tiny pair is far apart (total variation ~0.45 per token), so rejections,
 corrections, split-exact's tail draws and, in the pipeline, dead chains and rollbacks all happen; each test
 asserts that speculation ran (rounds, accepted and rejected drafts) so that no test passes on the cloud's
@@ -19,7 +19,7 @@ from picospec.bench.jitter import Jitter
 from picospec.shared.config import EXACT_VERIFY_MODES
 from picospec.shared.models import LoadedModel
 from tests.conftest import edge, run, serving
-from tests.law import T07_TOPK_TOPP, T1, LawCheck, Warping
+from tests.law import MIN_EVENT_TOKENS, T07_TOPK_TOPP, T1, LawCheck, Warping
 
 GENERATIONS = 100
 NEW_TOKENS = 20
@@ -33,11 +33,13 @@ class _CloudJitter(Jitter):
 
 
 async def _generate_all(target: LoadedModel, draft: LoadedModel, mode: str, warping: Warping,
-                        law: LawCheck, jitter: bool = False, **cfg: object) -> dict[str, int]:
-    """GENERATIONS generations through one server and one client; every token goes into `law`."""
-    totals = {"rounds": 0, "accepted": 0, "drafted": 0, "cloud_tokens": 0, "tail_requests": 0, "dead_chains": 0,
-              "predrafted_used": 0}
-    async with serving(target) as (service, addr):
+                        law: LawCheck, jitter: bool = False, limits: dict | None = None, stats: tuple[str, ...] = (),
+                        **cfg: object) -> dict[str, int]:
+    """GENERATIONS generations through one server (with `limits`) and one client; every token goes into `law`.
+    Returns the sums of some statistics (and of `stats`)."""
+    totals = {k: 0 for k in ("rounds", "accepted", "drafted", "cloud_tokens", "tail_requests", "dead_chains",
+                             "predrafted_used", *stats)}
+    async with serving(target, **(limits or {})) as (service, addr):
         if jitter:
             service.hooks = _CloudJitter(3, 0.0005)
         async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=True, residual_top_k=2, tail_samples=1,
@@ -49,10 +51,23 @@ async def _generate_all(target: LoadedModel, draft: LoadedModel, mode: str, warp
                 gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=1 + seed % 4)
                 ids = await gen.collect()
                 assert len(ids) == NEW_TOKENS, f"seed {seed}: {len(ids)} tokens, ignore_eos asks for {NEW_TOKENS}"
-                law.add(prompt_ids, ids)
+                law.add(prompt_ids, ids, gen.stats.token_kinds)
                 for k in totals:
                     totals[k] += getattr(gen.stats, k)
     return totals
+
+
+def _law(target: LoadedModel, draft: LoadedModel, warping: Warping, verify: str) -> LawCheck:
+    """The law check of a run with the draft `draft`: corrections tested under the residual in the schemes that
+    draw them from it."""
+    return LawCheck(target.model, warping, ranking=draft.model, residual_corrections=verify != "coupled")
+
+
+def _assert_events_tested(law: LawCheck, verify: str) -> None:
+    """Each event was tested apart (enough of its tokens), so a bug in it is not diluted among all tokens."""
+    counts = law.event_counts()
+    wanted = ("first", "bonus", "after_rejection") + (("correction",) if verify != "coupled" else ())
+    assert all(counts[e] >= MIN_EVENT_TOKENS for e in wanted), counts
 
 
 def _assert_speculated(totals: dict[str, int], verify: str, warping: Warping) -> None:
@@ -66,10 +81,11 @@ def _assert_speculated(totals: dict[str, int], verify: str, warping: Warping) ->
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
 @pytest.mark.parametrize("mode", ["sync", "early-exit"])
 def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode, verify, warping):
-    law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    law = _law(tiny_target, tiny_draft, warping, verify)
     hints = {"hints": "on", "exit_threshold": 0.0} if mode == "early-exit" else {}
     totals = run(_generate_all(tiny_target, tiny_draft, mode, warping, law, verify=verify, **hints))
     _assert_speculated(totals, verify, warping)
+    _assert_events_tested(law, verify)
     law.assert_matches(f"{mode}/{verify} at {warping}")
 
 
@@ -90,7 +106,7 @@ def test_pipeline_under_jitter_follows_the_target_law(tiny_target, tiny_draft, d
     drafts for the same positions, chains die and roll back; the law must not notice. On the tiny pair the
     cloud decodes as fast as the edge drafts, so the cloud's hook lets drafts arrive before each step it
     decodes alone (otherwise it would decode nearly everything and the race would hardly be run)."""
-    law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
+    law = _law(tiny_target, tiny_draft, warping, verify)
     totals = run(_generate_all(tiny_target, tiny_draft, "pipeline", warping, law, jitter=True, verify=verify,
                                decode_ahead=decode_ahead))
     if decode_ahead == "off":
@@ -99,6 +115,24 @@ def test_pipeline_under_jitter_follows_the_target_law(tiny_target, tiny_draft, d
     else:
         assert totals["accepted"] > 0 and totals["cloud_tokens"] > 0 and totals["dead_chains"] > 0, totals
     law.assert_matches(f"pipeline/{verify}/decode-ahead {decode_ahead} at {warping}")
+
+
+@pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
+def test_sessions_the_verification_budget_caps_follow_the_target_law(tiny_target, tiny_draft, verify):
+    """A budget of almost nothing (cloud_server/capacity.py): each session's passes run within a slack of 3 decode
+    steps, then coupled's cloud decodes tokens itself while drafts wait, and they are checked against its tokens,
+    and dense and split-exact verify one draft per pass (stop-and-wait, no decode-ahead asked for). The law must
+    not notice."""
+    law = _law(tiny_target, tiny_draft, T1, verify)
+    totals = run(_generate_all(tiny_target, tiny_draft, "sync", T1, law, limits={"verify_budget": 1e-6, "verify_budget_slack": 3},
+                               verify=verify, stats=("capped_drafts",)))
+    _assert_speculated(totals, verify, T1)
+    assert totals["capped_drafts"] > 0, totals
+    if verify == "coupled":  # capped down to the cloud's own tokens; elsewhere to passes of one draft (session.py)
+        assert totals["cloud_tokens"] > GENERATIONS, totals
+    else:
+        assert totals["cloud_tokens"] == 0, totals
+    law.assert_matches(f"sync/{verify} with its passes capped by the budget at {T1}")
 
 
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
@@ -126,6 +160,6 @@ class _Both:
     def __init__(self, *checks: LawCheck) -> None:
         self.checks = checks
 
-    def add(self, prompt_ids: list[int], generated: list[int]) -> None:
+    def add(self, prompt_ids: list[int], generated: list[int], kinds: list[str] | None = None) -> None:
         for c in self.checks:
-            c.add(prompt_ids, generated)
+            c.add(prompt_ids, generated, kinds)

@@ -159,7 +159,7 @@ class Ready(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload", "rejected", "verified", "idle_s", "waited_s", "path")
+    __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload", "rejected", "verified", "idle_s", "waited_s", "path", "decode_step_s", "others_load", "capped")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,9 @@ class Verdict(_message.Message):
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
     WAITED_S_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    OTHERS_LOAD_FIELD_NUMBER: _ClassVar[int]
+    CAPPED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start_pos: int
     accepted: int
@@ -194,7 +197,10 @@ class Verdict(_message.Message):
     idle_s: float
     waited_s: float
     path: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ..., rejected: _Optional[bool] = ..., verified: _Optional[int] = ..., idle_s: _Optional[float] = ..., waited_s: _Optional[float] = ..., path: _Optional[_Iterable[int]] = ...) -> None: ...
+    decode_step_s: float
+    others_load: float
+    capped: int
+    def __init__(self, epoch: _Optional[int] = ..., start_pos: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., committed_len: _Optional[int] = ..., next_epoch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., verify_s: _Optional[float] = ..., residual_payload: _Optional[bytes] = ..., tail_mass: _Optional[float] = ..., tail_payload: _Optional[bytes] = ..., rejected: _Optional[bool] = ..., verified: _Optional[int] = ..., idle_s: _Optional[float] = ..., waited_s: _Optional[float] = ..., path: _Optional[_Iterable[int]] = ..., decode_step_s: _Optional[float] = ..., others_load: _Optional[float] = ..., capped: _Optional[int] = ...) -> None: ...
 
 class Hint(_message.Message):
     __slots__ = ("epoch", "start_pos", "verified", "expected_accepted", "expected_token", "confidence")
