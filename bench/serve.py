@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 from picospec.bench import fleet as fl
 from picospec.bench.grid import DEFAULT_DRAFT, DEFAULT_TARGET, PROMPTS
-from picospec.bench.report import fmt, markdown_table, pyplot
+from picospec.bench.report import fmt, markdown_table, pyplot, ratio
 from picospec.bench.runner import Progress
 from picospec.shared.config import EDGE_MODES
 
@@ -152,10 +152,6 @@ def compare_to_baseline(rows: Sequence[dict[str, Any]]) -> None:
     """Add each row's ratios to the cloud alone's row at the same batching and N (aggregate rate, per-session p50,
     cloud compute per token); None where the cloud alone did not run or a figure is missing."""
     base = {(r["batching"], r["sessions"]): r for r in rows if r["mode"] == BASELINE_MODE}
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     for r in rows:
         b = base.get((r["batching"], r["sessions"]), {})
         r["aggregate_x_cloud"] = ratio(r["aggregate_tokens_per_s"], b.get("aggregate_tokens_per_s"))

@@ -6,10 +6,11 @@ Terms:
   others_load compute spent on the other sessions over the last WINDOW_S seconds, per second: about the share of the
               model they keep busy (with batching, rows that share a pass each count the pass, so it may exceed 1).
   budget      a session may spend at most `factor` x decode_s per token it committed, plus `slack_steps` decode
-              steps to learn its acceptance (--verify-budget, --verify-budget-slack). Enforced by capping the drafts its next pass verifies, down to none: the
-              cloud then decodes the token itself (decode-ahead's step, exact in every mode) and the drafts that
-              wait are checked against it. Never by changing a token: an edge whose drafts are always wrong, buggy or
-              hostile, gets the cloud alone's service at the cloud alone's cost (docs/design.md §4.6).
+              steps to learn its acceptance (--verify-budget, --verify-budget-slack). Enforced by capping the drafts
+              its next pass verifies: down to none where the cloud's own token is the one verification would emit
+              (coupled, greedy; the cloud then decodes it and the waiting drafts are checked against it), down to
+              one draft per pass elsewhere (CloudSession._drafts_allowed). Never by changing a token: an edge whose
+              drafts are always wrong, buggy or hostile, costs about what the cloud alone would (docs/design.md §4.6).
 
 The budget decision is a pure function (`drafts_allowed`), unit-tested without gRPC or models.
 """
@@ -55,16 +56,10 @@ class VerifyBudget:
     slack_steps: int = BUDGET_SLACK_STEPS
     spent_s: float = 0.0
     tokens: int = 0
-    capped_steps: int = 0     # steps where the budget held the session to fewer drafts than waited
-    capped_drafts: int = 0    # drafts it kept out of passes (then checked against the cloud's own token)
 
     def charge(self, seconds: float, tokens: int) -> None:
         self.spent_s += seconds
         self.tokens += tokens
-
-    def to_dict(self) -> dict[str, float]:
-        return {"factor": self.factor, "slack_steps": self.slack_steps, "spent_s": round(self.spent_s, 6), "tokens": self.tokens,
-                "capped_steps": self.capped_steps, "capped_drafts": self.capped_drafts}
 
 
 class CloudCapacity:

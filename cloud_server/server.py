@@ -339,21 +339,16 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                         backend=self._engine_slot(), n_ctx=self._session_tokens(state))
                     lane = self.worker.lane()
                     try:
-                        async with (contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks,
-                                    self._wants_model(sid)):
-                            async for chunk in chunks:
-                                if chunk.finished:
-                                    held.ending()  # before the last message: a next Hello waits for this slot
-                                yield chunk
+                        # it wants the model for as long as it runs: speculative sessions' decode-ahead yields
+                        with self.capacity.working(sid):
+                            async with contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks:
+                                async for chunk in chunks:
+                                    if chunk.finished:
+                                        held.ending()  # before the last message: a next Hello waits for this slot
+                                    yield chunk
                     finally:
                         held.ending()
                         await self._close(cache, lane)
-
-    @contextlib.asynccontextmanager
-    async def _wants_model(self, sid: str) -> AsyncIterator[None]:
-        """A cloud-only session wants the model for as long as it runs (speculative sessions' decode-ahead yields)."""
-        with self.capacity.working(sid):
-            yield
 
     async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache, lane: Lane,
                             meter: SessionMeter) -> AsyncIterator[pb.TokenChunk]:

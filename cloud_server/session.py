@@ -267,8 +267,6 @@ class CloudSession:
         self.budget.charge(seconds, tokens)
         self.capacity.on_compute(self.sid, drafts, seconds)
         if held_back:
-            self.budget.capped_steps += 1
-            self.budget.capped_drafts += held_back
             self.meter.on_capped(held_back)
 
     async def _idle(self, timeout: float | None = None) -> None:

@@ -245,7 +245,7 @@ class EdgeSession:
         stats.wasted_draft += a.dropped
         stats.capped_drafts += v.capped
         if v.decode_step_s > 0:
-            est.cloud_decode_s = est.passes.anchor = v.decode_step_s
+            est.passes.anchor = v.decode_step_s  # the cloud's own measure of a decode step
         est.others_load = v.others_load
         if v.verify_s > 0:  # a pass ran (a verdict closing the session on our correction ran none)
             est.passes.add(v.verified, v.verify_s)

@@ -51,7 +51,8 @@ class ServingLimits:
     max_tail_samples: int = opt(256, "most tail draws per split-exact rejection an edge may ask for")
     verify_budget: float = opt(1.0, "a session's verification budget: the most cloud compute it may spend per token, "
                                "in decode steps (the cloud alone's cost), beyond a small slack; past it the cloud "
-                               "verifies fewer drafts, down to decoding the token itself, never changing the output "
+                               "verifies fewer drafts (in coupled or greedy down to decoding the token itself, else "
+                               "down to one per pass), never changing the output "
                                "(docs/design.md §4.6); 0 = unlimited")
     verify_budget_slack: int = opt(16, "decode steps of compute a session may spend beyond --verify-budget (to learn "
                                    "its acceptance before its tokens have earned it any)")

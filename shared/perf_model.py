@@ -190,7 +190,6 @@ class Estimates:
     by_depth: DepthAcceptance = field(default_factory=DepthAcceptance)
     by_confidence: ConfidenceAcceptance = field(default_factory=ConfidenceAcceptance)
     passes: PassCosts = field(default_factory=PassCosts)  # cloud seconds per pass of n drafts (n = 0: decode)
-    cloud_decode_s: float | None = None  # the cloud's own measure of one decode step, from its latest verdict
     others_load: float | None = None     # model seconds per second the cloud spends on other sessions (its verdicts)
     last_choice: dict = field(default_factory=dict)   # the latest decision: g and the modelled rates behind it
 
@@ -203,7 +202,7 @@ class Estimates:
     def decode_s(self) -> float | None:
         """The cloud alone's compute per token: one decode step, as this edge measured it or else as the cloud did."""
         measured = self.passes.measured(0)
-        return measured if measured is not None else self.cloud_decode_s
+        return measured if measured is not None else self.passes.anchor
 
     def to_dict(self) -> dict[str, object]:
         return {"rtt_s": self.rtt_s, "draft_s_per_token": self.draft_s.value, "acceptance": self.acceptance.value,

@@ -180,12 +180,10 @@ def resample_exact(q_row: torch.Tensor, hint: ResidualHint, seed: int, pos: int,
 def gumbel_argmax(probs_row: torch.Tensor, seed: int, pos: int) -> int:
     """Gumbel-max sample: argmax over the support of log p + G(seed, pos, token). Exactly p-distributed."""
     positive = probs_row > 0
-    if bool(positive.all()):  # a full support (T > 0 without top-k or top-p): no gather over the vocabulary
-        support = torch.arange(probs_row.shape[-1], device=probs_row.device)
-        scores = torch.log(probs_row.double()) + gumbel_noise(seed, pos, support).to(probs_row.device)
-    else:
-        support = torch.nonzero(positive).flatten()
-        scores = torch.log(probs_row[support].double()) + gumbel_noise(seed, pos, support)
+    full = bool(positive.all())  # T > 0 without top-k or top-p: no gather over the vocabulary
+    support = torch.arange(probs_row.shape[-1], device=probs_row.device) if full else torch.nonzero(positive).flatten()
+    p = probs_row if full else probs_row[support]
+    scores = torch.log(p.double()) + gumbel_noise(seed, pos, support)
     return int(support[int(torch.argmax(scores))])
 
 

@@ -190,7 +190,7 @@ def test_the_cloud_stated_decode_cost_stands_in_until_the_edge_measures_one():
     """Without decode-ahead the edge never times a decode step; the cloud's verdicts say what one costs it."""
     est = _estimates({1: 0.142, 4: 0.253}, a=0.5, draft_s=0.037, rtt_s=0.0)
     assert est.decode_s is None and choose_draft_len(est, 8, pipelined=True, allow_zero=True, default=4).g > 0
-    est.cloud_decode_s = est.passes.anchor = 0.0775
+    est.passes.anchor = 0.0775
     assert est.decode_s == 0.0775 and choose_draft_len(est, 8, pipelined=True, allow_zero=True, default=4).g == 0
     # it anchors the growth per draft: one size measured (4) no longer reads as flat past it
     lone = PassCosts()
