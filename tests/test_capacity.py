@@ -6,7 +6,6 @@ from typing import Callable
 
 import grpc
 import pytest
-import torch
 
 from picospec.cloud_server.ahead import decode_hold_s
 from picospec.cloud_server.capacity import BUDGET_SLACK_STEPS, CloudCapacity, VerifyBudget, drafts_allowed
@@ -17,6 +16,7 @@ from picospec.shared.protocol import PROTOCOL_VERSION
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 from tests.conftest import run, serving
+from tests.test_limits import greedy_reference
 from tests.test_llama_cpp import SMOL, skip_large
 
 # llama.cpp, one CPU core, the Qwen 1.5B target: seconds per pass over n drafts (n = 0: a decode step)
@@ -130,7 +130,7 @@ def test_an_always_wrong_edge_gets_the_targets_output_from_passes_the_budget_cap
     """Budget forced to almost nothing: after the slack, every step is a decode step of the cloud's (verified 0,
     capped 32), and the tokens are the target's own. With the budget off the same edge has all 32 verified each time."""
     prompt = tiny_target.tokenizer("hello world")["input_ids"]
-    ref = _greedy(tiny_target, prompt, 40)
+    ref = greedy_reference(tiny_target, prompt, 40)
     vocab = int(tiny_target.model.config.vocab_size)
     wrong = lambda pos: (ref[pos - len(prompt)] + 1) % vocab  # noqa: E731
 
@@ -174,8 +174,3 @@ def test_a_hostile_edge_costs_a_llama_cpp_cloud_what_the_cloud_alone_would(smol_
     assert held_s <= 1.5 * alone_s + BUDGET_SLACK_STEPS * per_step, (held_s, alone_s, per_step)
     assert sum(v.capped > 0 for v in held) > new // 2
 
-
-def _greedy(target, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = target.model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
