@@ -200,7 +200,9 @@ def test_serve_runs_sessions_against_a_cloud_process(tmp_path: Path) -> None:
         assert r["aggregate_tokens_per_s"] > 0 and r["decode_tokens_per_s_p50"] > 0 and r["ttft_s_p95"] > 0
         assert r["cloud_ms_per_token"] > 0 and r["cloud_cost_x_cloud"] > 0  # read from the cloud's counters
         assert (r["committed_per_pass"] is not None) == (r["mode"] == "sync")  # passes only where drafts are verified
-        assert r["cloud_cpu_util"] > 0 and r["edge_cpu_util"] > 0
+        assert r["cloud_cpu_util"] > 0 and r["edge_cpu_util"] >= 0
+    # the edge drafts only in sync; in cloud mode it may use under one clock tick (10 ms) for 8 tokens, read as 0
+    assert sum(r["edge_cpu_util"] for r in rows if r["mode"] == "sync") > 0
     for r in rows:
         assert (r["mean_batch_size"] is not None) == (r["batching"] == "on")  # batched passes only with batching on
     assert all(r["aggregate_x_cloud"] == 1.0 for r in rows if r["mode"] == "cloud")
