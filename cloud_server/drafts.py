@@ -156,9 +156,12 @@ class DraftQueue:
         run = self.pending
         if run is None:
             return None
-        if run.parents is not None:  # a tree goes whole into one pass (admit_tree bounded its size)
-            self.pending, self.verifying = None, run
-            return run
+        if run.parents is not None:  # a tree goes into one pass, its first `limit` nodes (parents come first: a tree)
+            cut = max(1, limit)  # the rest is dropped: trees are stop-and-wait, the next one grows from the verdict
+            tree = run if cut >= len(run.token_ids) else DraftRun(run.epoch, run.start_pos, run.token_ids[:cut],
+                                                                  run.extras[:cut], run.parents[:cut])
+            self.pending, self.verifying = None, tree
+            return tree
         head = DraftRun(run.epoch, run.start_pos, run.token_ids[:limit], run.extras[:limit])
         rest = DraftRun(run.epoch, head.end, run.token_ids[limit:], run.extras[limit:])
         self.pending = rest if rest.token_ids else None

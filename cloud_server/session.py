@@ -244,19 +244,19 @@ class CloudSession:
         return run
 
     def _drafts_allowed(self) -> int:
-        """The most drafts the next pass may verify; sets `held_back` to those of the waiting ones the session's
-        budget keeps out (token trees are verified whole, within --max-draft-len)."""
+        """The most drafts (or tree nodes) the next pass may verify; sets `held_back` to those of the waiting ones the
+        session's budget keeps out."""
         run, most = self.queue.pending, self.limits.max_draft_len
         self.held_back = 0
-        if run is None or run.parents is not None:
+        if run is None:
             return most
         waiting = min(len(run.token_ids), most)
         allowed = drafts_allowed(self.budget.spent_s, self.budget.tokens, waiting, self.capacity.decode_s,
                                  self.capacity.passes, self.budget.factor, self.budget.slack_steps)
-        # down to none only where our own token is the one verification would emit (coupled, greedy): elsewhere
-        # it is another sample, as exact but not the same, and a seed must give the same output however the
-        # budget fell (resume relies on it); verifying in smaller pieces changes nothing there
-        floor = 0 if self.cache.scheme.own_token_is_verdicts or self.cache.params.greedy else 1
+        # down to none only where our own token is the one verification would emit (and never for a tree: the pass
+        # over its root is what lets the next one grow); verifying in smaller pieces changes nothing anywhere
+        own = self.cache.scheme.own_token_is_emitted(self.cache.params.greedy) and run.parents is None
+        floor = 0 if own else 1
         allowed = max(allowed, min(floor, waiting))
         self.held_back = waiting - allowed
         return allowed

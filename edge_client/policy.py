@@ -159,7 +159,7 @@ def plan_session(mode: str, *, scheme: VerifyScheme, greedy: bool, draft_len: in
     pipelined = mode in PIPELINED_MODES
     fixed = min(draft_len, cloud_max_draft_len) if draft_len > 0 else (None if pipelined else 4)
     # decode-ahead pays where the cloud's own token is the one verification would emit anyway (coupled, greedy)
-    ahead = pipelined and (decode_ahead == "on" or (decode_ahead == "auto" and (scheme.own_token_is_verdicts or greedy)))
+    ahead = pipelined and (decode_ahead == "on" or (decode_ahead == "auto" and scheme.own_token_is_emitted(greedy)))
     return SessionPlan(
         pipelined=pipelined,
         hints=(hints == "on" or (hints == "auto" and mode in HINTED_MODES)) and cloud_exit_layer > 0,

@@ -59,17 +59,29 @@ def _fmix32_u32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
-def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) -> IntLike:
-    """32 random bits for one (seed, position, stream, token). Inputs are reduced to 32 bits each
-    (positions and token ids are far below 2**32; the seed keeps 64 bits through two words)."""
+def _prefix(seed: int, position: IntLike, stream: int) -> IntLike:
+    """The hash chained over everything but the token word, which hash32 mixes in last."""
     h = fmix32((seed & _M32) ^ 0x9E3779B9)
     h = fmix32(h ^ ((seed >> 32) & _M32))
     h = fmix32(h ^ (stream & _M32))
-    h = fmix32(h ^ (position & _M32))
+    return fmix32(h ^ (position & _M32))
+
+
+def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) -> IntLike:
+    """32 random bits for one (seed, position, stream, token). Inputs are reduced to 32 bits each
+    (positions and token ids are far below 2**32; the seed keeps 64 bits through two words)."""
+    h = _prefix(seed, position, stream)
     if isinstance(token, torch.Tensor) and token.device.type == "cpu" and isinstance(h, int):
         mixed = _fmix32_u32(token.numpy().astype(np.uint32) ^ np.uint32((h ^ 0x27D4EB2F) & _M32))
         return torch.from_numpy(mixed.astype(np.int64))
     return fmix32(h ^ (token & _M32) ^ 0x27D4EB2F)
+
+
+def vocab_bits(seed: int, position: int, stream: int, vocab: int) -> np.ndarray:
+    """hash32(seed, position, stream, t) for every token t in [0, vocab), as a uint32 array [vocab]: the numpy path
+    of hash32 without building a tensor of token ids first."""
+    h = _prefix(seed, position, stream)
+    return _fmix32_u32(np.arange(vocab, dtype=np.uint32) ^ np.uint32((h ^ 0x27D4EB2F) & _M32))
 
 
 def uniform(seed: int, position: int, stream: int, index: int = 0) -> float:

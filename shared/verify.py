@@ -9,11 +9,13 @@ as p. All coins come from shared.rng, keyed by the absolute position, so a verdi
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from picospec.shared.rng import Stream, gumbel_noise, uniform, uniforms
+from picospec.shared.rng import Stream, gumbel_noise, uniform, uniforms, vocab_bits
 from picospec.shared.sampling import sample_from
 
 
@@ -177,14 +179,43 @@ def resample_exact(q_row: torch.Tensor, hint: ResidualHint, seed: int, pos: int,
 
 # ---- coupled mode: both sides draw with the same Gumbel noise ------------------------------------
 
+# gumbel_argmax scores in full the tokens at or above this probability, and below it only those whose noise could
+# lift them past the best above it.
+GUMBEL_HEAD_P = 1e-4
+# relative slack on that pruning bound: far above float64 rounding in the scores (about 1e-15), so no token the bound
+# drops could have won
+_GUMBEL_BOUND_SLACK = 1e-6
+
+
 def gumbel_argmax(probs_row: torch.Tensor, seed: int, pos: int) -> int:
-    """Gumbel-max sample: argmax over the support of log p + G(seed, pos, token). Exactly p-distributed."""
-    positive = probs_row > 0
-    full = bool(positive.all())  # T > 0 without top-k or top-p: no gather over the vocabulary
-    support = torch.arange(probs_row.shape[-1], device=probs_row.device) if full else torch.nonzero(positive).flatten()
-    p = probs_row if full else probs_row[support]
-    scores = torch.log(p.double()) + gumbel_noise(seed, pos, support)
-    return int(support[int(torch.argmax(scores))])
+    """Gumbel-max sample: argmax over the support of log p + G(seed, pos, token). Exactly p-distributed.
+
+    On CPU the same argmax without scoring the whole vocabulary. A token's score is -log(E / p), with E = -log u its
+    unit exponential and u from its 32 hash bits. The head (p >= cutoff = min(GUMBEL_HEAD_P, max p)) is scored in full
+    and its best sets B = min E / p. A tail token (p < cutoff) can score higher only if E < B p < B cutoff, that is
+    u > exp(-B cutoff): a test on its hash bits alone, which about B cutoff of the tail passes (B is about 1: a handful
+    of 151,936 tokens). Those are scored beside the head, in token order, so the first maximum is the whole support's.
+    """
+    if probs_row.device.type != "cpu":
+        return _gumbel_argmax_scored(probs_row, torch.nonzero(probs_row > 0).flatten(), seed, pos)
+    p = probs_row.double()                                                       # [V]
+    cutoff = min(GUMBEL_HEAD_P, float(p.max()))
+    head = torch.nonzero(p >= cutoff).flatten()                                  # [H] token ids, ascending
+    if len(head) > len(p) // 8:  # a flat p (high temperature): the head is most of the support, score it once
+        return _gumbel_argmax_scored(probs_row, torch.nonzero(p > 0).flatten(), seed, pos)
+    bound = math.exp(-float((torch.log(p[head]) + gumbel_noise(seed, pos, head)).max()))  # B = min over head of E / p
+    u_min = math.exp(-bound * cutoff * (1.0 + _GUMBEL_BOUND_SLACK))
+    bits_min = math.floor(u_min * 4294967296.0 - 0.5) - 1                        # u > u_min implies bits > bits_min
+    bits = vocab_bits(seed, pos, int(Stream.GUMBEL), p.shape[-1])                # [V] uint32
+    lifted = torch.from_numpy(np.flatnonzero(bits > max(bits_min, -1)))          # [L] ids whose u could beat B
+    lifted = lifted[(p[lifted] > 0) & (p[lifted] < cutoff)]                      # the tail's among them
+    return _gumbel_argmax_scored(probs_row, torch.sort(torch.cat([head, lifted])).values, seed, pos)
+
+
+def _gumbel_argmax_scored(probs_row: torch.Tensor, ids: torch.Tensor, seed: int, pos: int) -> int:
+    """argmax of log p + G over the token ids `ids` (ascending: the first maximum wins ties, as over the support)."""
+    scores = torch.log(probs_row[ids].double()) + gumbel_noise(seed, pos, ids)  # [len(ids)]
+    return int(ids[int(torch.argmax(scores))])
 
 
 def verify_greedy(best: Sequence[int], draft_ids: Sequence[int]) -> Verdict:

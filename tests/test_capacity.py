@@ -103,9 +103,11 @@ def _hello(target, prompt: list[int], new: int) -> pb.Hello:
                     sampling=pb.SamplingParams(temperature=0.0, top_p=1.0))
 
 
-async def _hostile_session(addr: str, hello: pb.Hello, wrong: Callable[[int], int], max_draft_len: int) -> list[pb.Verdict]:
+async def _hostile_session(addr: str, hello: pb.Hello, wrong: Callable[[int], int], max_draft_len: int,
+                           tree: bool = False) -> list[pb.Verdict]:
     """A raw edge that sends the longest batch the cloud allows, stop-and-wait, every draft wrong (`wrong(pos)` is a
-    token the target does not choose at pos). Every verdict kills its chain; it starts the next in a new epoch."""
+    token the target does not choose at pos). Every verdict kills its chain; it starts the next in a new epoch.
+    With `tree`, each batch is instead a token tree of as many nodes: wrong siblings under the committed prefix."""
     verdicts = []
     end = len(hello.prompt_ids) + hello.max_new_tokens
     async with grpc.aio.insecure_channel(addr) as channel:
@@ -115,8 +117,12 @@ async def _hostile_session(addr: str, hello: pb.Hello, wrong: Callable[[int], in
         committed, epoch = ready.prompt_len, 0
         while True:
             n = min(max_draft_len, end - committed)
-            drafts = [wrong(committed + i) for i in range(n)]
-            await call.write(pb.EdgeMessage(draft=pb.DraftBatch(epoch=epoch, start_pos=committed, token_ids=drafts)))
+            if tree:  # n different tokens at the next position, none of them the target's
+                drafts = [(wrong(committed) + i) % hello.vocab_size for i in range(n)]
+                batch = pb.DraftBatch(epoch=epoch, start_pos=committed, token_ids=drafts, parent_index=[-1] * n)
+            else:
+                batch = pb.DraftBatch(epoch=epoch, start_pos=committed, token_ids=[wrong(committed + i) for i in range(n)])
+            await call.write(pb.EdgeMessage(draft=batch))
             v = (await call.read()).verdict
             assert v.accepted == 0 and (v.rejected or v.capped), v
             verdicts.append(v)
@@ -145,6 +151,30 @@ def test_an_always_wrong_edge_gets_the_targets_output_from_passes_the_budget_cap
     assert all(v.verified == 0 and v.capped > 0 for v in capped[-20:])
     free, committed = run(scenario(0.0))
     assert committed == ref and all(v.verified > 0 and v.capped == 0 for v in free)
+
+
+def test_an_always_wrong_tree_is_cut_to_its_root_by_the_budget(tiny_target):
+    """Token trees answer to the budget too: a tree of 32 wrong siblings is cut to one node per pass (a tree's pass
+    is what lets the next one grow, so never to none), and the tokens are still the target's own."""
+    prompt = tiny_target.tokenizer("hello world")["input_ids"]
+    ref = greedy_reference(tiny_target, prompt, 40)
+    vocab = int(tiny_target.model.config.vocab_size)
+    wrong = lambda pos: (ref[pos - len(prompt)] + 1) % vocab  # noqa: E731
+    hello = _hello(tiny_target, prompt, 40)
+    hello.decode_ahead = False  # trees are verified against the prefix they grew from
+
+    async def scenario(budget: float):
+        async with serving(tiny_target, verify_budget=budget) as (_, addr):
+            verdicts = await _hostile_session(addr, hello, wrong, 32, tree=True)
+            return verdicts, [v.token for v in verdicts]
+
+    capped, committed = run(scenario(1e-6))
+    assert committed == ref
+    assert sum(v.verified > 1 for v in capped) <= BUDGET_SLACK_STEPS + 1  # within the slack, then the root alone
+    tail = [(v.verified, v.capped) for v in capped[-20:]]  # the last tree has one node: nothing to cap there
+    assert all(verified == 1 for verified, _ in tail) and all(cut > 0 for _, cut in tail[:-1]), tail
+    free, committed = run(scenario(0.0))
+    assert committed == ref and all(v.verified > 1 and v.capped == 0 for v in free[:-1])
 
 
 @skip_large

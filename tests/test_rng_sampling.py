@@ -1,11 +1,12 @@
 """Counter-based randomness and logits processing."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from picospec.shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform, uniforms
+from picospec.shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform, uniforms, vocab_bits
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 
 
@@ -60,6 +61,13 @@ def _check_gumbel_against_reference(device: str) -> None:
 
 def test_gumbel_noise_matches_pure_python_reference():
     _check_gumbel_against_reference("cpu")
+
+
+def test_vocab_bits_equal_hash32_token_by_token():
+    for seed, pos, stream, vocab in [(0, 0, 5, 1), (7, 3, 5, 1000), (2**40 + 3, 123456, 2, 70000)]:
+        bits = vocab_bits(seed, pos, stream, vocab)
+        assert bits.dtype == np.uint32 and bits.shape == (vocab,)
+        assert bits.astype(np.int64).tolist() == [hash32(seed, pos, stream, t) for t in range(vocab)]  # the int path
 
 
 def test_gumbel_noise_on_cuda_matches_cpu_reference():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from picospec.shared.rng import Stream, uniform
+from picospec.shared.rng import Stream, gumbel_noise, uniform
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from tests.stat_util import pooled_chisquare
 from picospec.shared.verify import (NeedMoreTail, ResidualHint, gumbel_argmax, resample_exact, resample_topk, tail_draws,
@@ -134,6 +134,29 @@ def test_tail_draws_continue_the_same_sequence_and_avoid_the_head():
     assert torch.equal(av, p[a])
     e, _ = tail_draws(torch.nn.functional.one_hot(torch.tensor(3), V).float(), torch.tensor([3]), 0, 0, 0, 5)
     assert len(e) == 0
+
+
+def _gumbel_argmax_scoring_every_token(p: torch.Tensor, seed: int, pos: int) -> int:
+    """The definition: log p + G over the whole support, first maximum (the reference for the pruned search)."""
+    support = torch.nonzero(p > 0).flatten()
+    return int(support[int(torch.argmax(torch.log(p[support].double()) + gumbel_noise(seed, pos, support)))])
+
+
+@pytest.mark.parametrize("vocab", [5, 3000, 151936])
+def test_gumbel_argmax_prunes_to_the_same_token_as_scoring_every_one(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    rows = 0
+    for scale in (0.0, 0.3, 1.0, 3.0, 8.0):  # flat (every token in the head) to peaked (a handful scored)
+        for trial in range(6 if vocab > 10000 else 30):
+            logits = torch.randn(vocab, generator=g) * scale
+            if trial % 3 == 1:  # a top-k/top-p-like support: zeros never win and never count as the tail
+                logits[torch.randperm(vocab, generator=g)[: vocab // 2]] = -float("inf")
+            p = torch.softmax(logits, dim=-1)
+            p = p.float() if trial % 2 else p.double()  # the wire's float32 rows and float64 alike
+            seed, pos = 7919 * trial + vocab, trial
+            assert gumbel_argmax(p, seed, pos) == _gumbel_argmax_scoring_every_token(p, seed, pos), (scale, trial)
+            rows += 1
+    assert rows >= 30
 
 
 def test_greedy_reduces_every_mode_to_argmax():

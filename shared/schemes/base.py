@@ -70,6 +70,13 @@ class VerifyScheme:
     own_token_is_verdicts: bool = False   # the cloud's own token is the one verification would emit (coupled)
     supports_trees: bool = False          # token trees (shared/trees.py): ids and parents up, a walk on the cloud
 
+    def own_token_is_emitted(self, greedy: bool) -> bool:
+        """Whether the cloud's own next token (decode-ahead, a step the verification budget caps to none) is the token
+        verifying drafts there would emit: in coupled at any temperature, in every mode at T=0. Elsewhere it is
+        another sample of the same law, exact but not the same, and a seed must give one output however the cloud
+        was scheduled (resume relies on it)."""
+        return self.own_token_is_verdicts or greedy
+
     # ---- edge ----
     def encode_extras(self, batch: pb.DraftBatch, token_ids: Sequence[int], q_rows: Sequence[torch.Tensor],
                       compress: bool) -> None:
