@@ -9,17 +9,20 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from picospec.cloud_server.auth import TokenAuth, TokenFileError
-from picospec.cloud_server.drain import StopSignals, drain
-from picospec.cloud_server.server import PicoSpecService, resolve_engine, start_server, uses_static_engine
-from picospec.shared.config import CloudConfig, add_config_args, config_from_args
-from picospec.shared.connection import ConnectionSettingsError, ping_schedule_ms, server_tls_files
-from picospec.shared.models import LoadedModel, ModelError, input_device, load_gguf_model, load_model
+from picospec.shared.config import CloudConfig, add_config_args, check_cloud_config, config_from_args
+from picospec.shared.connection import ping_schedule_ms, server_tls_files
+from picospec.shared.interrupt import exit_interrupted, usage_error
+from picospec.shared.model_names import ModelError
+
+if TYPE_CHECKING:  # torch and the model code: imported once the arguments are checked (check_arguments)
+    from picospec.cloud_server.server import PicoSpecService
+    from picospec.shared.models import LoadedModel
 
 log = logging.getLogger("picospec.cloud")
 
@@ -31,17 +34,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_settings(config: CloudConfig) -> None:
-    """Fail on TLS, token and keepalive settings that cannot work before minutes go into loading the model
-    (raises ConnectionSettingsError, TokenFileError or ModelError naming the flag or the line)."""
+def check_port_free(host: str, port: int) -> None:
+    """OSError where host:port cannot be listened on (another cloud serves it, or the address is not this
+    machine's), found before minutes go into loading the model. Port 0 (the OS picks) is always free."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a closed socket's TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e} (another picospec-cloud on it? "
+                          "--port picks another)") from None
+
+
+def check_arguments(config: CloudConfig) -> None:
+    """Every flag that cannot work, before torch's import and the model's load: ranges and the target's name
+    (shared/config.py:check_cloud_config), TLS files, tokens, keepalive. ConfigError or ConnectionSettingsError
+    (ValueErrors), TokenFileError or ModelError naming the flag or the line."""
+    check_cloud_config(config)
     server_tls_files(config.tls_cert, config.tls_key, config.tls_ca)
     if config.auth_tokens:
         TokenAuth(config.auth_tokens)
     ping_schedule_ms(config.peer_timeout_s)
+
+
+def check_settings(config: CloudConfig) -> None:
+    """check_arguments, and the engine's combination with the device (needs the model code, so torch)."""
+    from picospec.cloud_server.server import uses_static_engine
+
+    check_arguments(config)
     uses_static_engine(config)  # --engine static with --device-map: refused before the model loads
-    if not (config.verify_budget >= 0 and config.verify_budget_slack >= 0):  # also refuses a NaN budget
-        raise SystemExit(f"picospec-cloud: --verify-budget {config.verify_budget} and --verify-budget-slack "
-                         f"{config.verify_budget_slack} must be at least 0 (0 = no budget)")
 
 
 def reload_on_sighup(service: PicoSpecService) -> None:
@@ -69,6 +93,9 @@ def load_target(config: CloudConfig) -> tuple[LoadedModel, CloudConfig]:
     """The target, and the config the service runs with. With --device-map the weights sit where the map put
     them, and `device` becomes the model's input device (its embedding's, the map's first): the sessions build
     their input ids and their own tensors there, and accelerate's hooks return the logits there too."""
+    import torch
+
+    from picospec.shared.models import input_device, load_gguf_model, load_model
     mapped = config.device_mapped
     if config.engine == "llama.cpp":
         from picospec.shared.llama_backend import default_threads
@@ -89,6 +116,10 @@ def load_target(config: CloudConfig) -> tuple[LoadedModel, CloudConfig]:
 
 
 async def serve(config: CloudConfig) -> None:
+    import torch
+
+    from picospec.cloud_server.drain import StopSignals, drain
+    from picospec.cloud_server.server import PicoSpecService, resolve_engine, start_server
     config = resolve_engine(config)
     check_settings(config)
     if config.threads and config.engine != "llama.cpp":
@@ -136,9 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     config = config_from_args(CloudConfig, args)
     try:
+        check_arguments(config)
+    except (ValueError, TokenFileError, ModelError) as e:
+        usage_error("picospec-cloud", e)
+    try:
+        check_port_free(config.host, config.port)
         asyncio.run(serve(config))
-    except (ModelError, ConnectionSettingsError, TokenFileError) as e:
+    except (ValueError, ModelError, TokenFileError, OSError) as e:  # ValueError: ConnectionSettingsError
         sys.exit(f"picospec-cloud: {e}")
+    except KeyboardInterrupt:  # Ctrl-C while the model loads (once it serves, SIGINT drains: drain.py)
+        exit_interrupted("picospec-cloud", signal.SIGINT)
 
 
 if __name__ == "__main__":

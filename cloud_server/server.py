@@ -405,9 +405,24 @@ def message_limit(config: CloudConfig, vocab_size: int) -> int:
 
 
 def server_options(config: CloudConfig, vocab_size: int) -> list[tuple[str, int]]:
+    """gRPC's server options. SO_REUSEPORT off: gRPC turns it on by default, and a second cloud started on a port
+    already served then says "serving" and takes half of the new connections; without it the second bind fails."""
     limit = message_limit(config, vocab_size)
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-            *server_keepalive_options(config.peer_timeout_s)]
+            ("grpc.so_reuseport", 0), *server_keepalive_options(config.peer_timeout_s)]
+
+
+def bind_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port gRPC bound for `address`; OSError naming the address when it could not (gRPC returns 0 or raises
+    RuntimeError, by version)."""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"could not listen on {address}: the port is in use or the address is not this machine's "
+                      f"({e})") from None
+    if port == 0:
+        raise OSError(f"could not listen on {address}: the port is in use or the address is not this machine's")
+    return port
 
 
 async def _despite_cancellation(job: Awaitable[None]) -> None:
@@ -441,9 +456,7 @@ async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio
     server = grpc.aio.server(options=server_options(config, service.info.vocab_size), interceptors=interceptors)
     add_service(service, server)
     service.health = await add_operations_services(server)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+    port = bind_port(server, address, credentials)
     service.metrics.serve(split_host(address), config.metrics_port)  # a port in use fails before gRPC serves
     await server.start()
     for name in HEALTH_SERVICES:  # the model is loaded (the service holds it) and the port listens

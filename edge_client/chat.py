@@ -22,7 +22,8 @@ from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
 from picospec.edge_client.cli import CloudWaitReporter, load_draft
 from picospec.edge_client.client import EdgeClient, EdgeError
 from picospec.edge_client.text import encode_messages
-from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
+from picospec.shared.config import EdgeConfig, add_config_args, check_edge_startup, config_from_args
+from picospec.shared.interrupt import usage_error
 from picospec.shared.models import LoadedModel, ModelError
 
 T = TypeVar("T")
@@ -286,8 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     config = config_from_args(EdgeConfig, args)
-    if config.mode not in EDGE_MODES:
-        sys.exit(f"picospec-edge chat: --mode takes one mode: {', '.join(EDGE_MODES)}")
+    try:
+        check_edge_startup(config, one_mode=True)
+    except ValueError as e:
+        usage_error("picospec-edge chat", e)
     try:
         print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
         draft = load_draft(config)

@@ -1,6 +1,7 @@
 """picospec-edge: run a prompt through the cloud (and the local draft), streaming committed text.
 
     picospec-edge --server H:P --prompt TEXT [--mode cloud,sync,pipeline] ...   one prompt, a statistics table
+                  (--prompt - reads the prompt from stdin, --prompt-file PATH from a file)
     picospec-edge serve --server H:P ...                                         an OpenAI-compatible HTTP server
     picospec-edge chat --server H:P ...                                          a chat in the terminal
 """
@@ -11,11 +12,16 @@ import asyncio
 import json
 import logging
 import sys
-from typing import Any
+import threading
+from typing import IO, Any, Callable, TypeVar
 
-from picospec.edge_client.text import encode_prompt
+from picospec.edge_client.text import check_stop_strings, encode_prompt
 from picospec.edge_client.waiting import WaitProgress, should_report
-from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
+from picospec.shared.config import (EdgeConfig, add_config_args, check_edge_startup, config_from_args, edge_modes)
+from picospec.shared.interrupt import run_interruptible, usage_error
+from picospec.shared.model_names import ModelError
+
+T = TypeVar("T")
 
 
 TABLE_ROWS = [
@@ -91,7 +97,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picospec-edge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text; - reads it from stdin")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per mode (text, token_ids, mode, stats)")
     p.add_argument("--stop", action="append", metavar="TEXT",
@@ -134,7 +142,7 @@ async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
 def load_draft(config: EdgeConfig) -> Any:
     """The draft model on config.device with config.threads torch threads (torch is imported here, not at start-up,
     so a front end can say what it is doing first). Used by the CLI, `chat` and `serve`."""
-    from picospec.shared.models import ModelError, load_gguf_model, load_model, resolve_engine
+    from picospec.shared.models import load_gguf_model, load_model, resolve_engine
     engine = resolve_engine(config.draft, config.draft_engine)
     if engine == "llama.cpp":
         if config.device != "cpu":
@@ -148,12 +156,31 @@ def load_draft(config: EdgeConfig) -> Any:
     return load_model(config.draft, device=config.device)
 
 
-def _load_draft_or_exit(config: EdgeConfig) -> Any:
-    from picospec.shared.models import ModelError
-    try:
-        return load_draft(config)
-    except ModelError as e:
-        raise SystemExit(f"picospec-edge: {e}") from None
+def in_daemon_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+    """fn(*args) in a daemon thread of its own, as a future of this loop. Not asyncio.to_thread: asyncio.run's exit
+    and the interpreter's wait for the default executor's threads, so a failure or a Ctrl-C while the draft loads
+    would wait for the load to finish."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the loop
+            result, error = None, e
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="load-draft", daemon=True).start()
+    return future
 
 
 async def draft_and_cloud(config: EdgeConfig, need_cloud: bool = True) -> tuple[Any, Any]:
@@ -165,26 +192,29 @@ async def draft_and_cloud(config: EdgeConfig, need_cloud: bool = True) -> tuple[
         await asyncio.wait({probe, heard}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         heard.cancel()
     print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-    loading = asyncio.ensure_future(asyncio.to_thread(_load_draft_or_exit, config))
+    loading = in_daemon_thread(load_draft, config)
     pending = {t for t in (probe, loading) if t is not None}
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()  # raises the first failure (the load goes on in its thread; the program ends)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the first failure (the load goes on in its thread; the program ends)
+    finally:
+        for task in pending:  # a failure, or a Ctrl-C: nothing left behind unretrieved
+            task.cancel()
     info = probe.result() if probe is not None else None
     if info is not None:
         print(f"picospec-edge: cloud serves {info.target_model} on {info.device}", file=sys.stderr, flush=True)
     return loading.result(), info
 
 
-async def run(config: EdgeConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
-    modes = [m.strip() for m in config.mode.split(",") if m.strip()]
-    bad = [m for m in modes if m not in EDGE_MODES]
-    if bad:
-        raise SystemExit(f"picospec-edge: unknown mode {bad[0]!r}; choose from {', '.join(EDGE_MODES)}")
+async def run(config: EdgeConfig, args: argparse.Namespace, prompt: str) -> list[dict[str, Any]]:
+    modes = edge_modes(config.mode)  # checked by check_edge_startup before this runs
     draft, _ = await draft_and_cloud(config, need_cloud=any(m != "edge" for m in modes))
     from picospec.edge_client.client import EdgeClient  # torch: imported by the draft's load, not before it
-    prompt_ids = encode_prompt(draft.tokenizer, args.prompt, args.chat)
+    prompt_ids = encode_prompt(draft.tokenizer, prompt, args.chat)
+    if not prompt_ids:
+        raise ValueError(f"the prompt encodes to no tokens with {config.draft}'s tokenizer: give some text")
     results = []
     async with EdgeClient(config, draft) as client:
         if any(m != "edge" for m in modes):
@@ -210,20 +240,72 @@ SUBCOMMANDS = {  # picospec-edge SUB ...: module with its own main(argv)
 }
 
 
+def read_prompt(prompt: str | None, prompt_file: str | None, stdin: IO[str]) -> str:
+    """The prompt from --prompt TEXT, --prompt - (stdin) or --prompt-file PATH; ValueError naming the flag where it
+    is empty or unreadable (an empty prompt, as from `--prompt "$(cat missing.txt)"`, is not sent to the cloud)."""
+    if prompt_file is not None:
+        source = f"--prompt-file {prompt_file}"
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{source}: {getattr(e, 'strerror', None) or e}") from None
+    elif prompt == "-":
+        source, text = "--prompt - (stdin)", stdin.read()
+    else:
+        source, text = "--prompt", prompt or ""
+    if not text.strip():
+        raise ValueError(f"{source}: the prompt is empty; give the text to continue (--prompt TEXT, --prompt - for "
+                         "stdin, or --prompt-file PATH)")
+    return text
+
+
+def check_arguments(config: EdgeConfig, args: argparse.Namespace, stdin: IO[str]) -> str:
+    """Every argument, before anything loads or connects: the config (shared/config.py:check_edge_startup), the
+    stop strings and the prompt, which is returned. ValueError naming the flag, the value and what is allowed."""
+    check_edge_startup(config)
+    try:
+        check_stop_strings(args.stop or ())
+    except ValueError as e:
+        raise ValueError(f"--stop {args.stop!r}: {e}") from None
+    return read_prompt(args.prompt, args.prompt_file, stdin)
+
+
+def precheck_subcommand(sub: str, argv: list[str]) -> None:
+    """The edge flags of `serve` or `chat` checked before their modules load (FastAPI, uvicorn, torch: seconds), so
+    a bad value is one line within a second there too. Flags of their own and malformed values are left to their
+    parsers, which check everything again."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_config_args(parser, EdgeConfig)
+    try:
+        known, _ = parser.parse_known_args(argv)
+        config = config_from_args(EdgeConfig, known)
+    except (argparse.ArgumentError, SystemExit):
+        return
+    try:
+        check_edge_startup(config, one_mode=True)
+    except ValueError as e:
+        usage_error(f"picospec-edge {sub}", e)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
+        precheck_subcommand(argv[0], argv[1:])
         import importlib
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     config = config_from_args(EdgeConfig, args)
-    from picospec.edge_client.transport import EdgeError
-    from picospec.shared.connection import ConnectionSettingsError
     try:
-        results = asyncio.run(run(config, args))
-    except (EdgeError, ConnectionSettingsError) as e:
+        prompt = check_arguments(config, args, sys.stdin)
+    except ValueError as e:
+        usage_error("picospec-edge", e)
+    from picospec.edge_client.transport import EdgeError
+    try:
+        results = run_interruptible(run(config, args, prompt), "picospec-edge")
+    except (EdgeError, ModelError, ValueError) as e:  # ValueError: ConnectionSettingsError, an empty prompt
         sys.exit(f"picospec-edge: {e}")
     if args.json:
         for r in results:

@@ -32,7 +32,7 @@ from picospec.edge_client.text import TextStream
 from picospec.edge_client.waiting import WaitProgress, admission_delay_s
 from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
                                             call_error, open_channel, wait_for_cloud, wire_size)
-from picospec.shared.config import EDGE_MODES, SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, with_mode_preset
+from picospec.shared.config import SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, check_edge_config, with_mode_preset
 from picospec.shared.connection import server_target, token_metadata
 from picospec.shared.fingerprint import Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel
@@ -218,8 +218,7 @@ class EdgeClient:
         text = TextStream(self.draft.tokenizer, stop)
         cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
         mode = mode or cfg.mode
-        if mode not in EDGE_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(EDGE_MODES)}")
+        check_edge_config(dataclasses.replace(cfg, mode=mode), one_mode=True)  # ConfigError naming the field
         cfg = with_mode_preset(mode, cfg)
         if len(resume_from) >= cfg.max_new_tokens:
             raise ValueError(f"resume_from holds {len(resume_from)} tokens: nothing left of max_new_tokens "

@@ -43,7 +43,8 @@ from picospec.edge_client import openai_api as api
 from picospec.edge_client.cli import CloudWaitReporter, load_draft
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
 from picospec.edge_client.text import encode_messages, encode_prompt
-from picospec.shared.config import EDGE_MODES, EdgeConfig, add_config_args, config_from_args
+from picospec.shared.config import EdgeConfig, Range, add_config_args, check_edge_startup, check_ranges, config_from_args
+from picospec.shared.interrupt import usage_error
 from picospec.shared.connection import ConnectionSettingsError
 from picospec.shared.models import LoadedModel, ModelError
 from picospec.shared.rpc import picospec_pb2 as pb
@@ -59,6 +60,10 @@ HEALTH_WAIT_S = 1.0
 GRACEFUL_SHUTDOWN_S = 10.0   # in-flight requests get this long to finish on SIGINT/SIGTERM
 CLIENT_GONE = 499
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+API_PARAMS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+              "seed": "seed", "mode": "mode", "verify": "verify"}  # an EdgeConfig field -> the request's field
 
 
 class ClientGone(Exception):
@@ -293,6 +298,8 @@ async def complete(ctx: ServerContext, request: Request, kind: str, record: Requ
         job = ctx.start(req, ctx.encode(req), request)
     except api.ApiError as e:
         return error_response(e)
+    except ValueError as e:  # a setting the generation refuses: the CLI's and the API's rule (config.check_edge_config)
+        return error_response(api.bad(str(e), API_PARAMS.get(getattr(e, "field", ""), None), "invalid_value"))
     except ClientDisconnect:
         return Response(status_code=CLIENT_GONE)
     rid, created = api.new_id(kind), int(time.time())
@@ -497,8 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     config = config_from_args(EdgeConfig, args)
-    if config.mode not in EDGE_MODES:  # one default mode for requests (the CLI's comma lists do not apply here)
-        sys.exit(f"picospec-edge serve: --mode must be one of {', '.join(EDGE_MODES)}, got {config.mode!r}")
+    try:  # one default mode for requests (the CLI's comma lists do not apply here)
+        check_edge_startup(config, one_mode=True)
+        check_ranges(args, {"port": Range(0, 65535)})
+    except ValueError as e:
+        usage_error("picospec-edge serve", e)
     api_key = args.api_key or os.environ.get("PICOSPEC_API_KEY") or None
     try:
         asyncio.run(serve(config, args.host, args.port, api_key, args.log_level))

@@ -101,6 +101,9 @@ class CloudConfig(ServingLimits):
                             "(docs/design.md §14)")
     grace_s: float = opt(30.0, "on SIGTERM: seconds running sessions get to finish while no new ones start; the "
                          "rest are then ended UNAVAILABLE (a second SIGTERM or SIGINT stops at once)")
+    download: bool = opt(False, "let a model name that is a Hugging Face hub id (ORG/NAME) be fetched from the hub; "
+                         "without it only the built-ins, tiny-random, random:SHAPE, local directories and .gguf files "
+                         "are taken, and a typo is refused at once")
 
     @property
     def device_mapped(self) -> bool:
@@ -148,6 +151,9 @@ class EdgeConfig:
     top_p: float = opt(1.0, "top-p (nucleus) cut before sampling; 1 = off")
     seed: int = opt(0, "session seed: randomness is a pure function of (seed, position)")
     ignore_eos: bool = opt(False, "keep generating past end-of-sequence tokens (benchmarks, tests)")
+    download: bool = opt(False, "let a model name that is a Hugging Face hub id (ORG/NAME) be fetched from the hub; "
+                         "without it only the built-ins, tiny-random, random:SHAPE, local directories and .gguf files "
+                         "are taken, and a typo is refused at once")
     draft_engine: str = opt("auto", "what runs the draft: llama.cpp (the GGUF as shipped, no float32 copy; a built-in "
                             "name or a .gguf path), torch (transformers; needed for :int8, :layers=N and token trees), "
                             "auto = llama.cpp where the draft is a GGUF and llama-cpp-python is installed, else torch",
@@ -239,3 +245,141 @@ def with_mode_preset(mode: str, cfg: "EdgeConfig") -> "EdgeConfig":
     if mode == "picospec":
         return dataclasses.replace(cfg, verify="split-topk", residual_top_k=10, draft_len=4, decode_ahead="off")
     return cfg
+
+
+# ---- argument checks: one place for the CLI (exit 2), the Python API (ValueError) and the OpenAI server (400) -------
+
+MIN_TEMPERATURE = 1e-4   # below it a softmax of float32 logits overflows to one-hot (shared/sampling.py's floor)
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20
+MAX_SEED = (1 << 64) - 1  # the session seed is a uint64 on the wire
+
+
+class ConfigError(ValueError):
+    """A setting outside what it allows. `field`: the config field (its flag is --field-name); str() names the flag,
+    the value and what is allowed, in one line."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{flag_of(field)} {value!r}: {allowed}")
+
+
+def flag_of(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting allows: low..high (None: unbounded), `low_open` excludes low, `or_zero` admits 0
+    as an off switch besides the range. `describe()` is what the error says."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    or_zero: bool = False
+
+    def admits(self, value: float) -> bool:
+        if value != value:  # NaN passes no comparison: refused
+            return False
+        if self.or_zero and value == 0:
+            return True
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            rule = f"above {low}" if self.low_open else f"at least {low}"
+        elif isinstance(self.low, int) and isinstance(self.high, int):
+            rule = f"in {low}..{high}"
+        else:
+            rule = f"in ({low}, {high}]" if self.low_open else f"in [{low}, {high}]"
+        return "must be " + ("0 or " if self.or_zero else "") + rule
+
+
+def _number(x: float | None) -> str:
+    return "" if x is None else str(x) if isinstance(x, int) else f"{x:g}"
+
+
+SECONDS = Range(0.0)  # a wait or deadline; 0 = its documented meaning (none, or scaled)
+EDGE_RANGES: dict[str, Range] = {
+    "max_new_tokens": Range(1),
+    "temperature": Range(MIN_TEMPERATURE, MAX_TEMPERATURE, or_zero=True),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "top_k": Range(0, MAX_TOP_K),
+    "seed": Range(0, MAX_SEED),
+    "draft_len": Range(0), "max_draft_len": Range(1), "tree_budget": Range(0),
+    "residual_top_k": Range(0), "tail_samples": Range(0), "exit_layer": Range(0),  # 0 = the cloud's default
+    "exit_threshold": Range(0.0, 1.0), "draft_confidence": Range(0.0, 1.0), "threads": Range(0),
+    "wait_ready_s": SECONDS, "admission_wait_s": SECONDS, "reconnect_s": SECONDS, "timeout_s": SECONDS,
+    "timeout_per_token_s": SECONDS,
+}
+CLOUD_RANGES: dict[str, Range] = {
+    "port": Range(0, 65535), "metrics_port": Range(0, 65535), "threads": Range(0), "exit_layer": Range(0),
+    "max_draft_len": Range(1), "max_context": Range(2), "max_new_tokens": Range(1), "max_sessions": Range(1),
+    "max_sessions_per_client": Range(0), "max_message_mb": Range(1), "max_residual_top_k": Range(1),
+    "max_tail_samples": Range(1), "residual_top_k": Range(1), "tail_samples": Range(1),
+    "verify_budget": Range(0.0), "verify_budget_slack": Range(0), "max_batch_tokens": Range(1),
+    "max_wait_ms": Range(0.0), "batch_hold": Range(0.0, 1.0), "grace_s": SECONDS,
+}
+
+
+def check_ranges(config: object, ranges: dict[str, Range]) -> None:
+    """ConfigError for the first field of `config` outside its range (in the table's order)."""
+    for name, allowed in ranges.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not allowed.admits(value):
+            raise ConfigError(name, value, allowed.describe())
+
+
+def edge_modes(mode: str) -> list[str]:
+    """--mode's comma-separated list, each one checked (ConfigError naming the first unknown one)."""
+    modes = [m.strip() for m in mode.split(",") if m.strip()]
+    for m in modes or [mode]:
+        if m not in EDGE_MODES:
+            raise ConfigError("mode", m, f"choose from {', '.join(EDGE_MODES)} (a comma-separated list runs each)")
+    return modes
+
+
+def check_edge_config(config: "EdgeConfig", *, one_mode: bool = False) -> None:
+    """Every setting of an EdgeConfig that cannot work, refused before any model loads or connection opens
+    (ConfigError or ConnectionSettingsError, both ValueErrors). `one_mode`: --mode must name one mode (serve, chat,
+    a generation). Names in --server are not resolved here: a cloud still coming up is waited for."""
+    from picospec.shared.connection import check_server, ping_schedule_ms  # grpc's import: not at config's
+
+    check_ranges(config, EDGE_RANGES)
+    modes = edge_modes(config.mode)
+    if one_mode and len(modes) != 1:
+        raise ConfigError("mode", config.mode, f"takes one mode here: {', '.join(EDGE_MODES)}")
+    if config.verify not in VERIFY_MODES:
+        raise ConfigError("verify", config.verify, f"choose from {', '.join(VERIFY_MODES)}")
+    ping_schedule_ms(config.peer_timeout_s)
+    check_server(config.server)
+
+
+def check_model_name(config: "EdgeConfig | CloudConfig", field_name: str) -> None:
+    """ConfigError where the model named by `field_name` (draft, target) cannot be found here (model_names.py)."""
+    from picospec.shared.model_names import model_name_problem
+
+    name = getattr(config, field_name)
+    problem = model_name_problem(name, config.download)
+    if problem is not None:
+        raise ConfigError(field_name, name, problem)
+
+
+def check_edge_startup(config: "EdgeConfig", *, one_mode: bool = False) -> None:
+    """What a front end (the CLI, chat, serve) checks before it loads the draft: check_edge_config and the draft's
+    name."""
+    check_edge_config(config, one_mode=one_mode)
+    check_model_name(config, "draft")
+
+
+def check_cloud_config(config: "CloudConfig") -> None:
+    """The CloudConfig's numbers, mode list and target name, refused before the model loads (ConfigError, a
+    ValueError)."""
+    check_ranges(config, CLOUD_RANGES)
+    check_model_name(config, "target")
+    try:
+        config.offered_modes
+    except ValueError:
+        raise ConfigError("verify_modes", config.verify_modes, f"a comma-separated list of {', '.join(VERIFY_MODES)}")

@@ -112,13 +112,47 @@ def resolve_host(host: str, port: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
 
 
+SERVER_FORMS = ("HOST:PORT, [IPV6]:PORT, a comma-separated list of those (replicas), or a gRPC target: "
+                "dns:///NAME:PORT, ipv4:ADDR:PORT,..., unix:PATH")
+
+
 def split_address(entry: str) -> tuple[str, str]:
-    """("host", "port") of "host:port" or "[v6]:port"; an entry without a numeric port is an error."""
+    """("host", "port") of "host:port" or "[v6]:port"; an entry without a host, or without a port in 1..65535, is an
+    error naming the accepted forms (gRPC would take "127.0.0.1" as port 443 and wrap 99999 to another port)."""
     host, port = (entry[1:].partition("]")[0], entry.rpartition("]:")[2]) if entry.startswith("[") \
         else entry.rpartition(":")[::2]
     if not host or not port.isdigit() or (":" in host and not entry.startswith("[")):
-        raise ConnectionSettingsError(f"--server entry {entry!r}: expected host:port or [IPv6]:port")
+        raise ConnectionSettingsError(f"--server entry {entry!r}: expected host:port or [IPv6]:port ({SERVER_FORMS})")
+    if not 1 <= int(port) <= 65535:
+        raise ConnectionSettingsError(f"--server entry {entry!r}: port {int(port)} outside 1..65535")
     return host, port
+
+
+def check_server(server: str) -> None:
+    """--server refused at once when it cannot name a cloud: empty, a URL scheme (http://, grpc://), an entry
+    without a host or a port in 1..65535, an empty dns: or unix: target. Names are not resolved here: a name that
+    does not resolve yet may be a cloud still coming up, and is waited for."""
+    server = server.strip()
+    scheme, colon, rest = server.partition(":")
+    if not server:
+        raise ConnectionSettingsError(f"--server is empty: give {SERVER_FORMS}")
+    if colon and scheme.lower() + ":" in TARGET_SCHEMES:
+        if scheme.lower() == "dns":
+            split_address(rest[2:].partition("/")[2] if rest.startswith("//") else rest)
+        elif scheme.lower() in ("ipv4", "ipv6"):
+            for entry in filter(None, (e.strip() for e in rest.split(","))):
+                split_address(entry)
+        elif not rest.strip("/"):
+            raise ConnectionSettingsError(f"--server {server!r}: no socket path after {scheme}:")
+        return
+    if "://" in server:
+        raise ConnectionSettingsError(f"--server {server!r}: no URL scheme ({scheme}://) here, gRPC speaks to "
+                                      f"host:port; give {SERVER_FORMS}")
+    entries = [e.strip() for e in server.split(",")]
+    if not all(entries):
+        raise ConnectionSettingsError(f"--server {server!r}: an empty entry in the list; give {SERVER_FORMS}")
+    for entry in entries:
+        split_address(entry)
 
 
 def _ip_version(text: str) -> int | None:
@@ -154,7 +188,8 @@ def address_list_target(entries: list[str], resolve: Resolver = resolve_host) ->
 def server_target(server: str, resolve: Resolver = resolve_host) -> ServerTarget:
     """--server as a gRPC target: one host:port as it is (pick_first, gRPC resolves it), several comma-separated
     ones as an address list, a target with a scheme (dns:///name:port, ipv4:..., unix:...) as it is; the last
-    two balanced with round_robin."""
+    two balanced with round_robin. A malformed --server is refused first (check_server)."""
+    check_server(server)
     server = server.strip()
     scheme = server.split(":", 1)[0].lower() + ":"
     if scheme in ("ipv4:", "ipv6:"):

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from picospec.shared.config import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE
 from picospec.shared.rng import Stream, uniform
 
-# the least positive temperature: logits / T must stay finite in float32 (|logit| up to 3.4e34 here). A Hello with
-# T = 1.4e-45 (a float32 denormal) made every row NaN, and the cloud's decode-ahead failed with an IndexError that
-# reached the edge as UNKNOWN (found by `picospec-bench fuzz`); 1e-4 is greedy in all but name anyway
-MIN_TEMPERATURE = 1e-4
+# MIN_TEMPERATURE, the least positive temperature: logits / T must stay finite in float32 (|logit| up to 3.4e34
+# here). A Hello with T = 1.4e-45 (a float32 denormal) made every row NaN, and the cloud's decode-ahead failed with an
+# IndexError that reached the edge as UNKNOWN (found by `picospec-bench fuzz`); 1e-4 is greedy in all but name anyway.
+# It lives in shared/config.py, where the CLI checks it before anything imports torch.
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 100.0)):
-            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 100], got {self.temperature}")
-        if not (0 <= self.top_k <= 1 << 20):
+        if not (math.isfinite(self.temperature) and (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not (0 <= self.top_k <= MAX_TOP_K):
             raise ValueError(f"top_k must be in [0, 2**20], got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
