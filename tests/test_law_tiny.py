@@ -2,7 +2,8 @@
 
 Matrix: edge modes {sync, early-exit, pipeline (jittered, decode-ahead on)} x exact schemes {dense, split-exact,
 coupled} x {T=1; T=0.7 with top-k 20 and top-p 0.9}, plus `cloud` mode against the target and `edge` mode
-against the draft. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
+against the draft; at T=1 the pipeline as shipped (lengths chosen online), generations that end at a live EOS, and
+sessions the verification budget caps. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
 length 1..4 by seed), so each KS statistic detects a PIT shift of detectable_shift(2000) = 0.065 at 90%, with
 false-alarm rate 1e-3 per test (tests/law.py; the PIT is also ranked by q/p, q the tiny draft's law). The tiny pair is far apart (total variation ~0.45 per token), so rejections,
 corrections, split-exact's tail draws and, in the pipeline, dead chains and rollbacks all happen; each test
@@ -17,6 +18,7 @@ import pytest
 
 from picospec.bench.jitter import Jitter
 from picospec.shared.config import EXACT_VERIFY_MODES
+from picospec.shared.fingerprint import eos_token_ids
 from picospec.shared.models import LoadedModel
 from tests.conftest import edge, run, serving
 from tests.law import MIN_EVENT_TOKENS, T07_TOPK_TOPP, T1, LawCheck, Warping
@@ -25,6 +27,9 @@ GENERATIONS = 100
 NEW_TOKENS = 20
 PROMPTS = ("the cat", "def f(x):", "once upon a time")
 WARPINGS = {"T1": T1, "T0.7-k20-p0.9": T07_TOPK_TOPP}
+# the tiny target's most frequent token after PROMPTS at T=1 (about 4% of its tokens): an end-of-sequence id for the
+# EOS law test, where it ends about half the generations early
+LIVE_EOS = 44
 
 
 class _CloudJitter(Jitter):
@@ -34,27 +39,33 @@ class _CloudJitter(Jitter):
 
 async def _generate_all(target: LoadedModel, draft: LoadedModel, mode: str, warping: Warping,
                         law: LawCheck, jitter: bool = False, limits: dict | None = None, stats: tuple[str, ...] = (),
-                        **cfg: object) -> dict[str, int]:
+                        online: bool = False, eos_ids: frozenset[int] = frozenset(), **cfg: object) -> dict[str, int]:
     """GENERATIONS generations through one server (with `limits`) and one client; every token goes into `law`.
-    Returns the sums of some statistics (and of `stats`)."""
+    Draft lengths 1..4 by seed, or chosen `online` by the edge's policy (draft_len 0, the default). EOS is ignored
+    unless `eos_ids` (the draft's stop set) are given. Returns the sums of some statistics (and of `stats`), and
+    `ended_at_eos`, the generations that stopped at an EOS."""
     totals = {k: 0 for k in ("rounds", "accepted", "drafted", "cloud_tokens", "tail_requests", "dead_chains",
                              "predrafted_used", *stats)}
+    ended_at_eos = 0
     async with serving(target, **(limits or {})) as (service, addr):
         if jitter:
             service.hooks = _CloudJitter(3, 0.0005)
-        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=True, residual_top_k=2, tail_samples=1,
-                        **warping.edge_kwargs(), **cfg) as client:
+        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=not eos_ids, residual_top_k=2,
+                        tail_samples=1, **warping.edge_kwargs(), **cfg) as client:
             if jitter:
                 client.hooks = Jitter(4, 0.0005)
             for seed in range(GENERATIONS):
                 prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
-                gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=1 + seed % 4)
+                gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=0 if online else 1 + seed % 4)
                 ids = await gen.collect()
-                assert len(ids) == NEW_TOKENS, f"seed {seed}: {len(ids)} tokens, ignore_eos asks for {NEW_TOKENS}"
+                stops = [i for i, t in enumerate(ids) if t in eos_ids]
+                assert stops in ([], [len(ids) - 1]), f"seed {seed}: EOS inside {ids}"  # the last token, if any
+                assert len(ids) == NEW_TOKENS or stops, f"seed {seed}: {len(ids)} tokens, none an EOS"
+                ended_at_eos += bool(stops)
                 law.add(prompt_ids, ids, gen.stats.token_kinds)
                 for k in totals:
                     totals[k] += getattr(gen.stats, k)
-    return totals
+    return {**totals, "ended_at_eos": ended_at_eos}
 
 
 def _law(target: LoadedModel, draft: LoadedModel, warping: Warping, verify: str) -> LawCheck:
@@ -115,6 +126,32 @@ def test_pipeline_under_jitter_follows_the_target_law(tiny_target, tiny_draft, d
     else:
         assert totals["accepted"] > 0 and totals["cloud_tokens"] > 0 and totals["dead_chains"] > 0, totals
     law.assert_matches(f"pipeline/{verify}/decode-ahead {decode_ahead} at {warping}")
+
+
+@pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
+def test_the_default_online_pipeline_follows_the_target_law(tiny_target, tiny_draft, verify):
+    """The pipeline as shipped: draft lengths chosen online by the policy (docs/design.md §4.4: its estimates, the
+    confidence pause, length 0 with shadow drafts), decode-ahead where it is the default (coupled), under jitter."""
+    law = _law(tiny_target, tiny_draft, T1, verify)
+    totals = run(_generate_all(tiny_target, tiny_draft, "pipeline", T1, law, jitter=True, online=True, verify=verify))
+    assert totals["accepted"] > 0 and totals["accepted"] < totals["drafted"], totals
+    assert (totals["cloud_tokens"] > 0) == (verify == "coupled"), totals  # decode-ahead's auto: coupled only
+    law.assert_matches(f"pipeline/{verify} as shipped (online lengths) at {T1}")
+
+
+@pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
+def test_generations_that_end_at_eos_follow_the_target_law(tiny_target, tiny_draft, verify, monkeypatch):
+    """EOS live: the target's stop set (the cloud's: it tells the edge in Ready) gets its most frequent token, so about
+    half the generations end early, at an EOS drafted, corrected or given as a bonus, mid-batch. The tokens up to it
+    follow the target's law, and nothing comes after it."""
+    monkeypatch.setattr(tiny_target.model.generation_config, "eos_token_id", LIVE_EOS)
+    eos_ids = eos_token_ids(tiny_target.model, tiny_target.tokenizer)
+    assert LIVE_EOS in eos_ids
+    law = _law(tiny_target, tiny_draft, T1, verify)
+    totals = run(_generate_all(tiny_target, tiny_draft, "sync", T1, law, eos_ids=eos_ids, verify=verify))
+    assert totals["ended_at_eos"] >= GENERATIONS // 4, totals
+    _assert_speculated(totals, verify, T1)
+    law.assert_matches(f"sync/{verify} ending at EOS at {T1}")
 
 
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
