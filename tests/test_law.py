@@ -2,13 +2,15 @@
 rate and power are what its docstring states, and it catches token-level deviations of realistic shapes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
 from picospec.shared.sampling import SamplingParams, process_logits
-from tests.law import (ALPHA, PAIR_RHO_90, STATISTICS, T07_TOPK_TOPP, T1, LawCheck, Warping, detectable_shift, pair_chisquare,
+from tests.law import (ALPHA, ALPHA_TIMED, PAIR_RHO_90, TIMED_TESTS, STATISTICS, T07_TOPK_TOPP, T1, LawCheck, Warping, detectable_shift, pair_chisquare,
                        pit_values, reference_laws)
 
 N = 2000
@@ -112,3 +114,12 @@ def test_pit_values_rank_by_probability():
     u = pit_values(laws, [2, 2], rng)
     assert 0.6 <= u[0] <= 0.9 and 0.75 <= u[1] <= 1.0  # token 2 ranks second (row 0), third by id (row 1)
     assert T07_TOPK_TOPP.edge_kwargs() == {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
+
+
+def test_timed_law_tests_keep_the_false_alarm_rate_of_a_full_run_under_a_thousandth():
+    """The law tests whose tokens depend on timing draw a fresh sample every run (tests/law.py); their number and
+    rate bound the chance that a correct build fails a full run on them. They must still catch a shift of 0.075."""
+    test_file = Path(__file__).with_name("test_law_tiny.py").read_text()
+    assert test_file.count("timed=True)") == 3  # the tests TIMED_TESTS counts: jitter (8 cases), online (2), budget (2)
+    assert TIMED_TESTS == 2 * 2 * 2 + 2 + 2 and TIMED_TESTS * ALPHA_TIMED < 1e-3
+    assert detectable_shift(2000, ALPHA_TIMED) < 0.075
