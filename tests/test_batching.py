@@ -168,8 +168,15 @@ SESSIONS = [("pipeline", "coupled", 0, 48, 0), ("sync", "dense", 3, 24, 0), ("cl
             ("sync", "split-exact", 6, 16, 5), ("pipeline", "coupled", 2, 40, 9), ("sync", "coupled", 4, 12, 20)]
 
 
+# the bound on a row's wait these tests run with: 2 s, not the default 0.25, so that a loaded machine (a pass
+# delayed behind other processes) cannot break the assertion that the bound holds; the batcher's hold is
+# min(hold x the last pass, the bound), and the tiny target's passes take a millisecond, so it batches the same
+MAX_WAIT_MS = 2000.0
+
+
 async def _sessions(target, draft, batching: str, temperature: float) -> tuple[list[list[int]], object]:
-    async with serving(target, batching=batching, max_sessions=4, metrics_port=0) as (service, addr):
+    async with serving(target, batching=batching, max_sessions=4, metrics_port=0,
+                       max_wait_ms=MAX_WAIT_MS) as (service, addr):
         async def one(i: int, mode: str, verify: str, g: int, n: int, delay: int) -> list[int]:
             for _ in range(delay):
                 await asyncio.sleep(0)
@@ -187,7 +194,7 @@ def test_concurrent_sessions_get_the_targets_greedy_tokens(tiny_target, tiny_dra
     for i, (out, s) in enumerate(zip(outs, SESSIONS)):
         assert out == _greedy(tiny_target.model, tiny_target.tokenizer(f"session {i} says")["input_ids"], s[3]), s
     assert stats.mean_rows > 1, "the sessions never shared a pass"
-    assert stats.rows_over_wait == 0 and stats.max_wait_s < 0.25  # nobody waited past --max-wait-ms
+    assert stats.rows_over_wait == 0 and stats.max_wait_s < MAX_WAIT_MS / 1e3  # nobody waited past --max-wait-ms
 
 
 def test_under_sampling_each_session_gets_what_it_gets_alone(tiny_target, tiny_draft):

@@ -140,10 +140,10 @@ def test_a_zstd_bomb_is_small_and_refused_without_inflating() -> None:
     assert len(frame) < 64 * 1024
     header = (1).to_bytes(1, "little") + bytes([1, 1, 1]) + (2).to_bytes(4, "little") + (64).to_bytes(4, "little") + \
         (2 * 64 * 4).to_bytes(4, "little")
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, not wall time: a loaded machine cannot stretch it
     with pytest.raises(PayloadError, match="decompressed body"):
         decode_probs(header + frame, vocab_size=64, max_rows=2)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 0.05  # even streaming the 1 GiB through without keeping it takes 0.17 s
 
 
 def test_negative_varints_reach_unsigned_fields_as_huge_values() -> None:
