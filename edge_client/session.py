@@ -327,12 +327,14 @@ class EdgeSession:
             self.stats.drafted_total += 1
 
     def _apply_tree(self, v: pb.Verdict, tree: DraftTree) -> None:
-        """Commit a tree's verdict: its path's tokens are the accepted drafts, then the cloud's token, as a chain's."""
+        """Commit a tree's verdict: its path's tokens are the accepted drafts, then the cloud's token, as a chain's.
+        The cloud verifies the whole tree, or its first nodes when the session's verification budget cuts it
+        (`capped` of them kept out: cloud_server/capacity.py)."""
         path = list(v.path)
-        if v.verified != len(tree.tokens) or len(path) != v.accepted:
-            raise ProtocolError(f"tree verdict verified {v.verified} of {len(tree.tokens)} nodes, path {path} "
-                                f"for {v.accepted} accepted")
-        check_path(tree.parents, path)
+        if not 1 <= v.verified == len(tree.tokens) - v.capped or len(path) != v.accepted:
+            raise ProtocolError(f"tree verdict verified {v.verified} and capped {v.capped} of {len(tree.tokens)} "
+                                f"nodes, path {path} for {v.accepted} accepted")
+        check_path(tree.parents[:v.verified], path)
         self.chain.chain = [ChainToken(tree.tokens[i], sent=True) for i in path]  # the path, as a chain in flight
         a = self.chain.apply(start_pos=v.start_pos, verified=len(path), accepted=v.accepted,
                              token=v.token if v.HasField("token") else None, rejected=v.rejected,
@@ -341,8 +343,9 @@ class EdgeSession:
         stats.cloud_s += v.verify_s
         stats.bubble_s += v.idle_s
         stats.wasted_draft += len(tree.tokens) - a.accepted
-        est.passes.add(len(tree.tokens), v.verify_s)
-        stats.on_round(len(tree.tokens), a.accepted, len(a.new_tokens))
+        stats.capped_drafts += v.capped
+        est.passes.add(v.verified, v.verify_s)
+        stats.on_round(v.verified, a.accepted, len(a.new_tokens))
         for _ in range(a.accepted):
             est.acceptance.add(1.0)
         if v.rejected:

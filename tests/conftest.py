@@ -59,6 +59,30 @@ def tiny_draft() -> LoadedModel:
     return load_model("tiny-random:layers=1", progress=False)
 
 
+class PassBeforeDecodeAhead:
+    """Cloud test hooks: in each session the cloud decodes ahead only once it has verified a pass (or 10 s on), so a
+    pipeline session both verifies drafts and decodes ahead on any machine, however loaded: an ordering, not a clock
+    (the tiny target decodes faster than drafts arrive, and would otherwise decode everything alone). Sessions one at
+    a time. `jitter`: seeded delays on the cloud's messages as well (bench/jitter.py)."""
+
+    def __init__(self, jitter: object | None = None) -> None:
+        self.verified = asyncio.Event()
+        self.jitter = jitter
+
+    async def before_send(self, msg: object) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "ready":  # a new session
+            self.verified.clear()
+        elif kind == "verdict" and msg.verdict.verified > 0:
+            self.verified.set()
+        if self.jitter is not None:
+            await self.jitter.before_send(msg)
+
+    async def before_decode_ahead(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.verified.wait(), 10.0)
+
+
 @contextlib.asynccontextmanager
 async def serving(target: LoadedModel, **limits: object) -> AsyncIterator[tuple[PicoSpecService, str]]:
     """A cloud server on 127.0.0.1 with an OS-chosen port, torn down afterwards.

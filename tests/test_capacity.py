@@ -15,7 +15,7 @@ from picospec.shared.perf_model import PassCosts
 from picospec.shared.protocol import PROTOCOL_VERSION
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
-from tests.conftest import run, serving
+from tests.conftest import edge, run, serving
 from tests.test_limits import greedy_reference
 from tests.test_llama_cpp import SMOL, skip_large
 
@@ -204,3 +204,21 @@ def test_a_hostile_edge_costs_a_llama_cpp_cloud_what_the_cloud_alone_would(smol_
     assert held_s <= 1.5 * alone_s + BUDGET_SLACK_STEPS * per_step, (held_s, alone_s, per_step)
     assert sum(v.capped > 0 for v in held) > new // 2
 
+
+
+def test_an_edge_drafting_trees_gets_the_targets_tokens_when_the_budget_cuts_them(tiny_target, tiny_draft):
+    """The real edge's tree rounds (coupled, --tree-budget) against a budget of almost nothing: its trees are cut to
+    their first nodes, the edge takes verdicts over fewer nodes than it sent, and the tokens are the target's."""
+    prompt = tiny_target.tokenizer("hello world")["input_ids"]
+    ref = greedy_reference(tiny_target, prompt, 32)
+
+    async def scenario():
+        async with serving(tiny_target, verify_budget=1e-6, verify_budget_slack=2) as (_, addr):
+            async with edge(addr, tiny_draft, max_new_tokens=32, ignore_eos=True, verify="coupled",
+                            tree_budget=6) as client:
+                gen = client.generate(prompt, mode="sync")
+                return await gen.collect(), gen.stats
+
+    tokens, stats = run(scenario())
+    assert tokens == ref
+    assert stats.rounds > 0 and stats.capped_drafts > 0, stats.to_dict()

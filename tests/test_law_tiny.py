@@ -98,6 +98,7 @@ def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode
     hints = {"hints": "on", "exit_threshold": 0.0} if mode == "early-exit" else {}
     totals = run(_generate_all(tiny_target, tiny_draft, mode, warping, law, verify=verify, **hints))
     _assert_speculated(totals, verify, warping)
+    assert (totals["predrafted_used"] > 0) == (mode == "early-exit"), totals  # pre-drafts adopted after hits
     _assert_events_tested(law, verify)
     law.assert_matches(f"{mode}/{verify} at {warping}")
 

@@ -32,22 +32,27 @@ PARENTS = [ROOT, ROOT, 0, 0, 2, 1]
 
 # ---- pure helpers ------------------------------------------------------------------------------------------------
 
-def test_check_tree_gives_depths_and_refuses_what_the_walk_cannot_use():
+BAD_TREES = {
+    "parent after child": ([1, 2, 3], [ROOT, 2, 0], "must come before"),
+    "own parent": ([1, 2], [ROOT, 1], "must come before"),
+    "below the root": ([1, 2], [ROOT, -2], "must come before"),
+    "too few parents": ([1, 2], [ROOT], "1 parent indices for 2"),
+    "too many nodes": (list(range(7)), [ROOT] * 7, r"allowed 1\.\.6"),
+    "empty": ([], [], r"allowed 1\.\.6"),
+    "too deep": ([1, 2, 3, 4], chain_parents(4), "at most 3 levels"),
+    "twin siblings": ([5, 5], [ROOT, ROOT], "repeats token 5"),
+}
+
+
+def test_check_tree_gives_depths():
     assert check_tree(TOKENS, PARENTS, max_nodes=6, max_depth=3) == [0, 0, 1, 1, 2, 1]
-    bad = {
-        "parent after child": ([1, 2, 3], [ROOT, 2, 0], "must come before"),
-        "own parent": ([1, 2], [ROOT, 1], "must come before"),
-        "below the root": ([1, 2], [ROOT, -2], "must come before"),
-        "too few parents": ([1, 2], [ROOT], "1 parent indices for 2"),
-        "too many nodes": (list(range(7)), [ROOT] * 7, r"allowed 1\.\.6"),
-        "empty": ([], [], r"allowed 1\.\.6"),
-        "too deep": ([1, 2, 3, 4], chain_parents(4), "at most 3 levels"),
-        "twin siblings": ([5, 5], [ROOT, ROOT], "repeats token 5"),
-    }
-    for case, (tokens, parents, match) in bad.items():
-        with pytest.raises(ProtocolError, match=match):
-            check_tree(tokens, parents, max_nodes=6, max_depth=3)
-        assert case
+
+
+@pytest.mark.parametrize("case", BAD_TREES.values(), ids=BAD_TREES.keys())
+def test_check_tree_refuses_what_the_walk_cannot_use(case):
+    tokens, parents, match = case
+    with pytest.raises(ProtocolError, match=match):
+        check_tree(tokens, parents, max_nodes=6, max_depth=3)
 
 
 def test_ancestor_mask_paths_and_matching():
