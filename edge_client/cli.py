@@ -139,21 +139,66 @@ async def probe_cloud(config: EdgeConfig, reporter: CloudWaitReporter) -> Any:
                                     token_metadata(config.token))
 
 
-def load_draft(config: EdgeConfig) -> Any:
+def load_draft(config: EdgeConfig, on_tokenizer: Callable[[Any], None] | None = None) -> Any:
     """The draft model on config.device with config.threads torch threads (torch is imported here, not at start-up,
-    so a front end can say what it is doing first). Used by the CLI, `chat` and `serve`."""
-    from picospec.shared.models import load_gguf_model, load_model, resolve_engine
+    so a front end can say what it is doing first). Used by the CLI, `chat` and `serve`. `on_tokenizer`: called with
+    the draft's tokenizer, loaded alone first (seconds before the weights), before the weights load; an exception
+    from it ends the load there (the CLI's tokenizer check, TokenizerCheck)."""
+    from picospec.shared.models import load_gguf_model, load_model, load_tokenizer, resolve_engine
     engine = resolve_engine(config.draft, config.draft_engine)
+    if engine == "llama.cpp" and config.device != "cpu":
+        raise ModelError(f"--draft-engine llama.cpp runs on the cpu here, not {config.device!r}")
+    tokenizer = None
+    if on_tokenizer is not None:
+        tokenizer = load_tokenizer(config.draft, engine=engine)
+        on_tokenizer(tokenizer)
     if engine == "llama.cpp":
-        if config.device != "cpu":
-            raise ModelError(f"--draft-engine llama.cpp runs on the cpu here, not {config.device!r}")
         from picospec.shared.llama_backend import default_threads
-        return load_gguf_model(config.draft, threads=config.threads or default_threads())
+        return load_gguf_model(config.draft, threads=config.threads or default_threads(), tokenizer=tokenizer)
     import torch
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    return load_model(config.draft, device=config.device)
+    return load_model(config.draft, device=config.device, tokenizer=tokenizer)
+
+
+class TokenizerCheck:
+    """The draft's tokenizer against the cloud's target's, as soon as both are known: in the load's thread once the
+    tokenizer has loaded, when the cloud has answered by then (the usual case: the weights never load), else on the
+    loop when the cloud answers (the weights' load is abandoned). EdgeError with EdgeClient.connect's message, which
+    checks again; a cloud of another protocol version is left to connect, which says so."""
+
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._mine: Any = None   # the draft's Fingerprint
+        self._info: Any = None   # the cloud's InfoReply
+
+    def tokenizer_loaded(self, tokenizer: Any) -> None:
+        from picospec.shared.fingerprint import tokenizer_fingerprint
+        fingerprint = tokenizer_fingerprint(tokenizer)  # remembered: EdgeClient does not hash it again
+        with self._lock:
+            self._mine = fingerprint
+            self._check()
+
+    def cloud_found(self, info: Any) -> None:
+        with self._lock:
+            self._info = info
+            self._check()
+
+    def _check(self) -> None:
+        if self._mine is None or self._info is None:
+            return
+        from picospec.edge_client.transport import EdgeError
+        from picospec.shared.fingerprint import Fingerprint, tokenizer_mismatch
+        from picospec.shared.protocol import PROTOCOL_VERSION
+        info = self._info
+        if info.protocol_version != PROTOCOL_VERSION:
+            return
+        theirs = Fingerprint(info.tokenizer.num_tokens, info.tokenizer.sha256)
+        mismatch = tokenizer_mismatch(self.config.draft, self._mine, info.target_model, self.config.server, theirs)
+        if mismatch:
+            raise EdgeError(mismatch)
 
 
 def in_daemon_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
@@ -192,13 +237,16 @@ async def draft_and_cloud(config: EdgeConfig, need_cloud: bool = True) -> tuple[
         await asyncio.wait({probe, heard}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         heard.cancel()
     print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-    loading = in_daemon_thread(load_draft, config)
+    check = TokenizerCheck(config) if need_cloud else None  # a mismatch refused before the draft's weights load
+    loading = in_daemon_thread(load_draft, config, check.tokenizer_loaded if check is not None else None)
     pending = {t for t in (probe, loading) if t is not None}
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()  # raises the first failure (the load goes on in its thread; the program ends)
+                result = task.result()  # raises the first failure (the load goes on in its thread; the program ends)
+                if task is probe and check is not None:
+                    check.cloud_found(result)
     finally:
         for task in pending:  # a failure, or a Ctrl-C: nothing left behind unretrieved
             task.cancel()

@@ -34,7 +34,8 @@ from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeErr
                                             call_error, open_channel, wait_for_cloud, wire_size)
 from picospec.shared.config import SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, check_edge_config, with_mode_preset
 from picospec.shared.connection import server_target, token_metadata
-from picospec.shared.fingerprint import Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint
+from picospec.shared.fingerprint import (Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint,
+                                        tokenizer_mismatch)
 from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
@@ -182,11 +183,9 @@ class EdgeClient:
         if info.protocol_version != PROTOCOL_VERSION:
             raise EdgeError(f"cloud speaks protocol {info.protocol_version}, this edge speaks {PROTOCOL_VERSION}")
         theirs = Fingerprint(info.tokenizer.num_tokens, info.tokenizer.sha256)
-        if theirs != self.fingerprint:  # said here, before any generation: the cloud would refuse each one anyway
-            raise EdgeError(f"tokenizer mismatch: the draft {self.draft.name!r} has {self.fingerprint.short()}, the "
-                            f"cloud's target {info.target_model!r} at {self.config.server} has {theirs.short()}; draft "
-                            "and target must share a tokenizer (a draft of the target's own family, e.g. "
-                            "Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct)")
+        mismatch = tokenizer_mismatch(self.draft.name, self.fingerprint, info.target_model, self.config.server, theirs)
+        if mismatch:  # said here, before any generation: the cloud would refuse each one anyway
+            raise EdgeError(mismatch)
         try:
             self.logits_width = session_logits_width(self.vocab_size, info.vocab_size, self.fingerprint.num_tokens)
         except ValueError as e:

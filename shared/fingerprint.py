@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,8 +17,27 @@ class Fingerprint:
         return f"{self.num_tokens} tokens, sha256 {self.sha256[:12]}"
 
 
+# tokenizer -> (its size and special tokens then, fingerprint): the edge's CLI checks the draft's tokenizer before the
+# weights load and EdgeClient again after (0.2-0.5 s each); a tokenizer that gained tokens or specials is hashed anew
+_MEMO: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, str], Fingerprint]]" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> Fingerprint:  # a transformers PreTrainedTokenizerBase
     """Hash of the full vocabulary (token -> id, added tokens included) and the special tokens."""
+    try:
+        stamp = (len(tokenizer), repr(sorted(tokenizer.special_tokens_map.items())))
+        memo = _MEMO.get(tokenizer)
+    except TypeError:  # not weakly referable or not hashable: hashed every time
+        stamp, memo = None, None
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    fingerprint = _fingerprint(tokenizer)
+    if stamp is not None:
+        _MEMO[tokenizer] = (stamp, fingerprint)
+    return fingerprint
+
+
+def _fingerprint(tokenizer) -> Fingerprint:
     vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
     for token, idx in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])):
@@ -24,6 +45,17 @@ def tokenizer_fingerprint(tokenizer) -> Fingerprint:  # a transformers PreTraine
     specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
     h.update(json.dumps(specials, sort_keys=True).encode())
     return Fingerprint(len(vocab), h.hexdigest())
+
+
+def tokenizer_mismatch(draft: str, mine: Fingerprint, target: str, server: str, theirs: Fingerprint) -> str | None:
+    """Why the draft `draft` cannot speak to the cloud at `server` serving `target` (None: it can): their tokenizers
+    differ. Said by the edge before any generation (EdgeClient.connect), and by the CLI as soon as the draft's
+    tokenizer and the cloud's Info are both known, before the draft's weights load."""
+    if theirs == mine:
+        return None
+    return (f"tokenizer mismatch: the draft {draft!r} has {mine.short()}, the cloud's target {target!r} at {server} "
+            f"has {theirs.short()}; draft and target must share a tokenizer (a draft of the target's own family, e.g. "
+            "Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct)")
 
 
 def eos_token_ids(model, tokenizer) -> frozenset[int]:

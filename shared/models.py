@@ -358,9 +358,10 @@ def _gguf_tokenizer(path: Path, key: str, progress: bool) -> PreTrainedTokenizer
     return AutoTokenizer.from_pretrained(str(saved))
 
 
-def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True) -> LoadedModel:
+def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True,
+                    tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """`name` on the llama.cpp engine: the GGUF as shipped (gguf_file), `threads` llama.cpp threads, and its
-    tokenizer. No float32 copy is made or read."""
+    tokenizer (`tokenizer`, where load_tokenizer gave it already). No float32 copy is made or read."""
     from picospec.shared.llama_backend import GgufModel, LlamaCppError
 
     path = gguf_file(name, progress=progress)
@@ -368,13 +369,41 @@ def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True) -> Lo
         model = GgufModel(path, threads=threads)
     except LlamaCppError as e:
         raise ModelError(str(e)) from e
-    return LoadedModel(name, model, _tokenizer_of(name, path, progress))
+    return LoadedModel(name, model, tokenizer if tokenizer is not None else _tokenizer_of(name, path, progress))
 
 
 def gguf_tokenizer(name: str, *, progress: bool = True) -> tuple[Path, PreTrainedTokenizerBase]:
     """The checked GGUF file of `name` and its tokenizer, without loading the weights (for llama.cpp run by others)."""
     path = gguf_file(name, progress=progress)
     return path, _tokenizer_of(name, path, progress)
+
+
+def load_tokenizer(name: str, *, engine: str = "torch", progress: bool = True) -> PreTrainedTokenizerBase:
+    """`name`'s tokenizer alone, the one load_model (engine torch) or load_gguf_model (llama.cpp) gives, without
+    the weights: a peer can then refuse a mismatched tokenizer seconds before the weights would have loaded (the
+    edge's handshake, edge_client/cli.py). Hand it on to those as `tokenizer=`. The same checks come first: a
+    built-in's converted tokenizer files against their manifest, a built-in GGUF's tokenizer from the copy saved
+    when the verified GGUF was first read (else the GGUF, checked, as load_gguf_model reads it)."""
+    base, suffixes = parse_model_name(name)
+    if engine == "llama.cpp":
+        spec = BUILTIN_MODELS.get(base)
+        saved = cache_root() / "tokenizers" / spec.sha256[:16] if spec is not None and not suffixes else None
+        if saved is not None and (saved / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(str(saved))
+        return gguf_tokenizer(name, progress=progress)[1]
+    if base.startswith(RANDOM_PREFIX):
+        return _shape_tokenizer(RANDOM_SHAPES[base[len(RANDOM_PREFIX):]]["tokenizer_size"])
+    if base in TINY_SEEDS:
+        return _tiny_tokenizer()
+    src, what = _pretrained_source(base, progress)
+    if base in BUILTIN_MODELS:
+        _verify_converted(Path(src), progress, weights=False)  # the weights' hash comes with their load
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise ModelError(f"could not load {src!r} ({what}): {type(e).__name__}: {e}") from e
 
 
 def _tokenizer_of(name: str, path: Path, progress: bool) -> PreTrainedTokenizerBase:
@@ -391,7 +420,10 @@ def prepare_model(name: str, *, progress: bool = True) -> Path:
     return _prepare(BUILTIN_MODELS[base], None, progress)
 
 
-def _verify_converted(path: Path, progress: bool) -> None:
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what `weights=False` leaves to the load
+
+
+def _verify_converted(path: Path, progress: bool, weights: bool = True) -> None:
     """Check the converted copy against its manifest before it is loaded.
 
     Every file is re-hashed on every load, rather than trusting size + mtime: measured at 0.9-1.4 GB/s on the
@@ -406,6 +438,8 @@ def _verify_converted(path: Path, progress: bool) -> None:
         raise ModelIntegrityError(f"{path}: the files {sorted(present)} do not match the manifest's "
                                   f"{sorted(files)}; delete the directory and prepare the model again")
     for fname, rec in files.items():
+        if not weights and fname.endswith(WEIGHT_FILES):
+            continue
         digest, _ = _sha256([path / fname], f"verifying {fname}", progress)
         if digest != rec["sha256"]:
             raise ModelIntegrityError(f"{path / fname}: expected sha256 {rec['sha256']}, got {digest}; "
@@ -466,7 +500,8 @@ def _shape_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
                                    chat_template=TINY_CHAT_TEMPLATE)
 
 
-def _random_shape(base: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _random_shape(base: str, dtype: torch.dtype, device: str,
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """`random:SHAPE`: a transformers model from the shape's config with seeded random weights, made on `device` in
     `dtype` (a 7B shape never passes through the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -478,7 +513,7 @@ def _random_shape(base: str, dtype: torch.dtype, device: str) -> tuple[nn.Module
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model, _shape_tokenizer(tokenizer_size)
+    return model, tokenizer if tokenizer is not None else _shape_tokenizer(tokenizer_size)
 
 
 # ---------------------------------------------------------------------------------------------- suffixes
@@ -565,14 +600,14 @@ def _finish(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _from_pretrained(src: str, dtype: torch.dtype, what: str,
-                     device_map: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _from_pretrained(src: str, dtype: torch.dtype, what: str, device_map: str | None = None,
+                     tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     placement = {"device_map": device_map} if device_map else {}  # transformers places the weights itself
     try:
         return (AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **placement),
-                AutoTokenizer.from_pretrained(src))
+                tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(src))
     except Exception as e:
         raise ModelError(f"could not load {src!r} ({what}): {type(e).__name__}: {e}") from e
 
@@ -589,39 +624,48 @@ def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
     return dispatch_model(model, infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split))
 
 
-def _load_base(base: str, dtype: torch.dtype, progress: bool, device: str = "cpu",
-               device_map: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _pretrained_source(base: str, progress: bool = True) -> tuple[str, str]:
+    """What from_pretrained reads for a base that is neither tiny nor random, and how to name it in an error: a
+    built-in's converted copy (prepared first where it is not), a local directory, or else a hub id."""
+    if base in BUILTIN_MODELS:
+        return str(prepare_model(base, progress=progress)), f"the converted copy of {base}"
+    if Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser()), "a local directory"
+    builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS, RANDOM_PREFIX + "SHAPE"])
+    return base, f"not a built-in ({builtins}) nor a local directory, so tried as a hub id"
+
+
+def _load_base(base: str, dtype: torch.dtype, progress: bool, device: str = "cpu", device_map: str | None = None,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if base.startswith(RANDOM_PREFIX):
-        model, tokenizer = _random_shape(base, dtype, "cpu" if device_map else device)
+        model, tokenizer = _random_shape(base, dtype, "cpu" if device_map else device, tokenizer)
         if device_map:
             model = _dispatch(model, device_map)
     elif base in TINY_SEEDS:
-        model, tokenizer = _tiny_random(TINY_SEEDS[base])
+        model, built = _tiny_random(TINY_SEEDS[base])
+        tokenizer = tokenizer if tokenizer is not None else built
         model.to(dtype)
         if device_map:
             model = _dispatch(model, device_map)
     elif base in BUILTIN_MODELS:
         path = prepare_model(base, progress=progress)
         _verify_converted(path, progress)
-        model, tokenizer = _from_pretrained(str(path), dtype, f"the converted copy of {base}", device_map)
-    elif Path(base).expanduser().is_dir():
-        model, tokenizer = _from_pretrained(str(Path(base).expanduser()), dtype, "a local directory", device_map)
+        model, tokenizer = _from_pretrained(str(path), dtype, f"the converted copy of {base}", device_map, tokenizer)
     else:
-        builtins = ", ".join([*BUILTIN_MODELS, *TINY_SEEDS, RANDOM_PREFIX + "SHAPE"])
-        model, tokenizer = _from_pretrained(base, dtype, f"not a built-in ({builtins}) nor a local directory, "
-                                                         "so tried as a hub id", device_map)
+        src, what = _pretrained_source(base)
+        model, tokenizer = _from_pretrained(src, dtype, what, device_map, tokenizer)
     _neutral_generation_config(model)
     return model, tokenizer
 
 
-def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = True, device_map: str | None = None) -> LoadedModel:
+def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+               device_map: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Load `name` (see the module docstring) in eval mode with gradients off, on `device`.
 
     `device_map` ("auto", "balanced"; None or "none" = off) replaces `device`: transformers and accelerate spread the
     weights over every GPU there is, layer by layer (all on the cpu where there is none), for a model too big for
     one GPU. Input ids then go to `input_device(model)`; accelerate's hooks carry activations between devices and
-    bring the logits back to that device."""
+    bring the logits back to that device. `tokenizer`: the one load_tokenizer(name) gave already (not loaded again)."""
     base, suffixes = parse_model_name(name)
     device_map = None if device_map in (None, "", "none") else device_map
     if device_map is not None and device_map not in DEVICE_MAPS:
@@ -632,7 +676,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.flo
                              f"(device map {device_map!r}); drop :int8 or the device map")
         if torch.device(device).type != "cpu":
             raise ModelError(f"{name}: int8 runs on the cpu only, not on {device!r}")
-    model, tokenizer = _load_base(base, dtype, progress, device, device_map)
+    model, tokenizer = _load_base(base, dtype, progress, device, device_map, tokenizer)
     model = _apply_suffixes(model, suffixes, owned=True)
     if device_map is None:  # a dispatched model must not be moved: accelerate placed every module already
         model = model.to(device)
