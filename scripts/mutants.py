@@ -5,7 +5,7 @@ For each mutant: copy the working tree (tracked files plus untracked, non-ignore
 temporary directory, apply ONE realistic bug there as an exact search/replace (it must match exactly once, or
 the harness stops with "mutant N no longer applies"), and run the test subset chosen to catch it with
 `.venv/bin/python -m pytest -x -q` from the copy's root, under a time limit. Before running the tests the harness
-checks that the copy's code is what gets imported (it prints `picospec.shared.verify.__file__`; PYTHONPATH also points at
+checks that the copy's code is what gets imported (it prints where `picospec.shared.verify` resolves; PYTHONPATH also points at
 the copy, so subprocesses the tests start import it too). The working tree itself is never modified.
 
 A mutant whose subset passes (or runs out of time) has survived: the run fails (exit 1). Afterwards the tests
@@ -14,6 +14,7 @@ so that fails the run too. The table goes to stdout and to bench_out/mutants.md.
 
     .venv/bin/python scripts/mutants.py                # all mutants
     .venv/bin/python scripts/mutants.py --only a1,d    # some of them
+    .venv/bin/python scripts/mutants.py --fast         # the fast subset: mutants whose catching tests are pure (minutes)
     .venv/bin/python scripts/mutants.py --list         # what they are, and whether each still applies
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
-LOGS = ROOT / "bench_out" / "mutants"  # one pytest log per mutant
+LOGS = ROOT / "bench_out" / "mutants"  # one pytest log per mutant: the folder beside --out, named as it without .md
 FROM_GIT: tuple[str, ...] = ()  # --from-git
 
 
@@ -46,7 +47,15 @@ class Mutant:
     replace: str
     tests: tuple[str, ...]   # pytest node ids or files, cheapest likely catcher first (-x stops at the first failure)
     limit_s: int = 240
+    fast: bool = False       # in the fast subset (--fast, `make test-mutants-fast`): pure tests only, seconds each
 
+
+CONDITIONED = "tests/test_verify_conditioned.py"  # whole draft batches against an independent reference, by stratum
+JOINT, BONUS, CORRECTION = (f"{CONDITIONED}::test_the_joint_law_of_a_batch", f"{CONDITIONED}::test_the_bonus_after_a_full_acceptance",
+                            f"{CONDITIONED}::test_the_correction_after_a_partial_acceptance_at_every_position")
+# the same file's seed-by-seed checks (well under a second): the cheapest catchers, the laws (about 10 s each) behind them
+COINS = f"{CONDITIONED}::test_rejection_verdicts_follow_their_coins_seed_by_seed"
+GUMBEL = f"{CONDITIONED}::test_coupled_verdicts_are_the_full_vocabulary_gumbel_max_seed_by_seed"
 
 MUTANTS: list[Mutant] = [
     Mutant(
@@ -55,6 +64,8 @@ MUTANTS: list[Mutant] = [
         "        residual = torch.clamp(p[i].double() - q[i].double(), min=0.0)\n",
         "        residual = p[i].double()\n",
         ("tests/test_verify_math.py::test_dense_verification_emits_p",),
+
+        fast=True,
     ),
     Mutant(
         "a2", "split-exact residual sampler accepts every proposal (max(0, 1 - q(y)/p(y)) dropped)",
@@ -78,6 +89,8 @@ MUTANTS: list[Mutant] = [
         "    h = hash32(seed, position, int(Stream.GUMBEL), token_ids.to(torch.int64))\n",
         "    h = hash32(seed, position + 1, int(Stream.GUMBEL), token_ids.to(torch.int64))\n",
         ("tests/test_rng_sampling.py::test_gumbel_noise_matches_pure_python_reference",),
+
+        fast=True,
     ),
     Mutant(
         "c2", "coupled verification keys every position's noise by the batch start",
@@ -85,8 +98,9 @@ MUTANTS: list[Mutant] = [
         "        y = gumbel_argmax(p[i], seed, start_pos + i)\n",
         "        y = gumbel_argmax(p[i], seed, start_pos)\n",
         # survived the suite before test_exactness_guards.py (the coupled law tests and both e2e coupled tests)
-        ("tests/test_exactness_guards.py::test_coupled_verdicts_do_not_depend_on_batching",
+        (f"{GUMBEL}[6]", "tests/test_exactness_guards.py::test_coupled_verdicts_do_not_depend_on_batching",
          "tests/test_verify_modes.py::test_coupled_emits_p_and_accepts_at_least_the_bound[far-t1]"),
+        fast=True,
     ),
     Mutant(
         "c3", "greedy coupled verification emits the draft's token at a rejection, not the cloud's argmax",
@@ -123,8 +137,11 @@ MUTANTS: list[Mutant] = [
         "shared/verify.py",
         "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
         "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + max(k - 1, 0), Stream.ACCEPT)), False)\n",
-        ("tests/test_law_tiny.py::test_stop_and_wait_modes_follow_the_target_law[sync-dense-T1]",),
+        # the conditioned pure tests first (the coins seed by seed, the bonus after k accepted drafts); the tiny pair's law last
+        (f"{COINS}[dense]", f"{BONUS}[dense]",
+         "tests/test_law_tiny.py::test_stop_and_wait_modes_follow_the_target_law[sync-dense-T1]"),
         limit_s=300,
+        fast=True,
     ),
     Mutant(
         "d", "dense bonus token drawn from q instead of p",
@@ -132,6 +149,8 @@ MUTANTS: list[Mutant] = [
         "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
         "    return Verdict(k, sample_from(q[k - 1], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
         ("tests/test_verify_math.py::test_bonus_token_when_all_accepted_is_from_last_p_row",),
+
+        fast=True,
     ),
     Mutant(
         "e", "edge applies a verdict of a stale epoch (EdgeChain.apply's epoch check relaxed to future epochs)",
@@ -140,6 +159,7 @@ MUTANTS: list[Mutant] = [
         "            if epoch > self.epoch:\n",
         # survived the suite before test_exactness_guards.py (test_protocol, test_refusals, test_pipeline)
         ("tests/test_exactness_guards.py::test_edge_refuses_a_verdict_for_a_stale_epoch", "tests/test_protocol.py"),
+        fast=True,
     ),
     Mutant(
         "f1", "top-p on one side only: the drafter processes logits without top_p",
@@ -185,12 +205,157 @@ MUTANTS: list[Mutant] = [
         "stream_reader(io.BytesIO(raw)).read()",
         ("tests/test_codec.py",),
     ),
+    # ---- pure verification: whole batches, conditioned on the verdict (tests/test_verify_conditioned.py) ----
+    Mutant(
+        "v1", "dense correction drawn with the coin that rejected the draft (RESIDUAL coin replaced by ACCEPT)",
+        "shared/verify.py",
+        "        return Verdict(i, sample_from(residual, uniform(seed, pos, Stream.RESIDUAL)), True)\n",
+        "        return Verdict(i, sample_from(residual, uniform(seed, pos, Stream.ACCEPT)), True)\n",
+        (f"{COINS}[dense]", f"{CORRECTION}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "v2", "dense residual built with the previous draft's q row (q[i - 1]: off by one position)",
+        "shared/verify.py",
+        "        residual = torch.clamp(p[i].double() - q[i].double(), min=0.0)\n",
+        "        residual = torch.clamp(p[i].double() - q[max(i - 1, 0)].double(), min=0.0)\n",
+        (f"{COINS}[dense]", f"{CORRECTION}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "v3", "dense correction at position 0 only: the residual of the batch's first row whatever position rejected",
+        "shared/verify.py",
+        "        residual = torch.clamp(p[i].double() - q[i].double(), min=0.0)\n",
+        "        residual = torch.clamp(p[0].double() - q[0].double(), min=0.0)\n",
+        (f"{COINS}[dense]", f"{CORRECTION}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "v4", "dense acceptance ratio inverted: accept with min(1, q(x)/p(x))",
+        "shared/verify.py",
+        "        if uniform(seed, pos, Stream.ACCEPT) * qx < px:\n",
+        "        if uniform(seed, pos, Stream.ACCEPT) * px < qx:\n",
+        (f"{COINS}[dense]", f"{JOINT}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "v5", "dense acceptance ratio off by one position: p(x) read from the next row",
+        "shared/verify.py",
+        "        px, qx = float(p[i, x]), float(q[i, x])\n",
+        "        px, qx = float(p[i + 1, x]), float(q[i, x])\n",
+        (f"{COINS}[dense]", f"{JOINT}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "v6", "dense bonus drawn from the last draft's row p[k - 1] instead of p[k]",
+        "shared/verify.py",
+        "    return Verdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
+        "    return Verdict(k, sample_from(p[max(k - 1, 0)], uniform(seed, start_pos + k, Stream.TARGET)), False)\n",
+        (f"{COINS}[dense]", f"{BONUS}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "v7", "split bonus drawn with the coin that accepted the last draft",
+        "shared/verify.py",
+        "    return SplitVerdict(k, sample_from(p[k], uniform(seed, start_pos + k, Stream.TARGET)))\n",
+        "    return SplitVerdict(k, sample_from(p[k], uniform(seed, start_pos + max(k - 1, 0), Stream.ACCEPT)))\n",
+        (f"{COINS}[split-exact]", f"{BONUS}[split-exact]"),
+        fast=True,
+    ),
+    Mutant(
+        "v8", "split acceptance ratio inverted: reject when u * p(x) >= q(x)",
+        "shared/verify.py",
+        "        if uniform(seed, start_pos + i, Stream.ACCEPT) * qx >= float(p[i, x]):\n",
+        "        if uniform(seed, start_pos + i, Stream.ACCEPT) * float(p[i, x]) >= qx:\n",
+        (f"{COINS}[split-exact]", f"{JOINT}[split-exact]"),
+        fast=True,
+    ),
+    Mutant(
+        "v9", "split acceptance at position 0's row only: p(x) read from the batch's first row",
+        "shared/verify.py",
+        "        if uniform(seed, start_pos + i, Stream.ACCEPT) * qx >= float(p[i, x]):\n",
+        "        if uniform(seed, start_pos + i, Stream.ACCEPT) * qx >= float(p[0, x]):\n",
+        (f"{COINS}[split-exact]", f"{JOINT}[split-exact]"),
+        fast=True,
+    ),
+    Mutant(
+        "v10", "split-exact residual sampler accepts a proposal with the coin that chose it (u0 for u1)",
+        "shared/verify.py",
+        "            if py > 0.0 and float(u[i, 1]) * py < py - float(q[y]):\n",
+        "            if py > 0.0 and float(u[i, 0]) * py < py - float(q[y]):\n",
+        (f"{CORRECTION}[split-exact]",),
+        fast=True,
+    ),
+    Mutant(
+        "v11", "coupled bonus drawn with the last draft's noise (position start + k - 1)",
+        "shared/verify.py",
+        "    return Verdict(k, gumbel_argmax(p[k], seed, start_pos + k), False)\n",
+        "    return Verdict(k, gumbel_argmax(p[k], seed, start_pos + max(k - 1, 0)), False)\n",
+        (f"{GUMBEL}[6]", f"{BONUS}[coupled]"),
+        fast=True,
+    ),
+    Mutant(
+        "v12", "coupled rejection emits the draft's token instead of the target's own sample",
+        "shared/verify.py",
+        "            return Verdict(i, y, True)\n",
+        "            return Verdict(i, x, True)\n",
+        (f"{GUMBEL}[6]", f"{JOINT}[coupled]"),
+        fast=True,
+    ),
+    Mutant(
+        "p1", "split correction sampled with the last accepted draft's q row (EdgeChain.apply: chain[accepted - 1])",
+        "shared/protocol.py",
+        "                extra = self.chain[accepted].extra if accepted < len(self.chain) else None\n",
+        "                extra = self.chain[max(accepted - 1, 0)].extra if accepted < len(self.chain) else None\n",
+        (f"{CONDITIONED}::test_a_split_correction_takes_the_q_row_of_the_rejected_draft", f"{CORRECTION}[split-exact]"),
+        fast=True,
+    ),
+    Mutant(
+        "p2", "split correction sampled with the next draft's q row (EdgeChain.apply: chain[accepted + 1])",
+        "shared/protocol.py",
+        "                extra = self.chain[accepted].extra if accepted < len(self.chain) else None\n",
+        "                extra = self.chain[min(accepted + 1, len(self.chain) - 1)].extra if accepted < len(self.chain) else None\n",
+        (f"{CONDITIONED}::test_a_split_correction_takes_the_q_row_of_the_rejected_draft", f"{CORRECTION}[split-exact]"),
+        fast=True,
+    ),
+    # ---- coin streams: two streams made one (an IntEnum with a repeated value is an alias) ----
+    Mutant(
+        "n1", "rng: the RESIDUAL stream is the ACCEPT stream (a correction drawn with its rejection's coin)",
+        "shared/rng.py",
+        "    RESIDUAL = 3 ",
+        "    RESIDUAL = 2 ",
+        (f"{CONDITIONED}::test_every_coin_stream_is_its_own", f"{CORRECTION}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "n2", "rng: the DRAFT stream is the ACCEPT stream (a draft accepted with the coin that drew it)",
+        "shared/rng.py",
+        "    DRAFT = 1 ",
+        "    DRAFT = 2 ",
+        (f"{CONDITIONED}::test_every_coin_stream_is_its_own", f"{JOINT}[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "n3", "rng: the TAIL stream is the PROPOSAL stream (split-exact tail draws reuse the residual sampler's coins)",
+        "shared/rng.py",
+        "    TAIL = 6 ",
+        "    TAIL = 7 ",
+        (f"{CONDITIONED}::test_every_coin_stream_is_its_own", f"{CORRECTION}[split-exact]"),
+        fast=True,
+    ),
 ]
 
 
 # Not run by default (--only picks them): bugs that the hollow tests fixed alongside this harness guard against,
 # for showing that each fixed test fails on its bug (--only KEY --tests TEST).
 EXTRA: list[Mutant] = [
+    Mutant(
+        "x-gumbel-head", "gumbel_argmax scores the head only: tokens below GUMBEL_HEAD_P never win (shared/verify.py)",
+        "shared/verify.py",
+        "    return _gumbel_argmax_scored(probs_row, torch.sort(torch.cat([head, lifted])).values, seed, pos)\n",
+        "    return _gumbel_argmax_scored(probs_row, head, seed, pos)\n",
+        (f"{GUMBEL}[6000]",),
+    ),
     Mutant(
         "x-list-limit", "codec: decode_list checks a list's length against MAX_LIST only, not the caller's max_len",
         "shared/codec.py",
@@ -253,8 +418,10 @@ def env_for(copy: Path) -> dict[str, str]:
 
 
 def imported_from(copy: Path, env: dict[str, str]) -> str:
-    r = subprocess.run([str(PYTHON), "-c", "import picospec.shared.verify as v; print(v.__file__)"], cwd=copy, env=env,
-                       capture_output=True, text=True, timeout=120)
+    # the import system's resolution without running the module (no torch import: 2 s less per mutant); a copy whose
+    # module resolves but fails to import makes pytest error out, which is no catch
+    r = subprocess.run([str(PYTHON), "-c", "import importlib.util as u; print(u.find_spec('picospec.shared.verify').origin)"],
+                       cwd=copy, env=env, capture_output=True, text=True, timeout=120)
     path = r.stdout.strip()
     if r.returncode != 0 or not Path(path).resolve().is_relative_to(copy.resolve()):
         sys.exit(f"the copy's code is not what gets imported: picospec.shared.verify.__file__ = {path!r}\n{r.stderr}")
@@ -370,10 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests", help="run these tests (space-separated node ids) instead of each mutant's own subset")
     ap.add_argument("--from-git", metavar="PATHS",
                     help="comma-separated files to take from git HEAD in the copy (e.g. a test before it was fixed)")
-    ap.add_argument("--out", default=str(ROOT / "bench_out" / "mutants.md"))
+    ap.add_argument("--fast", action="store_true",
+                    help="only the fast subset (mutants caught by pure tests, seconds each): `make test-mutants-fast`")
+    ap.add_argument("--out", help="the table (default bench_out/mutants.md, with --fast bench_out/mutants-fast.md)")
     args = ap.parse_args(argv)
 
-    chosen = MUTANTS
+    if args.out is None:
+        args.out = str(ROOT / "bench_out" / ("mutants-fast.md" if args.fast else "mutants.md"))
+    global LOGS
+    LOGS = Path(args.out).with_suffix("")
+    chosen = [m for m in MUTANTS if m.fast] if args.fast else MUTANTS
     if args.only:
         keys = args.only.split(",")
         known = MUTANTS + EXTRA
@@ -416,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text + "\n\n" + summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# Mutation run (`make test-mutants`)\n\n" + text + "\n\n" + summary + "\n")
+    target = "make test-mutants-fast" if args.fast and not args.only else "make test-mutants"
+    out.write_text(f"# Mutation run (`{target}`)\n\n" + text + "\n\n" + summary + "\n")
     print(f"written to {out}")
     return 0 if not survivors and base_ok else 1
 
