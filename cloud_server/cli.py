@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from picospec.cloud_server.auth import TokenAuth, TokenFileError
 from picospec.shared.config import CloudConfig, add_config_args, check_cloud_config, config_from_args
 from picospec.shared.connection import ping_schedule_ms, server_tls_files
-from picospec.shared.interrupt import exit_interrupted, usage_error
+from picospec.shared.interrupt import OneLineParser, exit_interrupted, usage_error
 from picospec.shared.model_names import ModelError
 
 if TYPE_CHECKING:  # torch and the model code: imported once the arguments are checked (check_arguments)
@@ -28,7 +28,7 @@ log = logging.getLogger("picospec.cloud")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="picospec-cloud", description=__doc__)
+    p = OneLineParser(prog="picospec-cloud", description=__doc__)
     add_config_args(p, CloudConfig)
     p.add_argument("--log-level", default="INFO")
     return p

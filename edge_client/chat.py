@@ -23,7 +23,7 @@ from picospec.edge_client.cli import CloudWaitReporter, load_draft
 from picospec.edge_client.client import EdgeClient, EdgeError
 from picospec.edge_client.text import encode_messages
 from picospec.shared.config import EdgeConfig, add_config_args, check_edge_startup, config_from_args
-from picospec.shared.interrupt import usage_error
+from picospec.shared.interrupt import OneLineParser, usage_error
 from picospec.shared.models import LoadedModel, ModelError
 
 T = TypeVar("T")
@@ -273,7 +273,7 @@ async def chat(config: EdgeConfig, args: argparse.Namespace, draft: LoadedModel,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="picospec-edge chat", description=__doc__,
+    p = OneLineParser(prog="picospec-edge chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     p.add_argument("--stop", action="append", metavar="TEXT",

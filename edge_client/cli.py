@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, TypeVar
 from picospec.edge_client.text import check_stop_strings, encode_prompt
 from picospec.edge_client.waiting import WaitProgress, should_report
 from picospec.shared.config import (EdgeConfig, add_config_args, check_edge_startup, config_from_args, edge_modes)
-from picospec.shared.interrupt import run_interruptible, usage_error
+from picospec.shared.interrupt import OneLineParser, run_interruptible, usage_error
 from picospec.shared.model_names import ModelError
 
 T = TypeVar("T")
@@ -95,7 +95,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="picospec-edge", description=__doc__,
+    p = OneLineParser(prog="picospec-edge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text; - reads it from stdin")

@@ -238,8 +238,8 @@ class EdgeClient:
         else:
             session = functools.partial(self._speculate, params=params, stats=stats, mode=mode, session_box=sessions)
         piece = functools.partial(self._admitted, session, stats=stats)
-        return Generation(self._resuming(piece, list(prompt_ids), params, cfg, stats, list(resume_from)), stats, text,
-                          sessions)
+        chunks = self._resuming(piece, list(prompt_ids), params, cfg, stats, list(resume_from))
+        return Generation(_finished_on_exit(chunks, stats), stats, text, sessions)
 
     # ---- resume (edge_client/resume.py) ---------------------------------------------------------
     async def _resuming(self, piece: Piece, prompt: list[int], params: SamplingParams, cfg: EdgeConfig,
@@ -445,6 +445,18 @@ class EdgeClient:
             async for tokens in tokens_stream:
                 yield tokens
 
+
+
+async def _finished_on_exit(chunks: AsyncIterator[list[int]], stats: GenerationStats) -> AsyncIterator[list[int]]:
+    """`chunks`, with the stats finished as "cancelled" where the generation ended before any session recorded its
+    end: cancelled or failed while connecting or waiting for admission (a session records its own end, any end)."""
+    try:
+        async with contextlib.aclosing(chunks) as it:
+            async for tokens in it:
+                yield tokens
+    finally:
+        if stats.finished_at is None:
+            stats.finish("cancelled")
 
 
 def _rejoin_state(task: "asyncio.Task[None] | None") -> RejoinState:

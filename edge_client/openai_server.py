@@ -44,7 +44,7 @@ from picospec.edge_client.cli import CloudWaitReporter, load_draft
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
 from picospec.edge_client.text import encode_messages, encode_prompt
 from picospec.shared.config import EdgeConfig, Range, add_config_args, check_edge_startup, check_ranges, config_from_args
-from picospec.shared.interrupt import usage_error
+from picospec.shared.interrupt import OneLineParser, usage_error
 from picospec.shared.connection import ConnectionSettingsError
 from picospec.shared.models import LoadedModel, ModelError
 from picospec.shared.rpc import picospec_pb2 as pb
@@ -453,7 +453,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 # ---- the subcommand -----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="picospec-edge serve", description=__doc__,
+    p = OneLineParser(prog="picospec-edge serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free one) [default 8000]")

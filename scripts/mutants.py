@@ -50,6 +50,7 @@ class Mutant:
     fast: bool = False       # in the fast subset (--fast, `make test-mutants-fast`): pure tests only, seconds each
 
 
+LAW_TINY = "tests/test_law_tiny.py"  # the output law end to end over real gRPC (tiny pair)
 CONDITIONED = "tests/test_verify_conditioned.py"  # whole draft batches against an independent reference, by stratum
 JOINT, BONUS, CORRECTION = (f"{CONDITIONED}::test_the_joint_law_of_a_batch", f"{CONDITIONED}::test_the_bonus_after_a_full_acceptance",
                             f"{CONDITIONED}::test_the_correction_after_a_partial_acceptance_at_every_position")
@@ -342,6 +343,65 @@ MUTANTS: list[Mutant] = [
         "    TAIL = 7 ",
         (f"{CONDITIONED}::test_every_coin_stream_is_its_own", f"{CORRECTION}[split-exact]"),
         fast=True,
+    ),
+    # ---- the system around verification: the draft queue, decode-ahead, epochs, caches, trees, batching, hints ----
+    Mutant(
+        "s1", "draft queue: drafts that contradict the cloud's own tokens are kept (_trim_pending never ends a chain)",
+        "cloud_server/drafts.py",
+        "        if run.token_ids[:n] != st.tokens[run.start_pos : run.start_pos + n]:\n",
+        "        if False:  # (mutant) overtaken drafts always taken as agreeing\n",
+        (f"{LAW_TINY}::test_pipeline_under_jitter_follows_the_target_law[on-dense-T1]",
+         "tests/test_pipeline.py::test_greedy_pipeline_equals_target_under_jitter"),
+        limit_s=300,
+    ),
+    Mutant(
+        "s2", "decode-ahead adopts a token decoded from a prefix that has moved on (at_front ignores the length)",
+        "cloud_server/session.py",
+        "        at_front = not (st.committed_len != len(committed) or st.awaiting_resolution or st.finished)\n",
+        "        at_front = not (st.awaiting_resolution or st.finished)\n",
+        ("tests/test_pipeline.py::test_greedy_pipeline_equals_target_under_jitter",
+         f"{LAW_TINY}::test_pipeline_under_jitter_follows_the_target_law"),
+        limit_s=300,
+    ),
+    Mutant(
+        "s3", "epochs: a rejection no longer starts a new epoch (SessionState.commit, both sides)",
+        "shared/protocol.py",
+        "        if rejected:\n            self.epoch += 1\n",
+        "        if rejected:\n            pass  # (mutant) the epoch stays\n",
+        ("tests/test_pipeline.py::test_greedy_pipeline_equals_target_under_jitter", "tests/test_protocol.py"),
+        limit_s=300,
+    ),
+    Mutant(
+        "s4", "KV cache: a rejected suffix is kept (keep_shared stops comparing the cached tokens with the sequence)",
+        "shared/backend.py",
+        "        while keep < limit and self.tokens[keep] == sequence[keep]:\n",
+        "        while keep < limit:  # (mutant) whatever the cache holds is taken as shared\n",
+        ("tests/test_e2e_tiny.py::test_greedy_sync_equals_cloud_equals_target_generate",),
+    ),
+    Mutant(
+        "s5", "tree attention: a node sees its parent only, not the ancestors above it (ancestor_mask)",
+        "shared/trees.py",
+        "            mask[i] = mask[p]  # a node sees what its parent sees, and itself\n",
+        "            mask[i, p] = True  # (mutant) its parent only\n",
+        ("tests/test_trees.py::test_ancestor_mask_paths_and_matching",),
+        fast=True,
+    ),
+    Mutant(
+        "s6", "batching: two sessions' rows of one pass get each other's logits (results handed out reversed)",
+        "shared/engine/batcher.py",
+        "                for req, out in zip(batch, results):\n",
+        "                for req, out in zip(batch, results[::-1]):  # (mutant)\n",
+        ("tests/test_batching.py::test_concurrent_sessions_get_the_targets_greedy_tokens",),
+        limit_s=300,
+    ),
+    Mutant(
+        "s7", "early exits: pre-drafts adopted whatever context the verdict committed (the context check dropped)",
+        "edge_client/hints.py",
+        "        if hinted and not chain.chain and chain.tokens == pre.context:\n",
+        "        if hinted and not chain.chain:  # (mutant) any context\n",
+        ("tests/test_early_exit.py::test_greedy_with_hints_equals_target_under_jitter",
+         f"{LAW_TINY}::test_stop_and_wait_modes_follow_the_target_law[early-exit-dense-T1]"),
+        limit_s=300,
     ),
 ]
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -16,6 +17,15 @@ from typing import Any, Coroutine, NoReturn, TypeVar
 T = TypeVar("T")
 USAGE_ERROR = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own usage errors (a value that is not a number, a missing or unknown flag) as one line and exit 2,
+    like every other usage error here, instead of the usage synopsis above the error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} ({self.prog} --help lists the flags)", file=sys.stderr, flush=True)
+        sys.exit(USAGE_ERROR)
 
 
 def exit_status(sig: int) -> int:

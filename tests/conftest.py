@@ -60,7 +60,7 @@ def tiny_draft() -> LoadedModel:
 
 
 class PassBeforeDecodeAhead:
-    """Cloud test hooks: in each session the cloud decodes ahead only once it has verified a pass (or 10 s on), so a
+    """Cloud test hooks: in each session the cloud decodes ahead only once it has verified a pass (or 2 s on), so a
     pipeline session both verifies drafts and decodes ahead on any machine, however loaded: an ordering, not a clock
     (the tiny target decodes faster than drafts arrive, and would otherwise decode everything alone). Sessions one at
     a time. `jitter`: seeded delays on the cloud's messages as well (bench/jitter.py)."""
@@ -80,7 +80,7 @@ class PassBeforeDecodeAhead:
 
     async def before_decode_ahead(self) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.verified.wait(), 10.0)
+            await asyncio.wait_for(self.verified.wait(), 2.0)  # an edge choosing length 0 sends nothing at first
 
 
 @contextlib.asynccontextmanager

@@ -242,6 +242,23 @@ def test_cloud_usage_errors_are_one_line_before_anything_loads(flags, message):
     _one_line_error(r, elapsed, f"picospec-cloud: {message}")
 
 
+ARGPARSE_USAGE = [  # argparse's own errors: one line too (shared/interrupt.OneLineParser)
+    (["picospec-edge", "--prompt", "hi", "--max-new-tokens", "abc"], "argument --max-new-tokens: invalid int value"),
+    (["picospec-edge", "--draft", "tiny-random"], "one of the arguments --prompt --prompt-file is required"),
+    (["picospec-edge", "--prompt", "hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["picospec-edge", "serve", "--port", "abc"], "argument --port: invalid int value"),
+    (["picospec-edge", "chat", "--temperature", "warm"], "argument --temperature: invalid float value"),
+    (["picospec-cloud", "--port", "abc"], "argument --port: invalid int value"),
+]
+
+
+@pytest.mark.parametrize("cmd,message", ARGPARSE_USAGE, ids=[" ".join(c) for c, _ in ARGPARSE_USAGE])
+def test_argparse_errors_are_one_line_too(cmd, message):
+    r, elapsed = _run([str(BIN / cmd[0]), *cmd[1:]])
+    _one_line_error(r, elapsed, message)
+    assert "--help lists the flags" in r.stderr
+
+
 def test_a_cloud_refuses_a_port_in_use_at_once():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -176,7 +176,7 @@ def test_metrics_match_the_generations(tiny_target, tiny_draft):
         # came too late to be committed (the edge never hears of those)
         compute = total(s, "picospec_cloud_compute_seconds_total", mode=verify)
         told = st["cloud_ms_per_token"] * st["generated_tokens"] / 1e3  # the verdicts' model time, prefill apart
-        assert compute >= told - 1e-9 and compute > 0
+        assert compute >= told * (1 - 1e-6) and compute > 0  # the edge's figure went through ms and back
     assert stats["dense"]["rounds"] > 0  # sync: every token after the first comes from a pass
     # sync has no decode-ahead: its compute is exactly its passes' model time, as the edge was told
     assert total(s, "picospec_cloud_compute_seconds_total", mode="dense") == pytest.approx(

@@ -54,6 +54,24 @@ def test_client_retries_reports_each_failure_and_gives_up_naming_what_it_tried(t
     assert [p.attempts for p in seen] == list(range(1, len(seen) + 1))
 
 
+@pytest.mark.parametrize("mode", ["cloud", "sync", "pipeline"])
+def test_a_generation_cancelled_while_it_waits_for_the_cloud_ends_as_cancelled(tiny_draft, mode):
+    """Cancelled before any session began (still connecting): the stats end as "cancelled", as they do for one
+    cancelled mid-session (found by picospec-bench stress, whose hang path cancels at any moment)."""
+    async def scenario():
+        async with edge(_closed_port(), tiny_draft, wait_ready_s=30.0) as client:
+            gen = client.generate([1, 2, 3], mode=mode)
+            task = asyncio.ensure_future(gen.collect())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return gen.stats
+
+    stats = run(scenario())
+    assert stats.finish_reason == "cancelled" and stats.finished_at is not None
+
+
 def test_cli_says_it_is_waiting_within_seconds_and_fails_clearly():
     """The probe runs before torch is imported and beside the draft's load: the user hears within seconds."""
     server = _closed_port()
