@@ -72,16 +72,19 @@ def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) 
     (positions and token ids are far below 2**32; the seed keeps 64 bits through two words)."""
     h = _prefix(seed, position, stream)
     if isinstance(token, torch.Tensor) and token.device.type == "cpu" and isinstance(h, int):
-        mixed = _fmix32_u32(token.numpy().astype(np.uint32) ^ np.uint32((h ^ 0x27D4EB2F) & _M32))
-        return torch.from_numpy(mixed.astype(np.int64))
+        return torch.from_numpy(_with_tokens_u32(h, token.numpy().astype(np.uint32)).astype(np.int64))
     return fmix32(h ^ (token & _M32) ^ 0x27D4EB2F)
+
+
+def _with_tokens_u32(h: int, token_ids: np.ndarray) -> np.ndarray:
+    """hash32's last step, the token word mixed into the prefix `h`, for a uint32 array of token ids."""
+    return _fmix32_u32(token_ids ^ np.uint32((h ^ 0x27D4EB2F) & _M32))
 
 
 def vocab_bits(seed: int, position: int, stream: int, vocab: int) -> np.ndarray:
     """hash32(seed, position, stream, t) for every token t in [0, vocab), as a uint32 array [vocab]: the numpy path
     of hash32 without building a tensor of token ids first."""
-    h = _prefix(seed, position, stream)
-    return _fmix32_u32(np.arange(vocab, dtype=np.uint32) ^ np.uint32((h ^ 0x27D4EB2F) & _M32))
+    return _with_tokens_u32(_prefix(seed, position, stream), np.arange(vocab, dtype=np.uint32))
 
 
 def uniform(seed: int, position: int, stream: int, index: int = 0) -> float:

@@ -8,8 +8,8 @@ as p. All coins come from shared.rng, keyed by the absolute position, so a verdi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
