@@ -32,7 +32,7 @@ from picospec.edge_client.text import TextStream
 from picospec.edge_client.waiting import WaitProgress, admission_delay_s
 from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
                                             call_error, open_channel, wait_for_cloud, wire_size)
-from picospec.shared.config import SPECULATIVE_MODES, VERIFY_MODES, EdgeConfig, check_edge_config, with_mode_preset
+from picospec.shared.config import SPECULATIVE_MODES, EdgeConfig, check_edge_config, with_mode_preset
 from picospec.shared.connection import server_target, token_metadata
 from picospec.shared.fingerprint import (Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint,
                                         tokenizer_mismatch)
@@ -224,8 +224,6 @@ class EdgeClient:
                              f"{cfg.max_new_tokens}")
         params = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
         speculative = mode in SPECULATIVE_MODES
-        if speculative and cfg.verify not in VERIFY_MODES:
-            raise ValueError(f"unknown verify mode {cfg.verify!r}; choose from {', '.join(VERIFY_MODES)}")
         stats = GenerationStats(mode=mode, verify_mode=cfg.verify if speculative else None, prompt_tokens=len(prompt_ids),
                                 exact=mode == "cloud" or (speculative and scheme(cfg.verify).exact))
         if mode == "edge":
