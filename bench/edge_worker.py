@@ -28,19 +28,17 @@ def _claim_stdout() -> Any:
 
 
 async def _worker_loop(args: argparse.Namespace, out: Any) -> None:
-    import torch
-
     from picospec.edge_client.text import encode_prompt
     from picospec.edge_client.client import EdgeClient
     from picospec.netlab.measure import rtt_samples_ms
     from picospec.shared.config import EdgeConfig
-    from picospec.edge_client.cli import load_draft
+    from picospec.edge_client.cli import leave_torch_out, load_draft
 
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     base = EdgeConfig(draft=args.draft, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       ignore_eos=True, threads=1, wait_ready_s=120.0, draft_engine=args.draft_engine)
-    draft = load_draft(base)  # on the engine --draft-engine picks, as picospec-edge does
+    leave_torch_out(base)  # as picospec-edge: a llama.cpp draft's process never imports torch
+    draft = load_draft(base)  # on the engine --draft-engine picks, one thread (torch's too), as picospec-edge does
     client: EdgeClient | None = None
     encoded: dict[str, list[int]] = {}
     loop = asyncio.get_running_loop()

@@ -119,7 +119,7 @@ def _sync(device: str) -> Callable[[], None]:
 
 def time_target(name: str, dtype: str, args: argparse.Namespace) -> tuple[list[Timing], list[RowsTiming]]:
     """Load `name` once; time each backend asked for on it (graphs only on CUDA)."""
-    from picospec.shared.backend import HFBackend
+    from picospec.shared.hf_backend import HFBackend
     from picospec.shared.engine import EngineOptions, StaticEngine
     from picospec.shared.models import load_model
 

@@ -183,7 +183,8 @@ PYVER=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}"
 [ "$PYVER" = 3.11 ] || die "the venv's Python is $PYVER; the arm64 base's is 3.11 and the wheels must match"
 WHEELS="$WORK/wheels"
 mkdir -p "$WHEELS"
-$PY -c "import tomllib; print('\n'.join(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] \
+$PY -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['torch'] \
 if not d.replace(' ', '').startswith('torch')))" >"$WORK/requirements.txt"
 plat=()
 for t in manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux2014; do plat+=(--platform "${t}_aarch64"); done
@@ -255,7 +256,7 @@ mkdir -p "$CTX/wheels"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$CTX"
 cp -l "$WHEELS"/*.whl "$CTX/wheels/" 2>/dev/null || cp "$WHEELS"/*.whl "$CTX/wheels/"
 DOCKER_BUILDKIT=1 $DOCKER build --platform linux/arm64 --progress=plain --build-arg BASE="$BASE_IMAGE" \
-  --build-arg TORCH_SPEC="$TORCH_SPEC" -f "$CTX/deploy/Dockerfile.edge" -t "$EDGE_IMAGE" "$CTX" \
+  --build-arg EXTRAS=torch --build-arg TORCH_SPEC="$TORCH_SPEC" -f "$CTX/deploy/Dockerfile.edge" -t "$EDGE_IMAGE" "$CTX" \
   >"$WORK/build-edge.log" 2>&1 || { tail -30 "$WORK/build-edge.log"; die "docker build (edge, linux/arm64) failed"; }
 rm -rf "$CTX"
 grep -q "Successfully installed netfilterqueue" "$WORK/build-edge.log" || $DOCKER run --rm --platform linux/arm64 \

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The users' container path end to end (docker-compose.yml, deploy/), as root on a fresh Debian 12 machine with
 # no container registry: install docker + compose, build a local Python base image with debootstrap, build a
-# wheelhouse on the host, build both images offline, bring the stack up over a shaped link (RTT 50 ms,
-# 10 Mbit/s each way) with the small test models, and check
+# wheelhouse on the host, build both images offline (the cloud with torch; the edge drafting on llama.cpp, without
+# torch), bring the stack up over a shaped link (RTT 50 ms, 10 Mbit/s each way) with the small test model, and check
+#   - the edge image has no torch;
 #   - the measured RTT and rate between the containers are within 15 % of what was configured;
 #   - the greedy generation in sync and pipeline modes equals the target's own (the cloud-mode run), and each of
 #     them speculated: verification rounds > 0 and acceptance >= ACCEPT_FLOOR (a draft that drafts nothing fails);
@@ -30,14 +31,14 @@ PROJECT=picospecci$$
 RTT_MS=50
 RATE_MBIT=10
 TOL=0.15
-ACCEPT_FLOOR=0.25  # least acceptance a speculative mode must show (the int8 draft: about 0.5 in sync here)
+ACCEPT_FLOOR=0.25  # least acceptance a speculative mode must show (the target's own GGUF drafting: most tokens)
 TARGET=smollm2-135m-instruct
-DRAFT=smollm2-135m-instruct:int8  # the target quantized: it drafts (layers=8 accepts almost nothing)
+DRAFT=smollm2-135m-instruct  # the edge image's default: llama.cpp on the target's own GGUF, no torch in the image
 N_NEW=24
 MODELS=${PICOSPEC_CACHE:-${HOME:-/root}/.cache/picospec}
 T0=$(date +%s)
 
-PASSED=0 FAILED=0 SKIPPED=0  # checks: link measurement, the refused edge without a token, generation equality, demo
+PASSED=0 FAILED=0 SKIPPED=0  # checks: no torch in the edge image, link measurement, the refused edge without a token, generation equality, demo
 say() { echo "docker_test: $*"; }
 skip() {  # outside CI: print the reason and go on; under CI=true a skip is a failure (exit 1, reason printed)
   if [ "${CI:-}" = true ]; then FAILED=$((FAILED + 1)); say "FAIL (CI=true, no skips in CI): $*"; exit 1; fi
@@ -123,9 +124,16 @@ CTX="$WORK/ctx"
 rm -rf "$CTX"
 mkdir -p "$CTX/wheels"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$CTX"
-$PY -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" >"$WORK/requirements.txt"
+# the images install the project with its cloud extra (the cloud: torch) and its edge extra (the edge: llama.cpp,
+# whose portable wheel `make install` built and keeps; no torch)
+LLAMA_WHEEL=$(ls "$MODELS"/wheels/llama-cpp-python-*-portable/llama_cpp_python-*.whl 2>/dev/null | tail -1)
+[ -n "$LLAMA_WHEEL" ] || die "no llama-cpp-python wheel under $MODELS/wheels (make install builds it)"
+cp "$LLAMA_WHEEL" "$CTX/wheels/"
+$PY -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \
+print('\n'.join(d for d in p['dependencies'] + x['torch'] + x['cloud'] + x['edge'] if not d.startswith('picospec')))" \
+  >"$WORK/requirements.txt"
 say "wheelhouse ($(elapsed))"
-$PY -m pip wheel -q --disable-pip-version-check -w "$CTX/wheels" torch==2.13.0 netfilterqueue setuptools wheel \
+$PY -m pip wheel -q --disable-pip-version-check -w "$CTX/wheels" --find-links "$CTX/wheels" torch==2.13.0 netfilterqueue setuptools wheel \
   -c constraints.txt -r "$WORK/requirements.txt" >"$WORK/wheels.log" 2>&1 || { tail -20 "$WORK/wheels.log"; die "pip wheel failed"; }
 for side in cloud edge; do
   say "building picospec-$side:$TAG ($(elapsed))"
@@ -133,6 +141,15 @@ for side in cloud edge; do
     -t "picospec-$side:$TAG" "$CTX" >"$WORK/build-$side.log" 2>&1 || { tail -30 "$WORK/build-$side.log"; die "docker build ($side) failed"; }
 done
 rm -rf "$CTX"
+# the edge image drafts on llama.cpp without torch: none is installed there
+for side in cloud edge; do say "picospec-$side:$TAG: $($DOCKER image inspect -f '{{.Size}}' "picospec-$side:$TAG" \
+  | awk '{printf "%.2f GB", $1 / 1e9}')"; done
+if $DOCKER run --rm --entrypoint python3 "picospec-edge:$TAG" -c \
+     "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"; then
+  PASSED=$((PASSED + 1)); say "the edge image has no torch"
+else
+  FAILED=$((FAILED + 1)); say "FAIL: the edge image has torch installed"
+fi
 
 # ---------------------------------------------------------------------------------------------- shaping support
 for m in "$TARGET" "${DRAFT%%:*}"; do

@@ -18,7 +18,7 @@ from picospec.cloud_server.auth import TokenAuth, TokenFileError
 from picospec.shared.config import CloudConfig, add_config_args, check_cloud_config, config_from_args
 from picospec.shared.connection import ping_schedule_ms, server_tls_files
 from picospec.shared.interrupt import OneLineParser, exit_interrupted, usage_error
-from picospec.shared.model_names import ModelError
+from picospec.shared.model_names import CLOUD_TORCH_MISSING, ModelError, torch_installed
 
 if TYPE_CHECKING:  # torch and the model code: imported once the arguments are checked (check_arguments)
     from picospec.cloud_server.server import PicoSpecService
@@ -54,6 +54,8 @@ def check_arguments(config: CloudConfig) -> None:
     (shared/config.py:check_cloud_config), TLS files, tokens, keepalive. ConfigError or ConnectionSettingsError
     (ValueErrors), TokenFileError or ModelError naming the flag or the line."""
     check_cloud_config(config)
+    if not torch_installed():  # the cloud's verification is torch code, whatever engine runs the target
+        raise ModelError(CLOUD_TORCH_MISSING)
     server_tls_files(config.tls_cert, config.tls_key, config.tls_ca)
     if config.auth_tokens:
         TokenAuth(config.auth_tokens)

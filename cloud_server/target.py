@@ -11,10 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from picospec.cloud_server.drafts import DraftRun
-from picospec.shared.backend import HFBackend, PrefixCache, make_backend
+from picospec.shared.backend import PrefixCache, make_backend
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.early_exit import ExpectedOutcome, expected_outcome
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.schemes import OpenRejection, scheme
@@ -40,9 +42,12 @@ class PassOutcome:
     path: tuple[int, ...] = ()  # a token tree: the committed nodes, root to deepest
 
 
-def on_cpu(logits: torch.Tensor) -> torch.Tensor:
+def on_cpu(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The verification maths (sampling, the schemes, the codec) runs on the CPU, as tested, whatever device ran
-    the pass: one copy of the pass's logits [n, V] (0.6 MB a row for Qwen), small beside a GPU pass."""
+    the pass: one copy of the pass's logits [n, V] (0.6 MB a row for Qwen), small beside a GPU pass. llama.cpp's
+    logits come as a numpy array, taken as a tensor without a copy."""
+    if isinstance(logits, np.ndarray):
+        return torch.from_numpy(logits)
     return logits if logits.device.type == "cpu" else logits.cpu()
 
 
@@ -141,7 +146,7 @@ class TargetCache:
     def supports_trees(self) -> bool:
         """Token trees need a cache that can mask per node and gather a path: transformers' DynamicCache
         (shared/tree_cache.py) or a static engine slot (shared/engine/backend.py)."""
-        return isinstance(self.backend, (HFBackend, StaticBackend))
+        return self.backend.supports_trees
 
     def _verify_tree(self, committed: list[int], run: DraftRun, t0: float) -> PassOutcome:
         """A token tree in one forward pass (tree attention mask), the coupled walk, then the cache keeps only the

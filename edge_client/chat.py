@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
 
-from picospec.edge_client.cli import CloudWaitReporter, load_draft
+from picospec.edge_client.cli import CloudWaitReporter, draft_and_cloud
 from picospec.edge_client.client import EdgeClient, EdgeError
 from picospec.edge_client.text import encode_messages
 from picospec.shared.config import EdgeConfig, add_config_args, check_edge_startup, config_from_args
@@ -238,6 +238,13 @@ async def connect(client: EdgeClient, config: EdgeConfig) -> int | None:
     return info.max_context - config.max_new_tokens
 
 
+async def load_and_chat(config: EdgeConfig, args: argparse.Namespace) -> None:
+    """The draft loaded while the cloud is found, as the one-shot CLI does (a tokenizer the cloud would refuse is
+    refused before the draft's weights load), then the conversation."""
+    draft, _ = await draft_and_cloud(config, need_cloud=config.mode != "edge", announce=False)
+    await chat(config, args, draft)
+
+
 async def chat(config: EdgeConfig, args: argparse.Namespace, draft: LoadedModel, out: TextIO = sys.stdout,
                fd: int = 0) -> None:
     loop, interrupts = asyncio.get_running_loop(), Interrupts()
@@ -292,9 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         usage_error("picospec-edge chat", e)
     try:
-        print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-        draft = load_draft(config)
-        asyncio.run(chat(config, args, draft))
+        asyncio.run(load_and_chat(config, args))
     except (EdgeError, ModelError, ValueError) as e:
         sys.exit(f"picospec-edge chat: {e}")
     except KeyboardInterrupt:  # Ctrl-C while the draft loads

@@ -1,21 +1,27 @@
-"""The draft model's side of a session: propose tokens from the committed prefix. Runs in the edge executor."""
+"""The draft model's side of a session: propose tokens from the committed prefix. Runs in the edge executor.
+
+Whatever engine runs the draft, its logits become numpy rows here and everything after (q, the draws, the wire) is
+numpy (shared/draws.py): an edge drafting on llama.cpp never imports torch. Token trees need transformers' cache
+(shared/tree_cache.py), so they, and torch, come in with a torch draft only.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+import numpy as np
 
-from picospec.shared.backend import HFBackend, make_backend
-from picospec.shared.codec import Precision, quantize
-from picospec.shared.rng import Stream
-from picospec.shared.sampling import SamplingParams, process_logits, sample_token
-from picospec.shared.rng import gumbel_noise
+from picospec.shared.backend import make_backend
+from picospec.shared.codec import Precision
+from picospec.shared.draws import gumbel_argmax, process_logits, quantize, sample_token
+from picospec.shared.rng import Stream, gumbel_noise_array
+from picospec.shared.sampling import SamplingParams
 from picospec.edge_client.tree_builder import TreeGrower, subtree_memo
-from picospec.shared.tree_cache import TreeKV
 from picospec.shared.trees import ROOT, match_path
-from picospec.shared.verify import gumbel_argmax
+
+if TYPE_CHECKING:
+    from picospec.shared.tree_cache import TreeKV
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,12 @@ TREE_WIDTH = 4  # candidates considered under each expanded node: its Gumbel-max
 @dataclass(frozen=True)
 class DraftResult:
     token_ids: list[int]
-    q: torch.Tensor  # [k, V] the distributions the tokens were drawn from, as the cloud will see them
+    q: np.ndarray  # [k, V] float32: the distributions the tokens were drawn from, as the cloud will see them
     compute_s: float
 
 
 class Drafter:
-    def __init__(self, model: torch.nn.Module, params: SamplingParams, device: str = "cpu",
+    def __init__(self, model: Any, params: SamplingParams, device: str = "cpu",
                  precision: Precision = Precision.F32, gumbel: bool = False, logits_width: int = 0,
                  n_ctx: int = 0) -> None:
         # the target's width when the draft's differs; n_ctx: the tokens a llama.cpp draft's context is sized for
@@ -59,7 +65,7 @@ class Drafter:
     @property
     def supports_trees(self) -> bool:
         """Token trees need a cache that masks per node and gathers a path: transformers' (shared/tree_cache.py)."""
-        return isinstance(self.backend, HFBackend)
+        return self.backend.supports_trees
 
     def prefill(self, prompt_ids: Sequence[int]) -> float:
         t0 = time.perf_counter()
@@ -86,7 +92,6 @@ class Drafter:
         self._settle_tree(committed)
         self.backend.keep_shared(committed, len(committed) - 1)
 
-    @torch.inference_mode()
     def draft(self, committed: Sequence[int], k: int, stream: Stream = Stream.DRAFT) -> DraftResult:
         """Sample k tokens after `committed`; the cache rolls back to the committed prefix by itself."""
         t0 = time.perf_counter()
@@ -94,35 +99,35 @@ class Drafter:
         seq = list(committed)
         rows = []
         for _ in range(k):
-            logits = self.backend.logits_at(seq, len(seq) - 1)[-1]
+            logits = host_row(self.backend.logits_at(seq, len(seq) - 1)[-1])  # [V]
             # sample from exactly what the cloud will decode, so the maths holds at any wire precision
             q = quantize(process_logits(logits, self.params), self.precision)
             pos = len(seq)
             seq.append(gumbel_argmax(q, self.params.seed, pos) if self.gumbel else sample_token(q, self.params.seed, pos, stream))
             rows.append(q)
-        q_rows = torch.stack(rows) if rows else torch.zeros(0, self.vocab_size)
+        q_rows = np.stack(rows) if rows else np.zeros((0, self.vocab_size), dtype=np.float32)  # [k, V]
         return DraftResult(seq[len(committed):], q_rows, time.perf_counter() - t0)
 
-    def _candidates(self, logits: torch.Tensor, pos: int, accept: float) -> list[tuple[float, int]]:
+    def _candidates(self, logits: np.ndarray, pos: int, accept: float) -> list[tuple[float, int]]:
         """(weight, token) of the best TREE_WIDTH tokens at `pos`: the coupled choice argmax(log q' + G) first, then the
         next best under the same noise (greedy: by the logits, G = 0). The choice's weight is the measured acceptance
         (with shared noise the cloud usually makes the same choice, however small q' of it is); the alternatives
         share the rest in proportion to q (where the two differ, the cloud's choice is most likely among them)."""
         q = self._q(logits)
         if self.params.temperature == 0.0:  # q' is one-hot: rank by the logits, which is what G = 0 does
-            q_rank = torch.softmax(logits.double(), dim=-1)
-            support = torch.arange(len(q_rank))
-            scores = torch.log(q_rank)
+            shifted = np.exp(logits.astype(np.float64) - logits.max())
+            q_rank = shifted / shifted.sum()                                     # [V] float64 softmax
+            support = np.arange(len(q_rank))
+            scores = np.log(q_rank)
         else:
             q_rank = q
-            support = torch.nonzero(q > 0).flatten()
-            scores = torch.log(q[support].double()) + gumbel_noise(self.params.seed, pos, support)
-        best = torch.argsort(scores, descending=True)[:TREE_WIDTH]
+            support = np.flatnonzero(q > 0)                                      # [S]
+            scores = np.log(q[support].astype(np.float64)) + gumbel_noise_array(self.params.seed, pos, support)
+        best = np.argsort(-scores, kind="stable")[:TREE_WIDTH]
         ids = [int(support[i]) for i in best]
         alt_mass = sum(float(q_rank[t]) for t in ids[1:]) or 1.0
         return [(accept, ids[0])] + [((1.0 - accept) * float(q_rank[t]) / alt_mass, t) for t in ids[1:]]
 
-    @torch.inference_mode()
     def draft_tree(self, committed: Sequence[int], budget: int, max_depth: int, stop_ids: frozenset[int],
                    accept: float = 0.6) -> DraftTree:
         """A token tree of up to `budget` nodes after `committed` (coupled mode), grown as edge_client/tree_builder.py
@@ -133,15 +138,15 @@ class Drafter:
         memo = self._reroot(committed)
         fresh = memo is None
         if fresh:  # start afresh from the committed prefix
+            from picospec.shared.tree_cache import TreeKV  # torch: trees run on a torch draft only
             self._settle_tree(committed)
-            root_logits = self.backend.logits_at(list(committed), len(committed) - 1)[-1]  # [V]
+            root_logits = host_row(self.backend.logits_at(list(committed), len(committed) - 1)[-1])  # [V]
             self.tree = TreeKV(self.backend)
             memo = {(): (ROOT, self._candidates(root_logits, len(committed), accept))}
         g = self.grower = TreeGrower(len(committed), memo, (budget + 1) // 2, max_depth, stop_ids)
         g.grow(budget, self._expand)
         return DraftTree(list(g.tokens), list(g.parents), fresh + g.expansions, time.perf_counter() - t0, g.reused)
 
-    @torch.inference_mode()
     def grow_tree(self, max_nodes: int) -> tuple[bool, float]:
         """Idle time, while the cloud verifies the tree sent: grow it by one draft forward, past what was sent, so that
         the next tree starts from expansions already made. (False when there is nothing to grow; seconds spent.)"""
@@ -165,9 +170,17 @@ class Drafter:
 
     def _expand(self, kv_parent: int, token: int, children_pos: int) -> tuple[int, list[tuple[float, int]]]:
         """One draft forward of a tree node (tree mask): its KV entry index and its children's candidates."""
-        logits = self.tree.extend([token], [kv_parent])[-1]  # [V]: after this node
+        logits = host_row(self.tree.extend([token], [kv_parent])[-1])  # [V]: after this node
         return len(self.tree.tokens) - 1, self._candidates(logits, children_pos, self.accept)
 
-    def _q(self, logits: torch.Tensor) -> torch.Tensor:
+    def _q(self, logits: np.ndarray) -> np.ndarray:
         """The draft's processed distribution at the wire precision (as `draft` samples from it)."""
         return quantize(process_logits(logits, self.params), self.precision)
+
+
+def host_row(logits: Any) -> np.ndarray:
+    """One row of logits [V] as a float32 numpy array: llama.cpp's already is; a torch model's (on any device) is
+    copied to the host, once per draft forward."""
+    if isinstance(logits, np.ndarray):
+        return logits.astype(np.float32, copy=False)
+    return logits.detach().float().cpu().numpy()

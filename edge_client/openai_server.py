@@ -40,7 +40,7 @@ except ModuleNotFoundError as e:  # an optional extra: say how to get it
     raise ImportError(f"picospec-edge serve needs the 'serve' extra: pip install 'picospec[serve]' ({e})") from e
 
 from picospec.edge_client import openai_api as api
-from picospec.edge_client.cli import CloudWaitReporter, load_draft
+from picospec.edge_client.cli import CloudWaitReporter, draft_and_cloud
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
 from picospec.edge_client.text import encode_messages, encode_prompt
 from picospec.shared.config import EdgeConfig, Range, add_config_args, check_edge_startup, check_ranges, config_from_args
@@ -485,8 +485,8 @@ def uvicorn_server(app: FastAPI, log_level: str = "info") -> uvicorn.Server:
 
 
 async def serve(config: EdgeConfig, host: str, port: int, api_key: str | None, log_level: str) -> None:
-    print(f"picospec-edge: loading draft {config.draft}", file=sys.stderr, flush=True)
-    draft = load_draft(config)
+    # the cloud found meanwhile, and a tokenizer it would refuse refused before the weights load
+    draft, _ = await draft_and_cloud(config, announce=False)
     client = EdgeClient(request_config(config), draft)
     try:
         info = await client.connect(wait_s=config.wait_ready_s, on_retry=CloudWaitReporter())

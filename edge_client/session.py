@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Executor
 from typing import AsyncIterator, Awaitable, Callable
 
-import torch
+import numpy as np
 
 from picospec.edge_client.drafter import Drafter, DraftTree
 from picospec.edge_client.hints import HintTracker
@@ -269,18 +269,18 @@ class EdgeSession:
             self.rtt.clear()
             stats.dead_chains += not v.rejected
 
-    async def _resolve(self, v: pb.Verdict, q_row: torch.Tensor | None) -> int:
+    async def _resolve(self, v: pb.Verdict, q_row: np.ndarray | None) -> int:
         """Split modes: sample the correction at the rejected position from the cloud's sparse view of p."""
         if q_row is None:
             raise ProtocolError("a rejection at a position the edge never drafted")
         self.stats.on_rejection(len(v.residual_payload) + len(v.tail_payload))
         pos = self.state.committed_len
 
-        async def more_tail(have: int) -> tuple[torch.Tensor, torch.Tensor]:
+        async def more_tail(have: int) -> tuple[np.ndarray, np.ndarray]:
             return await self._more_tail(v.next_epoch, pos, have)
         return await self.scheme.resolve(v, q_row, self.seed, pos, self.drafter.vocab_size, self.run_model, more_tail)
 
-    async def _more_tail(self, epoch: int, pos: int, have: int) -> tuple[torch.Tensor, torch.Tensor]:
+    async def _more_tail(self, epoch: int, pos: int, have: int) -> tuple[np.ndarray, np.ndarray]:
         await self.transport.send(pb.EdgeMessage(tail_request=pb.TailRequest(epoch=epoch, position=pos, have=have)))
         self.waiting_for = f"tail draws {have}.. at position {pos}"
         t = (await self.transport.next("tail")).tail

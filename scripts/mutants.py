@@ -71,7 +71,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "a2", "split-exact residual sampler accepts every proposal (max(0, 1 - q(y)/p(y)) dropped)",
-        "shared/verify.py",
+        "shared/draws.py",
         "            if py > 0.0 and float(u[i, 1]) * py < py - float(q[y]):\n",
         "            if py > 0.0:\n",
         ("tests/test_verify_modes.py::test_split_exact_emits_p[far-t1]",
@@ -79,18 +79,18 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "b", "split-exact residual cut to the top-K: proposals never come from the tail",
-        "shared/verify.py",
+        "shared/draws.py",
         "    p_head = head_mass / (head_mass + hint.tail_mass)\n",
         "    p_head = 1.0  # the top-K taken as the whole of p\n",
         ("tests/test_verify_modes.py::test_split_exact_emits_p[far-t1]",
          "tests/test_verify_modes.py::test_split_exact_emits_p[flat_tail-t1]"),
     ),
     Mutant(
-        "c1", "Gumbel noise keyed by position + 1 (shared/rng.py)",
+        "c1", "Gumbel noise keyed by position + 1 (shared/rng.py, the numpy noise both sides use on a CPU)",
         "shared/rng.py",
-        "    h = hash32(seed, position, int(Stream.GUMBEL), token_ids.to(torch.int64))\n",
-        "    h = hash32(seed, position + 1, int(Stream.GUMBEL), token_ids.to(torch.int64))\n",
-        ("tests/test_rng_sampling.py::test_gumbel_noise_matches_pure_python_reference",),
+        "    bits = _with_tokens_u32(_prefix(seed, position, int(Stream.GUMBEL)), np.asarray(token_ids).astype(np.uint32))\n",
+        "    bits = _with_tokens_u32(_prefix(seed, position + 1, int(Stream.GUMBEL)), np.asarray(token_ids).astype(np.uint32))\n",
+        ("tests/test_draws.py::test_uniforms_and_noise_are_the_tensor_functions_bit_for_bit",),
 
         fast=True,
     ),
@@ -282,7 +282,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "v10", "split-exact residual sampler accepts a proposal with the coin that chose it (u0 for u1)",
-        "shared/verify.py",
+        "shared/draws.py",
         "            if py > 0.0 and float(u[i, 1]) * py < py - float(q[y]):\n",
         "            if py > 0.0 and float(u[i, 0]) * py < py - float(q[y]):\n",
         (f"{CORRECTION}[split-exact]",),
@@ -365,7 +365,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "s4", "KV cache: a crop after a rejection keeps the dropped entries (HFBackend._drop_after does nothing)",
-        "shared/backend.py",
+        "shared/hf_backend.py",
         "        self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5\n",
         "        pass  # (mutant) the cache keeps every entry\n",
         ("tests/test_e2e_tiny.py::test_greedy_sync_equals_cloud_equals_target_generate",),
@@ -395,6 +395,22 @@ MUTANTS: list[Mutant] = [
          f"{LAW_TINY}::test_stop_and_wait_modes_follow_the_target_law[early-exit-dense-T1]"),
         limit_s=300,
     ),
+    Mutant(
+        "d1", "the edge's numpy inverse CDF ignores an unnormalised row's total (u, not u * total: a residual's law)",
+        "shared/draws.py",
+        '    idx = int(np.searchsorted(cdf, u * total, side="right"))\n',
+        '    idx = int(np.searchsorted(cdf, u, side="right"))\n',
+        ("tests/test_draws.py::test_inverse_cdf_draws_land_where_torch_lands",),
+        fast=True,
+    ),
+    Mutant(
+        "d2", "the edge's numpy top-k drops the tokens tied with the k-th (torch keeps them)",
+        "shared/draws.py",
+        "        logits = np.where(logits < kth, np.float32(-np.inf), logits)\n",
+        "        logits = np.where(logits <= kth, np.float32(-np.inf), logits)\n",
+        ("tests/test_draws.py::test_process_logits_keeps_the_torch_support_and_values",),
+        fast=True,
+    ),
 ]
 
 
@@ -402,10 +418,10 @@ MUTANTS: list[Mutant] = [
 # for showing that each fixed test fails on its bug (--only KEY --tests TEST).
 EXTRA: list[Mutant] = [
     Mutant(
-        "x-gumbel-head", "gumbel_argmax scores the head only: tokens below GUMBEL_HEAD_P never win (shared/verify.py)",
-        "shared/verify.py",
-        "    return _gumbel_argmax_scored(probs_row, torch.sort(torch.cat([head, lifted])).values, seed, pos)\n",
-        "    return _gumbel_argmax_scored(probs_row, head, seed, pos)\n",
+        "x-gumbel-head", "gumbel_argmax scores the head only: tokens below GUMBEL_HEAD_P never win (shared/draws.py)",
+        "shared/draws.py",
+        "    return scored_argmax(p, np.sort(np.concatenate([head, lifted])), seed, pos)\n",
+        "    return scored_argmax(p, head, seed, pos)\n",
         (f"{GUMBEL}[6000]",),
     ),
     Mutant(

@@ -4,14 +4,17 @@
 cache back (a view slice: O(1), no recompute). `logits_at` is the one call the protocol code needs: it
 reuses the longest cached prefix of the sequence it is given, so a rollback after a rejection costs only
 the truncation plus the forward of the tokens that really are new.
+
+Logits are [n, V] float32: numpy arrays from llama.cpp (shared/llama_backend.py), torch tensors from transformers
+(shared/hf_backend.py, imported only when a torch model is used, so an edge on llama.cpp never loads torch).
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-import torch
+import numpy as np
+
+Logits = Any  # [n, V] float32: a numpy array or a torch tensor, as the backend's engine makes them
 
 
 class ModelBackend(Protocol):
@@ -19,8 +22,8 @@ class ModelBackend(Protocol):
 
     @property
     def length(self) -> int: ...
-    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor: ...
-    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor: ...
+    def prefill(self, token_ids: Sequence[int]) -> Logits: ...
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> Logits: ...
     def truncate(self, length: int) -> None: ...
 
 
@@ -29,6 +32,7 @@ class PrefixCache:
     `prefill`; the checks of `truncate`. A backend supplies `reset`, `forward` and `_drop_after`."""
 
     tokens: list[int]
+    supports_trees = False  # a cache that masks per node and gathers a path (token trees: shared/tree_cache.py)
 
     @property
     def length(self) -> int:
@@ -37,14 +41,14 @@ class PrefixCache:
     def reset(self) -> None:
         raise NotImplementedError
 
-    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> Logits:
         raise NotImplementedError
 
     def _drop_after(self, length: int) -> None:
         """Forget the cache's entries from `length` on (`tokens` is cut by `truncate`)."""
         raise NotImplementedError
 
-    def prefill(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, token_ids: Sequence[int]) -> Logits:
         """Start a new sequence; return the logits after its last token [V]."""
         self.reset()
         return self.forward(token_ids, num_logits=1)[-1]
@@ -67,7 +71,7 @@ class PrefixCache:
         self.truncate(keep)
         return keep
 
-    def logits_at(self, sequence: Sequence[int], first: int) -> torch.Tensor:
+    def logits_at(self, sequence: Sequence[int], first: int) -> Logits:
         """Logits [len(sequence) - first, V] at positions first .. len(sequence)-1 of `sequence`.
 
         Row j predicts the token at position first + j + 1. Reuses the cached prefix shared with
@@ -78,101 +82,26 @@ class PrefixCache:
         return self.forward(sequence[keep:], num_logits=len(sequence) - first)
 
 
-def make_backend(model: object, device: str | torch.device = "cpu", logits_width: int = 0,
-                 n_ctx: int = 0) -> PrefixCache:
+def make_backend(model: object, device: Any = "cpu", logits_width: int = 0, n_ctx: int = 0) -> PrefixCache:
     """A KV cache over `model`: llama.cpp's for a GGUF (n_ctx: the most tokens it will hold), else transformers'."""
     from picospec.shared.llama_backend import GgufModel  # imports llama_cpp only when a GGUF is loaded
 
     if isinstance(model, GgufModel):
         return model.backend(logits_width, n_ctx)
+    from picospec.shared.hf_backend import HFBackend
     return HFBackend(model, device, logits_width)
 
 
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The name the model's forward takes its KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the
-    old name warns until 5.40 drops it). Both the pinned version (constraints.txt) and later ones work."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-class HFBackend(PrefixCache):
-    """A transformers causal LM with a DynamicCache. Not thread-safe: one per session, one caller at a time."""
-
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", logits_width: int = 0) -> None:
-        """logits_width: the width the session speaks (the target's, see shared/fingerprint.py:session_logits_width)
-        when this model's own differs: its logits are cut or padded with -inf to it, and an input id past its own
-        width (a padding id the target emitted; the tokenizer never makes one) is fed as id 0. Only what this model
-        proposes changes, never what verification accepts, so exactness does not depend on it."""
-        from transformers import DynamicCache
-
-        self._cache_cls = DynamicCache
-        self.model = model
-        self.device = torch.device(device)
-        self.own_width = int(model.config.vocab_size)
-        self.vocab_size = logits_width or self.own_width  # the logits width (may exceed the tokenizer's size)
-        self.tokens: list[int] = []  # what the cache holds, position by position
-        self.cache = None
-        self.cache_keyword = cache_keyword(model)
-
-    def reset(self) -> None:
-        self.tokens = []
-        self.cache = self._cache_cls(config=self.model.config)
-
-    @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
-        """Append tokens to the cache; return float32 logits [n, V] for the last `num_logits` of them (0 = all)."""
-        if self.cache is None:
-            self.reset()
-        n = len(token_ids)
-        if n == 0:
-            raise ValueError("forward needs at least one token")
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # [1, n]
-        if self.vocab_size > self.own_width:
-            ids = torch.where(ids < self.own_width, ids, 0)
-        positions = torch.arange(self.length, self.length + n, device=self.device)
-        out = self.model(
-            input_ids=ids,
-            **{self.cache_keyword: self.cache},
-            use_cache=True,
-            position_ids=positions.unsqueeze(0),
-            cache_position=positions,
-            logits_to_keep=num_logits if 0 < num_logits < n else 0,
-        )
-        self.tokens.extend(int(t) for t in token_ids)
-        return fit_width(out.logits[0].float(), self.vocab_size)  # [n or num_logits, V]
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
-
-    @contextlib.contextmanager
-    def early_exit(self, layer: int, rows: int, on_logits: Callable[[torch.Tensor], None]) -> Iterator[None]:
-        """While active, every forward also computes tentative logits [rows, V] for its last `rows` positions
-        from the hidden state after decoder layer `layer` (1-based) through the final norm and LM head, and
-        hands them to `on_logits` before the remaining layers run. The forward's own result is unchanged."""
-        if not 1 <= layer < self.num_layers:
-            raise ValueError(f"exit layer {layer} outside 1..{self.num_layers - 1}")
-        body = self.model.model
-
-        def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output  # transformers 4 returns a tuple
-            on_logits(self.model.lm_head(body.norm(hidden[0, -rows:])).float())
-
-        handle = body.layers[layer - 1].register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _drop_after(self, length: int) -> None:
-        self.cache.crop(length - self.length)  # negative = tokens to drop, in transformers 4 and 5
-
-
-def fit_width(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """logits [n, V_own] cut or padded with -inf to [n, width]."""
+def fit_width(logits: Logits, width: int) -> Logits:
+    """logits [n, V_own] (an array or a tensor) cut or padded with -inf to [n, width]."""
     own = logits.shape[-1]
     if own == width:
         return logits
     if own > width:
         return logits[..., :width]
+    if isinstance(logits, np.ndarray):
+        pad = np.full((*logits.shape[:-1], width - own), -np.inf, dtype=logits.dtype)
+        return np.concatenate([logits, pad], axis=-1)
+    import torch
     pad = torch.full((*logits.shape[:-1], width - own), float("-inf"), dtype=logits.dtype, device=logits.device)
     return torch.cat([logits, pad], dim=-1)

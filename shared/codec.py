@@ -1,4 +1,5 @@
-"""Wire codec for vocabulary distributions: pure bytes <-> tensors, no I/O.
+"""Wire codec for vocabulary distributions: pure bytes <-> numpy arrays, no I/O (and no torch: the edge on llama.cpp
+uses it as it is; a torch tensor is taken where an array is, and the cloud wraps what comes out with torch.from_numpy).
 
 Layout (little-endian):
     header  = version u8 | kind u8 | precision u8 | flags u8 | rows u32 | vocab u32 | body_len u32
@@ -20,8 +21,9 @@ import io
 import struct
 from enum import IntEnum
 
+from typing import Any
+
 import numpy as np
-import torch
 import zstandard
 
 VERSION = 1
@@ -58,21 +60,24 @@ def dense_payload_bound(rows: int, vocab: int, precision: Precision = Precision.
     return HEADER_SIZE + rows * vocab * precision.dtype.itemsize
 
 
-def quantize(probs: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """What the receiver will see after a round trip at `precision` (the sender must use these values)."""
-    return probs.to(torch.float16).to(torch.float32) if precision is Precision.F16 else probs.float()
+def host_array(x: Any, dtype: Any) -> np.ndarray:
+    """An array or a tensor (on any device) as a numpy array of `dtype` in host memory."""
+    if hasattr(x, "detach"):  # a torch tensor (torch stays unimported here); bfloat16 has no numpy twin
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x).astype(dtype, copy=False)
 
 
 def encode_probs(
-    probs: torch.Tensor, *, precision: Precision = Precision.F32, compress: bool = True, level: int = 3
+    probs: Any, *, precision: Precision = Precision.F32, compress: bool = True, level: int = 3
 ) -> bytes:
-    """Encode [rows, V] non-negative values (zeros are free in the sparse form)."""
-    if probs.dim() != 2:
-        raise ValueError(f"expected [rows, vocab], got shape {tuple(probs.shape)}")
-    rows, vocab = probs.shape
+    """Encode [rows, V] non-negative values (an array or a tensor; zeros are free in the sparse form)."""
+    values = host_array(probs, np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"expected [rows, vocab], got shape {tuple(values.shape)}")
+    rows, vocab = values.shape
     if not (1 <= rows <= MAX_ROWS and 1 <= vocab <= MAX_VOCAB):
         raise ValueError(f"{rows} rows x {vocab} vocab is outside the codec's limits")
-    values = probs.detach().cpu().float().numpy()
     nz_rows = [np.flatnonzero(r) for r in values]
     nnz = np.array([len(ix) for ix in nz_rows], dtype="<u4")
     itemsize = precision.dtype.itemsize
@@ -88,17 +93,17 @@ def encode_probs(
     return _pack(kind, precision, rows, vocab, body, compress, level)
 
 
-def encode_list(ids: torch.Tensor, values: torch.Tensor, vocab: int, *, precision: Precision = Precision.F32,
+def encode_list(ids: Any, values: Any, vocab: int, *, precision: Precision = Precision.F32,
                 compress: bool = True, level: int = 3) -> bytes:
     """An ordered sequence of (id, value) pairs, e.g. draws from a distribution, kept in draw order."""
     n = len(ids)
     if n != len(values) or not 0 <= n <= MAX_LIST or not 1 <= vocab <= MAX_VOCAB:
         raise ValueError(f"list of {n} ids / {len(values)} values over vocab {vocab} is outside the codec's limits")
-    body = ids.cpu().numpy().astype("<u4").tobytes() + values.cpu().float().numpy().astype(precision.dtype).tobytes()
+    body = host_array(ids, "<u4").tobytes() + host_array(values, np.float32).astype(precision.dtype).tobytes()
     return _pack(Kind.LIST, precision, n, vocab, body, compress, level)
 
 
-def decode_list(data: bytes, *, vocab_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_list(data: bytes, *, vocab_size: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Decode and validate a LIST payload: (ids int64 [n], values float32 [n]), ids in range, values in (0, 1]."""
     _, kind, precision, body = _open(data, vocab_size, kinds=(Kind.LIST,), max_list=max_len)
     n = len(body) // (4 + precision.dtype.itemsize)
@@ -108,7 +113,7 @@ def decode_list(data: bytes, *, vocab_size: int, max_len: int) -> tuple[torch.Te
         raise PayloadError(f"token id {int(ids.max())} out of range [0, {vocab_size})")
     if not np.isfinite(vals).all() or (vals <= 0).any() or (vals > 1.0 + 1e-6).any():
         raise PayloadError("list values must be finite probabilities in (0, 1]")
-    return torch.from_numpy(ids), torch.from_numpy(vals)
+    return ids, vals
 
 
 def _pack(kind: Kind, precision: Precision, rows: int, vocab: int, body: bytes, compress: bool, level: int) -> bytes:
@@ -122,8 +127,8 @@ def _pack(kind: Kind, precision: Precision, rows: int, vocab: int, body: bytes, 
 
 def decode_probs(
     data: bytes, *, vocab_size: int, max_rows: int, max_sum_error: float | None = None
-) -> torch.Tensor:
-    """Decode and validate a DENSE or SPARSE payload into a float32 [rows, vocab_size] tensor.
+) -> np.ndarray:
+    """Decode and validate a DENSE or SPARSE payload into a float32 array [rows, vocab_size].
 
     max_sum_error: when given, every row must sum to 1 within it (full distributions)."""
     _, kind, precision, body = _open(data, vocab_size, kinds=(Kind.DENSE, Kind.SPARSE), max_rows=max_rows)
@@ -160,7 +165,7 @@ def decode_probs(
         sums = out.sum(axis=1, dtype=np.float64)
         if (np.abs(sums - 1.0) > max_sum_error).any():
             raise PayloadError(f"payload rows sum to {sums.tolist()}, not 1")
-    return torch.from_numpy(out)
+    return out
 
 
 def _open(

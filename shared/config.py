@@ -368,10 +368,18 @@ def check_model_name(config: "EdgeConfig | CloudConfig", field_name: str) -> Non
 
 
 def check_edge_startup(config: "EdgeConfig", *, one_mode: bool = False) -> None:
-    """What a front end (the CLI, chat, serve) checks before it loads the draft: check_edge_config and the draft's
-    name."""
+    """What a front end (the CLI, chat, serve) checks before it loads the draft: check_edge_config, the draft's name,
+    and that its engine is installed (a torch draft on an edge installed without torch)."""
+    from picospec.shared.model_names import TORCH_MISSING, ModelError, resolve_engine, torch_installed
+
     check_edge_config(config, one_mode=one_mode)
     check_model_name(config, "draft")
+    try:
+        engine = resolve_engine(config.draft, config.draft_engine)
+    except ModelError as e:
+        raise ConfigError("draft_engine", config.draft_engine, str(e)) from None
+    if engine == "torch" and not torch_installed():
+        raise ConfigError("draft", config.draft, f"a torch draft: it {TORCH_MISSING}")
 
 
 def check_cloud_config(config: "CloudConfig") -> None:

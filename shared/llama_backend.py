@@ -6,9 +6,9 @@ Terms:
     the first `reset` with room for the tokens it will hold. Rollback is llama.cpp's sequence removal
     (`llama_memory_seq_rm` of the positions past the kept prefix): O(1) bookkeeping, no recompute.
 
-The logits come back as float32 torch tensors [n, V], so the sampling, the schemes and the codecs are the same code
-whatever engine ran the pass. llama-cpp-python is imported only when a GGUF is loaded: torch-only installs never need
-it.
+The logits come back as float32 numpy arrays [n, V]: the edge samples from them in numpy (shared/draws.py) and never
+loads torch; the cloud takes them as tensors (torch.as_tensor, no copy). llama-cpp-python is imported only when a GGUF
+is loaded: torch-only installs never need it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from picospec.shared.backend import PrefixCache, fit_width
 
@@ -179,7 +178,7 @@ class LlamaCppBackend(PrefixCache):
         self._batch = self._ctx = None
         self.tokens = []
 
-    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> np.ndarray:
         """Append tokens to the cache; float32 logits [num_logits or n, V] for the last num_logits of them (0 = all)."""
         if self._ctx is None:
             self.reset()
@@ -196,7 +195,7 @@ class LlamaCppBackend(PrefixCache):
             first_out = max(0, n - keep - start)  # this piece's first position whose logits are wanted
             rows.append(self._decode(piece, self.length + start, first_out))
         self.tokens.extend(int(t) for t in token_ids)
-        logits = torch.from_numpy(np.concatenate([r for r in rows if len(r)]))  # [keep, V_own]
+        logits = np.concatenate([r for r in rows if len(r)])  # [keep, V_own]
         return fit_width(logits, self.vocab_size)
 
     def _grow(self, needed: int) -> None:
@@ -231,7 +230,7 @@ class LlamaCppBackend(PrefixCache):
             raise LlamaCppError(f"llama.cpp could not drop the cache past position {length}")
 
     @contextlib.contextmanager
-    def early_exit(self, layer: int, rows: int, on_logits: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    def early_exit(self, layer: int, rows: int, on_logits: Callable[[np.ndarray], None]) -> Iterator[None]:
         raise LlamaCppError("early-exit hints need the torch engine (--engine hf or static): llama.cpp runs the "
                             "layers as one graph")
         yield  # pragma: no cover

@@ -19,6 +19,21 @@ class ModelError(RuntimeError):
     """A model name that cannot be resolved, prepared or loaded."""
 
 
+TORCH_MISSING = ("runs on torch, which is not installed here: pip install 'picospec[torch]' (or the torch build for "
+                 "this device); a GGUF draft needs no torch (--draft-engine llama.cpp, pip install 'picospec[edge]')")
+CLOUD_TORCH_MISSING = ("the cloud runs on torch (its verification, whatever engine runs the target), which is not "
+                       "installed here: pip install 'picospec[cloud]' (on a GPU box, its torch build first)")
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here, without importing it (an edge installed with the edge extra alone has none)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # blocked: sys.modules["torch"] is None
+        return False
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str                   # e.g. "qwen2.5-coder-1.5b-instruct"

@@ -14,6 +14,9 @@ decoder layers, weights shared). `derive_model` applies suffixes to an already l
 
     python -m picospec.shared.models packages NAME...   # pinned requirements of the built-ins, one per line
     python -m picospec.shared.models prepare NAME...    # verify + convert the built-ins into the cache
+
+torch is imported by the functions that build or load a torch model, not by this module: an edge on llama.cpp loads
+its GGUF and tokenizer from here and never loads torch.
 """
 from __future__ import annotations
 
@@ -36,15 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-import torch
-from torch import nn
-
 from picospec.shared.config import DEVICE_MAPS
 from picospec.shared.model_names import (BUILTIN_MODELS, ENGINES, RANDOM_PREFIX, RANDOM_SHAPES,  # noqa: F401
                                          TINY_SEEDS, BuiltinModel, ModelError, is_gguf_name, llama_cpp_installed,
                                          parse_model_name, resolve_engine)
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
 CHUNK = 1 << 20  # hash and copy in 1 MiB pieces: a GGUF is never held in memory whole
@@ -230,6 +232,7 @@ def _dequantize_kwargs() -> dict[str, Any]:
 
 def _convert(spec: BuiltinModel, gguf: Path, out: Path, progress: bool) -> None:
     """Dequantize the GGUF once and save a float32 safetensors copy with a manifest (temp dir + atomic rename)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, __version__ as transformers_version
 
     _log(f"{spec.name}: dequantizing GGUF, takes 20-80 s", progress)
@@ -302,13 +305,22 @@ def _prepare(spec: BuiltinModel, parts: Sequence[Path] | None, progress: bool) -
     return out
 
 
-def _assembled(spec: BuiltinModel, parts: Sequence[Path] | None, progress: bool) -> Path:
-    """The built-in's GGUF in cache_root()/gguf, checked against the pinned sha256 (re-hashed on every call: 0.1-1 s);
-    assembled from its packages first where it is missing or differs."""
+def _checked_gguf(spec: BuiltinModel, progress: bool) -> Path | None:
+    """The built-in's GGUF in cache_root()/gguf if it is there with the pinned size and sha256 (re-hashed on every call:
+    0.1-1 s), else None. Reads only: a read-only cache (a container's mounted models) serves a GGUF assembled before."""
     dest = cache_root() / "gguf" / spec.gguf_name
     if dest.is_file() and dest.stat().st_size == spec.size:
         if _sha256([dest], f"{spec.name}: verifying the GGUF", progress)[0] == spec.sha256:
             return dest
+    return None
+
+
+def _assembled(spec: BuiltinModel, parts: Sequence[Path] | None, progress: bool) -> Path:
+    """The built-in's GGUF in cache_root()/gguf, checked; assembled from its packages first where it is missing or
+    differs."""
+    checked = _checked_gguf(spec, progress)
+    if checked is not None:
+        return checked
     parts = _locate_parts(spec) if parts is None else parts
     _verify_parts(spec, parts, progress)
     return _assemble(spec, parts, progress)
@@ -323,6 +335,9 @@ def gguf_file(name: str, *, progress: bool = True) -> Path:
                          f"{', '.join(':' + k for k, _ in suffixes)} are the torch engine's")
     if base in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[base]
+        checked = _checked_gguf(spec, progress)  # the usual case, without the lock (whose file a read-only cache refuses)
+        if checked is not None:
+            return checked
         with _lock(cache_root() / "locks" / f"{spec.name}.gguf.lock"):
             return _assembled(spec, None, progress)
     path = Path(base).expanduser()
@@ -335,12 +350,13 @@ def gguf_file(name: str, *, progress: bool = True) -> Path:
 def _gguf_tokenizer(path: Path, key: str, progress: bool) -> PreTrainedTokenizerBase:
     """transformers' tokenizer from the GGUF's metadata (the one the converted copy carries too, so fingerprints
     match), saved once under cache_root()/tokenizers/KEY: reading it from the GGUF takes seconds, the copy 0.2 s."""
-    from transformers import AutoTokenizer
-
+    AutoTokenizer = _auto_tokenizer()
     saved = cache_root() / "tokenizers" / key
     if (saved / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
     _log(f"{path.name}: reading the tokenizer from the GGUF", progress)
+    from picospec.shared.gguf_metadata import provide_reader_to_transformers
+    provide_reader_to_transformers()  # an edge without torch: transformers' GGUF reader would import it
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
@@ -356,6 +372,22 @@ def _gguf_tokenizer(path: Path, key: str, progress: bool) -> PreTrainedTokenizer
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return AutoTokenizer.from_pretrained(str(saved))
+
+
+def _auto_tokenizer() -> Any:
+    """transformers' AutoTokenizer. Imported without torch (an edge on llama.cpp), transformers advises at import that
+    its models will not be available: true and expected there (only its tokenizers are used), so that one advisory
+    is not printed (the variable is set for the import only)."""
+    quiet = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        from transformers import AutoTokenizer
+    finally:
+        if quiet is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = quiet
+    return AutoTokenizer
 
 
 def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True,
@@ -389,8 +421,7 @@ def load_tokenizer(name: str, *, engine: str = "torch", progress: bool = True) -
         spec = BUILTIN_MODELS.get(base)
         saved = cache_root() / "tokenizers" / spec.sha256[:16] if spec is not None and not suffixes else None
         if saved is not None and (saved / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-            return AutoTokenizer.from_pretrained(str(saved))
+            return _auto_tokenizer().from_pretrained(str(saved))
         return gguf_tokenizer(name, progress=progress)[1]
     if base.startswith(RANDOM_PREFIX):
         return _shape_tokenizer(RANDOM_SHAPES[base[len(RANDOM_PREFIX):]]["tokenizer_size"])
@@ -399,9 +430,8 @@ def load_tokenizer(name: str, *, engine: str = "torch", progress: bool = True) -
     src, what = _pretrained_source(base, progress)
     if base in BUILTIN_MODELS:
         _verify_converted(Path(src), progress, weights=False)  # the weights' hash comes with their load
-    from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(src)
+        return _auto_tokenizer().from_pretrained(src)
     except Exception as e:
         raise ModelError(f"could not load {src!r} ({what}): {type(e).__name__}: {e}") from e
 
@@ -471,6 +501,7 @@ def _tiny_random(seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     `tiny-random`: a draft that is rejected often enough for statistical tests of the verification rules.
     Building it takes ~10 ms (the first call in a process also imports transformers' Llama, ~2 s).
     """
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(TINY_SPECIALS) + len(TINY_CHARS), hidden_size=64, intermediate_size=128,
@@ -504,6 +535,7 @@ def _random_shape(base: str, dtype: torch.dtype, device: str,
                   tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """`random:SHAPE`: a transformers model from the shape's config with seeded random weights, made on `device` in
     `dtype` (a 7B shape never passes through the CPU)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(RANDOM_SHAPES[base[len(RANDOM_PREFIX):]])
@@ -548,6 +580,7 @@ def _keep_layers(model: nn.Module, n: int) -> nn.Module:
     New module shells and a new config (num_hidden_layers, layer_types) over the same tensors: a draft cut from
     a loaded target costs no memory, and caches and masks built from the config have n layers.
     """
+    from torch import nn
     prefix = getattr(model, "base_model_prefix", "model")
     inner = getattr(model, prefix, None)
     layers = getattr(inner, "layers", None)
@@ -569,6 +602,8 @@ def _keep_layers(model: nn.Module, n: int) -> nn.Module:
 
 def _int8(model: nn.Module, inplace: bool) -> nn.Module:
     """Dynamic int8 quantization of every nn.Linear (CPU kernels only)."""
+    import torch
+    from torch import nn
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         raise ModelError("int8 needs a float32 model on the cpu (device='cpu', dtype=torch.float32)")
     with warnings.catch_warnings():
@@ -658,14 +693,17 @@ def _load_base(base: str, dtype: torch.dtype, progress: bool, device: str = "cpu
     return model, tokenizer
 
 
-def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype | None = None, progress: bool = True,
                device_map: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Load `name` (see the module docstring) in eval mode with gradients off, on `device`.
 
     `device_map` ("auto", "balanced"; None or "none" = off) replaces `device`: transformers and accelerate spread the
     weights over every GPU there is, layer by layer (all on the cpu where there is none), for a model too big for
     one GPU. Input ids then go to `input_device(model)`; accelerate's hooks carry activations between devices and
-    bring the logits back to that device. `tokenizer`: the one load_tokenizer(name) gave already (not loaded again)."""
+    bring the logits back to that device. `tokenizer`: the one load_tokenizer(name) gave already (not loaded again).
+    dtype: float32 when not given."""
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
     base, suffixes = parse_model_name(name)
     device_map = None if device_map in (None, "", "none") else device_map
     if device_map is not None and device_map not in DEVICE_MAPS:
@@ -721,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             path = gguf_file(parse_model_name(name)[0]) if args.gguf_only else prepare_model(name)
+            gguf_tokenizer(parse_model_name(name)[0])  # saved beside: a read-only cache (a container's) serves it
             _log(f"{name}: ready in {path} ({time.perf_counter() - t0:.1f} s)", True)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,17 +9,22 @@ so no intermediate exceeds 2**48: no signed overflow in int64 tensors, identical
 and for torch tensors on any device. A CPU tensor of tokens (a whole vocabulary's Gumbel noise, every coupled
 token at T > 0) takes a numpy uint32 path whose multiplications wrap mod 2**32 natively: the same bits, about 8x
 faster than the 16-bit halves in int64 (tests/test_rng_sampling.py checks they agree).
+
+torch is imported only by the functions that return tensors (`uniforms`, `gumbel_noise`, the cloud's): an edge on
+llama.cpp takes the numpy ones (`uniforms_array`, `gumbel_noise_array`) and never loads it.
 """
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _M32 = 0xFFFFFFFF
-IntLike = TypeVar("IntLike", int, torch.Tensor)
+IntLike = TypeVar("IntLike", int, Any)  # a Python int or an int64 tensor
 
 
 class Stream(IntEnum):
@@ -71,7 +76,8 @@ def hash32(seed: int, position: IntLike, stream: int, token: IntLike | int = 0) 
     """32 random bits for one (seed, position, stream, token). Inputs are reduced to 32 bits each
     (positions and token ids are far below 2**32; the seed keeps 64 bits through two words)."""
     h = _prefix(seed, position, stream)
-    if isinstance(token, torch.Tensor) and token.device.type == "cpu" and isinstance(h, int):
+    if isinstance(h, int) and getattr(getattr(token, "device", None), "type", None) == "cpu":  # a CPU tensor
+        import torch
         return torch.from_numpy(_with_tokens_u32(h, token.numpy().astype(np.uint32)).astype(np.int64))
     return fmix32(h ^ (token & _M32) ^ 0x27D4EB2F)
 
@@ -94,18 +100,32 @@ def uniform(seed: int, position: int, stream: int, index: int = 0) -> float:
     return ((hi << 26 | lo) + 0.5) / float(1 << 53)
 
 
-def uniforms(seed: int, position: int, stream: int, start: int, count: int) -> torch.Tensor:
-    """uniform(seed, position, stream, i) for i in [start, start + count), as a float64 tensor."""
-    idx = torch.arange(start, start + count, dtype=torch.int64)
-    hi = hash32(seed, position, stream, 2 * idx) >> 5
-    lo = hash32(seed, position, stream, 2 * idx + 1) >> 6
-    return ((hi << 26 | lo).to(torch.float64) + 0.5) / float(1 << 53)
+def uniforms_array(seed: int, position: int, stream: int, start: int, count: int) -> np.ndarray:
+    """uniform(seed, position, stream, i) for i in [start, start + count), as a float64 array [count]."""
+    prefix = _prefix(seed, position, stream)
+    idx = np.arange(start, start + count, dtype=np.uint64)
+    hi = _with_tokens_u32(prefix, (2 * idx).astype(np.uint32)).astype(np.uint64) >> np.uint64(5)
+    lo = _with_tokens_u32(prefix, (2 * idx + 1).astype(np.uint32)).astype(np.uint64) >> np.uint64(6)
+    return ((hi << np.uint64(26) | lo).astype(np.float64) + 0.5) / float(1 << 53)
 
 
-def gumbel_noise(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise for each token id at one position, float64, as a tensor on token_ids' device.
+def uniforms(seed: int, position: int, stream: int, start: int, count: int) -> "torch.Tensor":
+    """uniforms_array as a float64 tensor (the cloud's)."""
+    import torch
+    return torch.from_numpy(uniforms_array(seed, position, stream, start, count))
 
-    Uses 32-bit uniforms (enough: Gumbel-max only needs ties to be negligible)."""
+
+def gumbel_noise_array(seed: int, position: int, token_ids: np.ndarray) -> np.ndarray:
+    """Gumbel(0, 1) noise for each token id [n] at one position, float64 [n], from 32-bit uniforms (enough: Gumbel-max
+    only needs ties to be negligible)."""
+    bits = _with_tokens_u32(_prefix(seed, position, int(Stream.GUMBEL)), np.asarray(token_ids).astype(np.uint32))
+    u = (bits.astype(np.float64) + 0.5) / 4294967296.0
+    return -np.log(-np.log(u))
+
+
+def gumbel_noise(seed: int, position: int, token_ids: "torch.Tensor") -> "torch.Tensor":
+    """gumbel_noise_array's noise as a float64 tensor on token_ids' device (the cloud's scoring on a GPU)."""
+    import torch
     h = hash32(seed, position, int(Stream.GUMBEL), token_ids.to(torch.int64))
     u = (h.to(torch.float64) + 0.5) / 4294967296.0
     return -torch.log(-torch.log(u))

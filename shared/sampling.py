@@ -4,16 +4,21 @@ Exactness rests on one rule: the edge and the cloud turn logits into probabiliti
 function and the same settings. `process_logits` is that function. Greedy decoding is expressed as a
 one-hot distribution at the argmax, so that every verification rule below reduces to "accept while
 argmax p == x, else emit argmax p" without a special case.
+
+These are the torch functions (the cloud's, on any device); the edge's twins in numpy are shared/draws.py. torch is
+imported where they run, so an edge on llama.cpp imports this module for SamplingParams and never loads it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from picospec.shared.config import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE
 from picospec.shared.rng import Stream, uniform
+
+if TYPE_CHECKING:
+    import torch
 
 # MIN_TEMPERATURE, the least positive temperature: logits / T must stay finite in float32 (|logit| up to 3.4e34
 # here). A Hello with T = 1.4e-45 (a float32 denormal) made every row NaN, and the cloud's decode-ahead failed with an
@@ -43,8 +48,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def process_logits(logits: "torch.Tensor", params: SamplingParams) -> "torch.Tensor":
     """Logits [..., V] -> float32 probabilities [..., V] after temperature, top-k and top-p."""
+    import torch
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
@@ -62,10 +68,11 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return torch.softmax(logits, dim=-1)
 
 
-def sample_from(probs: torch.Tensor, u: float) -> int:
+def sample_from(probs: "torch.Tensor", u: float) -> int:
     """Inverse-CDF draw from one (unnormalised, non-negative) row with a given uniform u in (0, 1).
 
     Never returns a zero-probability index, whatever the rounding of the cumulative sum."""
+    import torch
     cdf = torch.cumsum(probs.double(), dim=-1)
     total = float(cdf[-1])
     if not total > 0.0:
@@ -77,6 +84,6 @@ def sample_from(probs: torch.Tensor, u: float) -> int:
     return idx
 
 
-def sample_token(probs: torch.Tensor, seed: int, position: int, stream: Stream) -> int:
+def sample_token(probs: "torch.Tensor", seed: int, position: int, stream: Stream) -> int:
     """Draw the token at an absolute position from a processed distribution, reproducibly."""
     return sample_from(probs, uniform(seed, position, int(stream)))

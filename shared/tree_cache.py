@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from picospec.shared.backend import HFBackend, fit_width
+from picospec.shared.backend import fit_width
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.trees import ROOT, ancestor_mask, depths_of
 
 

@@ -12,11 +12,12 @@ carries y it descends, else y is the emitted token (a correction when the node h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from picospec.shared.protocol import ProtocolError
+
+if TYPE_CHECKING:  # the tree's mask and the cloud's walk take tensors; the edge's helpers here need no torch
+    import torch
 
 ROOT = -1  # the parent index of the root's children: the committed prefix itself
 
@@ -58,8 +59,9 @@ def depths_of(parents: Sequence[int]) -> list[int]:
     return out
 
 
-def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
+def ancestor_mask(parents: Sequence[int]) -> "torch.Tensor":
     """[n, n] bool: entry (i, j) is True when node j is node i itself or one of its ancestors (what i attends to)."""
+    import torch
     n = len(parents)
     mask = torch.zeros(n, n, dtype=torch.bool)
     for i, p in enumerate(parents):
@@ -126,7 +128,7 @@ def match_path(tokens: Sequence[int], parents: Sequence[int], sequence: Sequence
     return path
 
 
-def verify_coupled_tree(p: torch.Tensor, tokens: Sequence[int], parents: Sequence[int], seed: int,
+def verify_coupled_tree(p: "torch.Tensor", tokens: Sequence[int], parents: Sequence[int], seed: int,
                         start_pos: int) -> TreeWalk:
     """The cloud's coupled walk over a verified tree.
 

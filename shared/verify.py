@@ -5,17 +5,19 @@ and the drafted token x was sampled from q. Standard speculative sampling accept
 min(1, p(x)/q(x)); at the first rejection it emits a token from norm(max(0, p - q)); when every draft
 is accepted it emits a bonus token from p at the next position. The output is then distributed exactly
 as p. All coins come from shared.rng, keyed by the absolute position, so a verdict is reproducible.
+
+These are the cloud's functions (torch, on the pass's device). What the edge samples itself (the split modes'
+corrections, its drafts) is in shared/draws.py, in numpy.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from picospec.shared.rng import Stream, gumbel_noise, uniform, uniforms, vocab_bits
+from picospec.shared import draws
+from picospec.shared.rng import Stream, gumbel_noise, uniform, uniforms
 from picospec.shared.sampling import sample_from
 
 
@@ -88,20 +90,6 @@ def top_k(p_row: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[order], vals[order]
 
 
-def resample_topk(q_row: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor, seed: int, pos: int) -> int:
-    """APPROXIMATE (the PicoSpec paper's sampler): the correction from norm(max(0, norm(topK(p)) - q)).
-
-    Tokens outside the top-K can never be the correction, and the residual is mis-weighted, so the output
-    is not exactly p-distributed; `split-exact` is the exact alternative at similar cost."""
-    pk = torch.zeros_like(q_row, dtype=torch.float64)
-    pk[ids] = vals.double()
-    pk /= pk.sum()
-    residual = torch.clamp(pk - q_row.double(), min=0.0)
-    if not float(residual.sum()) > 0.0:  # the draft covers the top-K entirely: fall back to the top-K itself
-        residual = pk
-    return sample_from(residual, uniform(seed, pos, Stream.RESIDUAL))
-
-
 def tail_draws(p_row: torch.Tensor, exclude: torch.Tensor, seed: int, pos: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws start .. start+count-1 from p conditioned on lying outside `exclude` (ids), with their p values.
 
@@ -121,100 +109,17 @@ def tail_draws(p_row: torch.Tensor, exclude: torch.Tensor, seed: int, pos: int, 
     return ids, p_row[ids].float()
 
 
-@dataclass(frozen=True)
-class ResidualHint:
-    """What the cloud sends down on a split-exact rejection: p's top-K exactly, p's mass outside it, and
-    some draws from p restricted to outside the top-K, in draw order (the order matters: no sorting)."""
-
-    topk_ids: torch.Tensor
-    topk_vals: torch.Tensor
-    tail_mass: float
-    tail_ids: torch.Tensor
-    tail_vals: torch.Tensor
-
-
-class NeedMoreTail(Exception):
-    """The residual sampler used every tail draw without accepting one: ask the cloud for more."""
-
-    def __init__(self, have: int) -> None:
-        super().__init__(f"all {have} tail draws used")
-        self.have = have
-
-
-MAX_PROPOSALS = 1 << 22
-
-
-def resample_exact(q_row: torch.Tensor, hint: ResidualHint, seed: int, pos: int, block: int = 256) -> int:
-    """Exact correction from r = norm(max(0, p - q)) knowing p only through the hint.
-
-    Rejection sampling: propose y ~ p (from the top-K with probability p(top-K), else the next tail draw),
-    accept with probability max(0, 1 - q(y)/p(y)); the accepted y is exactly r-distributed. Proposal i
-    uses uniforms (seed, pos, PROPOSAL, 2i) and (.., 2i+1), so a rerun with more tail draws replays the
-    same choices and continues. Vectorised in blocks; raises NeedMoreTail when the tail runs out."""
-    head_mass = float(hint.topk_vals.double().sum())
-    p_head = head_mass / (head_mass + hint.tail_mass)
-    head_cdf = torch.cumsum(hint.topk_vals.double(), 0) / max(head_mass, 1e-300)
-    q = q_row.double()
-    tail_used = 0
-    for start in range(0, MAX_PROPOSALS, block):
-        u = uniforms(seed, pos, Stream.PROPOSAL, 2 * start, 2 * block).view(block, 2)
-        from_head = u[:, 0] < p_head
-        # head proposals reuse u0, rescaled to (0, 1), to pick within the top-K
-        head_idx = torch.searchsorted(head_cdf, (u[:, 0] / p_head).clamp(max=1.0), right=True).clamp(max=len(head_cdf) - 1) \
-            if len(head_cdf) else torch.zeros(block, dtype=torch.long)
-        tail_idx = tail_used + torch.cumsum((~from_head).long(), 0) - 1
-        for i in range(block):
-            if from_head[i]:
-                y, py = int(hint.topk_ids[head_idx[i]]), float(hint.topk_vals[head_idx[i]])
-            else:
-                j = int(tail_idx[i])
-                if j >= len(hint.tail_ids):
-                    raise NeedMoreTail(len(hint.tail_ids))
-                y, py = int(hint.tail_ids[j]), float(hint.tail_vals[j])
-            if py > 0.0 and float(u[i, 1]) * py < py - float(q[y]):
-                return y
-        tail_used = int(tail_idx[-1]) + 1
-    raise RuntimeError(f"residual sampler did not accept in {MAX_PROPOSALS} proposals (p and q nearly equal)")
-
-
 # ---- coupled mode: both sides draw with the same Gumbel noise ------------------------------------
-
-# gumbel_argmax scores in full the tokens at or above this probability, and below it only those whose noise could
-# lift them past the best above it.
-GUMBEL_HEAD_P = 1e-4
-# relative slack on that pruning bound: far above float64 rounding in the scores (about 1e-15), so no token the bound
-# drops could have won
-_GUMBEL_BOUND_SLACK = 1e-6
-
 
 def gumbel_argmax(probs_row: torch.Tensor, seed: int, pos: int) -> int:
     """Gumbel-max sample: argmax over the support of log p + G(seed, pos, token). Exactly p-distributed.
 
-    On CPU the same argmax without scoring the whole vocabulary. A token's score is -log(E / p), with E = -log u its
-    unit exponential and u from its 32 hash bits. The head (p >= cutoff = min(GUMBEL_HEAD_P, max p)) is scored in full
-    and its best sets B = min E / p. A tail token (p < cutoff) can score higher only if E < B p < B cutoff, that is
-    u > exp(-B cutoff): a test on its hash bits alone, which about B cutoff of the tail passes (B is about 1: a handful
-    of 151,936 tokens). Those are scored beside the head, in token order, so the first maximum is the whole support's.
-    """
-    if probs_row.device.type != "cpu":
-        return _gumbel_argmax_scored(probs_row, torch.nonzero(probs_row > 0).flatten(), seed, pos)
-    p = probs_row.double()                                                       # [V]
-    cutoff = min(GUMBEL_HEAD_P, float(p.max()))
-    head = torch.nonzero(p >= cutoff).flatten()                                  # [H] token ids, ascending
-    if len(head) > len(p) // 8:  # a flat p (high temperature): the head is most of the support, score it once
-        return _gumbel_argmax_scored(probs_row, torch.nonzero(p > 0).flatten(), seed, pos)
-    bound = math.exp(-float((torch.log(p[head]) + gumbel_noise(seed, pos, head)).max()))  # B = min over head of E / p
-    u_min = math.exp(-bound * cutoff * (1.0 + _GUMBEL_BOUND_SLACK))
-    bits_min = math.floor(u_min * 4294967296.0 - 0.5) - 1                        # u > u_min implies bits > bits_min
-    bits = vocab_bits(seed, pos, int(Stream.GUMBEL), p.shape[-1])                # [V] uint32
-    lifted = torch.from_numpy(np.flatnonzero(bits > max(bits_min, -1)))          # [L] ids whose u could beat B
-    lifted = lifted[(p[lifted] > 0) & (p[lifted] < cutoff)]                      # the tail's among them
-    return _gumbel_argmax_scored(probs_row, torch.sort(torch.cat([head, lifted])).values, seed, pos)
-
-
-def _gumbel_argmax_scored(probs_row: torch.Tensor, ids: torch.Tensor, seed: int, pos: int) -> int:
-    """argmax of log p + G over the token ids `ids` (ascending: the first maximum wins ties, as over the support)."""
-    scores = torch.log(probs_row[ids].double()) + gumbel_noise(seed, pos, ids)  # [len(ids)]
+    On the CPU shared/draws.gumbel_argmax (the same argmax without scoring the whole vocabulary); on a GPU every token
+    of the support is scored where the row lies."""
+    if probs_row.device.type == "cpu":
+        return draws.gumbel_argmax(probs_row.numpy(), seed, pos)
+    ids = torch.nonzero(probs_row > 0).flatten()                                 # [S] the support, ascending
+    scores = torch.log(probs_row[ids].double()) + gumbel_noise(seed, pos, ids)  # [S]
     return int(ids[int(torch.argmax(scores))])
 
 

@@ -11,7 +11,7 @@ import torch
 
 from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.server import MAX_GRAPH_ROWS, graph_rows, uses_batching, uses_static_engine
-from picospec.shared.backend import HFBackend
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.config import CloudConfig
 from picospec.shared.engine import EngineOptions, StaticEngine
 from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, hold_s, take_batch

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from picospec.shared.backend import HFBackend
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.engine import EngineOptions, StaticEngine
 from picospec.shared.engine.model import PREFILL_CHUNK, Row
 from picospec.shared.models import RANDOM_SHAPES, ModelError, _random_shape, parse_model_name

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from picospec.shared.backend import HFBackend
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.engine import EngineOptions, StaticEngine
 from picospec.shared.models import load_model
 

@@ -113,9 +113,10 @@ def test_drafter_q_is_the_drafts_processed_distribution_under_the_session_settin
         d = drafter.draft(prompt, 3)
         with torch.inference_mode():
             logits = tiny_draft.model(torch.tensor([prompt + d.token_ids])).logits[0, len(prompt) - 1 : len(prompt) + 2]
-        expected = process_logits(logits, params)
-        assert torch.equal(d.q > 0, expected > 0), seed
-        assert torch.allclose(d.q, expected, atol=1e-5), seed
+        expected = process_logits(logits, params)  # the torch function; the drafter's q is shared/draws.py's numpy
+        q = torch.from_numpy(d.q)
+        assert torch.equal(q > 0, expected > 0), seed
+        assert torch.allclose(q, expected, atol=1e-5), seed
         uncut = process_logits(logits, SamplingParams(CUT.temperature, seed=seed))
         cut_somewhere += int(((uncut > 0) & (expected == 0)).any())
     assert cut_somewhere == 8  # the cut is not a no-op here

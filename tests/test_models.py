@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from picospec.shared import models
-from picospec.shared.backend import cache_keyword
+from picospec.shared.hf_backend import cache_keyword
 from picospec.shared.models import (BUILTIN_MODELS, BuiltinModel, ModelError, ModelIntegrityError, ModelNotInstalledError,
                            derive_model, load_model, parse_model_name, required_packages)
 

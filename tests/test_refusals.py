@@ -6,6 +6,7 @@ import math
 import re
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -108,7 +109,7 @@ def _candidates(replies: list[pb.CloudMessage]) -> tuple[set[int], set[int]]:
     assert [r.WhichOneof("kind") for r in replies] == ["ready", "verdict"], replies
     v = replies[1].verdict
     assert v.accepted == 0 and not v.HasField("token") and v.committed_len == 3 and v.next_epoch == 1, v
-    top = decode_probs(v.residual_payload, vocab_size=64, max_rows=1)[0].nonzero().flatten().tolist()
+    top = np.flatnonzero(decode_probs(v.residual_payload, vocab_size=64, max_rows=1)[0]).tolist()
     tail = decode_list(v.tail_payload, vocab_size=64, max_len=64)[0].tolist() if v.tail_payload else []
     return set(top), set(tail)
 

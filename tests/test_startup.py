@@ -108,3 +108,20 @@ def test_the_check_waits_for_whichever_comes_second():
     older.cloud_found(pb.InfoReply(protocol_version=PROTOCOL_VERSION + 1, target_model="other",
                                    tokenizer=other.tokenizer))
     older.tokenizer_loaded(tokenizer)
+
+
+def test_chat_and_serve_refuse_a_mismatched_tokenizer_before_the_drafts_weights_load(tiny_target, loads):
+    """`picospec-edge chat` and `serve` load their draft as the one-shot CLI does: beside the cloud's probe, its
+    tokenizer checked first (they loaded the weights, then found the mismatch, before)."""
+    from picospec.edge_client import chat, openai_server
+
+    async def scenario():
+        async with serving(tiny_target) as (_, address):
+            config = _config(address, "random:qwen2.5-0.5b")
+            with pytest.raises(EdgeError, match="tokenizer mismatch"):
+                await chat.load_and_chat(dataclasses.replace(config, mode="pipeline"), None)
+            with pytest.raises(EdgeError, match="tokenizer mismatch"):
+                await openai_server.serve(config, "127.0.0.1", 0, None, "warning")
+
+    asyncio.run(scenario())
+    assert loads == [], "the weights' load was started before the tokenizer check"

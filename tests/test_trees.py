@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from picospec.edge_client.policy import plan_session
-from picospec.shared.backend import HFBackend
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.perf_model import Estimates, choose_tree_nodes, tree_tokens
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb

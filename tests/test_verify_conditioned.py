@@ -45,8 +45,8 @@ import torch
 
 from picospec.shared.protocol import ChainToken, EdgeChain, SessionState
 from picospec.shared.rng import Stream, gumbel_noise, uniform
-from picospec.shared.verify import (NeedMoreTail, ResidualHint, resample_exact, tail_draws, top_k, verify_coupled,
-                                    verify_dense, verify_split)
+from picospec.shared.draws import NeedMoreTail, ResidualHint, resample_exact
+from picospec.shared.verify import tail_draws, top_k, verify_coupled, verify_dense, verify_split
 from tests.stat_util import pooled_chisquare
 
 ALPHA = 1e-4  # false-alarm rate of each chi-square

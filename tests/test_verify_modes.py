@@ -12,8 +12,8 @@ import torch
 from picospec.shared.rng import Stream, gumbel_noise, uniform
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from tests.stat_util import pooled_chisquare
-from picospec.shared.verify import (NeedMoreTail, ResidualHint, gumbel_argmax, resample_exact, resample_topk, tail_draws,
-                           top_k, verify_coupled, verify_split)
+from picospec.shared.draws import NeedMoreTail, ResidualHint, resample_exact, resample_topk
+from picospec.shared.verify import gumbel_argmax, tail_draws, top_k, verify_coupled, verify_split
 
 ALPHA = 1e-3
 V = 40

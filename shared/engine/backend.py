@@ -17,6 +17,8 @@ class StaticBackend(PrefixCache):
     """Not thread-safe: one per session, one caller at a time. `passes` runs one row: the engine at once, or a
     Batcher that runs it with other sessions' rows (shared/engine/batcher.py)."""
 
+    supports_trees = True
+
     def __init__(self, engine: StaticEngine, slot: int, logits_width: int = 0,
                  passes: Callable[[Row], torch.Tensor] | None = None) -> None:
         self.engine, self.slot = engine, slot

@@ -12,23 +12,29 @@ Each scheme is one module (dense, split_topk, split_exact, coupled) and one obje
 (shared/schemes/__init__.py). The edge calls `encode_extras` and, in the split modes, `resolve`; the cloud calls
 `decode_extras`, `decide`, and in the split modes `open_rejection` / `more_tail`. Nothing else in the code
 compares verification-mode names.
+
+The edge's halves work on numpy rows (shared/draws.py); the cloud's on torch tensors, importing torch and
+shared/verify.py where they run, so that an edge on llama.cpp never loads torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
-import torch
+import numpy as np
 
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 # q rows must sum to 1 within this (float32 softmax rounding is ~1e-6 over 150k entries)
 Q_SUM_TOLERANCE = 1e-3
 MAX_TAIL_DRAWS = 4096  # per rejected position; the expected need is a handful
 
 RunModel = Callable[..., Awaitable[Any]]                       # runs a function on the edge's model thread
-MoreTail = Callable[[int], Awaitable[tuple[torch.Tensor, torch.Tensor]]]  # have -> further tail draws (ids, p)
+MoreTail = Callable[[int], Awaitable[tuple[np.ndarray, np.ndarray]]]  # have -> further tail draws (ids, p)
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,8 @@ class ResidualPayload:
 class OpenRejection:
     """Cloud side, split modes: the target row at a rejected position, kept until the edge's correction arrives."""
 
-    p_row: torch.Tensor   # [V]
-    topk_ids: torch.Tensor
+    p_row: "torch.Tensor"   # [V]
+    topk_ids: "torch.Tensor"
     allowed: set[int]     # the candidates sent so far: the correction must be one of them
     tails_sent: int = 0
     payload: ResidualPayload = field(default_factory=lambda: ResidualPayload(b""))
@@ -78,11 +84,11 @@ class VerifyScheme:
         return self.own_token_is_verdicts or greedy
 
     # ---- edge ----
-    def encode_extras(self, batch: pb.DraftBatch, token_ids: Sequence[int], q_rows: Sequence[torch.Tensor],
+    def encode_extras(self, batch: pb.DraftBatch, token_ids: Sequence[int], q_rows: Sequence[np.ndarray],
                       compress: bool) -> None:
         """Attach what travels with the drafts to the outgoing batch."""
 
-    async def resolve(self, v: pb.Verdict, q_row: torch.Tensor, seed: int, pos: int, vocab: int, run_model: RunModel,
+    async def resolve(self, v: pb.Verdict, q_row: np.ndarray, seed: int, pos: int, vocab: int, run_model: RunModel,
                       more_tail: MoreTail) -> int:
         """Split modes: sample the correction at a rejected position from the verdict's residual payload."""
         raise ProtocolError(f"{self.name}: the cloud sends its own correction; nothing to resolve")
@@ -92,16 +98,16 @@ class VerifyScheme:
         """Validate and decode what travels with each draft token (one item per token)."""
         return [None] * len(batch.token_ids)
 
-    def decide(self, p: torch.Tensor, extras: Sequence[Any], draft_ids: Sequence[int], seed: int,
+    def decide(self, p: "torch.Tensor", extras: Sequence[Any], draft_ids: Sequence[int], seed: int,
                start_pos: int) -> Decision:
         """p: [k+1, V] at positions start_pos .. start_pos+k. The verdict, with coins keyed by position."""
         raise NotImplementedError
 
-    def expected_token(self, p: torch.Tensor, d: Decision, greedy: bool) -> int | None:
+    def expected_token(self, p: "torch.Tensor", d: Decision, greedy: bool) -> int | None:
         """Early exits: the token a tentative decision expects after the accepted drafts (None: unforeseeable)."""
         return d.token
 
-    def open_rejection(self, p_row: torch.Tensor, pos: int, seed: int, top_k: int, tail_samples: int) -> OpenRejection:
+    def open_rejection(self, p_row: "torch.Tensor", pos: int, seed: int, top_k: int, tail_samples: int) -> OpenRejection:
         """Split modes: what to send down at a rejection, kept open until the edge's correction arrives."""
         raise ProtocolError(f"{self.name}: no residual payloads in this scheme")
 
