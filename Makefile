@@ -57,10 +57,14 @@ demo-small: install
 	PICOSPEC_TARGET=smollm2-135m-instruct PICOSPEC_DRAFT=smollm2-135m-instruct PICOSPEC_DEMO_MODES=cloud,pipeline \
 	  PICOSPEC_DEMO_PORT=$${PICOSPEC_DEMO_PORT:-50152} PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
-# the suite, then the fast mutant subset (scripts/mutants.py --fast, two at a time: 103 s here): a mutant that
-# survives, or a harness gone stale (a search string that no longer applies), fails the target
+# the suite, then the fast mutant subset (scripts/mutants.py --fast, two at a time: about 2 min here): a mutant that
+# survives, or a harness gone stale (a search string that no longer applies), fails the target. The tests marked
+# `parallel` (pure maths, laws at fixed draft lengths: pyproject.toml) run two at a time first (pytest-xdist), the
+# rest (timing, networks, processes) one at a time; both halves always run, and either failing fails the target.
 test: models netlab-deps
-	$(BIN)/python -m pytest -q --durations=25
+	@$(BIN)/python -m pytest -q -m parallel -n 2 --durations=15; first=$$?; \
+	 $(BIN)/python -m pytest -q -m "not parallel" --durations=25; second=$$?; \
+	 [ $$first = 0 ] && [ $$second = 0 ]
 	$(BIN)/python scripts/mutants.py --fast --jobs 2
 
 # the suite without the tests marked large (PICOSPEC_SKIP_LARGE=1): the default pair's (Qwen) tests and the SmolLM2

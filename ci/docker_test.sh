@@ -105,7 +105,7 @@ if ! $DOCKER image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   ROOTFS="$WORK/rootfs"
   rm -rf "$ROOTFS"
   debootstrap --variant=minbase \
-    --include=python3,python3-venv,python3-pip,iproute2,iptables,libnetfilter-queue1,ca-certificates \
+    --include=python3,python3-venv,python3-pip,iproute2,iptables,libnetfilter-queue1,libgomp1,ca-certificates \
     bookworm "$ROOTFS" >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; die "debootstrap failed"; }
   rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
   tar -C "$ROOTFS" -c . | $DOCKER import - "$BASE_IMAGE" >/dev/null

@@ -19,6 +19,13 @@ import os
 from hypothesis import settings as _hypothesis_settings
 
 CI = os.environ.get("CI", "").lower() == "true"
+
+# make test runs the tests marked `parallel` two at a time (pytest-xdist workers): one torch thread per worker, so
+# the two workers share the two cores instead of four threads contending for them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 # "ci": the same examples on every run (derandomize, no example database), a deadline, a bounded count; tests that
 # set their own max_examples or deadline keep them. HYPOTHESIS_PROFILE picks one explicitly (e.g. ci, locally).
 _hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=datetime.timedelta(seconds=5),

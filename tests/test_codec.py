@@ -23,6 +23,8 @@ from picospec.shared.codec import (
     encode_probs,
 )
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 HDR = struct.Struct("<BBBBIII")
 
 

@@ -21,6 +21,8 @@ from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from picospec.shared.verify import gumbel_argmax
 from tests.proc_util import checkout_env, cloud_process
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 SETTINGS = [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.7, top_k=5), SamplingParams(1.3, top_p=0.8),
             SamplingParams(0.9, top_k=50, top_p=0.95), SamplingParams(2.0, top_k=1), SamplingParams(1.0, top_p=0.01)]
 

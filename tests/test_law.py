@@ -13,6 +13,8 @@ from picospec.shared.sampling import SamplingParams, process_logits
 from tests.law import (ALPHA, ALPHA_TIMED, PAIR_RHO_90, TIMED_TESTS, STATISTICS, T07_TOPK_TOPP, T1, LawCheck, Warping, detectable_shift, pair_chisquare,
                        pit_values, reference_laws)
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 N = 2000
 REPS = 300
 

@@ -22,6 +22,8 @@ from picospec.shared.models import load_model
 from tests.conftest import edge, run, serving
 from tests.law import T07_TOPK_TOPP, T1, LawCheck, Warping
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 GENERATIONS = 12
 NEW_TOKENS = 20
 DRAFT_LAYERS = 8

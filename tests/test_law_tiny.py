@@ -92,7 +92,7 @@ def _assert_speculated(totals: dict[str, int], verify: str, warping: Warping) ->
 
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
-@pytest.mark.parametrize("mode", ["sync", "early-exit"])
+@pytest.mark.parametrize("mode", [pytest.param("sync", marks=pytest.mark.parallel), "early-exit"])
 def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode, verify, warping):
     law = _law(tiny_target, tiny_draft, warping, verify)
     hints = {"hints": "on", "exit_threshold": 0.0} if mode == "early-exit" else {}
@@ -103,6 +103,7 @@ def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode
     law.assert_matches(f"{mode}/{verify} at {warping}")
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 def test_coupled_token_trees_follow_the_target_law(tiny_target, tiny_draft, warping):
     """Token trees (docs/design.md §3.7) of 6 nodes: alternatives are taken as well as the main chain."""
@@ -142,6 +143,7 @@ def test_the_default_online_pipeline_follows_the_target_law(tiny_target, tiny_dr
     law.assert_matches(f"pipeline/{verify} as shipped (online lengths) at {T1}")
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
 def test_generations_that_end_at_eos_follow_the_target_law(tiny_target, tiny_draft, verify, monkeypatch):
     """EOS live: the target's stop set (the cloud's: it tells the edge in Ready) gets its most frequent token, so about
@@ -175,6 +177,7 @@ def test_sessions_the_verification_budget_caps_follow_the_target_law(tiny_target
     law.assert_matches(f"sync/{verify} with its passes capped by the budget at {T1}")
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 def test_cloud_mode_follows_the_target_law(tiny_target, tiny_draft, warping):
     law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
@@ -183,6 +186,7 @@ def test_cloud_mode_follows_the_target_law(tiny_target, tiny_draft, warping):
     law.assert_matches(f"cloud at {warping}")
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 def test_edge_mode_follows_the_draft_law_not_the_target(tiny_target, tiny_draft, warping):
     """The draft alone samples its own law; the same check against the target must fail (the test has teeth)."""

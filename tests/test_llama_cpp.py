@@ -263,6 +263,7 @@ def qwen_pair():
 
 
 @skip_large
+@pytest.mark.parallel
 @pytest.mark.parametrize("verify", ["coupled", "dense", "split-exact"])
 def test_qwen_pair_on_llama_cpp_follows_the_llama_cpp_targets_law(qwen_pair, verify):
     """The default pair, both on llama.cpp, at T=1: the output law is the llama.cpp target's (its teacher-forced

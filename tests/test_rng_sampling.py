@@ -9,6 +9,8 @@ from scipy import stats
 from picospec.shared.rng import Stream, fmix32, gumbel_noise, hash32, uniform, uniforms, vocab_bits
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 
 def _fmix32_reference(x: int) -> int:
     """murmur3 fmix32 with plain Python big-int arithmetic."""

@@ -15,6 +15,8 @@ from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.schemes import SCHEMES, scheme
 from picospec.shared.verify import verify_coupled, verify_dense, verify_split
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 V = 12
 
 

@@ -49,6 +49,8 @@ from picospec.shared.draws import NeedMoreTail, ResidualHint, resample_exact
 from picospec.shared.verify import tail_draws, top_k, verify_coupled, verify_dense, verify_split
 from tests.stat_util import pooled_chisquare
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 ALPHA = 1e-4  # false-alarm rate of each chi-square
 Outcome = tuple[int, ...]  # the emitted tokens y_0..y_a: a = len - 1 drafts accepted, then the cloud's (or edge's) token
 

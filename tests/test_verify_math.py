@@ -9,6 +9,8 @@ from picospec.shared.rng import Stream, uniform
 from picospec.shared.sampling import sample_from
 from picospec.shared.verify import verify_dense
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 ALPHA = 1e-3  # false-alarm rate of each goodness-of-fit test
 
 

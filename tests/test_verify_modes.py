@@ -15,6 +15,8 @@ from tests.stat_util import pooled_chisquare
 from picospec.shared.draws import NeedMoreTail, ResidualHint, resample_exact, resample_topk
 from picospec.shared.verify import gumbel_argmax, tail_draws, top_k, verify_coupled, verify_split
 
+pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+
 ALPHA = 1e-3
 V = 40
 
