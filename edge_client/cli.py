@@ -348,6 +348,7 @@ def leave_torch_out(config: EdgeConfig) -> None:
     if "torch" not in sys.modules and resolve_engine(config.draft, config.draft_engine) == "llama.cpp":
         sys.modules["torch"] = None  # `import torch` raises ImportError; transformers then sees no torch
 
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from picospec.shared.backend import make_backend
-from picospec.shared.codec import Precision
+from picospec.shared.codec import Precision, host_array
 from picospec.shared.draws import gumbel_argmax, process_logits, quantize, sample_token
 from picospec.shared.rng import Stream, gumbel_noise_array
 from picospec.shared.sampling import SamplingParams
@@ -99,7 +99,7 @@ class Drafter:
         seq = list(committed)
         rows = []
         for _ in range(k):
-            logits = host_row(self.backend.logits_at(seq, len(seq) - 1)[-1])  # [V]
+            logits = host_array(self.backend.logits_at(seq, len(seq) - 1)[-1], np.float32)  # [V]
             # sample from exactly what the cloud will decode, so the maths holds at any wire precision
             q = quantize(process_logits(logits, self.params), self.precision)
             pos = len(seq)
@@ -140,7 +140,7 @@ class Drafter:
         if fresh:  # start afresh from the committed prefix
             from picospec.shared.tree_cache import TreeKV  # torch: trees run on a torch draft only
             self._settle_tree(committed)
-            root_logits = host_row(self.backend.logits_at(list(committed), len(committed) - 1)[-1])  # [V]
+            root_logits = host_array(self.backend.logits_at(list(committed), len(committed) - 1)[-1], np.float32)  # [V]
             self.tree = TreeKV(self.backend)
             memo = {(): (ROOT, self._candidates(root_logits, len(committed), accept))}
         g = self.grower = TreeGrower(len(committed), memo, (budget + 1) // 2, max_depth, stop_ids)
@@ -170,17 +170,10 @@ class Drafter:
 
     def _expand(self, kv_parent: int, token: int, children_pos: int) -> tuple[int, list[tuple[float, int]]]:
         """One draft forward of a tree node (tree mask): its KV entry index and its children's candidates."""
-        logits = host_row(self.tree.extend([token], [kv_parent])[-1])  # [V]: after this node
+        logits = host_array(self.tree.extend([token], [kv_parent])[-1], np.float32)  # [V]: after this node
         return len(self.tree.tokens) - 1, self._candidates(logits, children_pos, self.accept)
 
     def _q(self, logits: np.ndarray) -> np.ndarray:
         """The draft's processed distribution at the wire precision (as `draft` samples from it)."""
         return quantize(process_logits(logits, self.params), self.precision)
 
-
-def host_row(logits: Any) -> np.ndarray:
-    """One row of logits [V] as a float32 numpy array: llama.cpp's already is; a torch model's (on any device) is
-    copied to the host, once per draft forward."""
-    if isinstance(logits, np.ndarray):
-        return logits.astype(np.float32, copy=False)
-    return logits.detach().float().cpu().numpy()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import struct
 from enum import IntEnum
-
 from typing import Any
 
 import numpy as np

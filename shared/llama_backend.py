@@ -7,8 +7,8 @@ Terms:
     (`llama_memory_seq_rm` of the positions past the kept prefix): O(1) bookkeeping, no recompute.
 
 The logits come back as float32 numpy arrays [n, V]: the edge samples from them in numpy (shared/draws.py) and never
-loads torch; the cloud takes them as tensors (torch.as_tensor, no copy). llama-cpp-python is imported only when a GGUF
-is loaded: torch-only installs never need it.
+loads torch; the cloud takes them as tensors without a copy (cloud_server/target.py:on_cpu). llama-cpp-python is
+imported only when a GGUF is loaded: torch-only installs never need it.
 """
 from __future__ import annotations
 

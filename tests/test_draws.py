@@ -22,6 +22,8 @@ from picospec.shared.verify import gumbel_argmax
 from tests.proc_util import checkout_env, cloud_process
 
 pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
+skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1",
+                                reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
 SETTINGS = [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.7, top_k=5), SamplingParams(1.3, top_p=0.8),
             SamplingParams(0.9, top_k=50, top_p=0.95), SamplingParams(2.0, top_k=1), SamplingParams(1.0, top_p=0.01)]
@@ -144,7 +146,7 @@ sys.exit(rc)
 """
 
 
-@pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+@skip_large
 def test_an_edge_on_llama_cpp_runs_every_mode_without_torch():
     """picospec-edge drafting on llama.cpp with torch unimportable, against a torch cloud (batch-invariant, so
     greedy speculation must equal the cloud alone token for token): every verification mode, stop-and-wait and
@@ -165,7 +167,7 @@ def test_an_edge_on_llama_cpp_runs_every_mode_without_torch():
                 assert runs["sync"]["token_ids"] == runs["pipeline"]["token_ids"] == runs["cloud"]["token_ids"], verify
 
 
-# ---------------------------------------------------------------------------------------------- a GGUF's tokenizer without torch
+# ---------------------------------------------------------------------------------------- a GGUF's tokenizer without torch
 
 TOKENIZER_PROBE = """
 import json, sys, tempfile
@@ -180,13 +182,14 @@ models.cache_root = lambda: Path(tempfile.mkdtemp())  # read from the GGUF itsel
 tok = models._gguf_tokenizer(gguf, "probe", False)
 messages = [{"role": "user", "content": "Write def f(x): return x ** 2, naive unicode: na\\u00efve \\u65e5\\u672c"}]
 print(json.dumps({"fingerprint": tokenizer_fingerprint(tok).sha256, "size": len(tok), "class": type(tok).__name__,
-                  "chat": tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False),
+                  "chat": tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=False),
                   "raw": tok("  hello\\n\\tworld 123")["input_ids"], "eos": tok.eos_token_id,
                   "torch": any(k == "torch" and v is not None for k, v in sys.modules.items())}))
 """
 
 
-@pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+@skip_large
 def test_a_gguf_tokenizer_read_without_torch_is_the_one_read_with_it():
     """A fresh edge without torch reads its tokenizer from the GGUF (shared/gguf_metadata.py stands in for transformers'
     torch-importing reader): the same class, fingerprint, chat encoding and special ids as transformers' own read."""
@@ -200,7 +203,7 @@ def test_a_gguf_tokenizer_read_without_torch_is_the_one_read_with_it():
     assert without == with_torch
 
 
-@pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+@skip_large
 def test_the_gguf_metadata_reader_agrees_with_transformers_and_refuses_truncated_files(tmp_path):
     from transformers.integrations.gguf import read_gguf_metadata as theirs
 
@@ -246,7 +249,7 @@ def test_without_torch_the_cloud_and_a_torch_draft_say_what_to_install():
     assert "pip install 'picospec[torch]'" in edge.stderr, edge.stderr
 
 
-@pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+@skip_large
 def test_the_edge_command_leaves_torch_out_where_it_is_installed():
     """Where torch is installed (this venv), transformers would import it for the tokenizer alone: `picospec-edge`
     with a llama.cpp draft keeps it out of its process (edge_client/cli.py:leave_torch_out), a torch draft not."""
