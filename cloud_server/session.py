@@ -200,8 +200,8 @@ class CloudSession:
         if not self.cache.scheme.supports_trees:
             raise ProtocolError(f"token trees need the coupled mode, not {self.cache.scheme.name}")
         if not self.cache.supports_trees:
-            raise ProtocolError("this cloud's cache cannot verify token trees (they need plain DynamicCache layers or "
-                                "the static engine)")
+            raise ProtocolError("this cloud's cache cannot verify token trees (they need transformers' DynamicCache, "
+                                "the static engine or llama.cpp)")
         if self.decode_ahead:
             raise ProtocolError("token trees need decode_ahead off: a tree is verified against the prefix it grew from")
         if b.HasField("resolved_token") or b.draft_probs or b.q_payload:

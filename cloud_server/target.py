@@ -16,15 +16,12 @@ import torch
 
 from picospec.cloud_server.drafts import DraftRun
 from picospec.shared.backend import PrefixCache, make_backend
-from picospec.shared.hf_backend import HFBackend
 from picospec.shared.early_exit import ExpectedOutcome, expected_outcome
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
 from picospec.shared.verify import gumbel_argmax, verify_greedy
-from picospec.shared.engine.backend import StaticBackend, StaticTreeKV
-from picospec.shared.tree_cache import TreeKV
 from picospec.shared.trees import ROOT, verify_coupled_tree
 
 log = logging.getLogger("picospec.cloud")
@@ -144,8 +141,9 @@ class TargetCache:
 
     @property
     def supports_trees(self) -> bool:
-        """Token trees need a cache that can mask per node and gather a path: transformers' DynamicCache
-        (shared/tree_cache.py) or a static engine slot (shared/engine/backend.py)."""
+        """Token trees need a cache that can mask per node and keep a path: transformers' DynamicCache
+        (shared/tree_cache.py), a static engine slot (shared/engine/backend.py) or llama.cpp's sequences
+        (shared/llama_tree.py)."""
         return self.backend.supports_trees
 
     def _verify_tree(self, committed: list[int], run: DraftRun, t0: float) -> PassOutcome:
@@ -156,7 +154,7 @@ class TargetCache:
         rest = committed[keep:]  # >= 1 token: a chain ahead of the tree, whose last one the tree's roots hang on
         parents = [ROOT] + list(range(len(rest) - 1)) + [len(rest) - 1 if p == ROOT else p + len(rest)
                                                          for p in run.parents]
-        kv = TreeKV(b) if isinstance(b, HFBackend) else StaticTreeKV(b)
+        kv = b.tree(room=len(rest) + len(run.token_ids))
         logits = kv.extend(rest + run.token_ids, parents)[len(rest) - 1:]  # [n+1, V]: the root's row, then each node's
         walk = verify_coupled_tree(process_logits(on_cpu(logits), self.params), run.token_ids, run.parents, self.params.seed,
                                    run.start_pos)

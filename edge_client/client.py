@@ -29,6 +29,7 @@ from picospec.edge_client.resume import (RejoinState, after_draft_token, break_a
                                          resume_plan)
 from picospec.edge_client.session import EdgeSession
 from picospec.edge_client.text import TextStream
+from picospec.edge_client.tree_builder import MAX_TREE_NODES_GROWN
 from picospec.edge_client.waiting import WaitProgress, admission_delay_s
 from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
                                             call_error, open_channel, wait_for_cloud, wire_size)
@@ -418,11 +419,10 @@ class EdgeClient:
                             max_draft_len=cfg.max_draft_len, decode_ahead=cfg.decode_ahead, hints=cfg.hints,
                             draft_confidence=cfg.draft_confidence, cloud_max_draft_len=info.max_draft_len,
                             cloud_exit_layer=info.default_exit_layer, tree_budget=cfg.tree_budget)
+        tree_room = MAX_TREE_NODES_GROWN if plan.tree_budget else 0  # a tree's nodes sit in the draft's cache too
         drafter = Drafter(self.draft.model, params, cfg.device, gumbel=verify_scheme.gumbel_drafts,
                           logits_width=self.logits_width,
-                          n_ctx=len(prompt) + cfg.max_new_tokens + 4 * max(cfg.max_draft_len, cfg.tree_budget) + 64)
-        if plan.tree_budget and not drafter.supports_trees:
-            raise ValueError("token trees (--tree-budget) need --draft-engine torch: the llama.cpp draft drafts chains")
+                          n_ctx=len(prompt) + cfg.max_new_tokens + 4 * cfg.max_draft_len + tree_room + 64)
         stats.drafter = drafter
         hello = self._hello(prompt, params, cfg, cfg.verify)
         hello.decode_ahead = plan.decode_ahead

@@ -1,14 +1,14 @@
 """The draft model's side of a session: propose tokens from the committed prefix. Runs in the edge executor.
 
 Whatever engine runs the draft, its logits become numpy rows here and everything after (q, the draws, the wire) is
-numpy (shared/draws.py): an edge drafting on llama.cpp never imports torch. Token trees need transformers' cache
-(shared/tree_cache.py), so they, and torch, come in with a torch draft only.
+numpy (shared/draws.py): an edge drafting on llama.cpp never imports torch. Token trees live in the engine's own cache
+(`backend.tree()`: transformers' in shared/tree_cache.py, llama.cpp's sequences in shared/llama_tree.py).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -17,11 +17,8 @@ from picospec.shared.codec import Precision, host_array
 from picospec.shared.draws import gumbel_argmax, process_logits, quantize, sample_token
 from picospec.shared.rng import Stream, gumbel_noise_array
 from picospec.shared.sampling import SamplingParams
-from picospec.edge_client.tree_builder import TreeGrower, subtree_memo
+from picospec.edge_client.tree_builder import MAX_TREE_NODES_GROWN, TreeGrower, subtree_memo
 from picospec.shared.trees import ROOT, match_path
-
-if TYPE_CHECKING:
-    from picospec.shared.tree_cache import TreeKV
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class Drafter:
         self.params = params
         self.precision = precision
         self.gumbel = gumbel  # coupled mode: Gumbel-max with the noise the cloud will use
-        self.tree: TreeKV | None = None  # the last tree's expanded nodes, still in the cache until the verdict's path is known
+        self.tree: Any = None  # the last tree's expanded nodes (backend.tree()), cached until the verdict's path is known
         self.grower: TreeGrower | None = None  # ... and its growth (the memo of expansions, by path)
         self.accept = 0.6  # the acceptance the tree's weights use (set by the session from its estimate)
 
@@ -64,7 +61,7 @@ class Drafter:
 
     @property
     def supports_trees(self) -> bool:
-        """Token trees need a cache that masks per node and gathers a path: transformers' (shared/tree_cache.py)."""
+        """Token trees need a cache that masks per node and keeps one path: transformers' or llama.cpp's."""
         return self.backend.supports_trees
 
     def prefill(self, prompt_ids: Sequence[int]) -> float:
@@ -138,10 +135,9 @@ class Drafter:
         memo = self._reroot(committed)
         fresh = memo is None
         if fresh:  # start afresh from the committed prefix
-            from picospec.shared.tree_cache import TreeKV  # torch: trees run on a torch draft only
             self._settle_tree(committed)
             root_logits = host_array(self.backend.logits_at(list(committed), len(committed) - 1)[-1], np.float32)  # [V]
-            self.tree = TreeKV(self.backend)
+            self.tree = self.backend.tree(room=MAX_TREE_NODES_GROWN)
             memo = {(): (ROOT, self._candidates(root_logits, len(committed), accept))}
         g = self.grower = TreeGrower(len(committed), memo, (budget + 1) // 2, max_depth, stop_ids)
         g.grow(budget, self._expand)
@@ -165,6 +161,8 @@ class Drafter:
             return None
         path = [g.memo[suffix[:i]][0] for i in range(1, len(suffix) + 1)]  # every ancestor of an expanded node was
         memo = subtree_memo(g.memo, suffix)                                  # expanded too
+        if len(memo) - 1 + MAX_TREE_NODES_GROWN > kv.max_nodes:  # a bounded cache (llama.cpp's sequences) could not
+            return None                                          # hold the kept nodes and a new tree's: start afresh
         moved = kv.reroot(path, [kv_i for key, (kv_i, _) in memo.items() if key])
         return {key: (moved[kv_i] if key else ROOT, cands) for key, (kv_i, cands) in memo.items()}
 

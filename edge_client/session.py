@@ -22,6 +22,7 @@ from picospec.edge_client.policy import (SHADOW_EVERY, Action, SessionPlan, Snap
                                          drafts_before_next_send, edge_owes, next_action, should_send)
 from picospec.edge_client.rtt import RttTracker
 from picospec.edge_client.transport import EdgeError, StreamTransport
+from picospec.edge_client.tree_builder import MAX_TREE_NODES_GROWN
 from picospec.shared.codec import PayloadError, decode_list
 from picospec.shared.config import EdgeConfig
 from picospec.shared.perf_model import choose_draft_len, choose_tree_nodes
@@ -32,8 +33,7 @@ from picospec.shared.stats import GenerationStats, verdict_token_kinds
 from picospec.shared.trees import check_path
 
 RunModel = Callable[..., Awaitable]
-TREE_GROWTH = 4             # idle-time growth: a tree may grow to this many times the nodes sent ...
-MAX_TREE_NODES_GROWN = 128  # ... and never past this many nodes (each expanded one holds a KV entry)
+TREE_GROWTH = 4  # idle-time growth: a tree may grow to this many times the nodes sent (and MAX_TREE_NODES_GROWN)
 
 
 class EdgeSession:

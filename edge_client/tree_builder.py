@@ -19,6 +19,8 @@ from typing import Callable
 
 from picospec.shared.trees import ROOT
 
+MAX_TREE_NODES_GROWN = 128  # a tree, idle-time growth included, never holds more expanded nodes (each a KV entry)
+
 Candidates = list[tuple[float, int]]  # (weight, token) under a node, the coupled choice first
 Key = tuple[int, ...]                  # a node's path: the tokens from the root to it
 # expand(kv index of the node's parent, the node's token, the position of its children) -> (its kv index, candidates)

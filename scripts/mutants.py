@@ -396,6 +396,20 @@ MUTANTS: list[Mutant] = [
         limit_s=300,
     ),
     Mutant(
+        "t1", "llama.cpp trees: a node is not seen by its descendants decoded in the same call (its sequence ids)",
+        "shared/llama_tree.py",
+        "                seen_by[a - old].append(seqs[i])\n",
+        "                pass  # (mutant) seen by itself only\n",
+        ("tests/test_llama_cpp.py::test_tree_nodes_see_exactly_their_path",),
+    ),
+    Mutant(
+        "t2", "llama.cpp trees: the kept path never joins the linear sequence (keep and reroot forget it)",
+        "shared/llama_tree.py",
+        "            b.copy_sequence(self.seqs[path[-1]], 0)",
+        "            pass  # (mutant)",
+        ("tests/test_llama_cpp.py::test_tree_nodes_see_exactly_their_path",),
+    ),
+    Mutant(
         "d1", "the edge's numpy inverse CDF ignores an unnormalised row's total (u, not u * total: a residual's law)",
         "shared/draws.py",
         '    idx = int(np.searchsorted(cdf, u * total, side="right"))\n',

@@ -63,6 +63,12 @@ class PrefixCache:
     def close(self) -> None:
         """Give back what the backend holds beyond itself (an engine slot); nothing here."""
 
+    def tree(self, room: int = 0) -> Any:
+        """Token-tree nodes after the cached tokens (where `supports_trees`): an object with `base`, `tokens`,
+        `parents`, `max_nodes`, `extend(tokens, parents) -> logits [n, V]`, `keep(path)`, `reroot(path, subtree)` and
+        `drop()` (shared/tree_cache.py's TreeKV is the reference). room: the most nodes the caller will hold at once."""
+        raise ValueError(f"{type(self).__name__} cannot hold token trees")
+
     def keep_shared(self, sequence: Sequence[int], limit: int) -> int:
         """Truncate to the longest cached prefix of `sequence`, at most `limit` tokens long; its length."""
         keep, limit = 0, min(self.length, limit)

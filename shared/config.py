@@ -155,7 +155,7 @@ class EdgeConfig:
                          "without it only the built-ins, tiny-random, random:SHAPE, local directories and .gguf files "
                          "are taken, and a typo is refused at once")
     draft_engine: str = opt("auto", "what runs the draft: llama.cpp (the GGUF as shipped, no float32 copy; a built-in "
-                            "name or a .gguf path), torch (transformers; needed for :int8, :layers=N and token trees), "
+                            "name or a .gguf path), torch (transformers; needed for :int8 and :layers=N), "
                             "auto = llama.cpp where the draft is a GGUF and llama-cpp-python is installed, else torch",
                             choices=("auto", "llama.cpp", "torch"))
     device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))

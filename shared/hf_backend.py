@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from picospec.shared.backend import PrefixCache, fit_width
+
+if TYPE_CHECKING:
+    from picospec.shared.tree_cache import TreeKV
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -40,6 +43,12 @@ class HFBackend(PrefixCache):
     def reset(self) -> None:
         self.tokens = []
         self.cache = self._cache_cls(config=self.model.config)
+
+    def tree(self, room: int = 0) -> "TreeKV":
+        """Tree nodes after the cached tokens, in this cache (shared/tree_cache.py); room: unbounded here."""
+        from picospec.shared.tree_cache import TreeKV
+
+        return TreeKV(self)
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> torch.Tensor:

@@ -4,7 +4,9 @@ Terms:
   * `GgufModel` is the weights, loaded once per process (memory-mapped, shared by every session);
   * `LlamaCppBackend` is one sequence's KV cache over them: a llama.cpp context of its own (sequence 0), created on
     the first `reset` with room for the tokens it will hold. Rollback is llama.cpp's sequence removal
-    (`llama_memory_seq_rm` of the positions past the kept prefix): O(1) bookkeeping, no recompute.
+    (`llama_memory_seq_rm` of the positions past the kept prefix): O(1) bookkeeping, no recompute;
+  * token trees put each node in a sequence of its own in the same context (shared/llama_tree.py), so the context
+    holds up to 256 sequences over one shared (unified) cache.
 
 The logits come back as float32 numpy arrays [n, V]: the edge samples from them in numpy (shared/draws.py) and never
 loads torch; the cloud takes them as tensors without a copy (cloud_server/target.py:on_cpu). llama-cpp-python is
@@ -18,11 +20,15 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from picospec.shared.backend import PrefixCache, fit_width
+from picospec.shared.llama_tree import TREE_SEQS
+
+if TYPE_CHECKING:
+    from picospec.shared.llama_tree import LlamaTreeKV
 
 GGUF_MAGIC = b"GGUF"
 N_BATCH = 512           # tokens per llama_decode call: a longer forward (a prompt) goes in pieces of this
@@ -127,7 +133,8 @@ class GgufModel:
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = min(N_BATCH, n_ctx)
-        params.n_seq_max = 1
+        params.n_seq_max = TREE_SEQS + 1  # the linear sequence and a tree's nodes (shared/llama_tree.py) ...
+        params.kv_unified = True           # ... in one cache: a node's sequence shares the linear part's cells
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
         # flash attention accumulates in float16 on the CPU: off, so a position's logits barely depend on how the
@@ -145,6 +152,8 @@ class GgufModel:
 class LlamaCppBackend(PrefixCache):
     """One sequence's KV cache in a llama.cpp context of its own. Not thread-safe: one caller at a time."""
 
+    supports_trees = True
+
     def __init__(self, model: GgufModel, logits_width: int = 0, n_ctx: int = 0) -> None:
         """logits_width: as HFBackend's (the session's width when this model's differs). n_ctx: the most tokens the
         sequence should hold (the context is sized to it, rounded up; a longer sequence moves to a larger context)."""
@@ -154,7 +163,8 @@ class LlamaCppBackend(PrefixCache):
         self.n_ctx = -(-(n_ctx or DEFAULT_N_CTX) // CTX_ROUND) * CTX_ROUND
         self.tokens: list[int] = []
         self._ctx = None
-        self._batch = None
+        self._batch = None       # a batch of one sequence (the linear forwards)
+        self._tree_batch = None  # a batch whose tokens may carry many sequence ids (tree nodes)
 
     @property
     def num_layers(self) -> int:
@@ -172,10 +182,10 @@ class LlamaCppBackend(PrefixCache):
 
     def close(self) -> None:
         """Free the context (its KV cache); a later reset makes a new one."""
-        for part in (self._batch, self._ctx):
+        for part in (self._batch, self._tree_batch, self._ctx):
             if part is not None:
                 part.close()
-        self._batch = self._ctx = None
+        self._batch = self._tree_batch = self._ctx = None
         self.tokens = []
 
     def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> np.ndarray:
@@ -193,7 +203,8 @@ class LlamaCppBackend(PrefixCache):
         for start in range(0, n, N_BATCH):
             piece = ids[start:start + N_BATCH]
             first_out = max(0, n - keep - start)  # this piece's first position whose logits are wanted
-            rows.append(self._decode(piece, self.length + start, first_out))
+            pos0 = self.length + start
+            rows.append(self._decode(self._batch, piece, range(pos0, pos0 + len(piece)), [[0]] * len(piece), first_out))
         self.tokens.extend(int(t) for t in token_ids)
         logits = np.concatenate([r for r in rows if len(r)])  # [keep, V_own]
         return fit_width(logits, self.vocab_size)
@@ -208,22 +219,61 @@ class LlamaCppBackend(PrefixCache):
         if held:
             self.forward(held, num_logits=1)
 
-    def _decode(self, piece: list[int], pos0: int, first_out: int) -> np.ndarray:
-        """One llama_decode of `piece` at positions pos0..; logits [outputs, V_own] of its positions from first_out."""
-        b = self._batch.batch
+    def _decode(self, batch, piece: list[int], positions: Sequence[int], seq_ids: Sequence[Sequence[int]],
+                first_out: int) -> np.ndarray:
+        """One llama_decode of `piece` at `positions`, token i in the sequences seq_ids[i] (its first the one it
+        attends with); logits [outputs, V_own] of its positions from first_out."""
+        b = batch.batch
         b.n_tokens = len(piece)
-        for i, t in enumerate(piece):
-            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos0 + i, 1
-            b.seq_id[i][0] = 0
+        for i, (t, pos, seqs) in enumerate(zip(piece, positions, seq_ids)):
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos, len(seqs)
+            for j, s in enumerate(seqs):
+                b.seq_id[i][j] = s
             b.logits[i] = i >= first_out
         code = llama_cpp_module().llama_decode(self._ctx.ctx, b)
         if code != 0:
-            raise LlamaCppError(f"llama_decode returned {code} for {len(piece)} tokens at position {pos0}")
+            raise LlamaCppError(f"llama_decode returned {code} for {len(piece)} tokens at position {positions[0]}")
         outputs = max(0, len(piece) - first_out)
         if outputs == 0:
             return np.zeros((0, self.own_width), dtype=np.float32)
         ptr = self._ctx.get_logits()
         return np.ctypeslib.as_array(ptr, shape=(outputs * self.own_width,)).reshape(outputs, self.own_width).copy()
+
+    # ------------------------------------------------------------------ token trees (shared/llama_tree.py)
+
+    def tree(self, room: int = 0) -> "LlamaTreeKV":
+        """Tree nodes after the cached tokens; room: the most nodes held at once."""
+        from picospec.shared.llama_tree import LlamaTreeKV
+
+        return LlamaTreeKV(self, room)
+
+    def open_tree(self, room: int) -> None:
+        """Ready the context for a tree of up to `room` nodes: large enough, and no sequence but the linear one left
+        (a tree given up without `keep` leaves its nodes' sequences behind)."""
+        if self._ctx is None:
+            self.reset()
+        if self.length + room > self.n_ctx:
+            self._grow(self.length + room)
+        self._ctx.kv_cache_seq_keep(0)
+        if self._tree_batch is None:
+            from llama_cpp import _internals
+
+            self._tree_batch = _internals.LlamaBatch(n_tokens=min(N_BATCH, self.n_ctx), embd=0,
+                                                     n_seq_max=TREE_SEQS + 1, verbose=False)
+
+    def decode_nodes(self, tokens: list[int], positions: list[int], seq_ids: list[list[int]]) -> np.ndarray:
+        """Tree nodes in one llama_decode (shared/llama_tree.py says which sequences); logits [n, V_own]."""
+        if self.length + len(positions) > self.n_ctx or len(tokens) > min(N_BATCH, self.n_ctx):
+            raise LlamaCppError(f"{len(tokens)} tree nodes do not fit this {self.n_ctx}-token context "
+                                f"({self.length} tokens held)")
+        return self._decode(self._tree_batch, tokens, positions, seq_ids, 0)
+
+    def copy_sequence(self, source: int, dest: int) -> None:
+        """The cells of sequence `source` join sequence `dest` (no data moves)."""
+        self._ctx.kv_cache_seq_cp(source, dest, -1, -1)
+
+    def remove_sequence(self, seq: int) -> None:
+        self._ctx.kv_cache_seq_rm(seq, -1, -1)
 
     def _drop_after(self, length: int) -> None:
         if not self._ctx.kv_cache_seq_rm(0, length, -1):

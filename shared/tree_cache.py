@@ -18,11 +18,13 @@ import torch
 
 from picospec.shared.backend import fit_width
 from picospec.shared.hf_backend import HFBackend
-from picospec.shared.trees import ROOT, ancestor_mask, depths_of
+from picospec.shared.trees import ancestor_mask, depths_of, reroot_plan
 
 
 class TreeKV:
     """The tree nodes appended to one backend's cache; the backend must not be used linearly until `keep`/`drop`."""
+
+    max_nodes = 1 << 30  # bounded by memory only
 
     def __init__(self, backend: HFBackend) -> None:
         if backend.cache is None:
@@ -69,16 +71,8 @@ class TreeKV:
         """Move `path` (root-descending) into the linear part and keep `subtree` (nodes under the path's end, each
         with its parent on the path's end or in `subtree`) as the new tree; drop the rest. A gather of the cache's
         entries along the sequence dimension. Returns old -> new tree index of the kept subtree nodes."""
-        b, prev = self.backend, ROOT
-        for node in path:
-            if not 0 <= node < len(self.tokens) or self.parents[node] != prev:
-                raise ValueError(f"path {list(path)} does not descend through the tree")
-            prev = node
-        kept = sorted(set(subtree))  # expansion order: parents before children
-        new_index = {old: i for i, old in enumerate(kept)}
-        parents = [ROOT if self.parents[old] == prev else new_index.get(self.parents[old], -2) for old in kept]
-        if -2 in parents or prev in new_index:
-            raise ValueError(f"subtree {kept} does not hang under the end of path {list(path)}")
+        b = self.backend
+        kept, parents = reroot_plan(self.parents, path, subtree)
         order = list(path) + kept
         if order != list(range(len(self.tokens))):  # else every node is kept in place: nothing to move
             idx = torch.cat([torch.arange(self.base), torch.tensor(order, dtype=torch.long) + self.base])
@@ -91,7 +85,7 @@ class TreeKV:
                     layer.values = layer.values.index_select(-2, i)
         b.tokens.extend(self.tokens[i] for i in path)
         self.base, self.tokens, self.parents = b.length, [self.tokens[i] for i in kept], parents
-        return new_index
+        return {old: i for i, old in enumerate(kept)}
 
     def drop(self) -> None:
         """Forget every tree node: the backend holds its linear part again."""

@@ -59,6 +59,24 @@ def depths_of(parents: Sequence[int]) -> list[int]:
     return out
 
 
+def reroot_plan(parents: Sequence[int], path: Sequence[int], subtree: Sequence[int]) -> tuple[list[int], list[int]]:
+    """A tree cache's re-rooting, checked: `path` (root-descending node indices) moves into the linear part and
+    `subtree` (nodes under the path's end, each with its parent on the path's end or in `subtree`) becomes the new
+    tree. Returns the kept nodes in expansion order and their parents renumbered (ROOT: under the path's end); a
+    kept node's new index is its place in the first list. ValueError for a path or subtree that does not fit."""
+    prev = ROOT
+    for node in path:
+        if not 0 <= node < len(parents) or parents[node] != prev:
+            raise ValueError(f"path {list(path)} does not descend through the tree")
+        prev = node
+    kept = sorted(set(subtree))  # expansion order: parents before children
+    new_index = {old: i for i, old in enumerate(kept)}
+    new_parents = [ROOT if parents[old] == prev else new_index.get(parents[old], -2) for old in kept]
+    if -2 in new_parents or prev in new_index:
+        raise ValueError(f"subtree {kept} does not hang under the end of path {list(path)}")
+    return kept, new_parents
+
+
 def ancestor_mask(parents: Sequence[int]) -> "torch.Tensor":
     """[n, n] bool: entry (i, j) is True when node j is node i itself or one of its ancestors (what i attends to)."""
     import torch

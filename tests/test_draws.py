@@ -150,14 +150,15 @@ sys.exit(rc)
 def test_an_edge_on_llama_cpp_runs_every_mode_without_torch():
     """picospec-edge drafting on llama.cpp with torch unimportable, against a torch cloud (batch-invariant, so
     greedy speculation must equal the cloud alone token for token): every verification mode, stop-and-wait and
-    pipelined, greedy and sampled."""
+    pipelined, greedy and sampled, and token trees (llama.cpp sequences, shared/llama_tree.py)."""
     with cloud_process(SMOL, "--engine", "hf") as (_, address):
-        for verify, temperature in [("coupled", 0.0), ("dense", 0.0), ("split-exact", 1.0), ("split-topk", 1.0),
-                                    ("coupled", 1.0)]:
+        for verify, temperature, more in [("coupled", 0.0, []), ("dense", 0.0, []), ("split-exact", 1.0, []),
+                                          ("split-topk", 1.0, []), ("coupled", 1.0, []),
+                                          ("coupled", 0.0, ["--tree-budget", "6"])]:
             cmd = [sys.executable, "-c", NO_TORCH_EDGE, "--server", address, "--draft", SMOL, "--draft-engine",
                    "llama.cpp", "--threads", "1", "--prompt", "def fibonacci(n):", "--max-new-tokens", "16",
                    "--mode", "cloud,sync,pipeline", "--verify", verify, "--temperature", str(temperature),
-                   "--seed", "5", "--json"]
+                   "--seed", "5", "--json", *more]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=checkout_env())
             assert r.returncode == 0, r.stderr[-3000:]
             assert "PyTorch was not found" not in r.stderr  # transformers' advisory is not the user's business

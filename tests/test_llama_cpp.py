@@ -215,15 +215,13 @@ def test_speculation_with_a_llama_cpp_draft_and_target_equals_llama_cpp_greedy(s
             assert st["rounds"] > 0 and st["accepted_tokens"] > 0, st
 
 
-def test_a_llama_cpp_cloud_refuses_early_exit_hints_and_trees(smol_gguf, smol_torch_draft):
+def test_a_llama_cpp_cloud_refuses_early_exit_hints(smol_gguf, smol_torch_draft):
     async def scenario():
         async with serving(smol_gguf, engine="llama.cpp") as (_, addr), \
                 edge(addr, smol_torch_draft, max_new_tokens=8) as client:
             ids = smol_gguf.tokenizer(PROMPTS[0])["input_ids"]
             with pytest.raises(Exception, match="early-exit hints need a torch engine"):
                 await client.generate(ids, mode="early-exit").collect()
-            with pytest.raises(Exception, match="cannot verify token trees"):
-                await client.generate(ids, mode="sync", tree_budget=4).collect()
 
     run(scenario())
 
@@ -237,15 +235,115 @@ def test_a_llama_cpp_draft_of_another_tokenizer_is_refused_at_connect(smol_gguf,
     run(scenario())
 
 
-def test_trees_with_a_llama_cpp_draft_are_refused_clearly(smol_gguf):
+# ---------------------------------------------------------------------------------------------- token trees
+
+def _path_to(node: int, tokens: list[int], parents: list[int]) -> list[int]:
+    """The tokens from the root down to node."""
+    path = []
+    while node != -1:
+        path.append(tokens[node])
+        node = parents[node]
+    return path[::-1]
+
+
+def _below(node: int, top: int, parents: list[int]) -> bool:
+    """node lies strictly below top."""
+    while parents[node] != -1:
+        node = parents[node]
+        if node == top:
+            return True
+    return False
+
+
+def test_tree_nodes_see_exactly_their_path(smol_gguf):
+    """Each node's logits are a linear forward's of its path (llama.cpp's sequences hide siblings and cousins), over
+    random trees extended in several calls; reroot moves one root into line and keeps the nodes under it, which grow
+    on; after drop the cache is linear again (its next forward and a rollback are a fresh cache's). A tree given up
+    without keep leaves nothing behind for the next one. Equal up to llama.cpp's batch noise, which moves a linear
+    cache's logits as much (a position's logits depend on the batch it ran in); a node that saw one token more or
+    less than its path is off by several units (checked: the bound separates them)."""
+    prompt = smol_gguf.tokenizer(PROMPTS[1])["input_ids"]
+    model = smol_gguf.model
+
+    def linear(seq: list[int]) -> np.ndarray:
+        return model.backend(n_ctx=128).prefill(seq)                                  # [V]
+
+    def check(kv, rows, first: int) -> None:
+        for i, row in enumerate(rows):
+            path = _path_to(first + i, kv.tokens, kv.parents)
+            assert np.abs(row - linear(b.tokens + path)).max() <= BATCH_NOISE, (first + i, path)
+            assert np.abs(row - linear(b.tokens + [7] + path)).max() > 2 * BATCH_NOISE  # seeing one more: far off
+
+    rng = random.Random(5)
+    b = model.backend(n_ctx=128)
+    b.prefill(prompt)
+    b.tree(room=8).extend([7, 8, 9], [-1, 0, 0])  # given up: its sequences must not leak into the next tree
+    for _ in range(3):
+        kv = b.tree(room=40)
+        for size in (3, 1, 5):  # parents anywhere before, in this call or an earlier one
+            first = len(kv.tokens)
+            rows = kv.extend([rng.randrange(100, 40000) for _ in range(size)],
+                             [rng.randrange(-1, first + i) for i in range(size)])                # [size, V]
+            check(kv, rows, first)
+        tokens, parents = list(kv.tokens), list(kv.parents)
+        root = rng.choice([i for i in range(len(tokens)) if parents[i] == -1])
+        under = [i for i in range(len(tokens)) if _below(i, root, parents)]
+        moved = kv.reroot([root], under)
+        assert b.tokens[-1] == tokens[root] and kv.tokens == [tokens[i] for i in under]
+        assert [kv.parents[moved[i]] for i in under] == [-1 if parents[i] == root else moved[parents[i]] for i in under]
+        first = len(kv.tokens)
+        check(kv, kv.extend([77, 78], [-1, first]), first)  # the kept nodes grow on under the new root
+        kv.drop()
+        assert np.abs(b.forward([42], num_logits=1)[-1] - linear(b.tokens[:-1] + [42])).max() <= BATCH_NOISE
+    assert b.length == len(prompt) + 6
+    b.truncate(len(prompt))
+    assert np.abs(b.forward([9])[-1] - linear(prompt + [9])).max() <= BATCH_NOISE
+
+
+def test_a_llama_cpp_tree_refuses_what_it_cannot_hold(smol_gguf):
+    prompt = smol_gguf.tokenizer(PROMPTS[0])["input_ids"]
+    b = smol_gguf.model.backend(n_ctx=64)
+    b.prefill(prompt)
+    kv = b.tree(room=8)
+    assert b.n_ctx >= len(prompt) + 8
+    kv.extend([5] * 200, [-1] * 200)  # room is a size hint: the context grows no further while a tree is held
+    with pytest.raises(ValueError, match="at most 255 nodes"):
+        kv.extend([5] * 56, [-1] * 56)
+    with pytest.raises(ValueError, match="not an earlier node"):
+        kv.extend([5], [200])
+    kv.keep([3])
+    assert b.tokens == prompt + [5]
+
+
+def test_token_trees_with_a_llama_cpp_draft_and_a_llama_cpp_target(smol_gguf, smol_reference, smol_torch_draft):
+    """Trees both ways, greedy: the llama.cpp draft grows trees (with idle-time growth and re-rooting) for the torch
+    target, exactly transformers' greedy output; the llama.cpp target verifies a torch draft's trees, every token
+    within llama.cpp's batch noise of its top logit and most exactly llama.cpp's own greedy tokens."""
+    n = 24
     torch_smol = load_model(SMOL, progress=False)
 
-    async def scenario():
-        async with serving(torch_smol) as (_, addr), edge(addr, smol_gguf, max_new_tokens=4, verify="coupled") as c:
-            with pytest.raises(ValueError, match="--draft-engine torch"):
-                await c.generate(smol_gguf.tokenizer(PROMPTS[0])["input_ids"], mode="sync", tree_budget=4).collect()
+    async def scenario(target, draft, engine):
+        out = []
+        async with serving(target, engine=engine) as (_, addr), \
+                edge(addr, draft, max_new_tokens=n, ignore_eos=True, verify="coupled", decode_ahead="off") as client:
+            for prompt in PROMPTS:
+                ids = target.tokenizer(prompt)["input_ids"]
+                gen = client.generate(ids, mode="sync", tree_budget=6)
+                out.append((ids, await gen.collect(), gen.stats.to_dict()))
+        return out
 
-    run(scenario())
+    with torch.inference_mode():
+        for ids, tokens, st in run(scenario(torch_smol, smol_gguf, "hf")):
+            ref = torch_smol.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+            assert tokens == ref[0, len(ids):].tolist(), smol_gguf.tokenizer.decode(ids)
+            assert st["rounds"] > 0 and st["drafted_tokens"] > st["accepted_tokens"] > 0, st
+    same = 0
+    for ids, tokens, st in run(scenario(smol_gguf, smol_torch_draft, "llama.cpp")):
+        gaps = smol_reference.top_gaps(ids, tokens)
+        assert max(gaps) <= BATCH_NOISE, (smol_gguf.tokenizer.decode(ids), gaps)
+        same += next((i for i, (a, b) in enumerate(zip(tokens, smol_reference.greedy(ids, n))) if a != b), n)
+        assert st["drafted_tokens"] > st["accepted_tokens"] + st["rounds"], st
+    assert same >= 2 * n, f"only {same} of {3 * n} tokens before the first difference from llama.cpp's greedy"
 
 
 # ---------------------------------------------------------------------------------------------- the law, T = 1
@@ -264,11 +362,13 @@ def qwen_pair():
 
 @skip_large
 @pytest.mark.parallel
-@pytest.mark.parametrize("verify", ["coupled", "dense", "split-exact"])
+@pytest.mark.parametrize("verify", ["coupled", "dense", "split-exact", "coupled-trees"])
 def test_qwen_pair_on_llama_cpp_follows_the_llama_cpp_targets_law(qwen_pair, verify):
     """The default pair, both on llama.cpp, at T=1: the output law is the llama.cpp target's (its teacher-forced
     logits from `Llama`, tests/law.py's PIT test), with a real draft (acceptance about 0.7), sync and the jittered
-    pipeline with decode-ahead; 10 generations x 20 tokens."""
+    pipeline with decode-ahead; 10 generations x 20 tokens. `coupled-trees`: token trees of 6 nodes (stop-and-wait,
+    no decode-ahead), grown on the llama.cpp draft and verified on the llama.cpp target (shared/llama_tree.py)."""
+    trees = verify == "coupled-trees"
     target, draft, target_ref, draft_ref = qwen_pair
     law = LawCheck(target_ref, T1, ranking=draft_ref)
     prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
@@ -279,13 +379,13 @@ def test_qwen_pair_on_llama_cpp_follows_the_llama_cpp_targets_law(qwen_pair, ver
     async def scenario():
         async with serving(target, engine="llama.cpp") as (service, addr):
             service.hooks = Jitter(3, 0.001)
-            async with edge(addr, draft, max_new_tokens=20, ignore_eos=True, verify=verify, temperature=1.0,
-                            decode_ahead="on") as client:
+            async with edge(addr, draft, max_new_tokens=20, ignore_eos=True, verify="coupled" if trees else verify,
+                            temperature=1.0, decode_ahead="off" if trees else "on") as client:
                 client.hooks = Jitter(4, 0.001)
                 for seed in range(10):
                     ids = list(prompts[seed % 2])
-                    gen = client.generate(ids, mode="sync" if seed % 2 else "pipeline", seed=seed,
-                                          draft_len=2 + seed % 3)
+                    shape = dict(tree_budget=6) if trees else dict(draft_len=2 + seed % 3)
+                    gen = client.generate(ids, mode="sync" if seed % 2 or trees else "pipeline", seed=seed, **shape)
                     law.add(ids, await gen.collect())
                     for k in totals:
                         totals[k] += getattr(gen.stats, k)

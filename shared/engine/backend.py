@@ -55,6 +55,10 @@ class StaticBackend(PrefixCache):
     def _drop_after(self, length: int) -> None:
         """Nothing: keys past `length` are never read and the next tokens there overwrite them."""
 
+    def tree(self, room: int = 0) -> "StaticTreeKV":
+        """A tree row's nodes after the slot's tokens, extended once per pass (StaticTreeKV)."""
+        return StaticTreeKV(self)
+
     def close(self) -> None:
         """Give the slot back (idempotent)."""
         if not self.closed:
@@ -83,6 +87,8 @@ class StaticTreeKV:
     (a tree row: rotary position = depth, each node sees the prefix, its ancestors and itself), then `keep` moves one
     root-descending path into line (StaticEngine.compact) and forgets the rest. The pass goes through the backend's
     `passes`, so with batching a tree shares its pass with other sessions' rows."""
+
+    max_nodes = 1 << 30  # bounded by the pass's rows, not by the cache
 
     def __init__(self, backend: StaticBackend) -> None:
         self.backend = backend
