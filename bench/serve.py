@@ -369,7 +369,7 @@ def parse_args(argv: list[str] | None) -> ServeConfig:
     p.add_argument("--device", default=None, help="passed to the cloud (cpu, cuda)")
     p.add_argument("--dtype", default=None, help="passed to the cloud (float32, float16, bfloat16)")
     p.add_argument("--engine", default=None, help="passed to the cloud (auto, static, hf, llama.cpp); batching "
-                   "on needs the static engine (the llama.cpp cloud refuses it)")
+                   "on needs static or llama.cpp (auto with batching on is static)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="passed to the cloud with batching on")
     p.add_argument("--max-wait-ms", type=float, default=None, help="passed to the cloud with batching on")
     p.add_argument("--gen-timeout-s", type=float, default=d.gen_timeout_s, help="deadline of one generation")

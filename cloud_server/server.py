@@ -31,6 +31,7 @@ from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options
 from picospec.shared.engine import EngineOptions, StaticBackend, StaticEngine
 from picospec.shared.llama_backend import GgufModel
 from picospec.shared.engine.batcher import Batcher, BatchOptions
+from picospec.shared.engine.llama_engine import LlamaEngine
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
 from picospec.shared.models import LoadedModel, ModelError, resolve_engine as resolve_model_engine
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
@@ -115,15 +116,14 @@ def uses_static_engine(config: CloudConfig) -> bool:
     """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
     mapped = config.device_mapped
     if config.engine == "llama.cpp":
-        if config.batching == "on" or config.device != "cpu" or mapped:
-            raise ModelError("--engine llama.cpp runs each session in its own llama.cpp context on the cpu: "
-                             "not with --batching on, --device cuda or --device-map")
+        if config.device != "cpu" or mapped:
+            raise ModelError("--engine llama.cpp runs on the cpu: not with --device cuda or --device-map")
         return False
     if (config.engine == "static" or config.batching == "on") and mapped:  # the cache lives on one device
         raise ModelError("the static engine (--engine static, --batching on) keeps the whole KV cache on one device: "
                          "use --engine hf --batching off with --device-map")
     if config.batching == "on" and config.engine == "hf":
-        raise ModelError("--batching on needs the static engine: --engine static (or auto)")
+        raise ModelError("--batching on needs the static engine (--engine static or auto) or --engine llama.cpp")
     return config.engine == "static" or (config.engine == "auto" and not mapped
                                          and (config.device == "cuda" or config.batching == "on"))
 
@@ -148,8 +148,14 @@ def graph_rows(max_sessions: int, batching: bool) -> tuple[int, ...]:
     return tuple(rows)
 
 
-def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | None:
-    """The static engine where the config asks for it, one slot per session --max-sessions allows."""
+def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | LlamaEngine | None:
+    """The static engine where the config asks for it, or llama.cpp's with --batching on (every session a sequence
+    of one context); one slot per session --max-sessions allows. None: each session a cache of its own."""
+    if isinstance(target.model, GgufModel):
+        if not uses_batching(config):
+            return None
+        # a session holds its prompt and budget (at most max_context) and one draft batch past them
+        return LlamaEngine(target.model, config.max_sessions, config.max_context + config.max_draft_len + 1)
     if not uses_static_engine(config):
         return None
     options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda",
@@ -162,7 +168,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
     def __init__(self, target: LoadedModel, config: CloudConfig, hooks: "CloudHooks | None" = None) -> None:
         if isinstance(target.model, GgufModel):  # a GGUF loaded for llama.cpp: that is the engine, whatever was said
             config = dataclasses.replace(config, engine="llama.cpp")
-            uses_static_engine(config)  # --batching on refused, with the reason
+            uses_static_engine(config)  # --device cuda refused, with the reason
         self.target, self.config = target, config
         self.hooks = hooks  # tests only: deterministic delays on outgoing messages
         num_layers = int(target.model.config.num_hidden_layers)
@@ -171,7 +177,7 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                                early_exits=not isinstance(target.model, GgufModel))
         self.default_exit_layer = config.exit_layer or max(1, min(num_layers - 1, round(0.75 * num_layers)))
         self.metrics = CloudMetrics(enabled=bool(config.metrics_port))
-        self.engine = make_engine(target, config)  # None: each session gets transformers' own cache
+        self.engine = make_engine(target, config)  # None: each session gets a cache of its own
         batching = BatchOptions(config.max_batch_tokens, config.max_wait_ms / 1e3, config.batch_hold)
         self.batcher = (Batcher(self.engine, batching, self.metrics.on_engine_pass)
                         if self.engine is not None and uses_batching(config) else None)

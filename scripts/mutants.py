@@ -410,6 +410,20 @@ MUTANTS: list[Mutant] = [
         ("tests/test_llama_cpp.py::test_tree_nodes_see_exactly_their_path",),
     ),
     Mutant(
+        "t3", "llama.cpp batching: a session's crop (a rejection's rollback, a slot given back) is never done",
+        "shared/engine/llama_engine.py",
+        "            crops, self._crops = self._crops, {}\n",
+        "            crops, self._crops = {}, {}  # (mutant)\n",
+        ("tests/test_llama_cpp.py::test_sessions_batched_in_one_llama_cpp_context_get_llama_cpp_greedy",),
+    ),
+    Mutant(
+        "t4", "llama.cpp batching: every row of a pass goes into the first row's sequence (sessions' keys mixed)",
+        "shared/engine/llama_engine.py",
+        "            seqs += [[r.slot]] * n\n",
+        "            seqs += [[rows[0].slot]] * n  # (mutant)\n",
+        ("tests/test_llama_cpp.py::test_sessions_batched_in_one_llama_cpp_context_get_llama_cpp_greedy",),
+    ),
+    Mutant(
         "d1", "the edge's numpy inverse CDF ignores an unnormalised row's total (u, not u * total: a residual's law)",
         "shared/draws.py",
         '    idx = int(np.searchsorted(cdf, u * total, side="right"))\n',

@@ -73,12 +73,13 @@ class CloudConfig(ServingLimits):
                        "may use)")
     engine: str = opt("auto", "target backend: static (preallocated KV slots, CUDA graphs per pass size on a GPU), hf "
                       "(transformers' own cache), llama.cpp (the GGUF as shipped, on the CPU: a built-in name or a .gguf "
-                      "path; each session its own llama.cpp context), auto = static on cuda or with --batching on, llama.cpp on a "
-                      "cpu for a GGUF target when llama-cpp-python is installed, else hf",
+                      "path; each session its own llama.cpp context, or with --batching on a sequence of one shared "
+                      "context), auto = static on cuda or with --batching on, llama.cpp on a cpu for a GGUF target "
+                      "when llama-cpp-python is installed, else hf",
                       choices=("auto", "static", "hf", "llama.cpp"))
-    batching: str = opt("auto", "verify every session's ready drafts in one pass of the static engine (on), or each "
-                        "session's passes one after another (off); auto = on with the static engine",
-                        choices=("auto", "on", "off"))
+    batching: str = opt("auto", "verify every session's ready drafts in one pass of the static engine or one llama.cpp "
+                        "decode call (on), or each session's passes one after another (off); auto = on with the static "
+                        "engine", choices=("auto", "on", "off"))
     max_batch_tokens: int = opt(512, "batching: most tokens in one pass across sessions (a longer row runs alone)")
     max_wait_ms: float = opt(250.0, "batching: a session's work should wait at most this long for a pass; waits "
                              "past it are counted (picospec_cloud_batch_wait_seconds)")

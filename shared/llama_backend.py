@@ -221,23 +221,9 @@ class LlamaCppBackend(PrefixCache):
 
     def _decode(self, batch, piece: list[int], positions: Sequence[int], seq_ids: Sequence[Sequence[int]],
                 first_out: int) -> np.ndarray:
-        """One llama_decode of `piece` at `positions`, token i in the sequences seq_ids[i] (its first the one it
-        attends with); logits [outputs, V_own] of its positions from first_out."""
-        b = batch.batch
-        b.n_tokens = len(piece)
-        for i, (t, pos, seqs) in enumerate(zip(piece, positions, seq_ids)):
-            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos, len(seqs)
-            for j, s in enumerate(seqs):
-                b.seq_id[i][j] = s
-            b.logits[i] = i >= first_out
-        code = llama_cpp_module().llama_decode(self._ctx.ctx, b)
-        if code != 0:
-            raise LlamaCppError(f"llama_decode returned {code} for {len(piece)} tokens at position {positions[0]}")
-        outputs = max(0, len(piece) - first_out)
-        if outputs == 0:
-            return np.zeros((0, self.own_width), dtype=np.float32)
-        ptr = self._ctx.get_logits()
-        return np.ctypeslib.as_array(ptr, shape=(outputs * self.own_width,)).reshape(outputs, self.own_width).copy()
+        """One llama_decode of `piece` (decode's terms); logits [outputs, V_own] of its positions from first_out."""
+        return decode(self._ctx, batch, piece, positions, seq_ids, [i >= first_out for i in range(len(piece))],
+                      self.own_width)
 
     # ------------------------------------------------------------------ token trees (shared/llama_tree.py)
 
@@ -284,6 +270,26 @@ class LlamaCppBackend(PrefixCache):
         raise LlamaCppError("early-exit hints need the torch engine (--engine hf or static): llama.cpp runs the "
                             "layers as one graph")
         yield  # pragma: no cover
+
+
+def decode(ctx, batch, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[Sequence[int]],
+           wanted: Sequence[bool], width: int) -> np.ndarray:
+    """One llama_decode in `ctx`: token i at positions[i] in the sequences seq_ids[i] (its first the one it attends
+    with); float32 logits [sum(wanted), width] of the wanted tokens, in order. `batch` holds at least len(tokens)."""
+    b = batch.batch
+    b.n_tokens = len(tokens)
+    for i, (t, pos, seqs, out) in enumerate(zip(tokens, positions, seq_ids, wanted)):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, len(seqs), out
+        for j, s in enumerate(seqs):
+            b.seq_id[i][j] = s
+    code = llama_cpp_module().llama_decode(ctx.ctx, b)
+    if code != 0:
+        raise LlamaCppError(f"llama_decode returned {code} for {len(tokens)} tokens at position {positions[0]}"
+                            + (" (no room left in the context)" if code == 1 else ""))
+    outputs = sum(bool(w) for w in wanted)
+    if outputs == 0:
+        return np.zeros((0, width), dtype=np.float32)
+    return np.ctypeslib.as_array(ctx.get_logits(), shape=(outputs * width,)).reshape(outputs, width).copy()
 
 
 def default_threads() -> int:

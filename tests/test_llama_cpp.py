@@ -7,6 +7,7 @@ real disagreement between draft and target.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -235,6 +236,43 @@ def test_a_llama_cpp_draft_of_another_tokenizer_is_refused_at_connect(smol_gguf,
     run(scenario())
 
 
+def test_sessions_batched_in_one_llama_cpp_context_get_llama_cpp_greedy(smol_gguf, smol_reference, smol_torch_draft):
+    """--batching on with the llama.cpp target: six sessions (speculative in every exact mode, and the cloud alone)
+    through four slots of one context, their rows decoded together: every token within llama.cpp's batch noise of
+    its top logit and most exactly llama.cpp's own greedy tokens; rejections crop each session's sequence alone; a
+    slot given back is found clean by the next session; the sessions shared passes. Token trees are refused."""
+    n = 20
+    sessions = [("pipeline", "coupled", 0), ("sync", "dense", 3), ("cloud", "coupled", 0), ("sync", "split-exact", 2),
+                ("pipeline", "dense", 4), ("sync", "coupled", 2)]
+
+    async def scenario():
+        async with serving(smol_gguf, engine="llama.cpp", batching="on", max_sessions=4, max_context=256,
+                           max_wait_ms=2000.0) as (service, addr):
+            async def one(i: int, mode: str, verify: str, g: int):
+                ids = smol_gguf.tokenizer(PROMPTS[i % 3] + " " * (i // 3))["input_ids"]
+                async with edge(addr, smol_torch_draft, max_new_tokens=n, ignore_eos=True, verify=verify,
+                                draft_len=g, decode_ahead="off", admission_wait_s=120.0) as client:
+                    gen = client.generate(ids, mode=mode)
+                    return ids, await gen.collect(), gen.stats.to_dict()
+
+            out = await asyncio.gather(*(one(i, *s) for i, s in enumerate(sessions)))
+            async with edge(addr, smol_torch_draft, max_new_tokens=4, verify="coupled") as client:
+                with pytest.raises(Exception, match="cannot verify token trees"):
+                    await client.generate(out[0][0], mode="sync", tree_budget=4).collect()
+            return out, service.batcher.stats
+
+    out, stats = run(scenario())
+    same = 0
+    for (ids, tokens, st), (mode, _, _) in zip(out, sessions):
+        gaps = smol_reference.top_gaps(ids, tokens)
+        assert len(tokens) == n and max(gaps) <= BATCH_NOISE, (smol_gguf.tokenizer.decode(ids), gaps)
+        same += next((i for i, (a, b) in enumerate(zip(tokens, smol_reference.greedy(ids, n))) if a != b), n)
+        if mode != "cloud":
+            assert st["rounds"] > 0 and st["drafted_tokens"] > st["accepted_tokens"], st  # rejections, crops
+    assert same >= 4 * n, f"only {same} of {6 * n} tokens before the first difference from llama.cpp's greedy"
+    assert stats.mean_rows > 1, "the sessions never shared a pass"
+
+
 # ---------------------------------------------------------------------------------------------- token trees
 
 def _path_to(node: int, tokens: list[int], parents: list[int]) -> list[int]:
@@ -397,20 +435,29 @@ def test_qwen_pair_on_llama_cpp_follows_the_llama_cpp_targets_law(qwen_pair, ver
 
 def test_the_cloud_resolves_auto_to_llama_cpp_only_where_it_can_run():
     """--engine auto: llama.cpp for a GGUF target on a CPU cloud without batching or a device map; as before elsewhere.
-    A service handed a GGUF model runs llama.cpp whatever the config said, and refuses --batching on."""
+    A service handed a GGUF model runs llama.cpp whatever the config said: with --batching on, every session a
+    sequence of one context (LlamaEngine); --device cuda refused."""
     from picospec.cloud_server.server import PicoSpecService, resolve_engine, uses_static_engine
     from picospec.shared.config import CloudConfig
+    from picospec.shared.engine.llama_engine import LlamaEngine
 
     assert resolve_engine(CloudConfig(target=SMOL)).engine == "llama.cpp"
     for config in (CloudConfig(target=f"{SMOL}:int8"), CloudConfig(target="tiny-random"),
                    CloudConfig(target=SMOL, batching="on"), CloudConfig(target=SMOL, device="cuda"),
                    CloudConfig(target=SMOL, engine="hf")):
         assert resolve_engine(config).engine == config.engine
-    with pytest.raises(ModelError, match="not with --batching on"):
-        uses_static_engine(CloudConfig(target=SMOL, engine="llama.cpp", batching="on"))
+    with pytest.raises(ModelError, match="not with --device cuda"):
+        uses_static_engine(CloudConfig(target=SMOL, engine="llama.cpp", device="cuda"))
+    assert uses_static_engine(CloudConfig(target=SMOL, engine="llama.cpp", batching="on")) is False
     smol = load_gguf_model(SMOL, progress=False)
-    with pytest.raises(ModelError, match="not with --batching on"):
-        PicoSpecService(smol, CloudConfig(target=SMOL, batching="on"))
+    alone = PicoSpecService(smol, CloudConfig(target=SMOL))
+    assert alone.engine is None and alone.batcher is None
+    batched = PicoSpecService(smol, CloudConfig(target=SMOL, batching="on", max_sessions=3, max_context=512))
+    try:
+        assert isinstance(batched.engine, LlamaEngine) and batched.batcher is not None
+        assert (batched.engine.slots, batched.engine.max_len) == (3, 512 + batched.config.max_draft_len + 1)
+    finally:
+        batched.batcher.close()
 
 
 def test_cloud_compute_per_token_is_the_cloud_time_over_the_tokens():

@@ -2,7 +2,8 @@
 
 Sessions' model jobs run on threads of their own (cloud_server/worker.py with batching on); when a job needs a pass
 it submits its row here and blocks. The engine thread owns the device: whenever it is free it takes what is
-queued, oldest first, up to `max_batch_tokens` tokens, and runs it as one `StaticEngine.run`. Rows that arrive
+queued, oldest first, up to `max_batch_tokens` tokens, and runs it as one `StaticEngine.run` (or
+`LlamaEngine.run`: one llama_decode over the rows, shared/engine/llama_engine.py). Rows that arrive
 while a pass runs form the next batch. When fewer rows are queued than sessions are open, a free engine holds the
 pass a little (a fraction of a pass, `hold_s`) for the sessions its last pass served, which are about to submit
 again; a lone session pays no delay. A row's wait is bounded by the pass ahead of it, that hold and the rows
@@ -20,11 +21,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from picospec.shared.engine.model import Row, StaticEngine
+
+if TYPE_CHECKING:
+    from picospec.shared.engine.llama_engine import LlamaEngine
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ PassObserver = Callable[[PassRecord], None]
 
 
 class Batcher:
-    def __init__(self, engine: StaticEngine, options: BatchOptions = BatchOptions(),
+    def __init__(self, engine: "StaticEngine | LlamaEngine", options: BatchOptions = BatchOptions(),
                  on_pass: PassObserver | None = None) -> None:
         self.engine, self.options, self.on_pass = engine, options, on_pass
         self.stats = BatchStats()
@@ -157,7 +161,7 @@ class Batcher:
                     req.done.set()
                 self._queue.clear()
                 return None
-            n = take_batch(self._queue, self.options.max_batch_tokens, max(self.engine.options.buckets, default=1))
+            n = take_batch(self._queue, self.options.max_batch_tokens, self.engine.max_shared_row)
             batch, self._queue = self._queue[:n], self._queue[n:]
             return batch
 

@@ -145,6 +145,11 @@ class StaticEngine:
         """Session slots held now (each an open session's cache)."""
         return self.scratch - len(self._free)
 
+    @property
+    def max_shared_row(self) -> int:
+        """Rows longer than the largest graph bucket run in a pass of their own (shared/engine/batcher.py:alone)."""
+        return max(self.options.buckets, default=1)
+
     def release(self, slot: int) -> None:
         with self._slots_lock:
             if not 0 <= slot < self.scratch or slot in self._free:
