@@ -147,14 +147,16 @@ def load_draft(config: EdgeConfig, on_tokenizer: Callable[[Any], None] | None = 
     from picospec.shared.models import load_gguf_model, load_model, load_tokenizer, resolve_engine
     engine = resolve_engine(config.draft, config.draft_engine)
     if engine == "llama.cpp" and config.device != "cpu":
-        raise ModelError(f"--draft-engine llama.cpp runs on the cpu here, not {config.device!r}")
+        raise ModelError(f"--device {config.device} is a torch draft's: a llama.cpp draft takes the GPU with "
+                         "--gpu-layers N (a GPU build of llama-cpp-python)")
     tokenizer = None
     if on_tokenizer is not None:
         tokenizer = load_tokenizer(config.draft, engine=engine)
         on_tokenizer(tokenizer)
     if engine == "llama.cpp":
         from picospec.shared.llama_backend import default_threads
-        return load_gguf_model(config.draft, threads=config.threads or default_threads(), tokenizer=tokenizer)
+        return load_gguf_model(config.draft, threads=config.threads or default_threads(), tokenizer=tokenizer,
+                               gpu_layers=config.gpu_layers)
     import torch  # installed: check_edge_startup refused a torch draft where it is not
 
     if config.threads:

@@ -162,6 +162,8 @@ class EdgeConfig:
     device: str = opt("cpu", "torch device for the draft", choices=("cpu", "cuda"))
     threads: int = opt(0, "torch intra-op threads, or llama.cpp's (0 = torch default; llama.cpp: the cores this process "
                        "may use)")
+    gpu_layers: int = opt(0, "a llama.cpp draft's layers offloaded to the GPU (a CUDA, Metal or Vulkan build of "
+                          "llama-cpp-python; -1 = all); 0 = the CPU only")
     compress: bool = opt(True, "zstd-compress distribution payloads")
     tls: bool = opt(False, "talk TLS to the cloud (implied by --tls-ca; without --tls-ca the system's roots verify it)")
     tls_ca: str = opt("", "PEM CA certificates that verify the cloud's certificate")
@@ -312,6 +314,7 @@ EDGE_RANGES: dict[str, Range] = {
     "draft_len": Range(0), "max_draft_len": Range(1), "tree_budget": Range(0),
     "residual_top_k": Range(0), "tail_samples": Range(0), "exit_layer": Range(0),  # 0 = the cloud's default
     "exit_threshold": Range(0.0, 1.0), "draft_confidence": Range(0.0, 1.0), "threads": Range(0),
+    "gpu_layers": Range(-1),
     "wait_ready_s": SECONDS, "admission_wait_s": SECONDS, "reconnect_s": SECONDS, "timeout_s": SECONDS,
     "timeout_per_token_s": SECONDS,
 }
@@ -381,6 +384,14 @@ def check_edge_startup(config: "EdgeConfig", *, one_mode: bool = False) -> None:
         raise ConfigError("draft_engine", config.draft_engine, str(e)) from None
     if engine == "torch" and not torch_installed():
         raise ConfigError("draft", config.draft, f"a torch draft: it {TORCH_MISSING}")
+    if config.gpu_layers and engine != "llama.cpp":
+        raise ConfigError("gpu_layers", config.gpu_layers, "0 for a torch draft (it takes the GPU with --device cuda)")
+    if config.gpu_layers and engine == "llama.cpp":
+        import llama_cpp  # installed: resolve_engine said llama.cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            raise ConfigError("gpu_layers", config.gpu_layers, "0: this llama-cpp-python build has no GPU backend "
+                              "(rebuild it with one, e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\": deploy/README.md)")
 
 
 def check_cloud_config(config: "CloudConfig") -> None:

@@ -95,10 +95,12 @@ class GgufGenerationConfig:
 
 @dataclass
 class GgufModel:
-    """A GGUF file loaded by llama.cpp on the CPU. `backend()` gives each session its own KV cache over it."""
+    """A GGUF file loaded by llama.cpp (on the CPU, or `gpu_layers` of it on a GPU). `backend()` gives each session
+    its own KV cache over it."""
 
     path: Path
     threads: int = 1
+    gpu_layers: int = 0  # layers offloaded to a GPU (a CUDA, Metal or Vulkan build of llama.cpp); -1 = all
     config: GgufConfig = field(init=False)
     generation_config: GgufGenerationConfig = field(init=False)
 
@@ -109,8 +111,11 @@ class GgufModel:
         _init_llama_cpp(lc)
         from llama_cpp import _internals
 
+        if self.gpu_layers and not lc.llama_supports_gpu_offload():
+            raise LlamaCppError(f"--gpu-layers {self.gpu_layers}: this llama-cpp-python build has no GPU backend; "
+                                "rebuild it with one (CMAKE_ARGS=\"-DGGML_CUDA=on\", deploy/README.md) or use 0")
         params = lc.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 1 << 30
         try:
             self._model = _internals.LlamaModel(path_model=str(self.path), params=params, verbose=False)
         except ValueError as e:

@@ -391,14 +391,15 @@ def _auto_tokenizer() -> Any:
 
 
 def load_gguf_model(name: str, *, threads: int = 1, progress: bool = True,
-                    tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
-    """`name` on the llama.cpp engine: the GGUF as shipped (gguf_file), `threads` llama.cpp threads, and its
-    tokenizer (`tokenizer`, where load_tokenizer gave it already). No float32 copy is made or read."""
+                    tokenizer: PreTrainedTokenizerBase | None = None, gpu_layers: int = 0) -> LoadedModel:
+    """`name` on the llama.cpp engine: the GGUF as shipped (gguf_file), `threads` llama.cpp threads, `gpu_layers`
+    offloaded to a GPU (-1 = all; a GPU build of llama.cpp), and its tokenizer (`tokenizer`, where load_tokenizer
+    gave it already). No float32 copy is made or read."""
     from picospec.shared.llama_backend import GgufModel, LlamaCppError
 
     path = gguf_file(name, progress=progress)
     try:
-        model = GgufModel(path, threads=threads)
+        model = GgufModel(path, threads=threads, gpu_layers=gpu_layers)
     except LlamaCppError as e:
         raise ModelError(str(e)) from e
     return LoadedModel(name, model, tokenizer if tokenizer is not None else _tokenizer_of(name, path, progress))

@@ -202,6 +202,8 @@ EDGE_USAGE = [  # (flags, what the one line says): the issue's list, each refuse
                                                 "is not a built-in; as a Hugging Face hub id it is fetched only with "
                                                 "--download"),
     (["--prompt", ""], "--prompt: the prompt is empty"),
+    (["--gpu-layers", "-2"], "--gpu-layers -2: must be at least -1"),
+    (["--gpu-layers", "4"], "--gpu-layers 4: 0 for a torch draft (it takes the GPU with --device cuda)"),
 ]
 
 
@@ -210,6 +212,17 @@ def test_edge_usage_errors_are_one_line_before_anything_loads(flags, message):
     prompt = [] if "--prompt" in flags else ["--prompt", "hi"]
     r, elapsed = _run([str(BIN / "picospec-edge"), "--draft", "tiny-random", *prompt, *flags])
     _one_line_error(r, elapsed, f"picospec-edge: {message}")
+
+
+def test_gpu_layers_on_a_llama_cpp_build_without_a_gpu_backend_is_one_line():
+    """The llama.cpp draft's --gpu-layers on the CPU build `make install` makes: refused before the draft loads, with
+    what to rebuild (a GPU build of llama-cpp-python takes it: deploy/README.md)."""
+    import llama_cpp
+
+    assert not llama_cpp.llama_supports_gpu_offload(), "this test is for the CPU build of llama-cpp-python"
+    r, elapsed = _run([str(BIN / "picospec-edge"), "--draft", "smollm2-135m-instruct", "--draft-engine", "llama.cpp",
+                       "--prompt", "hi", "--gpu-layers", "8"])
+    _one_line_error(r, elapsed, "picospec-edge: --gpu-layers 8: 0: this llama-cpp-python build has no GPU backend")
 
 
 def test_edge_prompt_from_a_missing_file_and_from_empty_stdin(tmp_path):

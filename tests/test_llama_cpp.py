@@ -116,6 +116,13 @@ def test_engine_names_and_refusals(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside it
 
 
+def test_gpu_layers_need_a_gpu_build_of_llama_cpp():
+    from picospec.shared.llama_backend import LlamaCppError
+
+    with pytest.raises(LlamaCppError, match="no GPU backend"):
+        GgufModel(gguf_file(SMOL, progress=False), gpu_layers=2)
+
+
 def test_a_corrupted_cached_gguf_is_reassembled_from_its_packages(tmp_path, monkeypatch):
     """The assembled built-in is re-hashed on every load: a flipped byte is never run, the file is rebuilt."""
     monkeypatch.setenv("PICOSPEC_CACHE", str(tmp_path))
