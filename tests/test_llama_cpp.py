@@ -24,7 +24,7 @@ from picospec.shared.llama_backend import GgufModel, LlamaCppBackend
 from picospec.shared.models import (ModelError, gguf_file, is_gguf_name, load_gguf_model, load_model,
                                     resolve_engine)
 from tests.conftest import edge, run, serving
-from tests.law import T1, LawCheck
+from tests.law import ALPHA_TIMED, T1, LawCheck
 from tests.llama_reference import BATCH_NOISE, LlamaReference
 
 SMOL = "smollm2-135m-instruct"
@@ -278,6 +278,38 @@ def test_sessions_batched_in_one_llama_cpp_context_get_llama_cpp_greedy(smol_ggu
             assert st["rounds"] > 0 and st["drafted_tokens"] > st["accepted_tokens"], st  # rejections, crops
     assert same >= 4 * n, f"only {same} of {6 * n} tokens before the first difference from llama.cpp's greedy"
     assert stats.mean_rows > 1, "the sessions never shared a pass"
+
+
+def test_sessions_batched_in_one_llama_cpp_context_follow_the_targets_law(smol_gguf, smol_reference, smol_torch_draft):
+    """T=1 with --batching on: three sessions at once through one llama.cpp context (their rows decoded together,
+    each cropped on its own rejections), six generations each in the three exact modes, stop-and-wait and
+    pipelined: the output law is the llama.cpp target's (tests/law.py). Which rows share a pass moves llama.cpp's
+    logits by its batch noise, so the tokens depend on timing: tested at ALPHA_TIMED."""
+    law = LawCheck(smol_reference, T1, ranking=smol_torch_draft.model, alpha=ALPHA_TIMED)  # coupled among the modes
+    verify_modes = ("dense", "split-exact", "coupled")
+
+    async def scenario():
+        async with serving(smol_gguf, engine="llama.cpp", batching="on", max_sessions=3, max_context=256,
+                           max_wait_ms=2000.0) as (service, addr):
+            async def session(i: int) -> list[tuple[list[int], list[int], list[str]]]:
+                out = []
+                async with edge(addr, smol_torch_draft, max_new_tokens=24, ignore_eos=True, temperature=1.0,
+                                verify=verify_modes[i], decode_ahead="off", admission_wait_s=120.0) as client:
+                    for seed in range(6):
+                        ids = smol_gguf.tokenizer(PROMPTS[(i + seed) % 3])["input_ids"]
+                        gen = client.generate(ids, mode="pipeline" if seed % 2 else "sync", seed=10 * i + seed,
+                                              draft_len=2 + seed % 2)
+                        out.append((ids, await gen.collect(), list(gen.stats.token_kinds)))
+                return out
+
+            runs = await asyncio.gather(*(session(i) for i in range(3)))
+            return [r for rs in runs for r in rs], service.batcher.stats
+
+    generations, stats = run(scenario())
+    for ids, tokens, kinds in generations:
+        law.add(ids, tokens, kinds)
+    assert stats.mean_rows > 1, "the sessions never shared a pass"
+    law.assert_matches("sessions batched in one llama.cpp context, T=1")
 
 
 # ---------------------------------------------------------------------------------------------- token trees
