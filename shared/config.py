@@ -387,11 +387,11 @@ def check_edge_startup(config: "EdgeConfig", *, one_mode: bool = False) -> None:
     if config.gpu_layers and engine != "llama.cpp":
         raise ConfigError("gpu_layers", config.gpu_layers, "0 for a torch draft (it takes the GPU with --device cuda)")
     if config.gpu_layers and engine == "llama.cpp":
-        import llama_cpp  # installed: resolve_engine said llama.cpp
+        from picospec.shared.llama_backend import gpu_offload_refusal
 
-        if not llama_cpp.llama_supports_gpu_offload():
-            raise ConfigError("gpu_layers", config.gpu_layers, "0: this llama-cpp-python build has no GPU backend "
-                              "(rebuild it with one, e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\": deploy/README.md)")
+        refusal = gpu_offload_refusal(config.gpu_layers)
+        if refusal:
+            raise ConfigError("gpu_layers", config.gpu_layers, f"0: {refusal}")
 
 
 def check_cloud_config(config: "CloudConfig") -> None:

@@ -50,6 +50,14 @@ def llama_cpp_module():
     return llama_cpp
 
 
+def gpu_offload_refusal(gpu_layers: int) -> str | None:
+    """Why `gpu_layers` layers cannot go to a GPU with the llama-cpp-python installed (None: they can, or none asked)."""
+    if gpu_layers and not llama_cpp_module().llama_supports_gpu_offload():
+        return ("this llama-cpp-python build has no GPU backend (rebuild it with one, e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\": "
+                "deploy/README.md)")
+    return None
+
+
 def check_gguf_header(path: Path) -> None:
     """A clear error for a path that is not a GGUF file, before llama.cpp (which only says 'failed') reads it."""
     try:
@@ -111,9 +119,9 @@ class GgufModel:
         _init_llama_cpp(lc)
         from llama_cpp import _internals
 
-        if self.gpu_layers and not lc.llama_supports_gpu_offload():
-            raise LlamaCppError(f"--gpu-layers {self.gpu_layers}: this llama-cpp-python build has no GPU backend; "
-                                "rebuild it with one (CMAKE_ARGS=\"-DGGML_CUDA=on\", deploy/README.md) or use 0")
+        refusal = gpu_offload_refusal(self.gpu_layers)
+        if refusal:
+            raise LlamaCppError(f"--gpu-layers {self.gpu_layers}: {refusal}; 0 runs on the CPU")
         params = lc.llama_model_default_params()
         params.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 1 << 30
         try:
@@ -253,10 +261,10 @@ class LlamaCppBackend(PrefixCache):
                                                      n_seq_max=TREE_SEQS + 1, verbose=False)
 
     def decode_nodes(self, tokens: list[int], positions: list[int], seq_ids: list[list[int]]) -> np.ndarray:
-        """Tree nodes in one llama_decode (shared/llama_tree.py says which sequences); logits [n, V_own]."""
-        if self.length + len(positions) > self.n_ctx or len(tokens) > min(N_BATCH, self.n_ctx):
-            raise LlamaCppError(f"{len(tokens)} tree nodes do not fit this {self.n_ctx}-token context "
-                                f"({self.length} tokens held)")
+        """Tree nodes in one llama_decode (shared/llama_tree.py says which sequences); logits [n, V_own]. A context
+        with no cell left for them is refused by llama.cpp itself (decode: "no room left in the context")."""
+        if len(tokens) > min(N_BATCH, self.n_ctx):  # the batch's arrays hold no more
+            raise LlamaCppError(f"{len(tokens)} tree nodes in one call: at most {min(N_BATCH, self.n_ctx)} here")
         return self._decode(self._tree_batch, tokens, positions, seq_ids, 0)
 
     def copy_sequence(self, source: int, dest: int) -> None:

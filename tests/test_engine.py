@@ -172,7 +172,7 @@ def test_a_cloud_on_the_engine_generates_what_it_does_on_transformers(tiny_targe
                 if service.active_sessions == 0:
                     break
                 await asyncio.sleep(0.01)
-            return out, service.engine and list(service.engine._free)
+            return out, service.engine and service.engine.slot_pool.free
 
     on_engine, free_slots = run(scenario("static"))
     on_hf, no_engine = run(scenario("hf"))

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from picospec.shared.engine.backend import StaticBackend
-from picospec.shared.engine.model import PREFILL_CHUNK, Row
+from picospec.shared.engine.model import PREFILL_CHUNK, Row, SlotPool
 from picospec.shared.llama_backend import N_BATCH, GgufModel, LlamaCppBackend, LlamaCppError, decode
 from picospec.shared.llama_tree import TREE_SEQS
 
@@ -41,27 +41,20 @@ class LlamaEngine:
         self.max_shared_row = SHARED_ROW
         self._ctx = model.new_context(slots * max_len)
         self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        self._free = list(range(slots))
-        self._lock = threading.Lock()      # slots and crops: taken on session threads, done on the engine's
+        self.slot_pool = SlotPool(slots, "llama.cpp engine slots")
+        self._lock = threading.Lock()      # crops: asked for on session threads, done on the engine's
         self._crops: dict[int, int] = {}   # slot -> the length its sequence is cut to before the next pass
 
     def acquire(self) -> int:
-        with self._lock:
-            if not self._free:
-                raise RuntimeError(f"all {self.slots} llama.cpp engine slots are in use")
-            return self._free.pop(0)
+        return self.slot_pool.acquire()
 
     @property
     def slots_in_use(self) -> int:
-        return self.slots - len(self._free)
+        return self.slot_pool.in_use
 
     def release(self, slot: int) -> None:
         """Give the slot back; its sequence is emptied before the next pass, so a new session finds it clean."""
-        with self._lock:
-            if not 0 <= slot < self.slots or slot in self._free:
-                raise ValueError(f"slot {slot} is not held")
-            self._crops[slot] = 0
-            self._free.append(slot)
+        self.slot_pool.release(slot, before_free=lambda s: self.crop(s, 0))
 
     def crop(self, slot: int, length: int) -> None:
         """Cut the slot's sequence to `length` tokens before the next pass (the shortest asked for since the last)."""
@@ -84,16 +77,16 @@ class LlamaEngine:
         for slot, length in crops.items():
             if not self._ctx.kv_cache_seq_rm(slot, length, -1):
                 raise LlamaCppError(f"llama.cpp could not cut sequence {slot} to {length} tokens")
-        tokens, positions, seqs, wanted = [], [], [], []
+        tokens, positions, seqs, wanted, counts = [], [], [], [], []
         for r in rows:
             n, k = len(r.token_ids), r.num_logits or len(r.token_ids)
             tokens += [t if 0 <= t < self.vocab_size else 0 for t in r.token_ids]  # a padding id: as HF
             positions += range(r.start, r.start + n)
             seqs += [[r.slot]] * n
             wanted += [i >= n - k for i in range(n)]
+            counts.append(k)
         logits = decode(self._ctx, self._batch, tokens, positions, seqs, wanted, self.vocab_size)  # [sum k, V]
-        bounds = np.cumsum([r.num_logits or len(r.token_ids) for r in rows])[:-1]
-        return list(np.split(logits, bounds))
+        return list(np.split(logits, np.cumsum(counts)[:-1]))
 
     def _check(self, r: Row) -> None:
         if not 0 <= r.slot < self.slots:

@@ -80,6 +80,39 @@ class SlotCache:
         return ck.index_select(0, slots), cv.index_select(0, slots)
 
 
+class SlotPool:
+    """An engine's session slots 0..n-1: taken on the event loop, given back on job threads."""
+
+    def __init__(self, n: int, what: str) -> None:
+        self.n, self.what = n, what  # what: the slots' name in the error a full pool raises
+        self._free = list(range(n))
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise RuntimeError(f"all {self.n} {self.what} are in use")
+            return self._free.pop(0)
+
+    @property
+    def in_use(self) -> int:
+        return self.n - len(self._free)
+
+    @property
+    def free(self) -> list[int]:
+        """The slots not held, in the order they will be taken."""
+        return list(self._free)
+
+    def release(self, slot: int, before_free: Callable[[int], None] | None = None) -> None:
+        """Give `slot` back; `before_free(slot)` runs once it is known held and before anyone can take it again."""
+        with self._lock:
+            if not 0 <= slot < self.n or slot in self._free:
+                raise ValueError(f"slot {slot} is not held")
+            if before_free is not None:
+                before_free(slot)
+            self._free.append(slot)
+
+
 def check_row(r: Row, options: EngineOptions, scratch: int) -> None:
     """A clear ValueError for a row the cache cannot take."""
     if not 0 <= r.slot < options.slots or r.slot == scratch:
@@ -121,8 +154,7 @@ class StaticEngine:
         self._key_index = torch.arange(self.cache.length, device=self.device)                 # [L]
         self._inv_freq = body.rotary_emb.inv_freq.to(self.device, torch.float32)              # [hd / 2]
         self._rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
-        self._free = list(range(self.scratch))
-        self._slots_lock = threading.Lock()  # slots are taken on the event loop and given back on job threads
+        self.slot_pool = SlotPool(self.scratch, "engine slots")
         self._exit: ExitHook | None = None  # the running pass's early-exit hook (eager, one row)
         self.graphs: dict[tuple[int, int, int], CapturedPass] = {}  # (rows, bucket, keys read) -> its graph
         if self.device.type == "cuda":
@@ -135,15 +167,12 @@ class StaticEngine:
 
     # ------------------------------------------------------------------------------------------------ slots
     def acquire(self) -> int:
-        with self._slots_lock:
-            if not self._free:
-                raise RuntimeError(f"all {self.scratch} engine slots are in use")
-            return self._free.pop(0)
+        return self.slot_pool.acquire()
 
     @property
     def slots_in_use(self) -> int:
         """Session slots held now (each an open session's cache)."""
-        return self.scratch - len(self._free)
+        return self.slot_pool.in_use
 
     @property
     def max_shared_row(self) -> int:
@@ -151,10 +180,7 @@ class StaticEngine:
         return max(self.options.buckets, default=1)
 
     def release(self, slot: int) -> None:
-        with self._slots_lock:
-            if not 0 <= slot < self.scratch or slot in self._free:
-                raise ValueError(f"slot {slot} is not held")
-            self._free.append(slot)
+        self.slot_pool.release(slot)
 
     def backend(self, logits_width: int = 0, passes: "Callable[[Row], torch.Tensor] | None" = None) -> "StaticBackend":
         """A backend over a free slot; `passes` runs its rows (a Batcher's submit; default: this engine, at once)."""
