@@ -11,20 +11,22 @@ TEST_MODELS    := smollm2-135m-instruct $(DEFAULT_MODELS)
 
 install: $(VENV)/.installed $(VENV)/.llama-cpp
 
-# llama.cpp (the GGUF engines: --draft-engine, --engine llama.cpp), built from source once per machine with portable CPU
-# flags (no -march=native: the wheel runs on any x86-64 with AVX2, and the arm64 image builds its own), and the wheel
-# kept under the model cache, so a new venv or clone installs it in seconds. About 8 min on two cores the first time.
+# llama.cpp (the GGUF engines: --draft-engine, --engine llama.cpp), built from its pinned sdist once per machine into a
+# wheel that is portable and fast: its CPU code compiled once per instruction-set level (SSE2 to AVX-512 and AMX),
+# the best chosen at run time (scripts/build_llama_cpp.sh), so the wheel runs on any x86-64 at -march=native speed.
+# Kept under the model cache, so a new venv or clone installs it in seconds. About 9 min on two cores the first time.
 LLAMA_CPP_VERSION := 0.3.36
-LLAMA_CPP_CMAKE   := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
-WHEEL_CACHE       := $(or $(PICOSPEC_CACHE),$(HOME)/.cache/picospec)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable
+LLAMA_CPP_SHA256  := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+WHEEL_CACHE       := $(or $(PICOSPEC_CACHE),$(HOME)/.cache/picospec)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-cpu-variants
 
-$(VENV)/.llama-cpp: $(VENV)/.installed
+$(VENV)/.llama-cpp: $(VENV)/.installed scripts/build_llama_cpp.sh
 	@ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
-	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (about 8 min on two cores, once per machine)"; \
-	  mkdir -p $(WHEEL_CACHE) && CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	    $(BIN)/pip wheel --disable-pip-version-check -q --no-deps --no-binary llama-cpp-python -w $(WHEEL_CACHE) \
-	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (about 9 min on two cores, once per machine)"; \
+	  bash scripts/build_llama_cpp.sh $(LLAMA_CPP_VERSION) $(LLAMA_CPP_SHA256) $(WHEEL_CACHE) $(BIN)/pip; }
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	@# the same version from another build (an older wheel) is otherwise left in place
+	$(BIN)/pip install --disable-pip-version-check -q --force-reinstall --no-deps \
+	  $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	@touch $@
 
 # constraints.txt: the exact versions the suite passed with (pyproject.toml keeps ranges); torch is TORCH_SPEC's

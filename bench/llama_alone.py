@@ -49,7 +49,10 @@ def load(target: str, threads: int, n_ctx: int = 4096) -> tuple[Any, Any]:
     """llama.cpp's own `Llama` over the target's checked GGUF, and the target's tokenizer (the file is hashed once)."""
     from llama_cpp import Llama
 
+    from picospec.shared.llama_backend import llama_cpp_module
     from picospec.shared.models import gguf_tokenizer
+
+    llama_cpp_module()  # registers the best of the wheel's CPU variants, as the project's engines do
 
     path, tokenizer = gguf_tokenizer(target, progress=False)
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,

@@ -73,5 +73,16 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
 def settings_json(args: argparse.Namespace, bed: Testbed) -> dict[str, Any]:
     s = {k: v for k, v in vars(args).items()}
     s.update({"edge_core": bed.s.edge_core, "cloud_core": bed.s.cloud_core, "ignore_eos": True,
-              "cpus": sorted(os.sched_getaffinity(0)), **bed.info})
+              "cpus": sorted(os.sched_getaffinity(0)), "llama_cpp_cpu": llama_cpp_cpu(), **bed.info})
     return s
+
+
+def llama_cpp_cpu() -> str | None:
+    """Which of llama.cpp's CPU code the runs used ("AVX2 ... AVX512_BF16"), None without llama-cpp-python: a
+    llama.cpp figure means little without it (an AVX2-only build decodes 1.2x slower on an AVX-512 CPU)."""
+    from picospec.shared.llama_backend import LlamaCppError, cpu_features
+
+    try:
+        return " ".join(cpu_features())
+    except LlamaCppError:
+        return None

@@ -367,7 +367,8 @@ def report_markdown(name: str, settings: dict[str, Any], labels: Sequence[str], 
     """The sweep's Markdown: a block per temperature (main table, bytes, details)."""
     where = ("both sides on plain loopback, unshaped (--no-netns)" if settings.get("no_netns")
              else "each side in its own namespace on its own core")
-    parts = [f"# picospec-bench {name.replace('_', ' ')}\n\n{report_title(settings)}; medians, {where}.", NOTES,
+    cpu = f" llama.cpp's CPU code: {settings['llama_cpp_cpu']}." if settings.get("llama_cpp_cpu") else ""
+    parts = [f"# picospec-bench {name.replace('_', ' ')}\n\n{report_title(settings)}; medians, {where}.{cpu}", NOTES,
              *default_notes(rows)]
     if settings.get("interrupted"):
         parts.append(f"**Incomplete**: stopped early ({settings['interrupted']}).")

@@ -125,8 +125,8 @@ rm -rf "$CTX"
 mkdir -p "$CTX/wheels"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$CTX"
 # the images install the project with its cloud extra (the cloud: torch) and its edge extra (the edge: llama.cpp,
-# whose portable wheel `make install` built and keeps; no torch)
-LLAMA_WHEEL=$(ls "$MODELS"/wheels/llama-cpp-python-*-portable/llama_cpp_python-*.whl 2>/dev/null | tail -1)
+# whose wheel (every CPU variant) `make install` built and keeps; no torch)
+LLAMA_WHEEL=$(ls "$MODELS"/wheels/llama-cpp-python-*-cpu-variants/llama_cpp_python-*.whl 2>/dev/null | tail -1)
 [ -n "$LLAMA_WHEEL" ] || die "no llama-cpp-python wheel under $MODELS/wheels (make install builds it)"
 cp "$LLAMA_WHEEL" "$CTX/wheels/"
 $PY -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \

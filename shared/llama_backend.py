@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +42,15 @@ class LlamaCppError(RuntimeError):
 
 
 def llama_cpp_module():
-    """llama_cpp, or a LlamaCppError that says how to install it (the edge and cloud may run without it)."""
+    """llama_cpp with its backends registered and its logging silenced, or a LlamaCppError that says how to install
+    it (the edge and cloud may run without it). Everything that runs llama.cpp gets it here first (llama-cpp-python's
+    own `Llama` included: with the wheel `make install` builds, no CPU code is registered until this loads it)."""
     try:
         import llama_cpp
     except ImportError as e:
         raise LlamaCppError("the llama.cpp engine needs llama-cpp-python: `make install` builds it, or "
                             "pip install llama-cpp-python (see README: engines)") from e
+    _init_llama_cpp(llama_cpp)
     return llama_cpp
 
 
@@ -80,11 +84,38 @@ def _init_llama_cpp(llama_cpp) -> None:
     with _backend_lock:
         if not _backend_ready:
             global _SILENT_LOG
-            llama_cpp.llama_backend_init()
-            # kept referenced for the process's life: llama.cpp calls it from C
+            # kept referenced for the process's life: llama.cpp calls it from C (ggml's loader logs through it too)
             _SILENT_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
             llama_cpp.llama_log_set(_SILENT_LOG, ctypes.c_void_p(0))
+            _load_backends(Path(llama_cpp.__file__).parent / "lib")
+            llama_cpp.llama_backend_init()
             _backend_ready = True
+
+
+def _load_backends(lib_dir: Path) -> None:
+    """Register the best of the wheel's CPU variants. A wheel built by scripts/build_llama_cpp.sh holds llama.cpp's CPU
+    code once per instruction-set level (libggml-cpu-haswell.so, -zen4, ...) and registers none until asked: ggml
+    scores each against this CPU and loads the best (and any GPU backend library lying beside them). A wheel with the
+    CPU code linked in (an older build, a CUDA build for a Jetson) has no variant files and needs nothing."""
+    if not any(lib_dir.glob("libggml-cpu-*")):
+        return
+    # the ggml that libllama links (by its soname): wheels hold copies, not links, so llama-cpp-python's own handle
+    # (libggml.so) is another instance of the library, with a registry libllama never reads
+    libggml = ctypes.CDLL(str(lib_dir / "libggml.so.0"))
+    load_all = libggml.ggml_backend_load_all_from_path
+    load_all.argtypes, load_all.restype = [ctypes.c_char_p], None
+    load_all(str(lib_dir).encode())
+    count = libggml.ggml_backend_dev_count
+    count.argtypes, count.restype = [], ctypes.c_size_t
+    if count() == 0:
+        raise LlamaCppError(f"none of llama.cpp's CPU variants in {lib_dir} loads on this CPU (a wheel for another "
+                            "architecture?)")
+
+
+def cpu_features() -> list[str]:
+    """The instruction sets llama.cpp's loaded CPU code uses, as it reports them ("AVX2", "AVX512_VNNI", ...)."""
+    info = llama_cpp_module().llama_print_system_info().decode(errors="replace")
+    return re.findall(r"([A-Z][A-Z0-9_]*) = 1", info)
 
 
 @dataclass(frozen=True)
@@ -116,7 +147,6 @@ class GgufModel:
         self.path = Path(self.path)
         check_gguf_header(self.path)
         lc = llama_cpp_module()
-        _init_llama_cpp(lc)
         from llama_cpp import _internals
 
         refusal = gpu_offload_refusal(self.gpu_layers)

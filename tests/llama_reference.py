@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from picospec.shared.llama_backend import llama_cpp_module
+
 
 @dataclass
 class _Logits:
@@ -20,8 +22,11 @@ class _Logits:
 
 # How far llama.cpp's logits at a position move with the batch it ran in (one token, a few, the whole sequence),
 # measured as the largest |difference| over the vocabulary: SmolLM2 Q4_1 up to 0.44, Qwen2.5-1.5B Q4_K_M up to 0.65
-# (shared/llama_backend.py). A greedy token within this of the top logit is the target's argmax up to that noise.
-BATCH_NOISE = 0.75
+# with llama.cpp's AVX2 code (shared/llama_backend.py); with its AVX-512 code most tree nodes (a sequence of their own
+# in a unified cache) equal a fresh linear forward exactly, and the rest moved by up to 1.16, while a node that saw
+# one token more is off by 2.8 or more (random trees over SmolLM2; 2.3 with the AVX2 code). A greedy token within
+# this of the top logit is the target's argmax up to that noise.
+BATCH_NOISE = 1.25
 
 
 class LlamaReference:
@@ -29,6 +34,8 @@ class LlamaReference:
 
     def __init__(self, path: Path, n_ctx: int = 1024) -> None:
         from llama_cpp import Llama
+
+        llama_cpp_module()  # the wheel's CPU code registered first
 
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_gpu_layers=0, logits_all=True,
                          verbose=False)

@@ -217,9 +217,9 @@ def test_edge_usage_errors_are_one_line_before_anything_loads(flags, message):
 def test_gpu_layers_on_a_llama_cpp_build_without_a_gpu_backend_is_one_line():
     """The llama.cpp draft's --gpu-layers on the CPU build `make install` makes: refused before the draft loads, with
     what to rebuild (a GPU build of llama-cpp-python takes it: deploy/README.md)."""
-    import llama_cpp
+    from picospec.shared.llama_backend import llama_cpp_module
 
-    assert not llama_cpp.llama_supports_gpu_offload(), "this test is for the CPU build of llama-cpp-python"
+    assert not llama_cpp_module().llama_supports_gpu_offload(), "this test is for the CPU build of llama-cpp-python"
     r, elapsed = _run([str(BIN / "picospec-edge"), "--draft", "smollm2-135m-instruct", "--draft-engine", "llama.cpp",
                        "--prompt", "hi", "--gpu-layers", "8"])
     _one_line_error(r, elapsed, "picospec-edge: --gpu-layers 8: 0: this llama-cpp-python build has no GPU backend")
