@@ -309,7 +309,8 @@ class CloudSession:
         held_back = self.held_back
         with self.capacity.working(self.sid):
             out = await self.lane.run(self.cache.verify_run, list(self.state.tokens), run, self._hint_sender(run))
-        pass_started = time.perf_counter() - out.compute_s  # after any wait behind other sessions' model work
+        pass_started = time.perf_counter() - out.compute_s  # after any wait behind other sessions' model work (and
+        # their part of a batched pass: compute_s is this session's share)
         c = self.queue.finish_pass(run, out.accepted, out.token, out.rejected, out.path)
         self._spent(len(run.token_ids), out.compute_s, len(c.new_tokens) if c is not None else 0, held_back)
         if self.queue.pending is None:

@@ -34,7 +34,7 @@ class PassOutcome:
     accepted: int
     token: int | None        # correction, or bonus when every draft was accepted; None after a split rejection
     rejected: bool
-    compute_s: float
+    compute_s: float  # the session's own model time (its share of a pass batched with others: TargetCache._clock)
     rejection: "OpenRejection | None" = None  # split modes: what goes down, kept open until the correction arrives
     path: tuple[int, ...] = ()  # a token tree: the committed nodes, root to deepest
 
@@ -75,6 +75,11 @@ class TargetCache:
         self.scheme = scheme(verify_mode) if verify_mode else None  # None: cloud-only decoding
         self.open_rejection: OpenRejection | None = None
 
+    def _clock(self) -> float:
+        """Seconds on this session's model clock: wall time less what its forwards spent on other sessions' model
+        work (queued behind them, their rows of a shared pass), so a pass's compute_s is its own share."""
+        return time.perf_counter() - self.backend.waited_s
+
     def prefill(self, prompt: list[int]) -> float:
         """Cache the prompt but its last token (that one is fed with the first drafts)."""
         t0 = time.perf_counter()
@@ -106,7 +111,7 @@ class TargetCache:
         """Verify a run of drafts at committed_len.. in one forward pass. Runs in the model executor and
         touches only the KV cache: `committed` is a snapshot, and the commit happens on the event loop.
         With an exit layer, `on_hint` gets the tentative outcome mid-pass when it is confident enough."""
-        t0 = time.perf_counter()
+        t0 = self._clock()
         draft_ids, seed, start = run.token_ids, self.params.seed, run.start_pos
         if start != len(committed):
             raise ProtocolError(f"internal: run at {start}, committed length {len(committed)}")
@@ -130,14 +135,14 @@ class TargetCache:
             logits = self.backend.logits_at(committed + draft_ids, len(committed) - 1)  # [k+1, V]
         if self.params.greedy and self.scheme.own_token_is_verdicts:  # coupled at T=0: every row's p is one-hot
             v = verify_greedy(logits.argmax(-1).tolist(), draft_ids)      # [k+1] argmaxes, on the pass's device
-            return PassOutcome(v.accepted, v.token, v.rejected, time.perf_counter() - t0)
+            return PassOutcome(v.accepted, v.token, v.rejected, self._clock() - t0)
         p = process_logits(on_cpu(logits), self.params)
         d = self.scheme.decide(p, run.extras, draft_ids, seed, start)
         opened = None
         if d.rejected and d.token is None:  # a split rejection: the edge samples the correction from what we send
             opened = self.scheme.open_rejection(p[d.accepted], start + d.accepted, seed, self.residual_top_k,
                                                 self.tail_samples)
-        return PassOutcome(d.accepted, d.token, d.rejected, time.perf_counter() - t0, opened)
+        return PassOutcome(d.accepted, d.token, d.rejected, self._clock() - t0, opened)
 
     @property
     def supports_trees(self) -> bool:
@@ -159,19 +164,19 @@ class TargetCache:
         walk = verify_coupled_tree(process_logits(on_cpu(logits), self.params), run.token_ids, run.parents, self.params.seed,
                                    run.start_pos)
         kv.keep(list(range(len(rest))) + [i + len(rest) for i in walk.path])
-        return PassOutcome(len(walk.path), walk.token, walk.rejected, time.perf_counter() - t0, path=walk.path)
+        return PassOutcome(len(walk.path), walk.token, walk.rejected, self._clock() - t0, path=walk.path)
 
     @torch.inference_mode()
     def decode_next(self, committed: list[int]) -> tuple[int, float]:
         """One token from p after `committed` (decode-ahead): the same coin a bonus token there would use."""
-        t0 = time.perf_counter()
+        t0 = self._clock()
         logits = self.backend.logits_at(committed, len(committed) - 1)  # [1, V], on the pass's device
         if self.params.greedy:  # p is one-hot at the argmax, so every draw from it is that token: no V-wide work
-            return int(logits[0].argmax()), time.perf_counter() - t0
+            return int(logits[0].argmax()), self._clock() - t0
         p = process_logits(on_cpu(logits), self.params)[0]
         if self.scheme is not None and self.scheme.own_token_is_verdicts:  # coupled: the Gumbel-max token a pass emits
-            return gumbel_argmax(p, self.params.seed, len(committed)), time.perf_counter() - t0
-        return sample_token(p, self.params.seed, len(committed), Stream.TARGET), time.perf_counter() - t0
+            return gumbel_argmax(p, self.params.seed, len(committed)), self._clock() - t0
+        return sample_token(p, self.params.seed, len(committed), Stream.TARGET), self._clock() - t0
 
     def settle(self, committed_len: int) -> None:
         """Keep exactly the committed tokens but the newest (it is fed with the next drafts): O(1)."""

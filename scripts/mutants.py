@@ -387,6 +387,14 @@ MUTANTS: list[Mutant] = [
         limit_s=300,
     ),
     Mutant(
+        "s8", "batching: every session charged the whole of a pass it shared (its compute counted once per row)",
+        "shared/engine/batcher.py",
+        "    return [pass_s * n / total for n in tokens]\n",
+        "    return [pass_s for n in tokens]  # (mutant)\n",
+        ("tests/test_batching.py::test_with_the_hold_sessions_that_submit_again_at_once_share_every_pass_and_its_cost",),
+        limit_s=300,
+    ),
+    Mutant(
         "s7", "early exits: pre-drafts adopted whatever context the verdict committed (the context check dropped)",
         "edge_client/hints.py",
         "        if hinted and not chain.chain and chain.tokens == pre.context:\n",

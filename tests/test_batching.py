@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from picospec.cloud_server.server import MAX_GRAPH_ROWS, graph_rows, uses_batchi
 from picospec.shared.hf_backend import HFBackend
 from picospec.shared.config import CloudConfig
 from picospec.shared.engine import EngineOptions, StaticEngine
-from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, hold_s, take_batch
+from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, hold_s, pass_shares, take_batch
 from picospec.shared.engine.graphs import capture_plan
 from picospec.shared.engine.model import Row
 from picospec.shared.models import ModelError
@@ -48,21 +49,27 @@ def test_a_free_engine_holds_a_short_while_for_the_sessions_it_just_served():
     assert hold_s(3, 8, 0.0, 2.0, BatchOptions(hold=0.0)) == 0.0   # --batch-hold 0: never
 
 
-def test_with_the_hold_sessions_that_submit_again_at_once_share_every_pass(tiny_target):
+def test_with_the_hold_sessions_that_submit_again_at_once_share_every_pass_and_its_cost(tiny_target):
     """Four sessions each run ten passes back to back. The hold (here up to 1 s) lets the engine wait for all four:
-    ten passes of four rows. Without it the first row to come back would start a pass of its own."""
+    ten passes of four rows. Without it the first row to come back would start a pass of its own. Each session is
+    charged its share of the passes (the cloud's compute accounting), so the four together were charged the engine's
+    time once, not four times."""
     engine = StaticEngine(tiny_target.model, EngineOptions(slots=6, max_len=256))
     batcher = Batcher(engine, BatchOptions(max_wait_s=1.0, hold=1000.0))
     primer = engine.backend(passes=batcher.submit)
     primer.prefill(list(range(3, 20)))  # one pass first, so that the hold has a pass time to scale
     primer.close()
+    busy_before = batcher.stats.busy_s
     backends = [engine.backend(passes=batcher.submit) for _ in range(4)]
     start = threading.Barrier(4)
+    charged = {}
 
     def session(be) -> None:
         start.wait()
+        t0 = time.perf_counter()
         for i in range(10):
             be.forward([3 + i])
+        charged[be.slot] = time.perf_counter() - t0 - be.waited_s
 
     threads = [threading.Thread(target=session, args=(be,)) for be in backends]
     for t in threads:
@@ -71,6 +78,14 @@ def test_with_the_hold_sessions_that_submit_again_at_once_share_every_pass(tiny_
         t.join(timeout=60)
     batcher.close()
     assert (batcher.stats.passes, batcher.stats.rows) == (11, 41)  # the primer's pass, then ten of four rows
+    busy = batcher.stats.busy_s - busy_before
+    assert sum(charged.values()) == pytest.approx(busy, rel=0.1, abs=0.002)
+    assert all(c == pytest.approx(busy / 4, rel=0.35, abs=0.002) for c in charged.values())
+
+
+def test_a_shared_pass_is_charged_to_its_rows_by_their_tokens():
+    assert pass_shares(1.2, [_req(1), _req(4), _req(1)]) == pytest.approx([0.2, 0.8, 0.2])
+    assert pass_shares(0.5, [_req(3)]) == [0.5]
 
 
 def test_rows_whose_padding_would_run_off_a_slot_run_one_by_one(tiny_target):

@@ -5,6 +5,7 @@ with batching a long prompt's prefill lets other sessions' passes run between it
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -20,14 +21,27 @@ class StaticBackend(PrefixCache):
     supports_trees = True
 
     def __init__(self, engine: StaticEngine, slot: int, logits_width: int = 0,
-                 passes: Callable[[Row], torch.Tensor] | None = None) -> None:
+                 passes: Callable[[Row], tuple[torch.Tensor, float]] | None = None) -> None:
+        """passes: runs a row, gives its logits and the seconds of model time charged to it (Batcher.submit)."""
         self.engine, self.slot = engine, slot
-        self.passes = passes or (lambda row: engine.run([row])[0])
+        self.passes = passes or self._run_alone
         self.own_width = engine.vocab_size
         self.vocab_size = logits_width or self.own_width  # see HFBackend: the width the session speaks
         self.tokens: list[int] = []
         self.closed = False
         self._exit: ExitHook | None = None
+
+    def _run_alone(self, row: Row) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        logits = self.engine.run([row])[0]
+        return logits, time.perf_counter() - t0
+
+    def run_row(self, row: Row) -> torch.Tensor:
+        """One row's pass; the time spent in it beyond the row's own share goes to `waited_s`."""
+        t0 = time.perf_counter()
+        logits, charged_s = self.passes(row)
+        self.waited_s += max(0.0, time.perf_counter() - t0 - charged_s)
+        return logits
 
     def reset(self) -> None:
         self.tokens = []
@@ -44,11 +58,11 @@ class StaticBackend(PrefixCache):
             raise ValueError(f"a pass returns at most {PREFILL_CHUNK} rows of logits, not {k}")
         for s in range(0, len(ids), PREFILL_CHUNK):
             piece = ids[s:s + PREFILL_CHUNK]
-            logits = self.passes(Row(self.slot, piece, self.length, min(k, len(piece)), self._exit))
+            logits = self.run_row(Row(self.slot, piece, self.length, min(k, len(piece)), self._exit))
             self.tokens.extend(piece)
         if k > len(piece):  # the logits wanted reach back into an earlier piece: recompute them (same keys)
             self.truncate(len(self.tokens) - k)
-            logits = self.passes(Row(self.slot, ids[-k:], self.length, k, self._exit))
+            logits = self.run_row(Row(self.slot, ids[-k:], self.length, k, self._exit))
             self.tokens.extend(ids[-k:])
         return fit_width(logits, self.vocab_size)
 
@@ -100,7 +114,7 @@ class StaticTreeKV:
         if self.tokens:
             raise ValueError("a static tree is extended once per pass")
         b = self.backend
-        logits = b.passes(Row(b.slot, [int(t) for t in tokens], self.base, 0, None, list(parents)))
+        logits = b.run_row(Row(b.slot, [int(t) for t in tokens], self.base, 0, None, list(parents)))
         self.tokens = [int(t) for t in tokens]
         return fit_width(logits, b.vocab_size)
 

@@ -73,6 +73,7 @@ class _Request:
     queued_at: float
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
+    share_s: float = 0.0  # this row's part of its pass's time (pass time x its tokens / the pass's tokens)
     error: BaseException | None = None
 
 
@@ -94,6 +95,14 @@ def take_batch(queue: Sequence[_Request], max_tokens: int, max_shared_row: int =
             break
         taken, tokens = taken + 1, tokens + n
     return taken
+
+
+def pass_shares(pass_s: float, batch: Sequence[_Request]) -> list[float]:
+    """A shared pass's seconds split between its rows by their tokens (padding charged to nobody): the shares add up
+    to the pass, so sessions batched together are charged the model time once, not once each."""
+    tokens = [len(req.row.token_ids) for req in batch]
+    total = sum(tokens)
+    return [pass_s * n / total for n in tokens]
 
 
 @dataclass(frozen=True)
@@ -124,8 +133,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="engine-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, row: Row) -> torch.Tensor:
-        """Run `row` in the next pass that has room for it; its logits (as StaticEngine.run gives them)."""
+    def submit(self, row: Row) -> tuple[torch.Tensor, float]:
+        """Run `row` in the next pass that has room for it; its logits (as StaticEngine.run gives them) and its share
+        of the pass's seconds (`pass_shares`): what the cloud's compute accounting charges the row's session."""
         req = _Request(row, time.perf_counter())
         with self._cond:
             if self._closed:
@@ -135,7 +145,7 @@ class Batcher:
         req.done.wait()
         if req.error is not None:
             raise req.error
-        return req.result
+        return req.result, req.share_s
 
     def close(self) -> None:
         """Stop after the pass in flight; rows still queued fail with RuntimeError."""
@@ -173,6 +183,8 @@ class Batcher:
                 results = self.engine.run([req.row for req in batch])
                 for req, out in zip(batch, results):
                     req.result = out
+                for req, share in zip(batch, pass_shares(time.perf_counter() - started, batch)):
+                    req.share_s = share
             except BaseException as e:  # noqa: BLE001 - handed to every waiting job, which raises it as its own
                 for req in batch:
                     req.error = e

@@ -61,7 +61,8 @@ class LlamaEngine:
         with self._lock:
             self._crops[slot] = min(length, self._crops.get(slot, length))
 
-    def backend(self, logits_width: int = 0, passes: Callable[[Row], np.ndarray] | None = None) -> LlamaSlotBackend:
+    def backend(self, logits_width: int = 0,
+                passes: Callable[[Row], tuple[np.ndarray, float]] | None = None) -> LlamaSlotBackend:
         """A backend over a free slot; `passes` runs its rows (a Batcher's submit; default: this engine, at once)."""
         return LlamaSlotBackend(self, self.acquire(), logits_width, passes)
 

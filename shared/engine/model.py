@@ -182,7 +182,8 @@ class StaticEngine:
     def release(self, slot: int) -> None:
         self.slot_pool.release(slot)
 
-    def backend(self, logits_width: int = 0, passes: "Callable[[Row], torch.Tensor] | None" = None) -> "StaticBackend":
+    def backend(self, logits_width: int = 0,
+                passes: "Callable[[Row], tuple[torch.Tensor, float]] | None" = None) -> "StaticBackend":
         """A backend over a free slot; `passes` runs its rows (a Batcher's submit; default: this engine, at once)."""
         from picospec.shared.engine.backend import StaticBackend
         return StaticBackend(self, self.acquire(), logits_width, passes)
