@@ -60,16 +60,23 @@ class LlamaTreeKV:
                 raise ValueError(f"node {i}'s parent {all_parents[i]} is not an earlier node")
         if n > len(self._free):
             raise ValueError(f"a llama.cpp token tree holds at most {TREE_SEQS} nodes ({old} held, {n} more asked)")
-        seqs = self.seqs + [self._free.pop() for _ in range(n)]
+        new = [self._free.pop() for _ in range(n)]
+        seqs = self.seqs + new
         seen_by = [[seqs[i]] for i in range(old, old + n)]  # each new node: its own id first, then its new descendants'
-        for i in range(old, old + n):
-            a = all_parents[i]
-            while a >= old:  # up through this call's nodes: each is seen by node i
-                seen_by[a - old].append(seqs[i])
-                a = all_parents[a]
-            b.copy_sequence(0 if a == ROOT else seqs[a], seqs[i])  # the linear part and the cached ancestors
-        depth = depths_of(all_parents)[old:]
-        logits = b.decode_nodes([int(t) for t in tokens], [self.base + d for d in depth], seen_by)  # [n, V_own]
+        try:
+            for i in range(old, old + n):
+                a = all_parents[i]
+                while a >= old:  # up through this call's nodes: each is seen by node i
+                    seen_by[a - old].append(seqs[i])
+                    a = all_parents[a]
+                b.copy_sequence(0 if a == ROOT else seqs[a], seqs[i])  # the linear part and the cached ancestors
+            depth = depths_of(all_parents)[old:]
+            logits = b.decode_nodes([int(t) for t in tokens], [self.base + d for d in depth], seen_by)  # [n, V_own]
+        except BaseException:  # a failed decode (a full context, an interrupt): the tree stays as it was
+            for s in new:
+                b.remove_sequence(s)
+            self._free.extend(reversed(new))
+            raise
         self.tokens.extend(int(t) for t in tokens)
         self.parents, self.seqs = all_parents, seqs
         return fit_width(logits, b.vocab_size)

@@ -20,7 +20,7 @@ import torch
 from picospec.bench.jitter import Jitter
 from picospec.shared.backend import make_backend
 from picospec.shared.hf_backend import HFBackend
-from picospec.shared.llama_backend import GgufModel, LlamaCppBackend
+from picospec.shared.llama_backend import GgufModel, LlamaCppBackend, LlamaCppError
 from picospec.shared.models import (ModelError, gguf_file, is_gguf_name, load_gguf_model, load_model,
                                     resolve_engine)
 from tests.conftest import edge, run, serving
@@ -117,8 +117,6 @@ def test_engine_names_and_refusals(tmp_path):
 
 
 def test_gpu_layers_need_a_gpu_build_of_llama_cpp():
-    from picospec.shared.llama_backend import LlamaCppError
-
     with pytest.raises(LlamaCppError, match="no GPU backend"):
         GgufModel(gguf_file(SMOL, progress=False), gpu_layers=2)
 
@@ -416,8 +414,12 @@ def test_a_llama_cpp_tree_refuses_what_it_cannot_hold(smol_gguf):
         kv.extend([5] * 56, [-1] * 56)
     with pytest.raises(ValueError, match="not an earlier node"):
         kv.extend([5], [200])
-    kv.keep([3])
-    assert b.tokens == prompt + [5]
+    for _ in range(2):  # 55 more nodes fit the sequence ids, not the context: refused, and the tree left as it was
+        with pytest.raises(LlamaCppError, match="no room left in the context"):
+            kv.extend([5] * 55, [-1] * 55)
+    assert len(kv.tokens) == 200 and kv.extend([6], [3]).shape[0] == 1
+    kv.keep([3, 200])
+    assert b.tokens == prompt + [5, 6]
 
 
 def test_token_trees_with_a_llama_cpp_draft_and_a_llama_cpp_target(smol_gguf, smol_reference, smol_torch_draft):
