@@ -229,6 +229,9 @@ class DraftLenChoice:
 SPECULATION_MARGIN = 1.3  # speculate only where modelled at least this much better than the cloud decoding alone
 # (1.1 until the sweep of 2026-12-07: a batch of one modelled at 1.22x the cloud alone ran at 0.80x it on one CPU core;
 # the pipelined model leaves out the per-message overheads and the decode-ahead steps a batch makes worthless)
+AHEAD_WAIT = 0.5  # with decode-ahead a batch arrives during one of the cloud's decode steps and waits for its end:
+# half a step on average (the default pair on llama.cpp, one CPU core, measured 0.7-1 step a batch: verify_waited_s);
+# left out, batches of 2-6 on code modelled at 1.35-1.41x the cloud alone ran at 0.74-0.87x it (2026-12-07)
 LOADED_AT = 0.5  # the cloud is loaded when other sessions keep its model busy at least this share of the time
 
 
@@ -239,16 +242,17 @@ class _Option:
     cost: float  # modelled cloud seconds per committed token
 
 
-def _options(est: Estimates, g_max: int, pipelined: bool) -> list[_Option]:
+def _options(est: Estimates, g_max: int, pipelined: bool, wait_s: float = 0.0) -> list[_Option]:
     """Lengths 1 .. g_max, but at most twice the largest pass measured: a length past that is extrapolated (§4.4), and
-    a wrong guess costs a whole pass, so batches grow by doubling (4, 8, 16), each measured before the next."""
+    a wrong guess costs a whole pass, so batches grow by doubling (4, 8, 16), each measured before the next. A round
+    takes `wait_s` longer than its pass (time, not compute): the wait for the decode-ahead step a batch finds."""
     a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
     g_max = min(g_max, max(2, 2 * max(est.passes.by_size, default=1)))
     acc = est.by_depth.profile(g_max, a)
     out = []
     for g in range(1, g_max + 1):
         t_pass = est.passes(g)
-        out.append(_Option(g, modelled_rate(acc[:g], td, rtt, t_pass, pipelined=pipelined),
+        out.append(_Option(g, modelled_rate(acc[:g], td, rtt, t_pass + wait_s, pipelined=pipelined),
                            t_pass / expected_tokens(acc[:g])))
     return out
 
@@ -275,11 +279,12 @@ def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero:
       COST, when the cloud is loaded: the cheapest length that is no slower than the cloud alone; speculation must
         be SPECULATION_MARGIN cheaper.
     Where no length with drafts qualifies and 0 is not allowed, the cheapest length. Until the cloud's decode cost
-    is known, the fastest length. `default` until the other estimates exist."""
+    is known, the fastest length. `default` until the other estimates exist. With decode-ahead (`allow_zero`) a
+    round's pass is modelled AHEAD_WAIT of a decode step later: the cloud is always in a step when a batch comes."""
     if est.acceptance.value is None or est.draft_s.value is None or est.rtt_s is None or est.passes(1) is None:
         return DraftLenChoice(default, None)
-    options = _options(est, g_max, pipelined)
     decode = est.decode_s
+    options = _options(est, g_max, pipelined, wait_s=AHEAD_WAIT * decode if allow_zero and decode is not None else 0.0)
     if decode is None:
         best = _fastest(options)
         return DraftLenChoice(best.g, best.rate, best.rate, None, best.cost, None, RATE)
