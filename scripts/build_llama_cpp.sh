@@ -40,7 +40,8 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -D
 -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF $*" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     "$PIP" wheel --disable-pip-version-check -q --no-deps -w "$WORK/out" "$SRC"
 WHEEL=$(ls "$WORK"/out/llama_cpp_python-"$VERSION"-*.whl)
-VARIANTS=$(unzip -l "$WHEEL" | grep -c 'lib/libggml-cpu-.*\.so' || true)
+VARIANTS=$("$(dirname "$PIP")/python" -c 'import re, sys, zipfile
+print(sum(bool(re.search(r"lib/libggml-cpu-[^/]*\.so$", n)) for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$WHEEL")
 [ "$VARIANTS" -gt 0 ] || { echo "llama-cpp-python $VERSION: the wheel holds no CPU variant library" >&2; exit 1; }
 mkdir -p "$OUT"
 mv "$WHEEL" "$OUT/"
