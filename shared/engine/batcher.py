@@ -183,15 +183,14 @@ class Batcher:
                 results = self.engine.run([req.row for req in batch])
                 for req, out in zip(batch, results):
                     req.result = out
-                for req, share in zip(batch, pass_shares(time.perf_counter() - started, batch)):
-                    req.share_s = share
             except BaseException as e:  # noqa: BLE001 - handed to every waiting job, which raises it as its own
                 for req in batch:
                     req.error = e
             self._free_since = time.perf_counter()
             self._last_pass_s = self._free_since - started
             self._record(batch, waits, self._last_pass_s, time.thread_time() - cpu_started)
-            for req in batch:
+            for req, share in zip(batch, pass_shares(self._last_pass_s, batch)):  # the time `busy_s` counts, split
+                req.share_s = share
                 req.done.set()
 
     def _record(self, batch: list[_Request], waits: list[float], pass_s: float, cpu_s: float) -> None:
