@@ -1,8 +1,8 @@
 """What one llama.cpp pass costs by size: the verifier's cost curve that decides whether speculation can pay.
 
 A pass of n tokens appended after a --context-token prefix (n = 1 is a decode step), each size timed --repeats
-times (the first dropped: warm-up), median in ms, on the engine the project runs (shared/llama_backend.py, one
-thread, all logits kept as a verification keeps them). With it, which of llama.cpp's CPU code ran: the same GGUF
+times after two untimed passes (bench/engine.py's `time_passes`, as for the torch engines), median in ms, on the
+engine the project runs (shared/llama_backend.py, one thread, all logits kept as a verification keeps them). With it, which of llama.cpp's CPU code ran: the same GGUF
 decodes 1.2x faster with AVX-512 code than with AVX2 code on the same CPU (docs/results/llama_cpu_variants).
 
     taskset -c 1 python -m picospec.bench.llama_passes --models qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct
@@ -11,32 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
-
-def pass_ms(backend, context: int, n: int, repeats: int) -> float:
-    """Median ms of a pass of n tokens after `context` cached ones; the cache is cut back after each."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        backend.forward(list(range(2000, 2000 + n)))
-        times.append(time.perf_counter() - t0)
-        backend.truncate(context)
-    return 1e3 * statistics.median(times[1:] or times)
+from picospec.bench.engine import time_passes
 
 
 def measure(name: str, sizes: Sequence[int], context: int, repeats: int, threads: int) -> dict[int, float]:
+    """Median ms of a pass of n tokens after `context` cached ones, per n."""
     from picospec.shared.models import load_gguf_model
 
     model = load_gguf_model(name, threads=threads, progress=False).model
     backend = model.backend(n_ctx=context + max(sizes) + 1)
     backend.reset()
     backend.forward(list(range(1000, 1000 + context)), num_logits=1)
-    return {n: pass_ms(backend, context, n, repeats) for n in sizes}
+    seconds = time_passes(backend.forward, backend.truncate, context, sizes, repeats, sync=lambda: None,
+                          vocab=model.config.vocab_size)
+    return {n: 1e3 * s for n, s in seconds.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
