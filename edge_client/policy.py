@@ -10,7 +10,9 @@ Terms (used throughout edge_client/):
                 the cloud decode alone (only allowed with decode-ahead, where the cloud streams its own tokens).
   shadow draft  with g = 0 the edge still drafts the next token, keeps it and never sends it: the cloud's token
                 scores it, so acceptance is still measured (at no cloud cost) and the online choice can find its way
-                back to speculation when the text turns predictable.
+                back to speculation when the text turns predictable. Not where the cloud's pass costs leave no
+                acceptance at which speculation pays (a CPU target whose pass costs grow with its size): there the
+                draft rests, and its cache catches up in one pass when speculation resumes.
   pre-draft     drafts made from the context an early-exit hint expects, adopted only if the verdict agrees.
 
 The driver (edge_client/session.py) takes a `Snapshot`, asks `next_action`, carries the action out and repeats.
@@ -54,7 +56,8 @@ class Snapshot:
     paused: bool               # the draft lost confidence: no more drafts until the cloud speaks
     predraft_open: bool        # an early-exit hint is being pre-drafted from
     predraft_wants_more: bool  # ... and wants more tokens
-    shadow_due: bool = True    # at length 0: a shadow draft is due (one every SHADOW_EVERY tokens)
+    shadow_due: bool = True    # at length 0: a shadow draft is due (one every SHADOW_EVERY tokens, and only where
+                               # some acceptance could make speculation pay: DraftLenChoice.can_pay)
 
 
 SHADOW_EVERY = 4  # at length 0, a shadow draft every this many committed tokens: enough to notice the text turn

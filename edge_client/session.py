@@ -52,6 +52,7 @@ class EdgeSession:
         self.chain: EdgeChain | None = None
         self.paused = False                # the draft lost confidence: wait for news before drafting on
         self.next_shadow_at = 0            # length 0: the committed length at which the next shadow draft is due
+        self.speculation_can_pay = True    # the last choice's can_pay: False, no acceptance would change it (no shadows)
         self.g = plan.fixed or 4
         self.waiting_for: str | None = None  # what the edge waits for now (the state dump says it)
         self.chunks: collections.deque[list[int]] = collections.deque()  # committed tokens not yet yielded
@@ -152,7 +153,7 @@ class EdgeSession:
             resolution_ends=ch.resolved is not None and st.would_finish_with(ch.resolved),
             paused=self.paused, predraft_open=self.hints.pre is not None,
             predraft_wants_more=self.hints.wants_more(g, st.eos_ids),
-            shadow_due=st.committed_len >= self.next_shadow_at,
+            shadow_due=self.speculation_can_pay and st.committed_len >= self.next_shadow_at,
         )
 
     def _choose_draft_len(self) -> int:
@@ -163,7 +164,7 @@ class EdgeSession:
         # cheaply while the cloud decodes; longer ones then grow by doubling), else the usual 4
         choice = choose_draft_len(est, self.plan.g_cap, pipelined=self.plan.pipelined,
                                   allow_zero=self.plan.decode_ahead, default=1 if self.plan.decode_ahead else 4)
-        g = choice.g
+        g, self.speculation_can_pay = choice.g, choice.can_pay
         steer = getattr(self.hooks, "steer_draft_len", None)
         if steer is not None:  # tests: force a decision (see EdgeHooks)
             g = steer(g, self.state.awaiting_resolution)
@@ -172,7 +173,7 @@ class EdgeSession:
         est.last_choice = {"g": g, "objective": choice.objective, "modelled_tokens_per_s": choice.rate,
                            "best_speculative": choice.best_speculative, "decode_alone": choice.decode_alone,
                            "cloud_s_per_token": choice.cloud_s_per_token,
-                           "alone_s_per_token": choice.alone_s_per_token}
+                           "alone_s_per_token": choice.alone_s_per_token, "can_pay": choice.can_pay}
         return g
 
     async def _drain(self) -> None:

@@ -224,6 +224,8 @@ class DraftLenChoice:
     alone_s_per_token: float | None = None  # the cloud alone's: one decode step
     objective: str = DEFAULT    # RATE: the fastest within the cloud alone's compute per token (the cloud has room);
                                 # COST: the cheapest at no less than the cloud alone's rate (the cloud is loaded)
+    can_pay: bool = True        # some length would qualify were every draft accepted (False: at these pass costs no
+                                # acceptance makes speculation pay, so measuring it is pointless)
 
 
 SPECULATION_MARGIN = 1.3  # speculate only where modelled at least this much better than the cloud decoding alone
@@ -242,13 +244,15 @@ class _Option:
     cost: float  # modelled cloud seconds per committed token
 
 
-def _options(est: Estimates, g_max: int, pipelined: bool, wait_s: float = 0.0) -> list[_Option]:
+def _options(est: Estimates, g_max: int, pipelined: bool, wait_s: float = 0.0,
+             every_draft_accepted: bool = False) -> list[_Option]:
     """Lengths 1 .. g_max, but at most twice the largest pass measured: a length past that is extrapolated (§4.4), and
     a wrong guess costs a whole pass, so batches grow by doubling (4, 8, 16), each measured before the next. A round
-    takes `wait_s` longer than its pass (time, not compute): the wait for the decode-ahead step a batch finds."""
+    takes `wait_s` longer than its pass (time, not compute): the wait for the decode-ahead step a batch finds. With
+    `every_draft_accepted`, acceptance 1 at every depth: the best any draft could do at these costs."""
     a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
     g_max = min(g_max, max(2, 2 * max(est.passes.by_size, default=1)))
-    acc = est.by_depth.profile(g_max, a)
+    acc = [1.0] * g_max if every_draft_accepted else est.by_depth.profile(g_max, a)
     out = []
     for g in range(1, g_max + 1):
         t_pass = est.passes(g)
@@ -267,6 +271,17 @@ def _fastest(options: Sequence[_Option]) -> _Option | None:
     return best
 
 
+def _qualifying(options: Sequence[_Option], alone: _Option, loaded: bool) -> tuple[_Option | None, bool]:
+    """The objective's best length with drafts, and whether it beats the cloud alone by SPECULATION_MARGIN: COST when
+    `loaded` (the cheapest no slower than the cloud alone), else RATE (the fastest within its compute per token)."""
+    if loaded:
+        fast_enough = [o for o in options if o.rate >= alone.rate]
+        best = min(fast_enough, key=lambda o: o.cost) if fast_enough else None
+        return best, best is not None and best.cost * SPECULATION_MARGIN <= alone.cost
+    best = _fastest([o for o in options if o.cost <= alone.cost])
+    return best, best is not None and best.rate >= alone.rate * SPECULATION_MARGIN
+
+
 def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero: bool, default: int) -> DraftLenChoice:
     """The draft length for the next batch, 0 (the cloud decodes alone) included where `allow_zero` (decode-ahead).
 
@@ -280,31 +295,31 @@ def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero:
         be SPECULATION_MARGIN cheaper.
     Where no length with drafts qualifies and 0 is not allowed, the cheapest length. Until the cloud's decode cost
     is known, the fastest length. `default` until the other estimates exist. With decode-ahead (`allow_zero`) a
-    round's pass is modelled AHEAD_WAIT of a decode step later: the cloud is always in a step when a batch comes."""
+    round's pass is modelled AHEAD_WAIT of a decode step later: the cloud is always in a step when a batch comes.
+    `can_pay` says whether any acceptance could make speculation qualify at the costs measured (the edge shadow-drafts
+    at length 0 only where it could)."""
     if est.acceptance.value is None or est.draft_s.value is None or est.rtt_s is None or est.passes(1) is None:
         return DraftLenChoice(default, None)
     decode = est.decode_s
-    options = _options(est, g_max, pipelined, wait_s=AHEAD_WAIT * decode if allow_zero and decode is not None else 0.0)
+    wait_s = AHEAD_WAIT * decode if allow_zero and decode is not None else 0.0
+    options = _options(est, g_max, pipelined, wait_s)
     if decode is None:
         best = _fastest(options)
         return DraftLenChoice(best.g, best.rate, best.rate, None, best.cost, None, RATE)
     alone = _Option(0, 1.0 / decode, decode)
     loaded = est.others_load is not None and est.others_load >= LOADED_AT
-    if loaded:
-        fast_enough = [o for o in options if o.rate >= alone.rate]
-        best = min(fast_enough, key=lambda o: o.cost) if fast_enough else None
-        wins = best is not None and best.cost * SPECULATION_MARGIN <= alone.cost
-    else:
-        best = _fastest([o for o in options if o.cost <= alone.cost])
-        wins = best is not None and best.rate >= alone.rate * SPECULATION_MARGIN
-    objective = COST if loaded else RATE
+    best, wins = _qualifying(options, alone, loaded)
+    # would a draft the cloud always agreed with win at these costs? If not, no acceptance measured can change the
+    # choice, and drafts made only to measure it (shadow drafts) are work for nothing
+    can_pay = wins or _qualifying(_options(est, g_max, pipelined, wait_s, every_draft_accepted=True), alone, loaded)[1]
     if not wins and allow_zero:
         pick = alone
     elif best is not None:
         pick = best
     else:
         pick = min(options, key=lambda o: o.cost)
-    return DraftLenChoice(pick.g, pick.rate, best.rate if best else None, alone.rate, pick.cost, alone.cost, objective)
+    return DraftLenChoice(pick.g, pick.rate, best.rate if best else None, alone.rate, pick.cost, alone.cost,
+                          COST if loaded else RATE, can_pay)
 
 
 # ---- token trees (coupled, docs/design.md §3.7) -----------------------------------------------------------------

@@ -227,3 +227,32 @@ def test_the_default_stands_until_every_estimate_exists_and_the_estimates_are_re
     d = est.to_dict()
     assert d["pass_s"]["8"] == 1.057 and d["decode_s"] == 0.529 and d["acceptance"] == 0.7
     assert set(d) >= {"rtt_s", "draft_s_per_token", "acceptance_by_depth", "acceptance_by_confidence", "last_choice"}
+
+
+# llama.cpp, one CPU core with its AVX-512 code (docs/results/llama_cpu_variants, 2026-12-07): a pass of n drafts costs
+# about n + 1 decode steps
+LLAMA_AVX512_PASS_S = {0: 0.048, 1: 0.094, 3: 0.182, 7: 0.439}
+
+
+def test_where_no_acceptance_could_make_speculation_pay_the_choice_says_so():
+    """can_pay: would some length qualify were every draft accepted? With llama.cpp's passes at about n + 1 decode
+    steps, no (the edge then stops shadow-drafting: measuring acceptance cannot change the choice); with the int8
+    target's flat ones, or llama.cpp's older flatter ones, yes, even while today's acceptance leaves it at 0; and
+    yes until the estimates exist (the probing goes on)."""
+    steep = choose_draft_len(_estimates(LLAMA_AVX512_PASS_S, a=0.9, draft_s=0.025, rtt_s=0.0), 12, pipelined=True,
+                             allow_zero=True, default=1)
+    assert steep.g == 0 and not steep.can_pay
+    assert not choose_draft_len(_estimates({0: 0.048, 1: 0.094}, a=1.0, draft_s=0.025, rtt_s=0.0), 12,
+                                pipelined=True, allow_zero=True, default=1).can_pay
+    for passes in (INT8_PASS_S, LLAMA_PASS_S):
+        poor = choose_draft_len(_estimates(passes, a=0.2, draft_s=0.025, rtt_s=0.0), 8, pipelined=True,
+                                allow_zero=True, default=1)
+        assert poor.g == 0 and poor.can_pay, passes
+    assert choose_draft_len(Estimates(), 12, pipelined=True, allow_zero=True, default=1).can_pay
+    # the bound is the objective's: loaded, a length would have to be SPECULATION_MARGIN cheaper per token, and at
+    # pass(1) = 1.3 decode steps two sure tokens cost 0.65 of a step each (qualifies), at 1.9 steps 0.95 (does not)
+    for pass1, pays in ((0.065, True), (0.095, False)):
+        est = _estimates({0: 0.05, 1: pass1}, a=0.1, draft_s=0.025, rtt_s=0.0)
+        est.others_load = 0.9
+        loaded = choose_draft_len(est, 1, pipelined=True, allow_zero=True, default=1)
+        assert loaded.objective == "cost" and loaded.g == 0 and loaded.can_pay is pays, pass1

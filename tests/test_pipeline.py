@@ -213,3 +213,29 @@ def test_a_deadlock_is_reported_at_once_with_both_sides_state(tiny_target, tiny_
     assert "'cloud_owes': None" in message and "its correction (sampled, unsent)" in message
     assert "'awaiting_resolution': True" in message and "'draft_len': 0" in message
     assert "cloud state:" in caplog.text and "the edge's correction at position" in caplog.text
+
+
+@pytest.mark.parametrize("can_pay", [True, False])
+def test_at_length_zero_the_edge_shadow_drafts_only_where_speculation_could_pay(tiny_target, tiny_draft, monkeypatch,
+                                                                                can_pay):
+    """Length 0 with decode-ahead: the cloud decodes every token. Shadow drafts (one every SHADOW_EVERY tokens, never
+    sent) measure acceptance for the choice, unless the choice says no acceptance could make speculation pay
+    (DraftLenChoice.can_pay): then the draft makes nothing at all. The output is the target's either way."""
+    from picospec.edge_client import session
+    from picospec.edge_client.policy import SHADOW_EVERY
+    from picospec.shared.perf_model import DraftLenChoice
+    monkeypatch.setattr(session, "choose_draft_len", lambda *a, **k: DraftLenChoice(0, None, can_pay=can_pay))
+    prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]
+    n = 40
+
+    async def scenario():
+        async with serving(tiny_target) as (_, addr):
+            async with edge(addr, tiny_draft, max_new_tokens=n, ignore_eos=True, verify="coupled") as client:
+                gen = client.generate(prompt_ids, mode="pipeline")
+                return await gen.collect(), gen.stats.to_dict()
+
+    out, st = run(scenario())
+    assert out == _greedy_reference(tiny_target, prompt_ids, n)
+    assert st["rounds"] == 0 and st["cloud_tokens"] == n - 1, st  # the first token comes with the prefill
+    made = st["draft_tokens_made"]
+    assert (made >= n // SHADOW_EVERY - 1) if can_pay else made == 0, st
