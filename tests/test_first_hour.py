@@ -410,6 +410,8 @@ def test_the_docs_match_the_behaviour():
     assert "pip install -e '.[serve]'" in serve_doc  # what works from a clone
     assert "--admission-wait-s" in serve_doc and "found within 2 s)" not in serve_doc.replace("starts (found within 2 s)", "")
     assert "refused at connect" not in readme and "--prompt-file PATH" in readme and "exit status 2" in readme
+    # the tokenizer check runs before the draft's weights load (tests/test_startup.py), and the README says so
+    assert "once the draft has loaded" not in readme and "before its weights do" in readme
     from picospec.edge_client.openai_server import REQUEST_WAIT_S
     from picospec.shared.config import EdgeConfig as Defaults
     assert REQUEST_WAIT_S == 2.0 and Defaults().admission_wait_s == 60.0 and Defaults().reconnect_s == 30.0
