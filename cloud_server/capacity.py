@@ -77,6 +77,11 @@ class CloudCapacity:
         self.passes.add(drafts, seconds)
         self._recent.append((self.clock(), sid, seconds))
 
+    def pass_costs(self) -> dict[int, float]:
+        """Seconds per pass over n drafts (n = 0: a decode step) as measured so far, by n: what a new session's edge
+        starts its draft-length choice from (Ready.pass_s)."""
+        return {n: self.passes.measured(n) for n in sorted(self.passes.by_size)}
+
     @property
     def decode_s(self) -> float | None:
         """One decode step as measured; until one is, the least it can be: a pass over n drafts feeds n + 1

@@ -295,7 +295,8 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                      spec.verify_mode, " + decode-ahead" if spec.decode_ahead else "", prefill_s)
             yield pb.CloudMessage(ready=pb.Ready(
                 session_id=sid, target_model=self.config.target, prompt_len=len(state.prompt_ids),
-                prefill_s=prefill_s, eos_token_ids=sorted(state.eos_ids), first_token=first_token))
+                prefill_s=prefill_s, eos_token_ids=sorted(state.eos_ids), first_token=first_token,
+                pass_s=self.capacity.pass_costs()))
             async for msg in session.stream(request_iterator):
                 yield msg
         except (asyncio.CancelledError, GeneratorExit):

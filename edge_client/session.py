@@ -12,7 +12,7 @@ import asyncio
 import collections
 import time
 from concurrent.futures import Executor
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Mapping
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from picospec.shared.stats import GenerationStats, verdict_token_kinds
 from picospec.shared.trees import check_path
 
 RunModel = Callable[..., Awaitable]
+MAX_PASS_S = 3600.0  # a pass cost the cloud states above this (or not above 0, or NaN) is not taken
 TREE_GROWTH = 4  # idle-time growth: a tree may grow to this many times the nodes sent (and MAX_TREE_NODES_GROWN)
 
 
@@ -105,12 +106,21 @@ class EdgeSession:
             raise
         return prefill
 
+    def _take_cloud_pass_costs(self, pass_s: Mapping[int, float]) -> None:
+        """The cloud's pass costs over all its sessions (Ready.pass_s), as the draft-length choice's starting point:
+        sizes this session will use (up to its longest batch), sane values only (a cloud's word, not the edge's)."""
+        passes = self.stats.estimates.passes
+        passes.prior = {n: s for n, s in pass_s.items() if n <= self.plan.g_cap and 0.0 < s < MAX_PASS_S}
+        if 0 in passes.prior:
+            passes.anchor = passes.prior[0]
+
     def _ready(self, ready: pb.Ready) -> None:
         """The session's state from the cloud's Ready; its first token, if any, committed and queued for the user."""
         self.stats.prefill_cloud_s += ready.prefill_s
         self.state = SessionState(self.prompt, self.hello.max_new_tokens, frozenset(ready.eos_token_ids),
                                   self.drafter.vocab_size)
         self.chain = EdgeChain(self.state)
+        self._take_cloud_pass_costs(ready.pass_s)
         if ready.HasField("first_token"):  # the first token at once: drafting starts from it
             if not self.hello.first_token:
                 raise ProtocolError("the cloud sent a first token this edge did not ask for")

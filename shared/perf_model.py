@@ -88,6 +88,8 @@ class PassCosts:
         self.alpha = alpha
         self.by_size: dict[int, Ewma] = {}
         self.anchor: float | None = None  # a decode step's cost from elsewhere (the cloud's): size 0 until measured
+        self.prior: dict[int, float] = {}  # costs by size from elsewhere (the cloud's, over all its sessions), each
+                                           # until this session measures that size itself
 
     def add(self, n: int, seconds: float) -> None:
         self.by_size.setdefault(n, Ewma(self.alpha)).add(seconds)
@@ -96,10 +98,14 @@ class PassCosts:
         e = self.by_size.get(n)
         return None if e is None else e.value
 
+    def sizes(self) -> set[int]:
+        """The sizes with a cost measured here or known from elsewhere."""
+        return set(self.by_size) | set(self.prior)
+
     def __call__(self, n: int) -> float | None:
-        if not self.by_size:
+        table = {**self.prior, **{k: e.value for k, e in self.by_size.items()}}
+        if not table:
             return None
-        table = {k: e.value for k, e in self.by_size.items()}
         if 0 not in table and self.anchor is not None:
             table[0] = min(self.anchor, min(table.values()))  # a decode never costs more than a pass
         if n in table:
@@ -207,7 +213,8 @@ class Estimates:
     def to_dict(self) -> dict[str, object]:
         return {"rtt_s": self.rtt_s, "draft_s_per_token": self.draft_s.value, "acceptance": self.acceptance.value,
                 "acceptance_by_depth": self.by_depth.to_dict(), "acceptance_by_confidence": self.by_confidence.to_dict(),
-                "pass_s": self.passes.to_dict(), "decode_s": self.decode_s, "others_load": self.others_load,
+                "pass_s": self.passes.to_dict(), "pass_s_cloud": dict(sorted(self.passes.prior.items())),
+                "decode_s": self.decode_s, "others_load": self.others_load,
                 "last_choice": self.last_choice}
 
 
@@ -251,8 +258,11 @@ def _options(est: Estimates, g_max: int, pipelined: bool, wait_s: float = 0.0,
     takes `wait_s` longer than its pass (time, not compute): the wait for the decode-ahead step a batch finds. With
     `every_draft_accepted`, acceptance 1 at every depth: the best any draft could do at these costs."""
     a, td, rtt = est.acceptance.value, est.draft_s.value, est.rtt_s
-    g_max = min(g_max, max(2, 2 * max(est.passes.by_size, default=1)))
-    acc = [1.0] * g_max if every_draft_accepted else est.by_depth.profile(g_max, a)
+    g_max = min(g_max, max(2, 2 * max(est.passes.sizes(), default=1)))
+    if every_draft_accepted:  # the best case: what is not measured yet costs nothing
+        acc, td, rtt = [1.0] * g_max, td or 0.0, rtt or 0.0
+    else:
+        acc = est.by_depth.profile(g_max, a)
     out = []
     for g in range(1, g_max + 1):
         t_pass = est.passes(g)
@@ -282,6 +292,12 @@ def _qualifying(options: Sequence[_Option], alone: _Option, loaded: bool) -> tup
     return best, best is not None and best.rate >= alone.rate * SPECULATION_MARGIN
 
 
+def _could_pay(est: Estimates, g_max: int, pipelined: bool, wait_s: float, alone: _Option, loaded: bool) -> bool:
+    """Whether some length would qualify were every draft accepted (and, where not measured yet, drafting and the
+    round trip free): False means no acceptance this session could measure changes the choice."""
+    return _qualifying(_options(est, g_max, pipelined, wait_s, every_draft_accepted=True), alone, loaded)[1]
+
+
 def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero: bool, default: int) -> DraftLenChoice:
     """The draft length for the next batch, 0 (the cloud decodes alone) included where `allow_zero` (decode-ahead).
 
@@ -297,21 +313,27 @@ def choose_draft_len(est: Estimates, g_max: int, *, pipelined: bool, allow_zero:
     is known, the fastest length. `default` until the other estimates exist. With decode-ahead (`allow_zero`) a
     round's pass is modelled AHEAD_WAIT of a decode step later: the cloud is always in a step when a batch comes.
     `can_pay` says whether any acceptance could make speculation qualify at the costs measured (the edge shadow-drafts
-    at length 0 only where it could)."""
-    if est.acceptance.value is None or est.draft_s.value is None or est.rtt_s is None or est.passes(1) is None:
-        return DraftLenChoice(default, None)
+    at length 0 only where it could); where it could not at the costs known before this session's own estimates
+    (PassCosts.prior: the cloud's), 0 from the start, where the default would have probed."""
     decode = est.decode_s
     wait_s = AHEAD_WAIT * decode if allow_zero and decode is not None else 0.0
+    loaded = est.others_load is not None and est.others_load >= LOADED_AT
+    alone = _Option(0, 1.0 / decode, decode) if decode is not None else None
+    if est.acceptance.value is None or est.draft_s.value is None or est.rtt_s is None or est.passes(1) is None:
+        # before this session's own estimates: where the costs known already (the cloud's, from its Ready) leave no
+        # acceptance at which a length could qualify, the cloud decodes alone from the start, with no probe batch
+        if allow_zero and alone is not None and est.passes(1) is not None \
+                and not _could_pay(est, g_max, pipelined, wait_s, alone, loaded):
+            return DraftLenChoice(0, alone.rate, None, alone.rate, decode, decode, COST if loaded else RATE, False)
+        return DraftLenChoice(default, None)
     options = _options(est, g_max, pipelined, wait_s)
-    if decode is None:
+    if alone is None:
         best = _fastest(options)
         return DraftLenChoice(best.g, best.rate, best.rate, None, best.cost, None, RATE)
-    alone = _Option(0, 1.0 / decode, decode)
-    loaded = est.others_load is not None and est.others_load >= LOADED_AT
     best, wins = _qualifying(options, alone, loaded)
     # would a draft the cloud always agreed with win at these costs? If not, no acceptance measured can change the
     # choice, and drafts made only to measure it (shadow drafts) are work for nothing
-    can_pay = wins or _qualifying(_options(est, g_max, pipelined, wait_s, every_draft_accepted=True), alone, loaded)[1]
+    can_pay = wins or _could_pay(est, g_max, pipelined, wait_s, alone, loaded)
     if not wins and allow_zero:
         pick = alone
     elif best is not None:

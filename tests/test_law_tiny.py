@@ -103,14 +103,20 @@ def test_stop_and_wait_modes_follow_the_target_law(tiny_target, tiny_draft, mode
     law.assert_matches(f"{mode}/{verify} at {warping}")
 
 
+TREE_ENGINES = {"transformers": {}, "static-batched": {"engine": "static", "batching": "on"}}
+
+
 @pytest.mark.parallel
+@pytest.mark.parametrize("engine", TREE_ENGINES, ids=TREE_ENGINES.keys())
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
-def test_coupled_token_trees_follow_the_target_law(tiny_target, tiny_draft, warping):
-    """Token trees (docs/design.md §3.7) of 6 nodes: alternatives are taken as well as the main chain."""
+def test_coupled_token_trees_follow_the_target_law(tiny_target, tiny_draft, warping, engine):
+    """Token trees (docs/design.md §3.7) of up to 6 nodes, sized online: alternatives are taken as well as the main
+    chain; on transformers' cache and on the static engine with batching on (its tree rows, §15)."""
     law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
-    totals = run(_generate_all(tiny_target, tiny_draft, "sync", warping, law, verify="coupled", tree_budget=6))
+    totals = run(_generate_all(tiny_target, tiny_draft, "sync", warping, law, limits=TREE_ENGINES[engine],
+                               verify="coupled", tree_budget=6))
     _assert_speculated(totals, "coupled", warping)
-    law.assert_matches(f"sync/coupled trees at {warping}")
+    law.assert_matches(f"sync/coupled trees on {engine} at {warping}")
 
 
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())

@@ -239,3 +239,34 @@ def test_at_length_zero_the_edge_shadow_drafts_only_where_speculation_could_pay(
     assert st["rounds"] == 0 and st["cloud_tokens"] == n - 1, st  # the first token comes with the prefill
     made = st["draft_tokens_made"]
     assert (made >= n // SHADOW_EVERY - 1) if can_pay else made == 0, st
+
+
+@pytest.mark.parametrize("cloud_costs,probes", [({0: 0.05, 1: 0.10}, False), ({0: 1e-4, 1: 1e-4}, True)],
+                         ids=["steep", "flat"])
+def test_a_new_session_starts_from_the_clouds_pass_costs(tiny_target, tiny_draft, cloud_costs, probes):
+    """Ready.pass_s: the cloud's pass costs over its sessions so far. Where they leave no acceptance at which
+    speculation could pay (a pass over one draft costing two decode steps: and more so beside the tiny target's
+    real decode steps, about a millisecond, which the edge measures itself as the cloud decodes ahead), the
+    pipeline as shipped starts at length 0: no probe batch, no draft at all. Where a pass over one draft costs
+    less than any real decode step, its first choice is a probe batch of one, as before. The target's tokens either
+    way."""
+    prompt_ids = tiny_target.tokenizer("hello world")["input_ids"]
+    n = 24
+
+    async def scenario():
+        async with serving(tiny_target) as (service, addr):
+            for size, seconds in cloud_costs.items():
+                service.capacity.passes.add(size, seconds)
+            async with edge(addr, tiny_draft, max_new_tokens=n, ignore_eos=True, verify="coupled") as client:
+                gen = client.generate(prompt_ids, mode="pipeline")
+                return await gen.collect(), gen.stats.to_dict()
+
+    out, st = run(scenario())
+    assert out == _greedy_reference(tiny_target, prompt_ids, n)
+    assert st["estimates"]["pass_s_cloud"] == pytest.approx(cloud_costs), st["estimates"]  # float32 on the wire
+    chosen = st["draft_len_chosen"]
+    if probes:  # a batch of one first (whether the cloud's own token overtakes it is timing)
+        assert chosen.get("1", 0) >= 1 and st["draft_tokens_made"] > 0, st
+    else:
+        assert set(chosen) == {"0"} and st["draft_tokens_made"] == 0 and st["rounds"] == 0, st
+        assert st["estimates"]["last_choice"]["can_pay"] is False, st

@@ -143,20 +143,29 @@ class EdgeMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., draft: _Optional[_Union[DraftBatch, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., tail_request: _Optional[_Union[TailRequest, _Mapping]] = ...) -> None: ...
 
 class Ready(_message.Message):
-    __slots__ = ("session_id", "target_model", "prompt_len", "prefill_s", "eos_token_ids", "first_token")
+    __slots__ = ("session_id", "target_model", "prompt_len", "prefill_s", "eos_token_ids", "first_token", "pass_s")
+    class PassSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PASS_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target_model: str
     prompt_len: int
     prefill_s: float
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
-    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ...) -> None: ...
+    pass_s: _containers.ScalarMap[int, float]
+    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., prompt_len: _Optional[int] = ..., prefill_s: _Optional[float] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., pass_s: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("epoch", "start_pos", "accepted", "token", "committed_len", "next_epoch", "finished", "finish_reason", "verify_s", "residual_payload", "tail_mass", "tail_payload", "rejected", "verified", "idle_s", "waited_s", "path", "decode_step_s", "others_load", "capped")
