@@ -336,6 +336,41 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float =
     return found
 
 
+SLOW_LOAD_EDGE = """
+import sys, time
+from picospec.edge_client import cli
+
+def slow_load(config, on_tokenizer=None):  # a stand-in for a draft that takes a minute to load
+    print("stand-in load started", file=sys.stderr, flush=True)
+    time.sleep(60)
+
+cli.load_draft = slow_load
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_draft_loads_is_one_line_at_once(tmp_path, sig, status):
+    """The draft's load runs in a thread of its own beside the wait for the cloud (edge_client/cli.py:
+    draft_and_cloud): a signal mid-load ends the program at once, one line, without waiting for the load."""
+    err_path = tmp_path / "edge.err"
+    with open(err_path, "w") as err:
+        edge = subprocess.Popen([sys.executable, "-c", SLOW_LOAD_EDGE, "--server", f"127.0.0.1:{free_port()}",
+                                 "--draft", "tiny-random", "--prompt", "hi"], stderr=err, text=True)
+    try:
+        _wait_for(err_path, "stand-in load started", edge, timeout=30)
+        signalled = time.monotonic()
+        edge.send_signal(sig)
+        edge.wait(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        edge.kill()
+    text = err_path.read_text()
+    assert edge.returncode == status, text
+    assert text.strip().splitlines()[-1] == "picospec-edge: interrupted" and "Traceback" not in text, text
+    assert took < QUICK_S, (took, text)
+
+
 def test_ctrl_c_while_waiting_for_the_cloud_is_one_line(tmp_path):
     err_path = tmp_path / "edge.err"
     with open(err_path, "w") as err:  # nothing listens at the port: the edge waits, saying "Ctrl-C to stop"
