@@ -108,11 +108,13 @@ class EdgeSession:
 
     def _take_cloud_pass_costs(self, pass_s: Mapping[int, float]) -> None:
         """The cloud's pass costs over all its sessions (Ready.pass_s), as the draft-length choice's starting point:
-        sizes this session will use (up to its longest batch), sane values only (a cloud's word, not the edge's)."""
+        sizes this session will use (up to its longest batch), sane values only (a cloud's word, not the edge's). Its
+        decode step (n = 0) is the anchor, which every verdict's decode_step_s then refreshes."""
         passes = self.stats.estimates.passes
-        passes.prior = {n: s for n, s in pass_s.items() if n <= self.plan.g_cap and 0.0 < s < MAX_PASS_S}
-        if 0 in passes.prior:
-            passes.anchor = passes.prior[0]
+        sane = {n: s for n, s in pass_s.items() if n <= self.plan.g_cap and 0.0 < s < MAX_PASS_S}
+        if 0 in sane:
+            passes.anchor = sane.pop(0)
+        passes.prior = sane
 
     def _ready(self, ready: pb.Ready) -> None:
         """The session's state from the cloud's Ready; its first token, if any, committed and queued for the user."""

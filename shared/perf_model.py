@@ -88,8 +88,8 @@ class PassCosts:
         self.alpha = alpha
         self.by_size: dict[int, Ewma] = {}
         self.anchor: float | None = None  # a decode step's cost from elsewhere (the cloud's): size 0 until measured
-        self.prior: dict[int, float] = {}  # costs by size from elsewhere (the cloud's, over all its sessions), each
-                                           # until this session measures that size itself
+        self.prior: dict[int, float] = {}  # passes (n >= 1) from elsewhere (the cloud's, over all its sessions),
+                                           # each until this session measures that size itself
 
     def add(self, n: int, seconds: float) -> None:
         self.by_size.setdefault(n, Ewma(self.alpha)).add(seconds)

@@ -259,22 +259,23 @@ def test_where_no_acceptance_could_make_speculation_pay_the_choice_says_so():
 
 
 def test_the_clouds_pass_costs_stand_in_for_sizes_not_measured_here_and_can_spare_the_probes():
-    """PassCosts.prior (the cloud's costs from its Ready): read like measurements until this session measures a size
-    itself. Before the session's own estimates exist, costs that leave no acceptance at which a length could qualify
+    """PassCosts.prior (the cloud's pass costs from its Ready; its decode step is the anchor): read like measurements
+    until this session measures a size itself. Before the session's own estimates exist, costs that leave no acceptance at which a length could qualify
     give length 0 at once (no probe batch); costs where some acceptance could give the default (the probes); no
     costs, the default."""
     costs = PassCosts()
-    costs.prior = {0: 0.048, 1: 0.094, 3: 0.182}
-    assert costs(1) == 0.094 and costs(2) == pytest.approx(0.138) and costs.sizes() == {0, 1, 3}
+    costs.prior, costs.anchor = {1: 0.094, 3: 0.182}, 0.048
+    assert costs(1) == 0.094 and costs(2) == pytest.approx(0.138) and costs.sizes() == {1, 3} and costs(0) == 0.048
     costs.add(1, 0.060)
     assert costs(1) == 0.060 and costs.measured(1) == 0.060 and costs.measured(3) is None
     fresh = Estimates()
     assert choose_draft_len(fresh, 12, pipelined=True, allow_zero=True, default=1).g == 1
-    fresh.passes.prior, fresh.passes.anchor = dict(LLAMA_AVX512_PASS_S), LLAMA_AVX512_PASS_S[0]
+    fresh.passes.prior = {n: t for n, t in LLAMA_AVX512_PASS_S.items() if n > 0}
+    fresh.passes.anchor = LLAMA_AVX512_PASS_S[0]
     spared = choose_draft_len(fresh, 12, pipelined=True, allow_zero=True, default=1)
     assert spared.g == 0 and not spared.can_pay and spared.decode_alone == pytest.approx(1 / 0.048)
     assert choose_draft_len(fresh, 12, pipelined=True, allow_zero=False, default=4).g == 4  # 0 not allowed: probe
     flat = Estimates()
-    flat.passes.prior, flat.passes.anchor = dict(INT8_PASS_S), INT8_PASS_S[0]
+    flat.passes.prior, flat.passes.anchor = {n: t for n, t in INT8_PASS_S.items() if n > 0}, INT8_PASS_S[0]
     probing = choose_draft_len(flat, 12, pipelined=True, allow_zero=True, default=1)
     assert probing.g == 1 and probing.can_pay and probing.rate is None

@@ -263,7 +263,8 @@ def test_a_new_session_starts_from_the_clouds_pass_costs(tiny_target, tiny_draft
 
     out, st = run(scenario())
     assert out == _greedy_reference(tiny_target, prompt_ids, n)
-    assert st["estimates"]["pass_s_cloud"] == pytest.approx(cloud_costs), st["estimates"]  # float32 on the wire
+    # float32 on the wire; the cloud's decode step went to the anchor, which the verdicts then refresh
+    assert st["estimates"]["pass_s_cloud"] == pytest.approx({n: s for n, s in cloud_costs.items() if n > 0})
     chosen = st["draft_len_chosen"]
     if probes:  # a batch of one first (whether the cloud's own token overtakes it is timing)
         assert chosen.get("1", 0) >= 1 and st["draft_tokens_made"] > 0, st
