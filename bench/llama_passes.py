@@ -23,19 +23,25 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from picospec.bench.engine import time_passes
 
 
-def measure(name: str, sizes: Sequence[int], context: int, repeats: int, threads: int) -> dict[int, float]:
-    """Median ms of a pass of n tokens after `context` cached ones, per n."""
+def primed(name: str, threads: int, context: int, n_ctx: int) -> tuple[Any, Any]:
+    """The GGUF model `name` on llama.cpp and a backend of `n_ctx` cells holding a `context`-token prefix."""
     from picospec.shared.models import load_gguf_model
 
     model = load_gguf_model(name, threads=threads, progress=False).model
-    backend = model.backend(n_ctx=context + max(sizes) + 1)
+    backend = model.backend(n_ctx=n_ctx)
     backend.reset()
     backend.forward(list(range(1000, 1000 + context)), num_logits=1)
+    return model, backend
+
+
+def measure(name: str, sizes: Sequence[int], context: int, repeats: int, threads: int) -> dict[int, float]:
+    """Median ms of a pass of n tokens after `context` cached ones, per n."""
+    model, backend = primed(name, threads, context, n_ctx=context + max(sizes) + 1)
     seconds = time_passes(backend.forward, backend.truncate, context, sizes, repeats, sync=lambda: None,
                           vocab=model.config.vocab_size)
     return {n: 1e3 * s for n, s in seconds.items()}
@@ -43,11 +49,7 @@ def measure(name: str, sizes: Sequence[int], context: int, repeats: int, threads
 
 def decode_forever(name: str, threads: int) -> None:
     """The neighbour: decode steps back to back after a 100-token prefix until killed; a line on stdout once loaded."""
-    from picospec.shared.models import load_gguf_model
-
-    backend = load_gguf_model(name, threads=threads, progress=False).model.backend(n_ctx=512)
-    backend.reset()
-    backend.forward(list(range(1000, 1100)), num_logits=1)
+    _, backend = primed(name, threads, context=100, n_ctx=512)
     print("decoding", flush=True)
     while True:
         backend.forward([1234], num_logits=1)
