@@ -35,6 +35,9 @@ _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" 
 # Skips that are allowed under CI=true: the CUDA test on a machine without a GPU, and the large-model tests when the
 # run asked for that itself (PICOSPEC_SKIP_LARGE=1, make test-fast). Any other skip fails the test under CI.
 CI_ALLOWED_SKIPS = ("no CUDA device", "PICOSPEC_SKIP_LARGE=1")
+SKIP_LARGE = os.environ.get("PICOSPEC_SKIP_LARGE") == "1"
+# the large-model tests (the GGUFs `make models` prepares), skipped by make test-fast
+skip_large = pytest.mark.skipif(SKIP_LARGE, reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
 
 def skip_or_fail(reason: str) -> None:

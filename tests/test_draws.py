@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -19,11 +18,10 @@ from picospec.shared.codec import Precision, encode_list, encode_probs
 from picospec.shared.rng import Stream, gumbel_noise, gumbel_noise_array, uniform, uniforms, uniforms_array
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from picospec.shared.verify import gumbel_argmax
+from tests.conftest import skip_large
 from tests.proc_util import checkout_env, cloud_process
 
 pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
-skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1",
-                                reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
 SETTINGS = [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.7, top_k=5), SamplingParams(1.3, top_p=0.8),
             SamplingParams(0.9, top_k=50, top_p=0.95), SamplingParams(2.0, top_k=1), SamplingParams(1.0, top_p=0.01)]

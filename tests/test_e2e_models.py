@@ -5,21 +5,19 @@ Qwen pair gets a smoke test. The reference is plain transformers `generate` with
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from picospec.shared.fingerprint import eos_token_ids
 from picospec.shared.models import load_model
-from tests.conftest import edge, run, serving
+from tests.conftest import edge, run, serving, skip_large
 
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "Once upon a time, in a small village by the sea,",
 ]
-skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
 
 _REFERENCES: dict[tuple[str, tuple[int, ...], int], list[int]] = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,10 @@ import pytest
 import torch
 
 from picospec.shared.models import BUILTIN_MODELS, MANIFEST, cache_root, load_model
-from tests.conftest import skip_or_fail
+from tests.conftest import skip_large, skip_or_fail
 
 DATA = Path(__file__).parent / "data" / "known_answers.json"
 ATOL = 3e-4
-skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 MODELS = [
     pytest.param("smollm2-135m-instruct"),
     pytest.param("qwen2.5-coder-0.5b-instruct", marks=skip_large),

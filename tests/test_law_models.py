@@ -12,14 +12,13 @@ does not depend on the draft, only the mix of paths does).
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from picospec.bench.jitter import Jitter
 from picospec.shared.config import EXACT_VERIFY_MODES
 from picospec.shared.models import load_model
-from tests.conftest import edge, run, serving
+from tests.conftest import edge, run, serving, skip_large
 from tests.law import T07_TOPK_TOPP, T1, LawCheck, Warping
 
 pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
@@ -61,7 +60,7 @@ async def _generate(smol, draft, verify: str, warping: Warping, law: LawCheck) -
     return totals
 
 
-@pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+@skip_large
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
 def test_smollm2_sampling_follows_the_target_law(smol, smol_draft, verify, warping):

@@ -23,14 +23,12 @@ from picospec.shared.hf_backend import HFBackend
 from picospec.shared.llama_backend import GgufModel, LlamaCppBackend, LlamaCppError
 from picospec.shared.models import (ModelError, gguf_file, is_gguf_name, load_gguf_model, load_model,
                                     resolve_engine)
-from tests.conftest import edge, run, serving
+from tests.conftest import SKIP_LARGE, edge, run, serving, skip_large
 from tests.law import ALPHA_TIMED, T1, LawCheck
 from tests.llama_reference import BATCH_NOISE, LlamaReference
 
 SMOL = "smollm2-135m-instruct"
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,")
-skip_large = pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1",
-                                reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +457,7 @@ def test_token_trees_with_a_llama_cpp_draft_and_a_llama_cpp_target(smol_gguf, sm
 def qwen_pair():
     """The default pair on llama.cpp, and llama-cpp-python's own `Llama` over each GGUF (the law's reference, and
     the q/p ranking), loaded once for the module."""
-    if os.environ.get("PICOSPEC_SKIP_LARGE") == "1":
+    if SKIP_LARGE:
         pytest.skip("PICOSPEC_SKIP_LARGE=1 (make test-fast)")
     target = load_gguf_model("qwen2.5-coder-1.5b-instruct", threads=1, progress=False)
     draft = load_gguf_model("qwen2.5-coder-0.5b-instruct", threads=1, progress=False)

@@ -8,11 +8,12 @@ import os
 import pytest
 
 from picospec.bench import llama_passes
+from tests.conftest import skip_large
 
 SMOL = "smollm2-135m-instruct"
 
 
-@pytest.mark.skipif(os.environ.get("PICOSPEC_SKIP_LARGE") == "1", reason="PICOSPEC_SKIP_LARGE=1 (make test-fast)")
+@skip_large
 def test_passes_are_timed_alone_beside_a_neighbour_and_alone_again(tmp_path, capsys, monkeypatch):
     started = []
     real_neighbour = llama_passes.neighbour
