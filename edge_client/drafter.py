@@ -7,7 +7,7 @@ numpy (shared/draws.py): an edge drafting on llama.cpp never imports torch. Toke
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,6 +30,11 @@ class DraftTree:
     steps: int        # draft-model forwards it took (the root's and one per expanded node)
     compute_s: float
     reused: int = 0   # expansions taken from the last tree's growth (no forward)
+    coupled: list[bool] = field(default_factory=list)  # per node: its parent's coupled choice (else an alternative)
+
+    def took_alternative(self, path: Sequence[int]) -> bool:
+        """Whether a verdict's path went through an alternative: what a chain of the coupled choices could not commit."""
+        return not all(self.coupled[i] for i in path)
 
 
 TREE_WIDTH = 4  # candidates considered under each expanded node: its Gumbel-max choice and the next best
@@ -141,7 +146,8 @@ class Drafter:
             memo = {(): (ROOT, self._candidates(root_logits, len(committed), accept))}
         g = self.grower = TreeGrower(len(committed), memo, (budget + 1) // 2, max_depth, stop_ids)
         g.grow(budget, self._expand)
-        return DraftTree(list(g.tokens), list(g.parents), fresh + g.expansions, time.perf_counter() - t0, g.reused)
+        return DraftTree(list(g.tokens), list(g.parents), fresh + g.expansions, time.perf_counter() - t0, g.reused,
+                         g.coupled_choices())
 
     def grow_tree(self, max_nodes: int) -> tuple[bool, float]:
         """Idle time, while the cloud verifies the tree sent: grow it by one draft forward, past what was sent, so that

@@ -357,6 +357,7 @@ class EdgeSession:
         stats.bubble_s += v.idle_s
         stats.wasted_draft += len(tree.tokens) - a.accepted
         stats.capped_drafts += v.capped
+        stats.tree_alternatives += tree.took_alternative(path)
         est.passes.add(v.verified, v.verify_s)
         stats.on_round(v.verified, a.accepted, len(a.new_tokens))
         for _ in range(a.accepted):

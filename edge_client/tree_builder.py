@@ -73,6 +73,10 @@ class TreeGrower:
         self._push_children(node, key, value, main)
         return True
 
+    def coupled_choices(self) -> list[bool]:
+        """Per node, whether it is its parent's coupled choice (the first candidate under it) or an alternative."""
+        return [key[-1] == self.memo[key[:-1]][1][0][1] for key in self.keys]
+
     def grow(self, nodes: int, expand: Expand) -> None:
         """Grow until the tree has `nodes` nodes or nothing is left to add."""
         while len(self.tokens) < nodes and self.step(expand):

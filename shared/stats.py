@@ -109,6 +109,7 @@ class GenerationStats:
     predrafted_used: int = 0    # pre-drafted tokens adopted after hits
     tree_idle_forwards: int = 0  # token trees: draft forwards spent growing a tree while the cloud verified it
     tree_reused: int = 0        # token trees: expansions the next tree took from that growth (forwards saved)
+    tree_alternatives: int = 0  # token trees: verdicts whose path left the main chain (an alternative was kept)
     draft_len_choices: Counter = field(default_factory=Counter)  # online draft length -> times chosen
     estimates: Estimates = field(default_factory=Estimates)
     drafter: Any = field(default=None, repr=False)  # the session's drafter (tests inspect its cache)
@@ -230,6 +231,7 @@ class GenerationStats:
             "predrafted_used": self.predrafted_used,
             "tree_idle_forwards": self.tree_idle_forwards,
             "tree_reused_expansions": self.tree_reused,
+            "tree_alternatives_taken": self.tree_alternatives,
             "mean_draft_len": self.drafted / self.rounds if self.rounds else None,
             "estimates": self.estimates.to_dict(),
             "edge_compute_s": self.draft_s + self.prefill_edge_s,

@@ -114,8 +114,9 @@ def test_coupled_token_trees_follow_the_target_law(tiny_target, tiny_draft, warp
     chain; on transformers' cache and on the static engine with batching on (its tree rows, §15)."""
     law = LawCheck(tiny_target.model, warping, ranking=tiny_draft.model)
     totals = run(_generate_all(tiny_target, tiny_draft, "sync", warping, law, limits=TREE_ENGINES[engine],
-                               verify="coupled", tree_budget=6))
+                               verify="coupled", tree_budget=6, stats=("tree_alternatives",)))
     _assert_speculated(totals, "coupled", warping)
+    assert totals["tree_alternatives"] >= GENERATIONS // 10, totals  # paths through alternatives, not chains alone
     law.assert_matches(f"sync/coupled trees on {engine} at {warping}")
 
 

@@ -235,18 +235,21 @@ def test_a_tree_commits_more_per_pass_than_a_chain_on_the_same_seeds(tiny_target
                 gen = client.generate(prompt_ids, mode="sync", **kw)
                 await gen.collect()
                 st = gen.stats.to_dict()
-                t = totals.setdefault(f"{name}@T{temperature}", [0, 0])
+                t = totals.setdefault(f"{name}@T{temperature}", [0, 0, 0])
                 t[0] += st["generated_tokens"] - st["prefill_tokens"]
                 t[1] += st["rounds"]
+                t[2] += st["tree_alternatives_taken"]
 
     for temperature in (0.0, 1.0):
         for seed, prompt in ((0, "hello world"), (1, "the cat"), (2, "abc def")):
             run(scenario(temperature, seed, prompt))
-    per_pass = {k: tokens / rounds for k, (tokens, rounds) in totals.items()}
+    per_pass = {k: tokens / rounds for k, (tokens, rounds, _) in totals.items()}
     print("tokens per pass:", {k: round(v, 3) for k, v in sorted(per_pass.items())})
     for t in ("T0.0", "T1.0"):
         assert per_pass[f"tree8@{t}"] > per_pass[f"chain4@{t}"]
         assert per_pass[f"tree16@{t}"] > per_pass[f"chain8@{t}"]
+        # where the gain comes from: verdicts whose path went through an alternative (a chain has none)
+        assert totals[f"tree8@{t}"][2] > 0 and totals[f"chain8@{t}"][2] == 0, totals
 
 
 # ---- malformed trees -------------------------------------------------------------------------------------------------
@@ -383,6 +386,8 @@ def test_grower_puts_the_main_chain_first_and_every_prefix_is_a_tree():
     g = TreeGrower(10, {(): (ROOT, [(0.6, 1), (0.3, 2), (0.1, 3)])}, main_levels=3, max_depth=5, stop_ids=frozenset())
     g.grow(9, _fake_expand(calls))
     assert g.keys[:3] == [(1,), (1, 1), (1, 1, 1)]  # the coupled choices, three levels, before any alternative
+    assert g.coupled_choices() == [key[-1] == 1 for key in g.keys]  # token 1 is every node's first candidate
+    assert not all(g.coupled_choices())
     for n in range(1, 10):
         check_tree(g.tokens[:n], g.parents[:n], max_nodes=9, max_depth=5)
     assert g.expansions == len(calls) and all(pos >= 11 for _, _, pos in calls)
