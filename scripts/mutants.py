@@ -404,6 +404,25 @@ MUTANTS: list[Mutant] = [
         limit_s=300,
     ),
     Mutant(
+        "r1", "resume: a resumed piece starts from the original prompt (the tokens already yielded left out of it)",
+        "edge_client/resume.py",
+        "    return list(prompt) + list(committed), max_new_tokens - len(committed)\n",
+        "    return list(prompt), max_new_tokens - len(committed)\n",
+        ("tests/test_resume.py::test_resume_plan_extends_the_prompt_and_spends_the_rest_of_the_budget",
+         f"{LAW_TINY}::test_generations_resumed_after_a_cut_follow_the_target_law[dense]"),
+        fast=True,
+    ),
+    Mutant(
+        "r2", "resume: after a break the piece goes on from the caller's tokens only (the broken piece's are drawn "
+              "again with the same coins: yielded twice)",
+        "edge_client/client.py",
+        "            piece_prompt, remaining = resume_plan(prompt, committed, cfg.max_new_tokens)\n",
+        "            piece_prompt, remaining = resume_plan(prompt, committed[:resumed_from], cfg.max_new_tokens)\n",
+        ("tests/test_resume.py::test_killed_cloud_restarted_the_edge_resumes_exactly[pipeline-dense-0.0]",
+         "tests/test_partition.py"),
+        limit_s=300,
+    ),
+    Mutant(
         "t1", "llama.cpp trees: a node is not seen by its descendants decoded in the same call (its sequence ids)",
         "shared/llama_tree.py",
         "                seen_by[a - old].append(seqs[i])\n",

@@ -2,8 +2,8 @@
 
 Matrix: edge modes {sync, early-exit, pipeline (jittered, decode-ahead on)} x exact schemes {dense, split-exact,
 coupled} x {T=1; T=0.7 with top-k 20 and top-p 0.9}, plus `cloud` mode against the target and `edge` mode
-against the draft; at T=1 the pipeline as shipped (lengths chosen online), generations that end at a live EOS, and
-sessions the verification budget caps. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
+against the draft; at T=1 the pipeline as shipped (lengths chosen online), generations that end at a live EOS,
+sessions the verification budget caps, and generations resumed after a cut. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
 length 1..4 by seed), so each KS statistic detects a PIT shift of detectable_shift(2000) = 0.065 at 90%, with
 false-alarm rate 1e-3 per test (5e-5 and 0.072 where the tokens depend on timing) (tests/law.py; the PIT is also ranked by q/p, q the tiny draft's law). The tiny pair is far apart (total variation ~0.45 per token), so rejections,
 corrections, split-exact's tail draws and, in the pipeline, dead chains and rollbacks all happen; each test
@@ -182,6 +182,42 @@ def test_sessions_the_verification_budget_caps_follow_the_target_law(tiny_target
     else:
         assert totals["cloud_tokens"] == 0, totals
     law.assert_matches(f"sync/{verify} with its passes capped by the budget at {T1}")
+
+
+async def _resumed_all(target: LoadedModel, draft: LoadedModel, law: LawCheck, **cfg: object) -> dict[str, int]:
+    """GENERATIONS pipelined generations, each cut after 1..NEW_TOKENS-1 tokens (by seed) and resumed from them
+    (`resume_from`: a new session from the prompt plus the tokens so far, edge_client/resume.py); the two pieces
+    together go into `law`. Returns the sums of the resumed pieces' statistics."""
+    totals = {"rounds": 0, "accepted": 0, "drafted": 0}
+    async with serving(target) as (service, addr):
+        service.hooks = _CloudJitter(3, 0.0005)
+        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=True, residual_top_k=2, tail_samples=1,
+                        **T1.edge_kwargs(), **cfg) as client:
+            client.hooks = Jitter(4, 0.0005)
+            for seed in range(GENERATIONS):
+                prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
+                cut = 1 + seed % (NEW_TOKENS - 1)
+                first = client.generate(prompt_ids, mode="pipeline", seed=seed, max_new_tokens=cut)
+                done = await first.collect()
+                rest = client.generate(prompt_ids, mode="pipeline", seed=seed, resume_from=done)
+                tail = await rest.collect()
+                assert len(done) == cut and len(done) + len(tail) == NEW_TOKENS, (seed, done, tail)
+                law.add(prompt_ids, done + tail, first.stats.token_kinds + rest.stats.token_kinds)
+                for k in totals:
+                    totals[k] += getattr(rest.stats, k)
+    return totals
+
+
+@pytest.mark.parametrize("verify", ["dense", "split-exact"])
+def test_generations_resumed_after_a_cut_follow_the_target_law(tiny_target, tiny_draft, verify):
+    """Resume (edge_client/resume.py) under sampling where the resumed tokens cannot be compared with an uninterrupted
+    run's (the pipeline's batch ends follow timing; tests/test_resume.py checks identity where they can): each
+    generation is cut after some tokens and a new session goes on from them, with the coins of their positions.
+    The spliced output must follow the target's law, the tokens after the cut as much as those before."""
+    law = _law(tiny_target, tiny_draft, T1, verify, timed=True)
+    totals = run(_resumed_all(tiny_target, tiny_draft, law, verify=verify, draft_len=2, decode_ahead="off"))
+    assert totals["rounds"] >= GENERATIONS and 0 < totals["accepted"] < totals["drafted"], totals
+    law.assert_matches(f"pipeline/{verify} resumed after a cut at {T1}")
 
 
 @pytest.mark.parallel
