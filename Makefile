@@ -61,7 +61,7 @@ demo-small: install
 
 # the suite, then the fast mutant subset (scripts/mutants.py --fast, two at a time: about 2 min here): a mutant that
 # survives, or a harness gone stale (a search string that no longer applies), fails the target. The tests marked
-# `parallel` (pure maths, laws at fixed draft lengths: pyproject.toml) run two at a time first (pytest-xdist), the
+# `parallel` (pure maths, the output laws: pyproject.toml) run two at a time first (pytest-xdist), the
 # rest (timing, networks, processes) one at a time; both halves always run, and either failing fails the target.
 test: models netlab-deps
 	@$(BIN)/python -m pytest -q -m parallel -n 2 --durations=15; first=$$?; \

@@ -155,6 +155,7 @@ def test_greedy_with_hints_equals_target_under_jitter(tiny_target, noop_last_lay
             assert misses > 0
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("mode,verify", [("early-exit", "dense"), ("early-exit", "coupled"), ("pipeline", "coupled")])
 def test_sampling_with_hints_matches_target_distribution(noop_last_layer_target, stranger_draft, mode, verify):
     """Pre-drafts adopted after hits must leave the output law alone: tests/law.py's PIT test over 100

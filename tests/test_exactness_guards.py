@@ -162,6 +162,7 @@ def test_edge_mode_samples_the_drafts_processed_law(tiny_draft):
     _assert_processed_law(run(scenario()), expected, n, "edge mode", "the draft's")
 
 
+@pytest.mark.parallel
 def test_sync_with_top_k_and_top_p_emits_the_targets_processed_law(tiny_target, tiny_draft):
     """Mutants f2 and f3 (the cloud processes the target's logits without top_p, or without top_k): `sync` with
     dense verification at T=0.7, top-k and top-p emits the target's processed law over the first two tokens. The
