@@ -125,6 +125,8 @@ def test_timed_law_tests_keep_the_false_alarm_rate_of_a_full_run_under_a_thousan
     assert test_file.count("timed=True)") == 4  # the tests TIMED_TESTS counts: jitter (8 cases), online (2), budget (2),
     # resumed after a cut (2)
     llama_file = Path(__file__).with_name("test_llama_cpp.py").read_text()
-    assert llama_file.count("alpha=ALPHA_TIMED") == 1  # ... and llama.cpp's batched sessions (1)
-    assert TIMED_TESTS == 2 * 2 * 2 + 2 + 2 + 2 + 1 and TIMED_TESTS * ALPHA_TIMED < 1e-3
+    assert llama_file.count("alpha=ALPHA_TIMED") == 2  # ... and llama.cpp's batched sessions (1), the Qwen pair (4)
+    models_file = Path(__file__).with_name("test_law_models.py").read_text()
+    assert models_file.count("alpha=ALPHA_TIMED if") == 1  # ... and SmolLM2's dense and split-exact (2 x 2 warpings)
+    assert TIMED_TESTS == 2 * 2 * 2 + 2 + 2 + 2 + 1 + 4 + 4 and TIMED_TESTS * ALPHA_TIMED < 1e-3
     assert detectable_shift(2000, ALPHA_TIMED) < 0.075

@@ -4,7 +4,8 @@ Real vocabulary means the paths the tiny pair cannot reach: the dense payload co
 vocabulary, split-exact's tails drawn from a real long tail, top-k and top-p cutting real distributions. Each
 test is one exact scheme at one setting of {T=1; T=0.7, top-k 20, top-p 0.9} and pools GENERATIONS x NEW_TOKENS
 = 240 tokens: half from `sync`, half from the jittered `pipeline` with decode-ahead on. Each KS statistic
-detects a PIT shift of detectable_shift(240) = 0.178 at 90%, false-alarm rate 1e-3 per test (tests/law.py): a
+detects a PIT shift of detectable_shift(240) = 0.187 at 90%, false-alarm rate 1e-3 per test (4e-5 and 0.209 in dense
+and split-exact, whose pipelined tokens depend on timing: tests/law.py): a
 smoke test of the real-vocabulary paths, with the tiny pair's 2,000-token tests carrying the power. The draft
 is the target's first DRAFT_LAYERS layers: it agrees with the target rarely but enough that drafts are
 accepted and rejections and corrections happen, as each test asserts, and it keeps the test cheap (the law
@@ -19,7 +20,7 @@ from picospec.bench.jitter import Jitter
 from picospec.shared.config import EXACT_VERIFY_MODES
 from picospec.shared.models import load_model
 from tests.conftest import edge, run, serving, skip_large
-from tests.law import T07_TOPK_TOPP, T1, LawCheck, Warping
+from tests.law import ALPHA, ALPHA_TIMED, T07_TOPK_TOPP, T1, LawCheck, Warping
 
 pytestmark = pytest.mark.parallel  # make test runs these two at a time (pyproject.toml: markers)
 
@@ -64,7 +65,8 @@ async def _generate(smol, draft, verify: str, warping: Warping, law: LawCheck) -
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 @pytest.mark.parametrize("verify", EXACT_VERIFY_MODES)
 def test_smollm2_sampling_follows_the_target_law(smol, smol_draft, verify, warping):
-    law = LawCheck(smol.model, warping, ranking=smol_draft.model)
+    # the pipeline's batch ends follow timing, so outside coupled the tokens differ from run to run (tests/law.py)
+    law = LawCheck(smol.model, warping, ranking=smol_draft.model, alpha=ALPHA_TIMED if verify != "coupled" else ALPHA)
     totals = run(_generate(smol, smol_draft, verify, warping, law))
     assert totals["rounds"] > 0 and 0 < totals["accepted"] < totals["drafted"], totals
     if verify == "split-exact":  # corrections sampled on the edge from the real top-K and tail draws

@@ -5,7 +5,7 @@ coupled} x {T=1; T=0.7 with top-k 20 and top-p 0.9}, plus `cloud` mode against t
 against the draft; at T=1 the pipeline as shipped (lengths chosen online), generations that end at a live EOS,
 sessions the verification budget caps, and generations resumed after a cut. Each test pools GENERATIONS x NEW_TOKENS = 2,000 PIT values (seeds 0..GENERATIONS-1, draft
 length 1..4 by seed), so each KS statistic detects a PIT shift of detectable_shift(2000) = 0.065 at 90%, with
-false-alarm rate 1e-3 per test (5e-5 and 0.072 where the tokens depend on timing) (tests/law.py; the PIT is also ranked by q/p, q the tiny draft's law). The tiny pair is far apart (total variation ~0.45 per token), so rejections,
+false-alarm rate 1e-3 per test (4e-5 and 0.072 where the tokens depend on timing) (tests/law.py; the PIT is also ranked by q/p, q the tiny draft's law). The tiny pair is far apart (total variation ~0.45 per token), so rejections,
 corrections, split-exact's tail draws and, in the pipeline, dead chains and rollbacks all happen; each test
 asserts that speculation ran (rounds, accepted and rejected drafts) so that no test passes on the cloud's
 tokens alone.
