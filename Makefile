@@ -63,8 +63,10 @@ demo-small: install
 # survives, or a harness gone stale (a search string that no longer applies), fails the target. The tests marked
 # `parallel` (pure maths, the output laws: pyproject.toml) run two at a time first (pytest-xdist), the
 # rest (timing, networks, processes) one at a time; both halves always run, and either failing fails the target.
+# --maxschedchunk 4: each worker is handed 4 tests at a time, not a quarter of its share at once, so the minute-long
+# law tests near the end of the collection do not all queue behind one worker while the other idles
 test: models netlab-deps
-	@$(BIN)/python -m pytest -q -m parallel -n 2 --durations=15; first=$$?; \
+	@$(BIN)/python -m pytest -q -m parallel -n 2 --maxschedchunk 4 --durations=15; first=$$?; \
 	 $(BIN)/python -m pytest -q -m "not parallel" --durations=25; second=$$?; \
 	 [ $$first = 0 ] && [ $$second = 0 ]
 	$(BIN)/python scripts/mutants.py --fast --jobs 2
@@ -125,12 +127,12 @@ $(VENV)/.netlab-deps: $(VENV)/.installed
 	 $(BIN)/pip install --disable-pip-version-check -q netfilterqueue==1.1.0; \
 	 touch $@
 
-# docker + compose, a debootstrap base image, offline image builds, the stack over a shaped link (ci/docker_test.sh)
+# docker + compose, a debootstrap base image, offline image builds, the stack over a shaped link (.ci/docker_test.sh)
 test-containers: models
-	bash ci/docker_test.sh
+	bash .ci/docker_test.sh
 
 # the edge image for linux/arm64 under qemu (binfmt_misc), talking to the x86 cloud container over a shaped link;
-# root, x86_64 Debian 12; about 22 min cold, 4 min warm; not part of `make test` (ci/arm64_test.sh, deploy/README.md)
+# root, x86_64 Debian 12; about 22 min cold, 4 min warm; not part of `make test` (.ci/arm64_test.sh, deploy/README.md)
 .PHONY: test-arm64
 test-arm64: models
-	bash ci/arm64_test.sh
+	bash .ci/arm64_test.sh

@@ -3,7 +3,7 @@
 # registry: register qemu-user-static for aarch64 with binfmt_misc (fix-binary flag, so it works inside
 # containers), build an arm64 Debian 12 base image with debootstrap, fill an aarch64 wheelhouse on the host,
 # build deploy/Dockerfile.edge for linux/arm64 offline from it, then run the x86 cloud image (picospec-cloud:ci,
-# from ci/docker_test.sh) and the arm64 edge on one docker network over a shaped link (RTT 50 ms, 10 Mbit/s each
+# from .ci/docker_test.sh) and the arm64 edge on one docker network over a shaped link (RTT 50 ms, 10 Mbit/s each
 # way; the cloud shapes its eth0 with deploy/shape.sh as in docker-compose.yml; the edge's eth0 gets the same
 # shaping from the host, in its network namespace, as arm64 tc/iptables cannot use netlink under qemu-user) and check
 #   - the edge image is arm64, its processes run as aarch64, and its torch is a CPU build that computes;
@@ -20,7 +20,7 @@
 # wheel is compiled once inside the arm64 base under emulation.
 #
 # Cached between runs (under $WORK, default /var/tmp/picospec-arm64, and docker's image store): the arm64 base
-# image (skipped when it exists), the wheelhouse, the netfilterqueue wheel. Usage: bash ci/arm64_test.sh
+# image (skipped when it exists), the wheelhouse, the netfilterqueue wheel. Usage: bash .ci/arm64_test.sh
 # Environment: PICOSPEC_ARM64_DRAFT (default smollm2-135m-instruct:layers=8), PICOSPEC_ARM64_TORCH (torch==2.10.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ DOCKER=/usr/bin/docker            # by full path: another, newer client may come
 PY=${PICOSPEC_VENV:-$REPO/.venv}/bin/python
 WORK=${PICOSPEC_ARM64_WORK:-/var/tmp/picospec-arm64}
 BASE_IMAGE=picospec-base:bookworm-arm64
-CLOUD_IMAGE=picospec-cloud:ci     # x86, built by ci/docker_test.sh
+CLOUD_IMAGE=picospec-cloud:ci     # x86, built by .ci/docker_test.sh
 EDGE_IMAGE=picospec-edge:arm64
 NET=picoarm-net$$
 CLOUD_NAME=picoarm-cloud$$
@@ -143,7 +143,7 @@ say "docker $($DOCKER version --format '{{.Server.Version}}')"
 
 # ---------------------------------------------------------------------------------------------- base image
 # A minimal arm64 Debian 12 (Python 3.11) with what deploy/shape.sh needs, the same package list as
-# ci/docker_test.sh's amd64 base: debootstrap's first stage here, its second stage chrooted under qemu. It becomes
+# .ci/docker_test.sh's amd64 base: debootstrap's first stage here, its second stage chrooted under qemu. It becomes
 # an image with `FROM scratch` + ADD built for linux/arm64, which records the architecture (docker 20.10's
 # `docker import --platform` does not: the image would say amd64 and BuildKit would not take it as an arm64 base).
 phase base-image
@@ -284,8 +284,8 @@ fi
 # ---------------------------------------------------------------------------------------------- the link
 phase cloud-up
 if [ "$(arch_of "$CLOUD_IMAGE")" != amd64 ]; then
-  say "$CLOUD_IMAGE is missing: building it with ci/docker_test.sh"
-  bash "$REPO/ci/docker_test.sh" || die "ci/docker_test.sh failed, so there is no $CLOUD_IMAGE"
+  say "$CLOUD_IMAGE is missing: building it with .ci/docker_test.sh"
+  bash "$REPO/.ci/docker_test.sh" || die ".ci/docker_test.sh failed, so there is no $CLOUD_IMAGE"
 fi
 for m in "$TARGET" "${DRAFT%%:*}"; do
   [ -f "$MODELS/models/$m/picospec_manifest.json" ] || die "$m is not prepared in $MODELS (make models)"
@@ -332,7 +332,7 @@ $DOCKER exec -d "$CLOUD_NAME" python3 -m picospec.netlab.measure serve --port 52
 "${EDGE_EXEC[@]}" python3 -m picospec.netlab.measure client --host cloud \
   --port 5201 --json --expect-up-mbit "$RATE_MBIT" --expect-down-mbit "$RATE_MBIT" \
   >"$WORK/measure.out" 2>"$WORK/measure.err" || { cat "$WORK/measure.err"; die "the measurement failed"; }
-if $PY ci/checks.py link "$WORK/measure.out" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" --tol "$TOL" --prefix arm64_test
+if $PY .ci/checks.py link "$WORK/measure.out" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" --tol "$TOL" --prefix arm64_test
 then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -344,7 +344,7 @@ timeout 1500 "${EDGE_EXEC[@]}" picospec-edge --server cloud:50051 \
   || { tail -30 "$WORK/edge.err"; die "picospec-edge (arm64, draft $DRAFT) failed"; }
 say "statistics (edge: arm64 under qemu, draft $DRAFT; cloud: x86):"
 # the emulated draft is too slow for the pipeline to use (decode-ahead decodes alone): only sync must speculate
-if $PY ci/checks.py greedy "$WORK/edge.out" --speculated sync --floor 0 --prefix arm64_test --table
+if $PY .ci/checks.py greedy "$WORK/edge.out" --speculated sync --floor 0 --prefix arm64_test --table
 then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
 
 say "shaping: $SHAPING on both sides (cloud x86: deploy/shape.sh in the container; edge arm64: the same, applied from the host)"

@@ -1,8 +1,8 @@
-"""The container checks' verdicts (ci/docker_test.sh, ci/arm64_test.sh), one place for both scripts.
+"""The container checks' verdicts (.ci/docker_test.sh, .ci/arm64_test.sh), one place for both scripts.
 
-    python ci/checks.py link FILE --rtt-ms 50 --rate-mbit 10 --tol 0.15 --prefix docker_test
+    python .ci/checks.py link FILE --rtt-ms 50 --rate-mbit 10 --tol 0.15 --prefix docker_test
         FILE: `picospec.netlab.measure client --json` output; each of RTT, rate up and rate down within tol
-    python ci/checks.py greedy FILE --speculated sync,pipeline --floor 0.25 --prefix docker_test [--table]
+    python .ci/checks.py greedy FILE --speculated sync,pipeline --floor 0.25 --prefix docker_test [--table]
         FILE: `picospec-edge --mode cloud,sync,pipeline --json` output; every mode's token ids equal the cloud
         mode's (the target's own greedy), and each --speculated mode made rounds with accepted drafts and an
         acceptance rate >= floor
@@ -47,7 +47,7 @@ def check_greedy(runs: dict[str, dict[str, Any]], speculated: list[str], floor: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ci/checks.py")
+    p = argparse.ArgumentParser(prog=".ci/checks.py")
     p.add_argument("what", choices=("link", "greedy"))
     p.add_argument("file")
     p.add_argument("--prefix", default="check")

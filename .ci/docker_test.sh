@@ -16,7 +16,7 @@
 # The stack is always torn down; dockerd is stopped again if this script started it.
 #
 # Cached between runs (under $WORK, default /var/tmp/picospec-docker, and docker's image store): the base
-# image (skipped when it exists) and pip's wheel cache. Usage: bash ci/docker_test.sh (from any directory).
+# image (skipped when it exists) and pip's wheel cache. Usage: bash .ci/docker_test.sh (from any directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -212,7 +212,7 @@ if [ -n "$SHAPING" ]; then
     --expect-up-mbit "$RATE_MBIT" --expect-down-mbit "$RATE_MBIT" >"$WORK/measure.out" 2>"$WORK/measure.err" \
     || { cat "$WORK/measure.err"; die "the measurement failed"; }
   grep -h "method=" "$WORK/measure.err" | sed 's/^/docker_test: edge /' || true
-  if $PY ci/checks.py link "$WORK/measure.out" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" --tol "$TOL" --prefix docker_test
+  if $PY .ci/checks.py link "$WORK/measure.out" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" --tol "$TOL" --prefix docker_test
   then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
 fi
 
@@ -222,7 +222,7 @@ say "generation across the link: cloud, sync, pipeline ($(elapsed))"
 timeout 600 "${DC[@]}" run --rm -T edge picospec-edge --server cloud:50051 --draft "$DRAFT" --threads 1 \
   --prompt "$PICOSPEC_PROMPT" --max-new-tokens "$N_NEW" --temperature 0 --mode cloud,sync,pipeline --decode-ahead off --json \
   >"$WORK/edge.out" 2>"$WORK/edge.err" || { tail -20 "$WORK/edge.err"; die "picospec-edge failed"; }
-if $PY ci/checks.py greedy "$WORK/edge.out" --speculated sync,pipeline --floor "$ACCEPT_FLOOR" --prefix docker_test
+if $PY .ci/checks.py greedy "$WORK/edge.out" --speculated sync,pipeline --floor "$ACCEPT_FLOOR" --prefix docker_test
 then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
 
 say "demo: docker-compose up --exit-code-from edge ($(elapsed))"

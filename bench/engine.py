@@ -3,7 +3,7 @@
 For every target x dtype it times pass(n), n tokens appended to a cache of --context tokens (n = 1 is decode),
 on each backend:
   * hf: transformers with its DynamicCache (the cloud's `--engine hf`);
-  * eager: the static engine without graphs (shared/engine; the CPU path);
+  * eager: the static engine without graphs (cloud_server/engine; the CPU path);
   * graphs: the static engine with CUDA graphs per bucket (CUDA only).
 Then, from those times, the speedup the performance model (docs/design.md §5) predicts (shared/perf_model.py) at the acceptance the real
 pair measured (by default the `sync` column of the committed fp32 sweep, per prompt): once verification-bound
@@ -120,7 +120,7 @@ def _sync(device: str) -> Callable[[], None]:
 def time_target(name: str, dtype: str, args: argparse.Namespace) -> tuple[list[Timing], list[RowsTiming]]:
     """Load `name` once; time each backend asked for on it (graphs only on CUDA)."""
     from picospec.shared.hf_backend import HFBackend
-    from picospec.shared.engine import EngineOptions, StaticEngine
+    from picospec.cloud_server.engine import EngineOptions, StaticEngine
     from picospec.shared.models import load_model
 
     _say(f"{name} {dtype}: loading on {args.device}")
@@ -163,8 +163,8 @@ class RowsTiming:
 def time_rows(model: torch.nn.Module, name: str, dtype: str, args: argparse.Namespace) -> list[RowsTiming]:
     """One pass over B sessions' rows of --rows-size tokens each (each on its own slot with --context cached), for
     B in --rows: what batched verification costs on the engine, graphs (CUDA) and eager."""
-    from picospec.shared.engine import EngineOptions, StaticEngine
-    from picospec.shared.engine.model import Row
+    from picospec.cloud_server.engine import EngineOptions, StaticEngine
+    from picospec.cloud_server.engine.model import Row
 
     out, size, sync = [], args.rows_size, _sync(args.device)
     vocab = int(model.config.vocab_size)

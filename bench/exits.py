@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from picospec.shared.early_exit import layer_agreement
+from picospec.cloud_server.early_exit import layer_agreement
 from picospec.shared.models import load_model
 
 PROMPTS = [

@@ -508,7 +508,7 @@ def prompt_ids(draft: Any) -> list[int]:
 
 
 async def _fuzz_with(cfg: FuzzConfig, cloud: Cloud, client: Any) -> FuzzReport:
-    from picospec.cloud_server.server import message_limit
+    from picospec.cloud_server.grpc_setup import message_limit
     info = await client.connect(wait_s=cfg.cloud_start_s)
     facts = CloudFacts.from_info(info, message_limit(CloudConfig(), info.vocab_size))
     prompt = prompt_ids(client.draft)

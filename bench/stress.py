@@ -51,9 +51,10 @@ import torch
 
 from picospec.bench.jitter import Jitter
 from picospec.bench.ports import free_port
-from picospec.cloud_server.server import PicoSpecService, start_server
-from picospec.edge_client.text import encode_prompt
+from picospec.cloud_server.grpc_setup import start_server
+from picospec.cloud_server.server import PicoSpecService
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
+from picospec.edge_client.text import encode_prompt
 from picospec.netlab.procs import stop_process
 from picospec.shared.config import VERIFY_MODES, CloudConfig, EdgeConfig
 from picospec.shared.fingerprint import eos_token_ids

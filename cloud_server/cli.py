@@ -64,7 +64,7 @@ def check_arguments(config: CloudConfig) -> None:
 
 def check_settings(config: CloudConfig) -> None:
     """check_arguments, and the engine's combination with the device (needs the model code, so torch)."""
-    from picospec.cloud_server.server import uses_static_engine
+    from picospec.cloud_server.engine_setup import uses_static_engine
 
     check_arguments(config)
     uses_static_engine(config)  # --engine static with --device-map: refused before the model loads
@@ -121,7 +121,9 @@ async def serve(config: CloudConfig) -> None:
     import torch
 
     from picospec.cloud_server.drain import StopSignals, drain
-    from picospec.cloud_server.server import PicoSpecService, resolve_engine, start_server
+    from picospec.cloud_server.engine_setup import resolve_engine
+    from picospec.cloud_server.grpc_setup import start_server
+    from picospec.cloud_server.server import PicoSpecService
     config = resolve_engine(config)
     check_settings(config)
     if config.threads and config.engine != "llama.cpp":

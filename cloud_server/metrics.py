@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from picospec.shared.protocol import FinishReason, SessionState
 
 if TYPE_CHECKING:
-    from picospec.shared.engine.batcher import PassRecord
+    from picospec.cloud_server.engine.batcher import PassRecord
 
 log = logging.getLogger("picospec.cloud")
 
@@ -189,7 +189,7 @@ class CloudMetrics:
             self.http = None
 
     def on_engine_pass(self, p: PassRecord) -> None:
-        """The batcher's observer (shared/engine/batcher.py), called on its thread (prometheus_client is thread-safe)."""
+        """The batcher's observer (cloud_server/engine/batcher.py), called on its thread (prometheus_client is thread-safe)."""
         if self.enabled:
             self.batch_rows.observe(p.rows)
             self.batch_tokens.observe(p.tokens)

@@ -1,48 +1,58 @@
-"""The cloud gRPC service: a thin adapter. Handlers validate the handshake (cloud_server/handshake.py), hold a
-session slot (cloud_server/slots.py), run a session (cloud_server/session.py) whose model work goes through the one
-model worker (cloud_server/worker.py), and map errors to gRPC statuses in one place (`_status_for`)."""
+"""The cloud gRPC service: the servicer. Handlers validate the handshake (cloud_server/handshake.py), take what a
+session holds in one scope (`_session_scope`: a session slot, cloud_server/slots.py; a meter; a target cache; a lane
+on the one model worker, cloud_server/worker.py), run the session (cloud_server/session.py), and map errors to gRPC
+statuses in one place (`_status_for`). The engine is chosen in cloud_server/engine_setup.py; the server around this
+(deserializers, limits, TLS, health) is cloud_server/grpc_setup.py."""
 from __future__ import annotations
 
-import dataclasses
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import uuid
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
-from picospec.cloud_server.auth import AuthInterceptor, TokenAuth, client_identity, exposure_warning
+from picospec.cloud_server.auth import TokenAuth, client_identity
 from picospec.cloud_server.capacity import CloudCapacity
 from picospec.cloud_server.certificates import ServerCertificates
+from picospec.cloud_server.engine import StaticBackend
+from picospec.cloud_server.engine.batcher import Batcher, BatchOptions
+from picospec.cloud_server.engine_setup import make_engine, uses_batching, uses_static_engine
+from picospec.cloud_server.grpc_setup import parsed
 from picospec.cloud_server.handshake import Refusal, SessionSpec, TargetInfo, validate_hello
 from picospec.cloud_server.metrics import REFUSAL_REASONS, SHUTDOWN, CloudMetrics, SessionMeter
 from picospec.cloud_server.session import CloudHooks, CloudSession, SessionRecord
-from picospec.cloud_server.slots import SessionSlots
+from picospec.cloud_server.slots import HeldSlot, SessionSlots
 from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import Lane, ModelWorker
-from picospec.shared.codec import PayloadError, dense_payload_bound
+from picospec.shared.codec import PayloadError
 from picospec.shared.config import CloudConfig
-from picospec.shared.connection import RETRY_AFTER_KEY, server_keepalive_options, split_host
-from picospec.shared.engine import EngineOptions, StaticBackend, StaticEngine
-from picospec.shared.llama_backend import GgufModel
-from picospec.shared.engine.batcher import Batcher, BatchOptions
-from picospec.shared.engine.llama_engine import LlamaEngine
+from picospec.shared.connection import RETRY_AFTER_KEY
 from picospec.shared.fingerprint import eos_token_ids, tokenizer_fingerprint
-from picospec.shared.models import LoadedModel, ModelError, resolve_engine as resolve_model_engine
+from picospec.shared.llama_backend import GgufModel
+from picospec.shared.models import LoadedModel
 from picospec.shared.protocol import PROTOCOL_VERSION, ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 
-__all__ = ["CloudHooks", "PicoSpecService", "Refusal", "SessionRecord", "message_limit", "server_options",
-           "start_server"]
+__all__ = ["CloudHooks", "PicoSpecService", "Refusal", "SessionRecord"]
 log = logging.getLogger("picospec.cloud")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PicoSpec"].full_name  # "picospec.v1.PicoSpec"
 CLOUD_ONLY = "cloud"  # the metrics' mode label of a CloudGenerate session
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionScope:
+    """What one session holds while it runs (PicoSpecService._session_scope)."""
+
+    held: HeldSlot       # its session slot
+    meter: SessionMeter  # its metrics
+    cache: TargetCache   # the target's cache for it
+    lane: Lane           # its place on the model worker
 
 
 def _status_for(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -54,114 +64,6 @@ def _status_for(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(e, (ProtocolError, PayloadError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}"
     return None
-
-
-class Malformed:
-    """A unary request whose bytes did not parse. gRPC deserializes a unary request before the handler runs, and
-    a deserializer that raises ends the call UNKNOWN ("Unexpected DecodeError", with a traceback in the log); so
-    the server's deserializers hand this to the handler instead, which refuses it INVALID_ARGUMENT like a
-    malformed stream message (found by `picospec-bench fuzz`: random bytes as an Info or CloudGenerate request)."""
-
-    def __init__(self, error: DecodeError) -> None:
-        self.error = error
-
-
-def lenient(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
-    """A request deserializer that returns `Malformed` where `parse` raises DecodeError."""
-    def deserialize(data: bytes) -> object:
-        try:
-            return parse(data)
-        except DecodeError as e:
-            return Malformed(e)
-    return deserialize
-
-
-def parsed(request: object) -> object:
-    """The request itself, or the DecodeError it failed with (which `_status_for` maps to INVALID_ARGUMENT)."""
-    if isinstance(request, Malformed):
-        raise request.error
-    return request
-
-
-def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
-    """pb_grpc.add_PicoSpecServicer_to_server with lenient unary deserializers (see `Malformed`)."""
-    handlers = {
-        "Info": grpc.unary_unary_rpc_method_handler(
-            service.Info, request_deserializer=lenient(pb.InfoRequest.FromString),
-            response_serializer=pb.InfoReply.SerializeToString),
-        "Speculate": grpc.stream_stream_rpc_method_handler(  # a stream message that does not parse raises in the
-            service.Speculate, request_deserializer=pb.EdgeMessage.FromString,  # handler, which maps it
-            response_serializer=pb.CloudMessage.SerializeToString),
-        "CloudGenerate": grpc.unary_stream_rpc_method_handler(
-            service.CloudGenerate, request_deserializer=lenient(pb.Hello.FromString),
-            response_serializer=pb.TokenChunk.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("picospec.v1.PicoSpec", handlers),))
-    server.add_registered_method_handlers("picospec.v1.PicoSpec", handlers)
-
-
-def resolve_engine(config: CloudConfig) -> CloudConfig:
-    """The config with `--engine auto` made concrete for loading: llama.cpp on a CPU cloud whose target is a GGUF it can
-    run (a built-in or a .gguf path, no torch suffix) when llama-cpp-python is installed and neither batching nor a
-    device map is asked for: the fastest exact engine measured on a CPU (docs/performance.md). Otherwise auto stays,
-    and means what it did (static on cuda or with --batching on, else hf)."""
-    if config.engine != "auto" or config.device != "cpu" or config.batching == "on" or config.device_mapped:
-        return config
-    if resolve_model_engine(config.target, "auto") == "llama.cpp":
-        return dataclasses.replace(config, engine="llama.cpp")
-    return config
-
-
-def uses_static_engine(config: CloudConfig) -> bool:
-    """--engine static, or auto on one CUDA device; a ModelError where static cannot work (a device map)."""
-    mapped = config.device_mapped
-    if config.engine == "llama.cpp":
-        if config.device != "cpu" or mapped:
-            raise ModelError("--engine llama.cpp runs on the cpu: not with --device cuda or --device-map")
-        return False
-    if (config.engine == "static" or config.batching == "on") and mapped:  # the cache lives on one device
-        raise ModelError("the static engine (--engine static, --batching on) keeps the whole KV cache on one device: "
-                         "use --engine hf --batching off with --device-map")
-    if config.batching == "on" and config.engine == "hf":
-        raise ModelError("--batching on needs the static engine (--engine static or auto) or --engine llama.cpp")
-    return config.engine == "static" or (config.engine == "auto" and not mapped
-                                         and (config.device == "cuda" or config.batching == "on"))
-
-
-def uses_batching(config: CloudConfig) -> bool:
-    return config.batching == "on" or (config.batching == "auto" and uses_static_engine(config))
-
-
-MAX_GRAPH_ROWS = 64     # the widest batch captured as a CUDA graph; wider ones run eager
-MAX_GRAPH_TOKENS = 256  # ... and no graph pads more tokens than this (rows x bucket): each keeps its own logits
-
-
-def graph_rows(max_sessions: int, batching: bool) -> tuple[int, ...]:
-    """Rows per captured pass: powers of two up to the first that holds every session (at most MAX_GRAPH_ROWS), so
-    a batch of any size the cloud admits replays a graph (8 sessions: 1, 2, 4, 8; 24: up to 32); 1 without
-    batching."""
-    if not batching:
-        return (1,)
-    rows = [1]
-    while rows[-1] < min(max_sessions, MAX_GRAPH_ROWS):
-        rows.append(rows[-1] * 2)
-    return tuple(rows)
-
-
-def make_engine(target: LoadedModel, config: CloudConfig) -> StaticEngine | LlamaEngine | None:
-    """The static engine where the config asks for it, or llama.cpp's with --batching on (every session a sequence
-    of one context); one slot per session --max-sessions allows. None: each session a cache of its own."""
-    if isinstance(target.model, GgufModel):
-        if not uses_batching(config):
-            return None
-        # a session holds its prompt and budget (at most max_context) and one draft batch past them
-        return LlamaEngine(target.model, config.max_sessions, config.max_context + config.max_draft_len + 1)
-    if not uses_static_engine(config):
-        return None
-    options = EngineOptions(slots=config.max_sessions + 1, max_len=config.max_context, graphs=config.device == "cuda",
-                            batch_buckets=graph_rows(config.max_sessions, uses_batching(config)),
-                            max_graph_tokens=MAX_GRAPH_TOKENS)
-    return StaticEngine(target.model, options)
 
 
 class PicoSpecService(pb_grpc.PicoSpecServicer):
@@ -259,27 +161,40 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
             if first is None or first.WhichOneof("kind") != "hello":
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a Speculate stream must be a Hello")
             spec = validate_hello(first.hello, self.config, self.info, speculative=True)
-            async with self.slots.hold(client_identity(context, self.auth)) as held:
-                with self.metrics.session(spec.verify_mode, spec.state) as meter:
-                    meter.received(first)
-                    cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
-                                        spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold,
-                                        self._engine_slot(), self._session_tokens(spec.state))
-                    lane = self.worker.lane()
-                    session = CloudSession(sid, spec, cache, lane, self.config, self.info.vocab_size,
-                                           self.hooks, meter, self.capacity)
-                    self.live_sessions.add(session)
-                    try:
-                        async with contextlib.aclosing(self._run(session, spec, request_iterator)) as messages:
-                            async for msg in messages:
-                                if spec.state.finished is not None:
-                                    held.ending()  # before the last message: a next Hello waits for this slot
-                                yield await self._sending(msg, meter)
-                    finally:
-                        held.ending()
-                        self.live_sessions.discard(session)
-                        await self._record(session)
-                        await self._close(cache, lane)
+            async with self._session_scope(context, spec, spec.verify_mode, first) as scope:
+                session = CloudSession(sid, spec, scope.cache, scope.lane, self.config, self.info.vocab_size,
+                                       self.hooks, scope.meter, self.capacity)
+                self.live_sessions.add(session)
+                try:
+                    async with contextlib.aclosing(self._run(session, spec, request_iterator)) as messages:
+                        async for msg in messages:
+                            if spec.state.finished is not None:
+                                scope.held.ending()  # before the last message: a next Hello waits for this slot
+                            yield await self._sending(msg, scope.meter)
+                finally:
+                    scope.held.ending()
+                    self.live_sessions.discard(session)
+                    await self._record(session)
+
+    @contextlib.asynccontextmanager
+    async def _session_scope(self, context: grpc.aio.ServicerContext, spec: SessionSpec, label: str,
+                             request: object) -> AsyncIterator[SessionScope]:
+        """What a session holds, taken in this order and given back in reverse however the call ends: its caller's
+        session slot, the metrics' meter (`label`: its mode), a target cache (a slot of the engine where the cloud
+        has one) and a lane on the model worker. The slot is marked ending first (a next Hello waits for it rather
+        than being refused); the cache closes on the lane after the session's last job, before the slot goes back."""
+        async with self.slots.hold(client_identity(context, self.auth)) as held:
+            with self.metrics.session(label, spec.state) as meter:
+                meter.received(request)
+                cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
+                                    spec.residual_top_k, spec.tail_samples, spec.exit_layer, spec.exit_threshold,
+                                    self._engine_slot(), self._session_tokens(spec.state))
+                lane = self.worker.lane()
+                try:
+                    yield SessionScope(held, meter, cache, lane)
+                finally:
+                    held.ending()
+                    await self._close(cache, lane)
 
     async def _run(self, session: CloudSession, spec: SessionSpec,
                    request_iterator: AsyncIterator[pb.EdgeMessage]) -> AsyncIterator[pb.CloudMessage]:
@@ -338,24 +253,15 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
         sid = uuid.uuid4().hex[:12]
         async with self._call(context, f"cloud-only session {sid}"):
             spec = validate_hello(parsed(request), self.config, self.info, speculative=False)
-            state = spec.state
-            async with self.slots.hold(client_identity(context, self.auth)) as held:
-                with self.metrics.session(CLOUD_ONLY, state) as meter:
-                    meter.received(request)
-                    cache = TargetCache(self.target.model, spec.params, spec.verify_mode, self.config.device,
-                                        backend=self._engine_slot(), n_ctx=self._session_tokens(state))
-                    lane = self.worker.lane()
-                    try:
-                        # it wants the model for as long as it runs: speculative sessions' decode-ahead yields
-                        with self.capacity.working(sid):
-                            async with contextlib.aclosing(self._decode_alone(sid, state, cache, lane, meter)) as chunks:
-                                async for chunk in chunks:
-                                    if chunk.finished:
-                                        held.ending()  # before the last message: a next Hello waits for this slot
-                                    yield chunk
-                    finally:
-                        held.ending()
-                        await self._close(cache, lane)
+            async with self._session_scope(context, spec, CLOUD_ONLY, request) as scope:
+                # it wants the model for as long as it runs: speculative sessions' decode-ahead yields
+                with self.capacity.working(sid):
+                    chunks = self._decode_alone(sid, spec.state, scope.cache, scope.lane, scope.meter)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            if chunk.finished:
+                                scope.held.ending()  # before the last message: a next Hello waits for this slot
+                            yield chunk
 
     async def _decode_alone(self, sid: str, state: SessionState, cache: TargetCache, lane: Lane,
                             meter: SessionMeter) -> AsyncIterator[pb.TokenChunk]:
@@ -396,42 +302,6 @@ class PicoSpecService(pb_grpc.PicoSpecServicer):
                 step.exception()  # a failure the call's end made moot is not logged as never retrieved
 
 
-# protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and
-# the optional resolved token at their widest varints (41 bytes), with room to spare; plus 5 bytes per draft id
-BATCH_FRAMING_BYTES = 64
-MIB = 1024 * 1024
-
-
-def message_limit(config: CloudConfig, vocab_size: int) -> int:
-    """The largest message the cloud accepts: --max-message-mb, raised where needed to the largest batch its own
-    admission rules allow (a dense batch of --max-draft-len incompressible rows). A lower transport limit would
-    end sessions mid-generation over legal batches: with Qwen's 151,936-token vocabulary 32 rows are 18.5 MiB."""
-    rows = config.max_draft_len
-    largest_batch = dense_payload_bound(rows, vocab_size) + BATCH_FRAMING_BYTES + 5 * rows
-    return max(config.max_message_mb * MIB, largest_batch)
-
-
-def server_options(config: CloudConfig, vocab_size: int) -> list[tuple[str, int]]:
-    """gRPC's server options. SO_REUSEPORT off: gRPC turns it on by default, and a second cloud started on a port
-    already served then says "serving" and takes half of the new connections; without it the second bind fails."""
-    limit = message_limit(config, vocab_size)
-    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0), *server_keepalive_options(config.peer_timeout_s)]
-
-
-def bind_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    """The port gRPC bound for `address`; OSError naming the address when it could not (gRPC returns 0 or raises
-    RuntimeError, by version)."""
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise OSError(f"could not listen on {address}: the port is in use or the address is not this machine's "
-                      f"({e})") from None
-    if port == 0:
-        raise OSError(f"could not listen on {address}: the port is in use or the address is not this machine's")
-    return port
-
-
 async def _despite_cancellation(job: Awaitable[None]) -> None:
     """Await a session's last job on the model worker to its end, even where the call is cancelled meanwhile (the
     edge hung up, or cancelled right after its last token): each cancellation is absorbed, so what comes after the
@@ -442,45 +312,3 @@ async def _despite_cancellation(job: Awaitable[None]) -> None:
             await asyncio.shield(task)
     with contextlib.suppress(RuntimeError, asyncio.CancelledError):
         task.result()
-
-
-async def start_server(service: PicoSpecService, address: str) -> tuple[grpc.aio.Server, int]:
-    """Start serving on address ("host:port", port 0 = pick one); return the server and its port. TLS, client
-    certificates and tokens as the service's config says (a setting that cannot work raises
-    ConnectionSettingsError, a ValueError, before anything listens)."""
-    config = service.config
-    limit = message_limit(config, service.info.vocab_size)
-    if limit > config.max_message_mb * MIB:
-        log.info("message limit raised from %d MiB to %.1f MiB: a dense batch of %d drafts over %d tokens must fit",
-                 config.max_message_mb, limit / MIB, config.max_draft_len, service.info.vocab_size)
-    credentials = service.certificates.credentials() if service.certificates is not None else None
-    warning = exposure_warning(split_host(address), credentials is not None, service.auth is not None,
-                               bool(config.tls_ca))
-    if warning:
-        log.warning("%s", warning)
-    interceptors = None if service.auth is None else [
-        AuthInterceptor(service.auth, on_refused=lambda: service.metrics.on_refused("unauthenticated"))]
-    server = grpc.aio.server(options=server_options(config, service.info.vocab_size), interceptors=interceptors)
-    add_service(service, server)
-    service.health = await add_operations_services(server)
-    port = bind_port(server, address, credentials)
-    service.metrics.serve(split_host(address), config.metrics_port)  # a port in use fails before gRPC serves
-    await server.start()
-    for name in HEALTH_SERVICES:  # the model is loaded (the service holds it) and the port listens
-        await service.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
-
-
-HEALTH_SERVICES = ("", SERVICE_NAME)  # "": the server as a whole, as grpc_health_probe asks by default
-
-
-async def add_operations_services(server: grpc.aio.Server) -> "health.aio.HealthServicer":
-    """The gRPC health service (NOT_SERVING until start_server has the port, and again from the drain) and
-    server reflection for PicoSpec and health. Both are callable without a token (auth.TOKEN_EXEMPT_SERVICES)."""
-    servicer = health.aio.HealthServicer()
-    for name in HEALTH_SERVICES:
-        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    return servicer

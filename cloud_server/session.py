@@ -23,12 +23,12 @@ import grpc
 from picospec.cloud_server.ahead import batch_due_at, check_next_batch_in, decode_hold_s
 from picospec.cloud_server.capacity import CloudCapacity, VerifyBudget, drafts_allowed
 from picospec.cloud_server.drafts import DraftQueue, DraftRun
+from picospec.cloud_server.early_exit import ExpectedOutcome
 from picospec.cloud_server.handshake import Refusal, SessionSpec
 from picospec.cloud_server.metrics import SessionMeter
 from picospec.cloud_server.target import TargetCache
 from picospec.cloud_server.worker import Lane
 from picospec.shared.config import CloudConfig
-from picospec.shared.early_exit import ExpectedOutcome
 from picospec.shared.perf_model import Ewma
 from picospec.shared.protocol import ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb

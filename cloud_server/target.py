@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from picospec.cloud_server.drafts import DraftRun
+from picospec.cloud_server.early_exit import ExpectedOutcome, expected_outcome
 from picospec.shared.backend import PrefixCache, make_backend
-from picospec.shared.early_exit import ExpectedOutcome, expected_outcome
 from picospec.shared.protocol import ProtocolError
-from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.rng import Stream
 from picospec.shared.sampling import SamplingParams, process_logits, sample_token
-from picospec.shared.verify import gumbel_argmax, verify_greedy
+from picospec.shared.schemes import OpenRejection, scheme
 from picospec.shared.trees import ROOT, verify_coupled_tree
+from picospec.shared.verify import gumbel_argmax, verify_greedy
 
 log = logging.getLogger("picospec.cloud")
 
@@ -147,7 +147,7 @@ class TargetCache:
     @property
     def supports_trees(self) -> bool:
         """Token trees need a cache that can mask per node and keep a path: transformers' DynamicCache
-        (shared/tree_cache.py), a static engine slot (shared/engine/backend.py) or llama.cpp's sequences
+        (shared/tree_cache.py), a static engine slot (cloud_server/engine/backend.py) or llama.cpp's sequences
         (shared/llama_tree.py)."""
         return self.backend.supports_trees
 

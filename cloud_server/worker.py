@@ -9,7 +9,7 @@ back under a pass still writing into it.
 
 Without batching every lane is the worker's one thread: model work is serialised across sessions. With batching
 (--batching on) each lane is a thread of its own, and every job's pass goes to the batcher
-(shared/engine/batcher.py), whose one thread runs the ready rows of all sessions as one forward pass; only that
+(cloud_server/engine/batcher.py), whose one thread runs the ready rows of all sessions as one forward pass; only that
 thread touches the engine's cache.
 """
 from __future__ import annotations

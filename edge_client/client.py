@@ -28,11 +28,12 @@ from picospec.edge_client.resume import (RejoinState, after_draft_token, break_a
                                          finished_before_break, gave_up_message, piece_connect_s, rejoin_budget_s,
                                          resume_plan)
 from picospec.edge_client.session import EdgeSession
+from picospec.edge_client.stats import GenerationStats
 from picospec.edge_client.text import TextStream
-from picospec.edge_client.tree_builder import MAX_TREE_NODES_GROWN
-from picospec.edge_client.waiting import WaitProgress, admission_delay_s
 from picospec.edge_client.transport import (CloudLost, CloudUnreachable, EdgeError, EdgeHooks, StreamTransport,
                                             call_error, open_channel, wait_for_cloud, wire_size)
+from picospec.edge_client.tree_builder import MAX_TREE_NODES_GROWN
+from picospec.edge_client.waiting import WaitProgress, admission_delay_s
 from picospec.shared.config import SPECULATIVE_MODES, EdgeConfig, check_edge_config, with_mode_preset
 from picospec.shared.connection import server_target, token_metadata
 from picospec.shared.fingerprint import (Fingerprint, eos_token_ids, session_logits_width, tokenizer_fingerprint,
@@ -43,7 +44,6 @@ from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
 from picospec.shared.sampling import SamplingParams
 from picospec.shared.schemes import scheme
-from picospec.shared.stats import GenerationStats
 
 __all__ = ["CloudLost", "EdgeClient", "EdgeError", "EdgeHooks", "Generation"]
 T = TypeVar("T")

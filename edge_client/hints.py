@@ -7,9 +7,10 @@ same coins), so adopting them changes nothing but time. Otherwise they are disca
 """
 from __future__ import annotations
 
-from picospec.shared.protocol import Applied, ChainToken, EdgeChain, PreDraft, SessionState
+from picospec.edge_client.chain import Applied, ChainToken, EdgeChain, PreDraft
+from picospec.edge_client.stats import GenerationStats
+from picospec.shared.protocol import SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
-from picospec.shared.stats import GenerationStats
 
 
 class HintTracker:

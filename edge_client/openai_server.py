@@ -42,13 +42,13 @@ except ModuleNotFoundError as e:  # an optional extra: say how to get it
 from picospec.edge_client import openai_api as api
 from picospec.edge_client.cli import CloudWaitReporter, draft_and_cloud
 from picospec.edge_client.client import EdgeClient, EdgeError, Generation
+from picospec.edge_client.stats import GenerationStats
 from picospec.edge_client.text import encode_messages, encode_prompt
 from picospec.shared.config import EdgeConfig, Range, add_config_args, check_edge_startup, check_ranges, config_from_args
-from picospec.shared.interrupt import OneLineParser, usage_error
 from picospec.shared.connection import ConnectionSettingsError
+from picospec.shared.interrupt import OneLineParser, usage_error
 from picospec.shared.models import LoadedModel, ModelError
 from picospec.shared.rpc import picospec_pb2 as pb
-from picospec.shared.stats import GenerationStats
 
 log = logging.getLogger("picospec.serve")
 T = TypeVar("T")

@@ -16,20 +16,21 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping
 
 import numpy as np
 
+from picospec.edge_client.chain import ChainToken, EdgeChain
 from picospec.edge_client.drafter import Drafter, DraftTree
 from picospec.edge_client.hints import HintTracker
 from picospec.edge_client.policy import (SHADOW_EVERY, Action, SessionPlan, Snapshot, cloud_owes,
                                          drafts_before_next_send, edge_owes, next_action, should_send)
 from picospec.edge_client.rtt import RttTracker
+from picospec.edge_client.stats import GenerationStats, verdict_token_kinds
 from picospec.edge_client.transport import EdgeError, StreamTransport
 from picospec.edge_client.tree_builder import MAX_TREE_NODES_GROWN
 from picospec.shared.codec import PayloadError, decode_list
 from picospec.shared.config import EdgeConfig
 from picospec.shared.perf_model import choose_draft_len, choose_tree_nodes
-from picospec.shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
+from picospec.shared.protocol import ProtocolError, SessionState
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.schemes import MAX_TAIL_DRAWS, scheme
-from picospec.shared.stats import GenerationStats, verdict_token_kinds
 from picospec.shared.trees import check_path
 
 RunModel = Callable[..., Awaitable]

@@ -12,6 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import grpc
 
+from picospec.edge_client.stats import GenerationStats
 from picospec.edge_client.waiting import ATTEMPT_TIMEOUT_S, WaitProgress, retry_delay_s
 from picospec.shared.config import EdgeConfig
 from picospec.shared.connection import (ConnectionSettingsError, channel_credentials, edge_keepalive_options,
@@ -19,7 +20,6 @@ from picospec.shared.connection import (ConnectionSettingsError, channel_credent
 from picospec.shared.protocol import ProtocolError
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.rpc import picospec_pb2_grpc as pb_grpc
-from picospec.shared.stats import GenerationStats
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC's length-prefixed message header; HTTP/2 and TCP/IP headers are not counted
 log = logging.getLogger("picospec.edge")
@@ -97,7 +97,7 @@ def open_channel(config: EdgeConfig, target: ServerTarget | None = None) -> grpc
 
     Receive: the cloud's messages are small (verdicts, residuals), 64 MiB bounds a hostile one. Send: gRPC's
     default, unlimited: what the cloud accepts is its own limit, which admits every batch its max_draft_len allows
-    (cloud_server/server.py:message_limit); a local cap would only add a failure. Reconnect backoff capped at 2 s
+    (cloud_server/grpc_setup.py:message_limit); a local cap would only add a failure. Reconnect backoff capped at 2 s
     (gRPC's default grows to 120 s): a cloud that comes up is seen at once. `target`: config.server already
     parsed (and its names resolved), where the caller has it."""
     target = target or server_target(config.server)

@@ -9,7 +9,7 @@ The Python API, importable from here without loading torch until first use:
     from picospec import EdgeClient, EdgeConfig, load_model
 
 `EdgeClient`, `Generation` (picospec.edge_client.client), `EdgeConfig`, `CloudConfig` (picospec.shared.config),
-`load_model` (picospec.shared.models), `PicoSpecService`, `start_server` (picospec.cloud_server.server).
+`load_model` (picospec.shared.models), `PicoSpecService` (picospec.cloud_server.server), `start_server` (picospec.cloud_server.grpc_setup).
 See docs/design.md for the design and README.md for the commands.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ _API = {
     "CloudConfig": "picospec.shared.config",
     "load_model": "picospec.shared.models",
     "PicoSpecService": "picospec.cloud_server.server",
-    "start_server": "picospec.cloud_server.server",
+    "start_server": "picospec.cloud_server.grpc_setup",
 }
 __all__ = sorted(_API) + ["__version__"]
 

@@ -156,7 +156,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "e", "edge applies a verdict of a stale epoch (EdgeChain.apply's epoch check relaxed to future epochs)",
-        "shared/protocol.py",
+        "edge_client/chain.py",
         "            if epoch != self.epoch:\n",
         "            if epoch > self.epoch:\n",
         # survived the suite before test_exactness_guards.py (test_protocol, test_refusals, test_pipeline)
@@ -306,7 +306,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "p1", "split correction sampled with the last accepted draft's q row (EdgeChain.apply: chain[accepted - 1])",
-        "shared/protocol.py",
+        "edge_client/chain.py",
         "                extra = self.chain[accepted].extra if accepted < len(self.chain) else None\n",
         "                extra = self.chain[max(accepted - 1, 0)].extra if accepted < len(self.chain) else None\n",
         (f"{CONDITIONED}::test_a_split_correction_takes_the_q_row_of_the_rejected_draft", f"{CORRECTION}[split-exact]"),
@@ -314,7 +314,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "p2", "split correction sampled with the next draft's q row (EdgeChain.apply: chain[accepted + 1])",
-        "shared/protocol.py",
+        "edge_client/chain.py",
         "                extra = self.chain[accepted].extra if accepted < len(self.chain) else None\n",
         "                extra = self.chain[min(accepted + 1, len(self.chain) - 1)].extra if accepted < len(self.chain) else None\n",
         (f"{CONDITIONED}::test_a_split_correction_takes_the_q_row_of_the_rejected_draft", f"{CORRECTION}[split-exact]"),
@@ -380,7 +380,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "s6", "batching: two sessions' rows of one pass get each other's logits (results handed out reversed)",
-        "shared/engine/batcher.py",
+        "cloud_server/engine/batcher.py",
         "                for req, out in zip(batch, results):\n",
         "                for req, out in zip(batch, results[::-1]):  # (mutant)\n",
         ("tests/test_batching.py::test_concurrent_sessions_get_the_targets_greedy_tokens",),
@@ -388,7 +388,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "s8", "batching: every session charged the whole of a pass it shared (its compute counted once per row)",
-        "shared/engine/batcher.py",
+        "cloud_server/engine/batcher.py",
         "    return [pass_s * n / total for n in tokens]\n",
         "    return [pass_s for n in tokens]  # (mutant)\n",
         ("tests/test_batching.py::test_with_the_hold_sessions_that_submit_again_at_once_share_every_pass_and_its_cost",),
@@ -438,14 +438,14 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "t3", "llama.cpp batching: a session's crop (a rejection's rollback, a slot given back) is never done",
-        "shared/engine/llama_engine.py",
+        "cloud_server/engine/llama_engine.py",
         "            crops, self._crops = self._crops, {}\n",
         "            crops, self._crops = {}, {}  # (mutant)\n",
         ("tests/test_llama_cpp.py::test_sessions_batched_in_one_llama_cpp_context_get_llama_cpp_greedy",),
     ),
     Mutant(
         "t4", "llama.cpp batching: every row of a pass goes into the first row's sequence (sessions' keys mixed)",
-        "shared/engine/llama_engine.py",
+        "cloud_server/engine/llama_engine.py",
         "            seqs += [[r.slot]] * n\n",
         "            seqs += [[rows[0].slot]] * n  # (mutant)\n",
         ("tests/test_llama_cpp.py::test_sessions_batched_in_one_llama_cpp_context_get_llama_cpp_greedy",),

@@ -34,7 +34,7 @@ class PrefixCache:
     tokens: list[int]
     supports_trees = False  # a cache that masks per node and gathers a path (token trees: shared/tree_cache.py)
     # seconds this cache's forwards spent on others' model work: queued behind other sessions, and their rows of the
-    # passes it shared with them (shared/engine/batcher.py); 0 for a cache whose passes are its own alone
+    # passes it shared with them (cloud_server/engine/batcher.py); 0 for a cache whose passes are its own alone
     waited_s: float = 0.0
 
     @property

@@ -1,7 +1,7 @@
 """How the two sides' gRPC connections are set up: TLS material, keepalive, and whether an address is loopback.
 
 Pure helpers (option lists, checks of settings) beside thin loaders of PEM files; the edge's channel
-(edge_client/transport.py:open_channel) and the cloud's server (cloud_server/server.py:start_server) use them.
+(edge_client/transport.py:open_channel) and the cloud's server (cloud_server/grpc_setup.py:start_server) use them.
 Token checks live in cloud_server/auth.py.
 """
 from __future__ import annotations

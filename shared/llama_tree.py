@@ -1,6 +1,6 @@
 """Tree nodes in a LlamaCppBackend's context: one llama_decode over many branches, then keep only one path.
 
-The llama.cpp counterpart of shared/tree_cache.py (transformers) and shared/engine/backend.py:StaticTreeKV (the static
+The llama.cpp counterpart of shared/tree_cache.py (transformers) and cloud_server/engine/backend.py:StaticTreeKV (the static
 engine), with the same interface (`base`, `tokens`, `parents`, `extend`, `keep`, `reroot`, `drop`).
 
 llama.cpp masks attention by sequence: a token sees the cells that carry its sequence id at positions up to its own.

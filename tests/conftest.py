@@ -7,7 +7,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from picospec.cloud_server.server import PicoSpecService, start_server
+from picospec.cloud_server.grpc_setup import start_server
+from picospec.cloud_server.server import PicoSpecService
 from picospec.edge_client.client import EdgeClient
 from picospec.shared.config import CloudConfig, EdgeConfig
 from picospec.shared.models import LoadedModel, load_model

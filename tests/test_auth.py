@@ -244,7 +244,8 @@ def test_exposed_plaintext_cloud_warns(tiny_target, caplog):
     async def scenario():
         async with serving(tiny_target):  # loopback: quiet
             pass
-        from picospec.cloud_server.server import PicoSpecService, start_server
+        from picospec.cloud_server.grpc_setup import start_server
+        from picospec.cloud_server.server import PicoSpecService
         from picospec.shared.config import CloudConfig
         service = PicoSpecService(tiny_target, CloudConfig(target=tiny_target.name))
         server, _ = await start_server(service, "0.0.0.0:0")

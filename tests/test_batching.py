@@ -1,4 +1,4 @@
-"""Batched verification across sessions (shared/engine/batcher.py, --batching on): which rows a pass takes, rows
+"""Batched verification across sessions (cloud_server/engine/batcher.py, --batching on): which rows a pass takes, rows
 gathered into one pass giving what each gives alone, and a cloud serving concurrent edges of mixed modes, lengths
 and draft sizes, joining and leaving, each getting exactly its own tokens."""
 from __future__ import annotations
@@ -10,14 +10,14 @@ import time
 import pytest
 import torch
 
+from picospec.cloud_server.engine import EngineOptions, StaticEngine
+from picospec.cloud_server.engine.batcher import Batcher, BatchOptions, _Request, hold_s, pass_shares, take_batch
+from picospec.cloud_server.engine.graphs import capture_plan
+from picospec.cloud_server.engine.model import Row
+from picospec.cloud_server.engine_setup import MAX_GRAPH_ROWS, graph_rows, uses_batching, uses_static_engine
 from picospec.cloud_server.target import TargetCache
-from picospec.cloud_server.server import MAX_GRAPH_ROWS, graph_rows, uses_batching, uses_static_engine
-from picospec.shared.hf_backend import HFBackend
 from picospec.shared.config import CloudConfig
-from picospec.shared.engine import EngineOptions, StaticEngine
-from picospec.shared.engine.batcher import Batcher, BatchOptions, _Request, hold_s, pass_shares, take_batch
-from picospec.shared.engine.graphs import capture_plan
-from picospec.shared.engine.model import Row
+from picospec.shared.hf_backend import HFBackend
 from picospec.shared.models import ModelError
 from tests.conftest import edge, run, serving
 

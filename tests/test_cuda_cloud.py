@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from picospec.cloud_server.server import PicoSpecService, start_server
+from picospec.cloud_server.grpc_setup import start_server
+from picospec.cloud_server.server import PicoSpecService
 from picospec.shared.config import CloudConfig
 from picospec.shared.models import load_model
 from tests.conftest import edge, run

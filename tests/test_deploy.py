@@ -19,7 +19,7 @@ import yaml
 from picospec.cloud_server import health_probe
 from picospec.cloud_server.cli import build_parser as cloud_parser
 from picospec.cloud_server.drain import ENDED_S
-from picospec.cloud_server.server import HEALTH_SERVICES
+from picospec.cloud_server.grpc_setup import HEALTH_SERVICES
 from picospec.shared.config import CloudConfig, config_from_args, env_name
 from picospec.shared.connection import MIN_PING_INTERVAL_MS
 from tests.conftest import run, serving

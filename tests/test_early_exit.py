@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from picospec.bench.jitter import Jitter
+from picospec.cloud_server.early_exit import expected_outcome, layer_agreement
 from picospec.shared.hf_backend import HFBackend
-from picospec.shared.early_exit import expected_outcome, layer_agreement
 from picospec.shared.models import LoadedModel, load_model
 from picospec.shared.rpc import picospec_pb2 as pb
 from picospec.shared.sampling import SamplingParams, process_logits

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
+from picospec.edge_client.stats import verdict_token_kinds
 from picospec.shared.schemes import SCHEMES
-from picospec.shared.stats import verdict_token_kinds
 
 from picospec.edge_client.policy import (Action, Snapshot, can_draft, cloud_owes, drafts_before_next_send, edge_owes,
                                          next_action, plan_session, should_send)

@@ -1,4 +1,4 @@
-"""The static engine (shared/engine) on the CPU: the same logits as transformers' own cache, pass by pass, alone
+"""The static engine (cloud_server/engine) on the CPU: the same logits as transformers' own cache, pass by pass, alone
 and batched; slots; graph selection; early exits; `random:` shapes; and a cloud running on it end to end.
 The CUDA half (graphs against eager) is tests/test_engine_cuda.py."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
+from picospec.cloud_server.engine import EngineOptions, StaticEngine
+from picospec.cloud_server.engine.model import PREFILL_CHUNK, Row
 from picospec.shared.hf_backend import HFBackend
-from picospec.shared.engine import EngineOptions, StaticEngine
-from picospec.shared.engine.model import PREFILL_CHUNK, Row
 from picospec.shared.models import RANDOM_SHAPES, ModelError, _random_shape, parse_model_name
 from tests.conftest import edge, run, serving
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from picospec.cloud_server.engine import EngineOptions, StaticEngine
 from picospec.shared.hf_backend import HFBackend
-from picospec.shared.engine import EngineOptions, StaticEngine
 from picospec.shared.models import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -65,7 +65,7 @@ def test_greedy_through_graphs_is_the_targets_own():
 def test_batched_rows_in_a_graph_equal_each_row_alone():
     """Three sessions' rows of 1, 3 and 5 tokens replay the (4 rows, 8 tokens) graph: the padding row and the
     padded tokens change no real row's logits."""
-    from picospec.shared.engine.model import Row
+    from picospec.cloud_server.engine.model import Row
 
     model = load_model("random:qwen2.5-0.5b:layers=4", device="cuda", dtype=torch.float32, progress=False).model
     opts = EngineOptions(slots=5, max_len=600, buckets=(1, 8), batch_buckets=(1, 4))
@@ -85,7 +85,7 @@ def test_batched_rows_in_a_graph_equal_each_row_alone():
 def test_a_tree_row_through_a_graph_equals_linear_forwards():
     """A token tree (shared/trees.py) as one row replaying a graph: each node's logits are those of a linear
     forward of its path, and after compacting the kept path the slot continues as a linear cache."""
-    from picospec.shared.engine.model import Row
+    from picospec.cloud_server.engine.model import Row
     from picospec.shared.trees import ROOT, path_to
 
     model = load_model("random:qwen2.5-0.5b:layers=4", device="cuda", dtype=torch.float32, progress=False).model
@@ -109,7 +109,7 @@ def test_a_tree_row_through_a_graph_equals_linear_forwards():
 def test_a_batch_of_prefill_and_decode_rows_runs_eager_on_cuda():
     """What failed in cuDNN's attention on an H100 (serve, 16 sessions): 16 rows, prompts of ~90 tokens beside
     single decode tokens, in one eager pass; each row as it gives alone."""
-    from picospec.shared.engine.model import Row
+    from picospec.cloud_server.engine.model import Row
 
     model = load_model("random:qwen2.5-0.5b:layers=2", device="cuda", dtype=torch.bfloat16, progress=False).model
     engine = StaticEngine(model, EngineOptions(slots=17, max_len=320, batch_buckets=(1, 2, 4, 8)))
@@ -131,8 +131,8 @@ def test_the_clouds_engine_replays_a_graph_for_a_batch_of_every_admitted_session
     """The cloud captures rows up to the first power of two holding --max-sessions (24 -> 32; rows were captured
     only up to 8, so wider batches ran eager): 20 sessions' decode rows replay the 32-row graph, padded with scratch
     rows, and each row gives what it gives alone."""
-    from picospec.cloud_server.server import graph_rows
-    from picospec.shared.engine.model import Row
+    from picospec.cloud_server.engine_setup import graph_rows
+    from picospec.cloud_server.engine.model import Row
 
     model = load_model("random:qwen2.5-0.5b:layers=2", device="cuda", dtype=torch.float32, progress=False).model
     engine = StaticEngine(model, EngineOptions(slots=25, max_len=320, buckets=(1, 2, 4),

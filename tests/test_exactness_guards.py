@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
+from picospec.edge_client.chain import ChainToken, EdgeChain
 from picospec.edge_client.drafter import Drafter
-from picospec.shared.protocol import ChainToken, EdgeChain, ProtocolError, SessionState
+from picospec.shared.protocol import ProtocolError, SessionState
 from picospec.shared.rng import Stream, uniform
 from picospec.shared.sampling import SamplingParams, process_logits, sample_from
 from picospec.shared.verify import gumbel_argmax, verify_coupled, verify_dense

@@ -150,7 +150,8 @@ def test_the_python_api_refuses_with_the_same_rule(tiny_draft):
 
 def test_a_cloud_refuses_a_port_another_cloud_serves_in_process(tiny_target):
     """SO_REUSEPORT off (gRPC turns it on): the second bind of a port fails instead of sharing it."""
-    from picospec.cloud_server.server import PicoSpecService, start_server
+    from picospec.cloud_server.grpc_setup import start_server
+    from picospec.cloud_server.server import PicoSpecService
 
     async def go() -> None:
         first = PicoSpecService(tiny_target, CloudConfig(target=tiny_target.name))

@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from picospec.bench.jitter import Jitter
-from picospec.cloud_server.server import PicoSpecService, message_limit
+from picospec.cloud_server.grpc_setup import message_limit
+from picospec.cloud_server.server import PicoSpecService
 from picospec.cloud_server.slots import HeldSlot, SessionSlots
 from picospec.edge_client.client import EdgeError, Generation
 from picospec.shared.codec import dense_payload_bound, encode_probs

@@ -204,8 +204,15 @@ def test_cloud_alone_on_llama_cpp_equals_llama_cpp_greedy(smol_gguf, smol_refere
         assert st["cloud_ms_per_token"] > 0
 
 
-@pytest.mark.parametrize("mode,verify", [("sync", "dense"), ("sync", "split-exact"), ("sync", "coupled"),
-                                         ("pipeline", "coupled"), ("pipeline", "dense"), ("early-exit", "coupled")])
+# stop-and-wait runs the same passes however fast the machine is (beside another test: make test's parallel half); the
+# pipeline's passes follow timing, and so, through llama.cpp's batch noise, may its near-ties
+_ANY_SPEED = pytest.mark.parallel
+
+
+@pytest.mark.parametrize("mode,verify", [
+    pytest.param("sync", "dense", marks=_ANY_SPEED), pytest.param("sync", "split-exact", marks=_ANY_SPEED),
+    pytest.param("sync", "coupled", marks=_ANY_SPEED), ("pipeline", "coupled"), ("pipeline", "dense"),
+    pytest.param("early-exit", "coupled", marks=_ANY_SPEED)])
 def test_speculation_with_a_llama_cpp_draft_and_target_equals_llama_cpp_greedy(smol_gguf, smol_reference,
                                                                                smol_torch_draft, mode, verify):
     """The llama.cpp target verifies a torch draft that is often wrong (rejections on every prompt): every token is
@@ -355,6 +362,7 @@ def _below(node: int, top: int, parents: list[int]) -> bool:
     return False
 
 
+@pytest.mark.parallel
 def test_tree_nodes_see_exactly_their_path(smol_gguf):
     """Each node's logits are a linear forward's of its path (llama.cpp's sequences hide siblings and cousins), over
     random trees extended in several calls; reroot moves one root into line and keeps the nodes under it, which grow
@@ -472,10 +480,12 @@ def test_qwen_pair_on_llama_cpp_follows_the_llama_cpp_targets_law(qwen_pair, ver
     """The default pair, both on llama.cpp, at T=1: the output law is the llama.cpp target's (its teacher-forced
     logits from `Llama`, tests/law.py's PIT test), with a real draft (acceptance about 0.7), sync and the jittered
     pipeline with decode-ahead; 10 generations x 20 tokens. `coupled-trees`: token trees of 6 nodes (stop-and-wait,
-    no decode-ahead), grown on the llama.cpp draft and verified on the llama.cpp target (shared/llama_tree.py)."""
+    no decode-ahead), grown on the llama.cpp draft and verified on the llama.cpp target (shared/llama_tree.py).
+    llama.cpp's logits move with the batch a position runs in, and the pipeline's batches (and what a tree's idle
+    growth computes) follow timing, so the tokens differ from run to run: tested at ALPHA_TIMED."""
     trees = verify == "coupled-trees"
     target, draft, target_ref, draft_ref = qwen_pair
-    law = LawCheck(target_ref, T1, ranking=draft_ref)
+    law = LawCheck(target_ref, T1, ranking=draft_ref, alpha=ALPHA_TIMED)
     prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
                                                     tokenize=True, return_dict=True)["input_ids"]
                for c in ("Write a Python function that reverses a string.", "Name three rivers in Europe.")]
@@ -504,9 +514,10 @@ def test_the_cloud_resolves_auto_to_llama_cpp_only_where_it_can_run():
     """--engine auto: llama.cpp for a GGUF target on a CPU cloud without batching or a device map; as before elsewhere.
     A service handed a GGUF model runs llama.cpp whatever the config said: with --batching on, every session a
     sequence of one context (LlamaEngine); --device cuda refused."""
-    from picospec.cloud_server.server import PicoSpecService, resolve_engine, uses_static_engine
+    from picospec.cloud_server.engine_setup import resolve_engine, uses_static_engine
+    from picospec.cloud_server.server import PicoSpecService
     from picospec.shared.config import CloudConfig
-    from picospec.shared.engine.llama_engine import LlamaEngine
+    from picospec.cloud_server.engine.llama_engine import LlamaEngine
 
     assert resolve_engine(CloudConfig(target=SMOL)).engine == "llama.cpp"
     for config in (CloudConfig(target=f"{SMOL}:int8"), CloudConfig(target="tiny-random"),
@@ -528,7 +539,7 @@ def test_the_cloud_resolves_auto_to_llama_cpp_only_where_it_can_run():
 
 
 def test_cloud_compute_per_token_is_the_cloud_time_over_the_tokens():
-    from picospec.shared.stats import GenerationStats
+    from picospec.edge_client.stats import GenerationStats
 
     st = GenerationStats(mode="cloud", prompt_tokens=3)
     st.cloud_s, st.prefill_cloud_s = 0.5, 9.0  # prefill apart

@@ -28,10 +28,10 @@ import pytest
 
 from picospec.edge_client.resume import (MIN_CONNECT_S, REJOIN_CONNECT_S, after_draft_token, break_action,
                                          chunk_source, piece_connect_s, rejoin_budget_s)
+from picospec.edge_client.stats import GenerationStats, add_span, clip_spans, inexact_reason
 from picospec.netlab.netns import Link, shaped_link
 from picospec.netlab.shaping import LinkSpec, netns_usable
 from picospec.shared.config import EdgeConfig, add_config_args, config_from_args
-from picospec.shared.stats import GenerationStats, add_span, clip_spans, inexact_reason
 from tests.proc_util import checkout_env
 from tests.conftest import skip_or_fail
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from picospec.cloud_server.drafts import BatchStatus, DraftQueue
-from picospec.shared.protocol import ChainToken, EdgeChain, FinishReason, ProtocolError, SessionState
+from picospec.edge_client.chain import ChainToken, EdgeChain
+from picospec.shared.protocol import FinishReason, ProtocolError, SessionState
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import asyncio
 import grpc
 import pytest
 
+from picospec.edge_client.stats import GenerationStats
 from picospec.edge_client.transport import StreamTransport
-from picospec.shared.stats import GenerationStats
 
 
 class ExecuteBatchError(Exception):

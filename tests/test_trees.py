@@ -432,9 +432,9 @@ def test_reroot_keeps_a_path_and_the_subtree_under_it(tiny_target):
 def test_static_engine_tree_rows_match_linear_forwards_and_keep_moves_the_path(tiny_target):
     """The engine's tree rows (rotary position = depth, ancestors visible) and its compaction of the kept path,
     against transformers' linear forwards; a second session's chain row in the same pass is unaffected."""
-    from picospec.shared.engine import EngineOptions, StaticEngine
-    from picospec.shared.engine.backend import StaticTreeKV
-    from picospec.shared.engine.model import Row
+    from picospec.cloud_server.engine import EngineOptions, StaticEngine
+    from picospec.cloud_server.engine.backend import StaticTreeKV
+    from picospec.cloud_server.engine.model import Row
 
     model, prefix = tiny_target.model, [5, 9, 13, 2, 7]
     engine = StaticEngine(model, EngineOptions(slots=3, max_len=64))

@@ -23,7 +23,7 @@ Both laws, completed with the target's own draws after the emitted tokens, are t
 Drafts are sampled by this file's own inverse-CDF (or Gumbel-max) code from the draft stream's coins, as the edge
 does (Stream.DRAFT / Stream.GUMBEL at each absolute position), so a collision of coin streams shows too. Fixed seeds:
 deterministic. Each chi-square passes at p > ALPHA. The split-exact batch goes through the edge's own bookkeeping for
-its correction: the q row comes from EdgeChain.apply (shared/protocol.py), the position from the committed length.
+its correction: the q row comes from EdgeChain.apply (edge_client/chain.py), the position from the committed length.
 
 Beside the laws, cheap checks seed by seed (the coins conditioned one by one): each dense or split verdict is what the
 coin contract gives for that seed's coins, each coupled verdict what a plain Gumbel-max over the whole vocabulary gives
@@ -43,9 +43,10 @@ import numpy as np
 import pytest
 import torch
 
-from picospec.shared.protocol import ChainToken, EdgeChain, SessionState
-from picospec.shared.rng import Stream, gumbel_noise, uniform
+from picospec.edge_client.chain import ChainToken, EdgeChain
 from picospec.shared.draws import NeedMoreTail, ResidualHint, resample_exact
+from picospec.shared.protocol import SessionState
+from picospec.shared.rng import Stream, gumbel_noise, uniform
 from picospec.shared.verify import tail_draws, top_k, verify_coupled, verify_dense, verify_split
 from tests.stat_util import pooled_chisquare
 
@@ -455,7 +456,7 @@ def test_every_coin_stream_is_its_own():
 
 @pytest.mark.parametrize("in_flight", [3, 5])
 def test_a_split_correction_takes_the_q_row_of_the_rejected_draft(in_flight):
-    """shared/protocol.py EdgeChain.apply: after a split rejection with a drafts accepted, the q row handed to the
+    """edge_client/chain.py EdgeChain.apply: after a split rejection with a drafts accepted, the q row handed to the
     correction (rejected_extra) is the one the rejected draft, chain[a], was sampled from; never its neighbour's. With
     drafts still in flight beyond the verified ones too. Nothing is handed over without a rejection."""
     verified = 3

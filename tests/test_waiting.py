@@ -94,7 +94,8 @@ def test_cli_says_it_is_waiting_within_seconds_and_fails_clearly():
 
 def test_a_cloud_that_comes_up_later_is_found_within_seconds(tiny_target, tiny_draft):
     """The edge starts first; the cloud starts on that port after the edge reported its first failed attempt."""
-    from picospec.cloud_server.server import PicoSpecService, start_server
+    from picospec.cloud_server.grpc_setup import start_server
+    from picospec.cloud_server.server import PicoSpecService
     from picospec.shared.config import CloudConfig
 
     server, seen = _closed_port(), []

@@ -18,7 +18,7 @@ cloud's session code is the same on either backend.
     engine = StaticEngine(hf_model, EngineOptions(slots=9, max_len=8192, graphs=True))
     backend = engine.backend()   # a ModelBackend over a free slot; .close() gives the slot back
 """
-from picospec.shared.engine.model import EngineOptions, StaticEngine
-from picospec.shared.engine.backend import StaticBackend
+from picospec.cloud_server.engine.backend import StaticBackend
+from picospec.cloud_server.engine.model import EngineOptions, StaticEngine
 
 __all__ = ["EngineOptions", "StaticEngine", "StaticBackend"]

@@ -10,13 +10,13 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from picospec.cloud_server.engine.model import PREFILL_CHUNK, ExitHook, Row, StaticEngine
 from picospec.shared.backend import PrefixCache, fit_width
-from picospec.shared.engine.model import PREFILL_CHUNK, ExitHook, Row, StaticEngine
 
 
 class StaticBackend(PrefixCache):
     """Not thread-safe: one per session, one caller at a time. `passes` runs one row: the engine at once, or a
-    Batcher that runs it with other sessions' rows (shared/engine/batcher.py)."""
+    Batcher that runs it with other sessions' rows (cloud_server/engine/batcher.py)."""
 
     supports_trees = True
 

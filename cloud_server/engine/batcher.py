@@ -3,7 +3,7 @@
 Sessions' model jobs run on threads of their own (cloud_server/worker.py with batching on); when a job needs a pass
 it submits its row here and blocks. The engine thread owns the device: whenever it is free it takes what is
 queued, oldest first, up to `max_batch_tokens` tokens, and runs it as one `StaticEngine.run` (or
-`LlamaEngine.run`: one llama_decode over the rows, shared/engine/llama_engine.py). Rows that arrive
+`LlamaEngine.run`: one llama_decode over the rows, cloud_server/engine/llama_engine.py). Rows that arrive
 while a pass runs form the next batch. When fewer rows are queued than sessions are open, a free engine holds the
 pass a little (a fraction of a pass, `hold_s`) for the sessions its last pass served, which are about to submit
 again; a lone session pays no delay. A row's wait is bounded by the pass ahead of it, that hold and the rows
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from picospec.shared.engine.model import Row, StaticEngine
+from picospec.cloud_server.engine.model import Row, StaticEngine
 
 if TYPE_CHECKING:
-    from picospec.shared.engine.llama_engine import LlamaEngine
+    from picospec.cloud_server.engine.llama_engine import LlamaEngine
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from picospec.shared.engine.model import PassInputs, StaticEngine
+    from picospec.cloud_server.engine.model import PassInputs, StaticEngine
 
 log = logging.getLogger("picospec.engine")
 WARMUP_PASSES = 3  # on a side stream before capture: cuBLAS handles and workspaces exist before the graph records

@@ -1,7 +1,7 @@
 """llama.cpp as a batched cloud engine: every session a sequence of one llama.cpp context, and one llama_decode runs
-the rows of many sessions (the Batcher's pass, shared/engine/batcher.py), as the static engine does for torch.
+the rows of many sessions (the Batcher's pass, cloud_server/engine/batcher.py), as the static engine does for torch.
 
-Terms as in shared/engine/__init__.py: a slot is one session's sequence id in the context; a row is one slot's tokens
+Terms as in cloud_server/engine/__init__.py: a slot is one session's sequence id in the context; a row is one slot's tokens
 in a pass. The cache is unified (sessions share the context's cells, sized slots x max_len): each token sees only
 its own sequence's cells at positions up to its own (llama.cpp's mask), so a session's logits are the ones it would
 get alone, up to llama.cpp's batch noise (a position's logits move with the batch it ran in, tests/llama_reference.py).
@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from picospec.shared.engine.backend import StaticBackend
-from picospec.shared.engine.model import PREFILL_CHUNK, Row, SlotPool
+from picospec.cloud_server.engine.backend import StaticBackend
+from picospec.cloud_server.engine.model import PREFILL_CHUNK, Row, SlotPool
 from picospec.shared.llama_backend import N_BATCH, GgufModel, LlamaCppBackend, LlamaCppError, decode
 from picospec.shared.llama_tree import TREE_SEQS
 

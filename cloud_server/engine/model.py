@@ -1,6 +1,6 @@
 """The static engine's forward pass: a transformers Llama/Qwen2 model's own modules over a preallocated slot cache.
 
-See shared/engine/__init__.py for the terms (slot, row, bucket, eager). Shapes: B rows, n tokens per row,
+See cloud_server/engine/__init__.py for the terms (slot, row, bucket, eager). Shapes: B rows, n tokens per row,
 H hidden size, h query heads, kvh key/value heads, hd head size, L = the cache's length per slot, V the vocab.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picospec.shared.engine.graphs import CapturedPass, capture_all
+from picospec.cloud_server.engine.graphs import CapturedPass, capture_all
 from picospec.shared.trees import ancestor_mask, depths_of
 
 SUPPORTED_TYPES = ("llama", "qwen2")
@@ -176,7 +176,7 @@ class StaticEngine:
 
     @property
     def max_shared_row(self) -> int:
-        """Rows longer than the largest graph bucket run in a pass of their own (shared/engine/batcher.py:alone)."""
+        """Rows longer than the largest graph bucket run in a pass of their own (cloud_server/engine/batcher.py:alone)."""
         return max(self.options.buckets, default=1)
 
     def release(self, slot: int) -> None:
@@ -185,7 +185,7 @@ class StaticEngine:
     def backend(self, logits_width: int = 0,
                 passes: "Callable[[Row], tuple[torch.Tensor, float]] | None" = None) -> "StaticBackend":
         """A backend over a free slot; `passes` runs its rows (a Batcher's submit; default: this engine, at once)."""
-        from picospec.shared.engine.backend import StaticBackend
+        from picospec.cloud_server.engine.backend import StaticBackend
         return StaticBackend(self, self.acquire(), logits_width, passes)
 
     # ------------------------------------------------------------------------------------------------ passes

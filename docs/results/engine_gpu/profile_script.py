@@ -1,6 +1,6 @@
 """Where a graphed pass's time goes: replay alone (CUDA events) against the whole backend.forward."""
 import time, torch, statistics
-from picospec.shared.engine import EngineOptions, StaticEngine
+from picospec.cloud_server.engine import EngineOptions, StaticEngine
 from picospec.shared.models import load_model
 for name in ("random:qwen2.5-1.5b", "random:qwen2.5-7b"):
     m = load_model(name, device="cuda", dtype=torch.bfloat16, progress=False).model
