@@ -404,6 +404,16 @@ MUTANTS: list[Mutant] = [
         limit_s=300,
     ),
     Mutant(
+        "s9", "the cloud's own tokens (decode-ahead, the first token, the cloud alone) drawn with the previous "
+              "position's TARGET coin (a coin a bonus token there already used)",
+        "cloud_server/target.py",
+        "        return sample_token(p, self.params.seed, len(committed), Stream.TARGET), self._clock() - t0\n",
+        "        return sample_token(p, self.params.seed, len(committed) - 1, Stream.TARGET), self._clock() - t0\n",
+        # the law tests cannot see it (each position's coin is still used once in a run of the cloud's own tokens);
+        # the coin contract does
+        ("tests/test_first_token.py::test_a_one_token_generation_ends_with_the_ready_and_draws_the_bonus_coin",),
+    ),
+    Mutant(
         "r1", "resume: a resumed piece starts from the original prompt (the tokens already yielded left out of it)",
         "edge_client/resume.py",
         "    return list(prompt) + list(committed), max_new_tokens - len(committed)\n",
