@@ -2,7 +2,7 @@
 
 What a CPU user runs today instead of PicoSpec: llama-cpp-python's own `Llama` over the same GGUF, greedy, one
 process, no network. Every benchmark puts it beside `--mode cloud` and takes its ratios against the faster of the
-two (docs/performance.md). Runs in its own process so that the caller can pin it to the cloud's core:
+two (README.md, "Against the fastest cloud alone"). Runs in its own process so that the caller can pin it to the cloud's core:
 
     taskset -c 1 python -m picospec.bench.llama_alone --target qwen2.5-coder-1.5b-instruct --threads 1 \\
         --max-new-tokens 128 --prompt-ids 151644,8948,...     # one JSON object per prompt on stdout

@@ -15,7 +15,7 @@ from picospec.shared.models import LoadedModel, ModelError, resolve_engine as re
 def resolve_engine(config: CloudConfig) -> CloudConfig:
     """The config with `--engine auto` made concrete for loading: llama.cpp on a CPU cloud whose target is a GGUF it can
     run (a built-in or a .gguf path, no torch suffix) when llama-cpp-python is installed and neither batching nor a
-    device map is asked for: the fastest exact engine measured on a CPU (docs/performance.md). Otherwise auto stays,
+    device map is asked for: the fastest exact engine measured on a CPU (docs/results/engines_cpu). Otherwise auto stays,
     and means what it did (static on cuda or with --batching on, else hf)."""
     if config.engine != "auto" or config.device != "cpu" or config.batching == "on" or config.device_mapped:
         return config
