@@ -35,7 +35,6 @@ async def _run_model(fn, *args):
 def test_the_registry_is_the_config_s_list_and_says_which_are_exact():
     assert tuple(SCHEMES) == VERIFY_MODES
     assert tuple(n for n, s in SCHEMES.items() if s.exact) == EXACT_VERIFY_MODES
-    assert [n for n, s in SCHEMES.items() if s.edge_samples_correction] == ["split-topk", "split-exact"]
     assert [n for n, s in SCHEMES.items() if s.gumbel_drafts] == ["coupled"]
     with pytest.raises(ValueError, match="unknown verify mode 'magic'; choose from dense, split-topk"):
         scheme("magic")

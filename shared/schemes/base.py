@@ -72,7 +72,6 @@ class VerifyScheme:
     name: str = ""
     exact: bool = True
     gumbel_drafts: bool = False           # the edge proposes argmax(log q + G) with the cloud's noise (coupled)
-    edge_samples_correction: bool = False  # a rejection leaves the correction to the edge (split modes)
     own_token_is_verdicts: bool = False   # the cloud's own token is the one verification would emit (coupled)
     supports_trees: bool = False          # token trees (shared/trees.py): ids and parents up, a walk on the cloud
 

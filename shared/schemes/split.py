@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 
 class SplitScheme(VerifyScheme):
-    edge_samples_correction = True
     topk_precision = Precision.F32
 
     def encode_extras(self, batch: pb.DraftBatch, token_ids: Sequence[int], q_rows: Sequence[np.ndarray],
