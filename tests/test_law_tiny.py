@@ -13,10 +13,13 @@ tokens alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import AsyncIterator
 
 import pytest
 
 from picospec.bench.jitter import Jitter
+from picospec.edge_client.client import EdgeClient
 from picospec.shared.config import EXACT_VERIFY_MODES
 from picospec.shared.fingerprint import eos_token_ids
 from picospec.shared.models import LoadedModel
@@ -40,6 +43,22 @@ class _CloudJitter(Jitter):
         await asyncio.sleep(0.003)
 
 
+@contextlib.asynccontextmanager
+async def _law_client(target: LoadedModel, draft: LoadedModel, warping: Warping, *, jitter: bool = False,
+                      limits: dict | None = None, ignore_eos: bool = True, **cfg: object) -> AsyncIterator[EdgeClient]:
+    """One server (with `limits`) and one client, as every law run here has them: NEW_TOKENS a generation, corrections
+    from the residual's top-2 and one tail draw (so split-exact asks for more), `warping`; with `jitter`, seeded
+    delays on both sides (the cloud's also before each decode-ahead step)."""
+    async with serving(target, **(limits or {})) as (service, addr):
+        if jitter:
+            service.hooks = _CloudJitter(3, 0.0005)
+        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=ignore_eos, residual_top_k=2,
+                        tail_samples=1, **warping.edge_kwargs(), **cfg) as client:
+            if jitter:
+                client.hooks = Jitter(4, 0.0005)
+            yield client
+
+
 async def _generate_all(target: LoadedModel, draft: LoadedModel, mode: str, warping: Warping,
                         law: LawCheck, jitter: bool = False, limits: dict | None = None, stats: tuple[str, ...] = (),
                         online: bool = False, eos_ids: frozenset[int] = frozenset(), **cfg: object) -> dict[str, int]:
@@ -50,24 +69,19 @@ async def _generate_all(target: LoadedModel, draft: LoadedModel, mode: str, warp
     totals = {k: 0 for k in ("rounds", "accepted", "drafted", "cloud_tokens", "tail_requests", "dead_chains",
                              "predrafted_used", *stats)}
     ended_at_eos = 0
-    async with serving(target, **(limits or {})) as (service, addr):
-        if jitter:
-            service.hooks = _CloudJitter(3, 0.0005)
-        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=not eos_ids, residual_top_k=2,
-                        tail_samples=1, **warping.edge_kwargs(), **cfg) as client:
-            if jitter:
-                client.hooks = Jitter(4, 0.0005)
-            for seed in range(GENERATIONS):
-                prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
-                gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=0 if online else 1 + seed % 4)
-                ids = await gen.collect()
-                stops = [i for i, t in enumerate(ids) if t in eos_ids]
-                assert stops in ([], [len(ids) - 1]), f"seed {seed}: EOS inside {ids}"  # the last token, if any
-                assert len(ids) == NEW_TOKENS or stops, f"seed {seed}: {len(ids)} tokens, none an EOS"
-                ended_at_eos += bool(stops)
-                law.add(prompt_ids, ids, gen.stats.token_kinds)
-                for k in totals:
-                    totals[k] += getattr(gen.stats, k)
+    async with _law_client(target, draft, warping, jitter=jitter, limits=limits, ignore_eos=not eos_ids,
+                           **cfg) as client:
+        for seed in range(GENERATIONS):
+            prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
+            gen = client.generate(prompt_ids, mode=mode, seed=seed, draft_len=0 if online else 1 + seed % 4)
+            ids = await gen.collect()
+            stops = [i for i, t in enumerate(ids) if t in eos_ids]
+            assert stops in ([], [len(ids) - 1]), f"seed {seed}: EOS inside {ids}"  # the last token, if any
+            assert len(ids) == NEW_TOKENS or stops, f"seed {seed}: {len(ids)} tokens, none an EOS"
+            ended_at_eos += bool(stops)
+            law.add(prompt_ids, ids, gen.stats.token_kinds)
+            for k in totals:
+                totals[k] += getattr(gen.stats, k)
     return {**totals, "ended_at_eos": ended_at_eos}
 
 
@@ -190,22 +204,18 @@ async def _resumed_all(target: LoadedModel, draft: LoadedModel, law: LawCheck, *
     (`resume_from`: a new session from the prompt plus the tokens so far, edge_client/resume.py); the two pieces
     together go into `law`. Returns the sums of the resumed pieces' statistics."""
     totals = {"rounds": 0, "accepted": 0, "drafted": 0}
-    async with serving(target) as (service, addr):
-        service.hooks = _CloudJitter(3, 0.0005)
-        async with edge(addr, draft, max_new_tokens=NEW_TOKENS, ignore_eos=True, residual_top_k=2, tail_samples=1,
-                        **T1.edge_kwargs(), **cfg) as client:
-            client.hooks = Jitter(4, 0.0005)
-            for seed in range(GENERATIONS):
-                prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
-                cut = 1 + seed % (NEW_TOKENS - 1)
-                first = client.generate(prompt_ids, mode="pipeline", seed=seed, max_new_tokens=cut)
-                done = await first.collect()
-                rest = client.generate(prompt_ids, mode="pipeline", seed=seed, resume_from=done)
-                tail = await rest.collect()
-                assert len(done) == cut and len(done) + len(tail) == NEW_TOKENS, (seed, done, tail)
-                law.add(prompt_ids, done + tail, first.stats.token_kinds + rest.stats.token_kinds)
-                for k in totals:
-                    totals[k] += getattr(rest.stats, k)
+    async with _law_client(target, draft, T1, jitter=True, **cfg) as client:
+        for seed in range(GENERATIONS):
+            prompt_ids = target.tokenizer(PROMPTS[seed % len(PROMPTS)])["input_ids"]
+            cut = 1 + seed % (NEW_TOKENS - 1)
+            first = client.generate(prompt_ids, mode="pipeline", seed=seed, max_new_tokens=cut)
+            done = await first.collect()
+            rest = client.generate(prompt_ids, mode="pipeline", seed=seed, resume_from=done)
+            tail = await rest.collect()
+            assert len(done) == cut and len(done) + len(tail) == NEW_TOKENS, (seed, done, tail)
+            law.add(prompt_ids, done + tail, first.stats.token_kinds + rest.stats.token_kinds)
+            for k in totals:
+                totals[k] += getattr(rest.stats, k)
     return totals
 
 
