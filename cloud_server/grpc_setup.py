@@ -64,8 +64,8 @@ def add_service(service: "PicoSpecService", server: grpc.aio.Server) -> None:
             service.CloudGenerate, request_deserializer=lenient(pb.Hello.FromString),
             response_serializer=pb.TokenChunk.SerializeToString),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("picospec.v1.PicoSpec", handlers),))
-    server.add_registered_method_handlers("picospec.v1.PicoSpec", handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 # protobuf framing of an EdgeMessage around a dense batch's payload: tags, length prefixes, epoch, positions and

@@ -184,6 +184,8 @@ class GenerationStats:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        # one flat record, a key a line in the order of docs/design.md's table of generation statistics: longer than
+        # the usual function, but split it would scatter what is read as one list
         end = self.finished_at or time.perf_counter()
         wall = end - self.started
         per_tok = lambda b: b / self.generated if self.generated else None  # noqa: E731
